@@ -1,0 +1,84 @@
+"""Small building blocks shared by the Swin and PVT encoders."""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+# The reference builds every "outer" norm with eps 1e-6 (patch embedding, patch
+# merging, final norms, decoder, fc_norm) but leaves the encoder blocks' own
+# norms at PyTorch's default 1e-5. Both are reproduced exactly.
+OuterNorm: Callable[[int], nn.LayerNorm] = partial(nn.LayerNorm, eps=1e-6)
+BlockNorm: Callable[[int], nn.LayerNorm] = partial(nn.LayerNorm, eps=1e-5)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch x patch`` convolution, optional LayerNorm.
+
+    imgs: (N, C_in, H, W) -> (N, H/p, W/p, C) channel-last.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, norm: bool) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = OuterNorm(embed_dim) if norm else None
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        x = self.proj(imgs).permute(0, 2, 3, 1)
+        return self.norm(x) if self.norm is not None else x
+
+
+class PatchMerge(nn.Module):
+    """2x2 stride-2 convolution between stages (optionally LayerNorm first).
+
+    x: (N, H, W, C_in) -> (N, H/2, W/2, C_out).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, norm: bool) -> None:
+        super().__init__()
+        self.norm = OuterNorm(in_dim) if norm else None
+        self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def drop_path_rates(depths: Sequence[int], rate: float) -> list[float]:
+    """Stochastic depth rising linearly from 0 to ``rate`` over all blocks."""
+    total = sum(depths)
+    return [rate * i / max(total - 1, 1) for i in range(total)]
+
+
+def init_reference_weights(model: nn.Module) -> None:
+    """The reference initialisation of the Swin / PVT models (spec §3.6)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            m.weight.data.normal_(0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None:
+        w = patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+
+def valid_sizes_message(size: int, is_valid: Callable[[int], bool], step: int, what: str) -> str:
+    """An error message naming the valid input sizes nearest to ``size``."""
+    below = next((s for s in range(size - size % step, 0, -step) if s != size and is_valid(s)), None)
+    above = next((s for s in range(size - size % step + step, size + 64 * step, step) if is_valid(s)), None)
+    near = [str(s) for s in (below, above) if s is not None]
+    return f"{what}: input size {size} does not fit this model; nearest valid sizes: {', '.join(near) or 'none'}"

@@ -1,0 +1,339 @@
+"""Swin Transformer as the UM-MAE reference has it, and its classifier.
+
+Differences from the official Swin, all kept for checkpoint compatibility:
+  * the relative position bias is a continuous MLP (``attn.posmlp``: 1x1 conv
+    2 -> posmlp_dim, ReLU, 1x1 conv -> heads) of the log-spaced offset
+    ``sign(d) * log(1 + |d|)``, d = key position - query position;
+  * positions are carried with the tokens (``pos``), so that a compact UM-MAE
+    image still sees the true distances between its tokens;
+  * patch merging is LayerNorm + 2x2 stride-2 conv, owned by the first block of
+    stages 2-4 (``blocks.i.downsample``), in one flat ``blocks`` list.
+
+Speed: the position MLP depends only on the offset, and offsets live on a small
+integer lattice, so each block evaluates the MLP once per distinct offset and
+gathers the bias per token pair (bitwise the same values as evaluating it per
+pair). Attention goes through ``scaled_dot_product_attention`` with the bias
+(plus the shifted-window mask) as an additive mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import Tensor, nn
+
+from .layers import (BlockNorm, OuterNorm, PatchEmbed, PatchMerge, drop_path_rates,
+                     init_reference_weights, valid_sizes_message)
+from .registry import register_model
+
+__all__ = ["SwinEncoder", "Swin", "window_geometry", "swin_grid_ok"]
+
+
+def window_geometry(h: int, w: int, window_size: int, shifted: bool) -> tuple[int, int, int]:
+    """(window_h, window_w, shift) of a block on an h x w map: a map no larger
+    than the window is one whole-map window without shift (as the reference)."""
+    if min(h, w) <= window_size:
+        return h, w, 0
+    return window_size, window_size, (window_size // 2 if shifted else 0)
+
+
+def swin_grid_ok(grid: int, window_size: int, num_stages: int = 4) -> bool:
+    """Whether a square token grid works for every stage's windows."""
+    for s in range(num_stages):
+        if grid % (1 << s):
+            return False
+        g = grid >> s
+        if g > window_size and g % window_size:
+            return False
+    return grid >= (1 << (num_stages - 1))
+
+
+@dataclass
+class Positions:
+    """Token positions carried through the encoder.
+
+    pos: (P, H, W, 2) int64 [row, col] in units of the first stage's token grid
+    (P = batch, or 1 when all samples share them); a stage's own coordinates are
+    ``pos / scale``. Offsets between tokens are multiples of ``step``.
+    ``extent``: (rows, cols) of the first-stage grid, bounding every coordinate.
+    """
+    pos: Tensor
+    extent: tuple[int, int]
+    scale: int = 1
+    step: int = 1
+    max_step: int = 1 << 30
+    cache: dict = field(default_factory=dict)
+
+    def downsample(self) -> "Positions":
+        scale = self.scale * 2
+        return Positions(self.pos[:, ::2, ::2], self.extent, scale, min(scale, self.max_step), self.max_step)
+
+    @staticmethod
+    def grid(h: int, w: int, device: torch.device) -> "Positions":
+        rows = torch.arange(h, device=device).view(h, 1).expand(h, w)
+        cols = torch.arange(w, device=device).view(1, w).expand(h, w)
+        return Positions(torch.stack([rows, cols], dim=-1).unsqueeze(0), (h, w))
+
+
+def _windows(x: Tensor, wh: int, ww: int) -> Tensor:
+    """(B, H, W, C) -> (B * nW, wh * ww, C)"""
+    b, h, w, c = x.shape
+    x = x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, c)
+
+
+def _unwindows(x: Tensor, wh: int, ww: int, b: int, h: int, w: int) -> Tensor:
+    """(B * nW, wh * ww, C) -> (B, H, W, C)"""
+    c = x.shape[-1]
+    x = x.view(b, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+def _shift_mask(h: int, w: int, wh: int, ww: int, shift: int, device: torch.device) -> Tensor:
+    """The shifted-window mask: 0 within a region, -100 across regions. (nW, n, n)"""
+    region = torch.zeros(h, w, device=device)
+    label = 0
+    for hs in (slice(0, -wh), slice(-wh, -shift), slice(-shift, None)):
+        for ws in (slice(0, -ww), slice(-ww, -shift), slice(-shift, None)):
+            region[hs, ws] = label
+            label += 1
+    win = _windows(region.view(1, h, w, 1), wh, ww).squeeze(-1)
+    diff = win.unsqueeze(1) - win.unsqueeze(2)
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+def _offset_index(positions: Positions, h: int, w: int, wh: int, ww: int, shift: int) -> tuple[Tensor, int]:
+    """Index of every (query, key) offset in the offset table, and the table's half-width.
+
+    Returns idx: (P * nW, n, n) int64, with d = key - query mapped to
+    ``(d_h / step + K_h) * (2 K_w + 1) + (d_w / step + K_w)``.
+    """
+    pos = positions.pos
+    if shift:
+        pos = torch.roll(pos, shifts=(-shift, -shift), dims=(1, 2))
+    p = _windows(pos, wh, ww)                              # (P*nW, n, 2)
+    d = p.unsqueeze(1) - p.unsqueeze(2)                    # d[b, i, j] = p_j - p_i
+    step = positions.step
+    kh = (positions.extent[0] - 1) // step
+    kw = (positions.extent[1] - 1) // step
+    d = torch.div(d, step, rounding_mode="floor")
+    idx = (d[..., 0] + kh) * (2 * kw + 1) + (d[..., 1] + kw)
+    return idx, kh
+
+
+class WindowAttention(nn.Module):
+    """Window self-attention with the continuous position-MLP bias."""
+
+    def __init__(self, dim: int, num_heads: int, posmlp_dim: int = 32) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.posmlp = nn.Sequential(nn.Conv2d(2, posmlp_dim, 1), nn.ReLU(), nn.Conv2d(posmlp_dim, num_heads, 1))
+
+    def offset_table(self, positions: Positions, dtype: torch.dtype) -> Tensor:
+        """The bias of every offset on the lattice: (T, heads)."""
+        step, scale = positions.step, positions.scale
+        kh = (positions.extent[0] - 1) // step
+        kw = (positions.extent[1] - 1) // step
+        dev = positions.pos.device
+        dh = torch.arange(-kh, kh + 1, device=dev, dtype=dtype) * step / scale
+        dw = torch.arange(-kw, kw + 1, device=dev, dtype=dtype) * step / scale
+        rel = torch.stack(torch.meshgrid(dh, dw, indexing="ij"), dim=-1).reshape(-1, 2)
+        rel = torch.sign(rel) * torch.log1p(rel.abs())
+        w0, b0 = self.posmlp[0].weight, self.posmlp[0].bias
+        w2, b2 = self.posmlp[2].weight, self.posmlp[2].bias
+        hidden = F.relu(F.linear(rel, w0.flatten(1), b0))
+        return F.linear(hidden, w2.flatten(1), b2)
+
+    def forward(self, x: Tensor, bias_index: Tensor, positions: Positions, shift_mask: Optional[Tensor]) -> Tensor:
+        """x: (B*nW, n, C); bias_index: (P*nW, n, n) with P in {1, B}; shift_mask: (nW, n, n) or None."""
+        bw, n, c = x.shape
+        heads = self.num_heads
+        table = self.offset_table(positions, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        bias = table[bias_index].permute(0, 3, 1, 2)                 # (P*nW, heads, n, n)
+        nw = shift_mask.shape[0] if shift_mask is not None else None
+        if shift_mask is not None:
+            bias = (bias.view(-1, nw, heads, n, n) + shift_mask.to(bias.dtype).unsqueeze(1)).view(-1, heads, n, n)
+        qkv = self.qkv(x).view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if bias.shape[0] != bw:
+            # Positions shared by the whole batch: fold the windows into the head
+            # axis so the bias broadcasts over the batch without a copy.
+            nwin = bias.shape[0]
+            b = bw // nwin
+            q, k, v = (t.reshape(b, nwin * heads, n, c // heads) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, nwin * heads, n, n))
+            out = out.view(bw, heads, n, c // heads)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm window attention + MLP; shifted windows on odd blocks of a stage."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, shifted: bool, mlp_ratio: float = 4.0,
+                 posmlp_dim: int = 32, drop_path: float = 0.0, downsample: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shifted = shifted
+        self.downsample = downsample
+        self.norm1 = BlockNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, posmlp_dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = BlockNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: Tensor, positions: Positions) -> Tensor:
+        """x: (B, H, W, C) -> (B, H, W, C)"""
+        b, h, w, c = x.shape
+        wh, ww, shift = window_geometry(h, w, self.window_size, self.shifted)
+        key = (h, w, wh, ww, shift)
+        if key not in positions.cache:
+            idx, _ = _offset_index(positions, h, w, wh, ww, shift)
+            mask = _shift_mask(h, w, wh, ww, shift, x.device) if shift else None
+            positions.cache[key] = (idx, mask)
+        idx, mask = positions.cache[key]
+
+        y = self.norm1(x)
+        if shift:
+            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+        y = self.attn(_windows(y, wh, ww), idx, positions, mask)
+        y = _unwindows(y, wh, ww, b, h, w)
+        if shift:
+            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SwinEncoder(nn.Module):
+    """Patch embedding + the flat block list. Subclasses add heads or decoders.
+
+    Stage s has width ``embed_dim * 2**s``; the first block of stages 2-4 owns the
+    patch merging.
+    """
+
+    def __init__(self, img_size: int = 256, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96,
+                 depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 window_size: int = 16, mlp_ratio: float = 4.0, posmlp_dim: int = 32,
+                 drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.window_size = window_size
+        self.depths = tuple(depths)
+        self.embed_dim = embed_dim
+        self.stage_dims = [embed_dim * 2 ** s for s in range(len(depths))]
+        self.num_features = self.stage_dims[-1]
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm=True)
+        dpr = drop_path_rates(depths, drop_path_rate)
+        blocks = []
+        for s, depth in enumerate(depths):
+            for i in range(depth):
+                down = None
+                if s > 0 and i == 0:
+                    down = PatchMerge(self.stage_dims[s - 1], self.stage_dims[s], norm=True)
+                blocks.append(SwinBlock(self.stage_dims[s], num_heads[s], window_size, shifted=i % 2 == 1,
+                                        mlp_ratio=mlp_ratio, posmlp_dim=posmlp_dim, drop_path=dpr[len(blocks)],
+                                        downsample=down))
+        self.blocks = nn.ModuleList(blocks)
+
+    def run_blocks(self, x: Tensor, positions: Positions) -> list[Tensor]:
+        """x: (B, H, W, C) channel-last first-stage tokens -> each stage's last output (B, h, w, C_s)."""
+        outs = []
+        for blk in self.blocks:
+            if blk.downsample is not None:
+                outs.append(x)
+                x = blk.downsample(x)
+                positions = positions.downsample()
+            x = blk(x, positions)
+        outs.append(x)
+        return outs
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}
+
+
+class Swin(SwinEncoder):
+    """Swin classifier for finetuning: global average pool -> ``fc_norm`` -> ``head``.
+
+    imgs: (N, 3, H, W) -> logits (N, num_classes). Any square input whose token
+    grid fits the windows at every stage works (256 and 512 for window 16).
+    """
+
+    def __init__(self, img_size: int = 256, num_classes: int = 1000, global_pool: bool = True,
+                 **kwargs) -> None:
+        super().__init__(img_size=img_size, **kwargs)
+        grid_ok = lambda s: s % self.patch_size == 0 and swin_grid_ok(s // self.patch_size, self.window_size)
+        if not grid_ok(img_size):
+            raise ValueError(valid_sizes_message(img_size, grid_ok, self.patch_size * 8,
+                                                 f"Swin (patch {self.patch_size}, window {self.window_size})"))
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.fc_norm = OuterNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        init_reference_weights(self)
+
+    def forward_pyramid(self, imgs: Tensor) -> list[Tensor]:
+        """The four stage feature maps for dense prediction: [(N, C_s, H/4/2**s, W/4/2**s)]."""
+        x = self.patch_embed(imgs)
+        outs = self.run_blocks(x, Positions.grid(x.shape[1], x.shape[2], x.device))
+        return [o.permute(0, 3, 1, 2).contiguous() for o in outs]
+
+    def forward_features(self, imgs: Tensor) -> Tensor:
+        """imgs -> final tokens (N, h*w, C)."""
+        x = self.patch_embed(imgs)
+        x = self.run_blocks(x, Positions.grid(x.shape[1], x.shape[2], x.device))[-1]
+        return x.flatten(1, 2)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.fc_norm(x.mean(dim=1))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(imgs))
+
+
+_SWIN_SIZES = {
+    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), posmlp_dim=32),
+    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), posmlp_dim=32),
+    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), posmlp_dim=32),
+    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), posmlp_dim=64),
+    # tests and demos: well under a million parameters
+    "pico": dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), posmlp_dim=16),
+}
+
+
+def _swin(size: str, img_size: int, window_size: int, **kwargs) -> Swin:
+    cfg = {**_SWIN_SIZES[size], "window_size": window_size, **kwargs}
+    return Swin(img_size=img_size, **cfg)
+
+
+@register_model
+def swin_tiny_256(**kwargs) -> Swin:
+    return _swin("tiny", kwargs.pop("img_size", 256), 16, **kwargs)
+
+
+@register_model
+def swin_small_256(**kwargs) -> Swin:
+    return _swin("small", kwargs.pop("img_size", 256), 16, **kwargs)
+
+
+@register_model
+def swin_base_256(**kwargs) -> Swin:
+    return _swin("base", kwargs.pop("img_size", 256), 16, **kwargs)
+
+
+@register_model
+def swin_large_256(**kwargs) -> Swin:
+    return _swin("large", kwargs.pop("img_size", 256), 16, **kwargs)
+
+
+@register_model
+def swin_pico_128(**kwargs) -> Swin:
+    """Tiny test/demo classifier: finetunes ``mae_swin_pico_128`` (window 8 at 128 px = window 4 pretraining)."""
+    return _swin("pico", kwargs.pop("img_size", 128), 8, **kwargs)
