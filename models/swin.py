@@ -315,25 +315,25 @@ def _swin(size: str, img_size: int, window_size: int, **kwargs) -> Swin:
 
 @register_model
 def swin_tiny_256(**kwargs) -> Swin:
-    return _swin("tiny", kwargs.pop("img_size", 256), 16, **kwargs)
+    return _swin("tiny", kwargs.pop("img_size", 256), kwargs.pop("window_size", 16), **kwargs)
 
 
 @register_model
 def swin_small_256(**kwargs) -> Swin:
-    return _swin("small", kwargs.pop("img_size", 256), 16, **kwargs)
+    return _swin("small", kwargs.pop("img_size", 256), kwargs.pop("window_size", 16), **kwargs)
 
 
 @register_model
 def swin_base_256(**kwargs) -> Swin:
-    return _swin("base", kwargs.pop("img_size", 256), 16, **kwargs)
+    return _swin("base", kwargs.pop("img_size", 256), kwargs.pop("window_size", 16), **kwargs)
 
 
 @register_model
 def swin_large_256(**kwargs) -> Swin:
-    return _swin("large", kwargs.pop("img_size", 256), 16, **kwargs)
+    return _swin("large", kwargs.pop("img_size", 256), kwargs.pop("window_size", 16), **kwargs)
 
 
 @register_model
 def swin_pico_128(**kwargs) -> Swin:
     """Tiny test/demo classifier: finetunes ``mae_swin_pico_128`` (window 8 at 128 px = window 4 pretraining)."""
-    return _swin("pico", kwargs.pop("img_size", 128), 8, **kwargs)
+    return _swin("pico", kwargs.pop("img_size", 128), kwargs.pop("window_size", 8), **kwargs)

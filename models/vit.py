@@ -26,8 +26,8 @@ class VisionTransformer(_TimmViT):
     def forward_pyramid(self, imgs: Tensor) -> list[Tensor]:
         """Four feature maps (N, C, H/p, W/p) from blocks at 1/4, 1/2, 3/4 and full depth."""
         d = len(self.blocks)
-        idx = [d // 4 - 1, d // 2 - 1, 3 * d // 4 - 1, d - 1]
-        return self.forward_intermediates(imgs, indices=idx, norm=False, intermediates_only=True)
+        every = self.forward_intermediates(imgs, indices=d, norm=False, intermediates_only=True)
+        return [every[max(i, 0)] for i in (d // 4 - 1, d // 2 - 1, 3 * d // 4 - 1, d - 1)]
 
 
 def _vit(embed_dim: int, depth: int, num_heads: int, patch_size: int, **kwargs) -> VisionTransformer:
