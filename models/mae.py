@@ -86,6 +86,8 @@ class _PyramidMAE(_MAEDecoder):
     Subclasses provide ``_sm_token()`` and ``_encode_compact(x, kept) -> stage outputs``.
     """
 
+    mask_kind = "uniform"  # compaction needs exactly one kept unit per 2x2 group
+
     def _setup(self, img_size: int, patch_size: int, stride: int, in_chans: int, decoder_embed_dim: int,
                decoder_depth: int, decoder_num_heads: int, decoder_mlp_ratio: float, norm_pix_loss: bool,
                vis_mask_ratio: float, reference_decoder_order: bool) -> None:
@@ -266,6 +268,8 @@ class MaskedAutoencoderViT(nn.Module, _MAEDecoder):
     The encoder sees the visible units in raster order (plus cls); ``mask_ratio``
     fixes how many units every mask removes, so no host sync is needed to count them.
     """
+
+    mask_kind = "any"  # random sampling (MAE) or uniform sampling (UM)
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
                  depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 512, decoder_depth: int = 8,

@@ -1,0 +1,355 @@
+"""Masked-image-modeling pretraining (UM-MAE, MAE, SimMIM) under torchrun.
+
+    torchrun --nproc_per_node=8 main_pretrain.py --batch_size 128 --accum_iter 4 \
+        --model mae_swin_tiny_256 --mask_regular --vis_mask_ratio 0.25 --input_size 256 --token_size 16 \
+        --norm_pix_loss --mask_ratio 0.75 --epochs 200 --warmup_epochs 10 --blr 1.5e-4 --weight_decay 0.05 \
+        --data_path /path/to/ImageNet/ --output_dir ./work_dirs/pretrain_mae_swin_tiny_256 --log_dir ...
+
+Without --data_path it trains on the bundled sample photographs. See PRETRAIN.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+import models
+from engine_pretrain import MaskSampler, pretrain_one_epoch
+from util import checkpoint as ckpt_util
+from util.cli import (UsageError, add_common_args, check_output_dir, finalize_common_args, run_main,
+                      setup_stop_signals)
+from util.datasets import DataError, build_pretrain_dataset, image_list
+from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
+from util.loop import NonFiniteLossError, StopRequested, make_scaler, resolve_amp, seed_epoch
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("UM-MAE pre-training", add_help=add_help)
+    p.add_argument("--batch_size", default=64, type=int, help="images per GPU (effective = batch * accum * GPUs)")
+    p.add_argument("--epochs", default=400, type=int)
+    p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    p.add_argument("--model", default="mae_swin_tiny_256", type=str, help="pretraining model name")
+    p.add_argument("--input_size", default=None, type=int, help="image size (default: the model's native size)")
+    p.add_argument("--token_size", default=None, type=int,
+                   help="mask-unit grid side = input_size / 16 (default: derived)")
+    p.add_argument("--mask_ratio", default=0.75, type=float)
+    p.add_argument("--mask_regular", action="store_true", help="uniform sampling (one kept unit per 2x2 group)")
+    p.add_argument("--vis_mask_ratio", default=0.0, type=float, help="secondary masking ratio (0.25 in UM-MAE)")
+    p.add_argument("--norm_pix_loss", action="store_true", help="per-unit normalised pixel targets")
+    p.add_argument("--reference_decoder_order", action="store_true",
+                   help="reproduce the reference's decoder position order (needed for its released checkpoints)")
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * eff_batch / 256)")
+    p.add_argument("--blr", type=float, default=1e-3, help="base lr per 256 images")
+    p.add_argument("--min_lr", type=float, default=0.0)
+    p.add_argument("--warmup_epochs", type=int, default=40)
+    p.add_argument("--data_path", default=None, type=str,
+                   help="ImageNet layout (train/<class>/*), a train.txt list, or a folder of images; "
+                        "default: the bundled sample photos")
+    p.add_argument("--load_from", default="", help="initialise the model from these weights (strict)")
+    p.add_argument("--vis_freq", default=0, type=int, help="write a reconstruction figure every N epochs (0: end only)")
+    p.add_argument("--denorm", default="neighbour", choices=["neighbour", "true"],
+                   help="how figures undo norm-pix targets (see util/visualize.py)")
+    p.add_argument("--exit_after_epoch", default=-1, type=int,
+                   help="finish this epoch, checkpoint and exit (the schedule still spans --epochs); "
+                        "e.g. to fit a job's time slot")
+    p.add_argument("--channels_last", action="store_true", help="feed images in channels-last memory format")
+    add_common_args(p)
+    return p
+
+
+def _validate(args) -> None:
+    """Every flag combination that cannot work fails here, before any compute."""
+    pretrain_models = [n for n in models.list_models() if n.startswith(("mae_", "simmim_"))]
+    if args.model not in pretrain_models:
+        raise UsageError(f"unknown --model {args.model!r}; valid pretraining models: {', '.join(pretrain_models)}")
+    for flag in ("batch_size", "epochs", "accum_iter"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not 0.0 <= args.vis_mask_ratio < 1.0:
+        raise UsageError(f"--vis_mask_ratio must be in [0, 1), got {args.vis_mask_ratio}")
+    kwargs = model_kwargs(args)
+    try:
+        with torch.device("meta"):
+            meta = models.create_model(args.model, **kwargs)
+    except ValueError as e:
+        raise UsageError(f"--input_size {args.input_size}: {e}") from None
+    if args.input_size is None:
+        args.input_size = meta.token_size * meta.stride
+    expected = args.input_size // meta.stride
+    if args.token_size is None:
+        args.token_size = expected
+    elif args.token_size != expected:
+        raise UsageError(f"--token_size {args.token_size} does not match --input_size {args.input_size} with "
+                         f"{meta.stride}-px mask units: use --token_size {expected}")
+    mask_kind = getattr(meta, "mask_kind", "any")
+    if mask_kind == "uniform" and not args.mask_regular:
+        raise UsageError(f"{args.model} needs uniform masks: add --mask_regular (valid: --mask_regular "
+                         f"--mask_ratio 0.75)")
+    if args.mask_regular:
+        if mask_kind == "random":
+            raise UsageError(f"{args.model} uses random masks: drop --mask_regular")
+        if args.mask_ratio != 0.75:
+            raise UsageError(f"--mask_regular keeps one unit per 2x2 group, so --mask_ratio must be 0.75 "
+                             f"(got {args.mask_ratio})")
+        if args.token_size % 2:
+            raise UsageError(f"--mask_regular needs an even --token_size (got {args.token_size})")
+    elif not 0.0 < args.mask_ratio < 1.0:
+        raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    if args.vis_mask_ratio > 0 and not getattr(meta, "supports_secondary_mask", True):
+        raise UsageError(f"{args.model} has no secondary masking: use --vis_mask_ratio 0")
+    try:
+        images = image_list(args.data_path, "train", labelled=False)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    args.num_images = len(images)
+    check_output_dir(args.output_dir)
+    if args.log_dir:
+        check_output_dir(args.log_dir)
+
+
+def model_kwargs(args) -> dict:
+    kwargs = dict(norm_pix_loss=args.norm_pix_loss, vis_mask_ratio=args.vis_mask_ratio)
+    if args.input_size is not None:
+        kwargs["img_size"] = args.input_size
+    if args.model.startswith("mae_vit"):
+        kwargs["mask_ratio"] = args.mask_ratio
+    elif args.model.startswith("mae_"):
+        kwargs["reference_decoder_order"] = args.reference_decoder_order
+    return kwargs
+
+
+def effective_lr(args, world_size: int) -> float:
+    """lr = blr * batch_size * accum_iter * world_size / 256 unless --lr is given."""
+    if args.lr is not None:
+        return args.lr
+    return args.blr * args.batch_size * args.accum_iter * world_size / 256
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    finalize_common_args(args)
+    _validate(args)
+    return args
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(args, epoch: int, model, optimizer, scaler, next_step: int = 0, numbered: bool = False) -> None:
+    """Rank 0 writes the reference's layout (model, optimizer, epoch, scaler, args) atomically."""
+    if not is_main_process():
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "scaler": scaler.state_dict() if scaler is not None else {},
+             "args": argparse.Namespace(**{k: v for k, v in vars(args).items() if _plain(v)}),
+             "model_name": args.model}
+    if next_step:
+        state["next_step"] = next_step
+    out = Path(args.output_dir)
+    ckpt_util.save_atomic(state, out / ckpt_util.LAST_NAME)
+    if numbered:
+        ckpt_util.save_atomic(state, out / f"checkpoint-{epoch}.pth")
+        ckpt_util.prune_checkpoints(out, args.keep_last)
+
+
+def _plain(v) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str)) or (
+        isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v))
+
+
+def resume(args, model, optimizer, scaler) -> tuple[int, int]:
+    """Restore from --resume, or the newest good checkpoint in --output_dir. Returns (start_epoch, start_step)."""
+    found = None
+    if args.resume:
+        found = (Path(args.resume), ckpt_util.safe_load(args.resume))
+    elif args.auto_resume:
+        found = ckpt_util.load_latest(args.output_dir, log=lambda m: print(m, flush=True))
+    if found is None:
+        if args.load_from:
+            sd = ckpt_util.unwrap_state_dict(ckpt_util.safe_load(args.load_from))
+            model.load_state_dict(sd, strict=True)
+            print(f"initialised weights from {args.load_from}")
+        return args.start_epoch, 0
+    path, ckpt = found
+    model.load_state_dict(ckpt["model"], strict=True)
+    if "optimizer" in ckpt and ckpt["optimizer"]:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt.get("next_step"):
+        epoch, step = int(ckpt["epoch"]), int(ckpt["next_step"])
+    else:
+        epoch, step = int(ckpt["epoch"]) + 1, 0
+    print(f"resumed from {path} (continuing at epoch {epoch}, step {step})", flush=True)
+    return epoch, step
+
+
+def write_figure(args, model, device, epoch: int, log_writer=None) -> Path:
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    from util.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from util.visualize import caption_for, reconstruct, save_figure
+    images = image_list(args.data_path, "train", labelled=False)
+    tf = transforms.Compose([transforms.Resize(args.input_size, interpolation=InterpolationMode.BICUBIC),
+                             transforms.CenterCrop(args.input_size), transforms.ToTensor(),
+                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    picked = []
+    for i in range(len(images)):
+        try:
+            picked.append(tf(images.load(i)[0]))
+        except Exception:
+            continue
+        if len(picked) == 4:
+            break
+    imgs = torch.stack(picked).to(device)
+    sampler = MaskSampler(args.token_size, args.mask_ratio, args.mask_regular, args.vis_mask_ratio,
+                          seed=12345, device=device)
+    sampler.set_epoch(0)
+    from models.masking import draw_masks, secondary_mask
+    mask = draw_masks(len(imgs), args.token_size, args.mask_ratio, args.mask_regular,
+                      generator=sampler.generator, device=device)
+    sm = secondary_mask(mask, args.vis_mask_ratio, generator=sampler.generator) if args.vis_mask_ratio > 0 else None
+    was_training = model.training
+    model.eval()
+    panels = reconstruct(model, imgs, mask, sm, denorm=args.denorm)
+    model.train(was_training)
+    path = save_figure(panels, Path(args.output_dir) / f"reconstruction-{epoch}.png",
+                       f"{args.model}, epoch {epoch}; {caption_for(model, args.denorm)}", model.stride)
+    if log_writer is not None:
+        import numpy as np
+        from PIL import Image
+        log_writer.add_image("reconstruction", np.asarray(Image.open(path).convert("RGB")), epoch,
+                             dataformats="HWC")
+    return path
+
+
+def main(args) -> int:
+    init_distributed(args)
+    device = torch.device(args.device)
+    rank, world = get_rank(), get_world_size()
+    args.amp = resolve_amp(args.amp, device)
+    seed_epoch(args.seed, rank, 0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    dataset = build_pretrain_dataset(args)
+    from util.datasets import SeededSampler
+    sampler = SeededSampler(dataset, world, rank, seed=args.seed)
+    workers = args.num_workers
+    loader_kwargs = dict(batch_size=args.batch_size, num_workers=workers, pin_memory=args.pin_mem and device.type == "cuda",
+                         drop_last=True, persistent_workers=workers > 0)
+    loader = DataLoader(dataset, sampler=sampler, **loader_kwargs)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UsageError(f"{len(dataset)} training images are fewer than one global batch "
+                         f"({args.batch_size} x {world} GPUs): lower --batch_size")
+
+    model = models.create_model(args.model, **model_kwargs(args)).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    eff_batch = args.batch_size * args.accum_iter * world
+    args.lr = effective_lr(args, world)
+    from timm.optim import param_groups_weight_decay
+    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=())
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda" or None)
+    scaler = make_scaler(args.amp, device)
+    start_epoch, start_step = resume(args, model, optimizer, scaler)
+
+    train_model = model
+    if args.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    masks = MaskSampler(args.token_size, args.mask_ratio, args.mask_regular, args.vis_mask_ratio,
+                        seed=args.seed, device=device)
+
+    log_writer = None
+    if is_main_process():
+        print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+              f"{args.num_images} images, {steps_per_epoch} steps/epoch; effective batch {eff_batch}, "
+              f"lr {args.lr:.3e} (blr {args.lr * 256 / eff_batch:.3e}); amp {args.amp}; device {device}; "
+              f"world {world}", flush=True)
+        if args.log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            log_writer = SummaryWriter(log_dir=args.log_dir)
+    stop = setup_stop_signals()
+
+    start_time = time.time()
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            step0 = start_step if epoch == start_epoch else 0
+            sampler.set_epoch(epoch)
+            sampler.skip = step0 * args.batch_size
+            masks.set_epoch(epoch, step0, args.batch_size)
+            if step0 == 0:
+                seed_epoch(args.seed, rank, epoch)
+            stats = pretrain_one_epoch(train_model, loader, optimizer, scaler, device, epoch, args, masks,
+                                       log_writer=log_writer, stop_flag=stop, start_step=step0)
+            last = epoch + 1 == args.epochs
+            numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
+            save_checkpoint(args, epoch, model, optimizer, scaler, numbered=numbered)
+            if is_main_process():
+                record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
+                with open(Path(args.output_dir) / "log.txt", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if log_writer is not None:
+                    log_writer.add_scalar("epoch/loss", stats["loss"], epoch)
+                    log_writer.add_scalar("epoch/images_per_sec", stats["images_per_sec"], epoch)
+                    log_writer.add_scalar("epoch/peak_mem_mb", stats["peak_mem_mb"], epoch)
+                    log_writer.flush()
+                if stats.get("skipped_images"):
+                    print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {epoch}")
+                if args.vis_freq > 0 and (epoch + 1) % args.vis_freq == 0 and not last:
+                    write_figure(args, model, device, epoch, log_writer)
+            if epoch == args.exit_after_epoch and not last:
+                if is_main_process():
+                    print(f"--exit_after_epoch {epoch}: checkpoint written; exiting", flush=True)
+                cleanup()
+                return 0
+    except StopRequested as s:
+        save_checkpoint(args, s.epoch, model, optimizer, scaler, next_step=s.step)
+        if is_main_process():
+            print(f"stop signal: checkpoint written at epoch {s.epoch}, step {s.step}; exiting", flush=True)
+        cleanup()
+        return 0
+    except NonFiniteLossError as e:
+        good = ckpt_util.list_checkpoints(args.output_dir)
+        print(f"error: {e}; stopping. Last good checkpoint: {good[0] if good else 'none'}", file=sys.stderr,
+              flush=True)
+        cleanup()
+        return 1
+
+    print(f"rank {rank}: final weights digest {weights_digest(model)}", flush=True)
+    if is_main_process():
+        total = datetime.timedelta(seconds=int(time.time() - start_time))
+        print(f"training time {total}", flush=True)
+        if start_epoch < args.epochs or not (Path(args.output_dir) / f"reconstruction-{args.epochs - 1}.png").exists():
+            path = write_figure(args, model, device, args.epochs - 1, log_writer)
+            print(f"reconstruction figure: {path.resolve()}", flush=True)
+        if log_writer is not None:
+            log_writer.close()
+    cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(parse_args()))

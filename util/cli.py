@@ -1,0 +1,120 @@
+"""Command-line pieces shared by the programs: common flags, one-line errors, stop signals."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import CheckpointError
+
+
+class UsageError(ValueError):
+    """A flag combination or input that cannot work; reported as one line before any compute."""
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt and figures")
+    p.add_argument("--log_dir", default="./output_dir", help="TensorBoard folder ('' disables)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--resume", default="", help="resume from this checkpoint")
+    p.add_argument("--auto_resume", action="store_true", default=True,
+                   help="resume from the newest good checkpoint in --output_dir (default on)")
+    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
+    p.add_argument("--start_epoch", default=0, type=int)
+    p.add_argument("--num_workers", default=10, type=int)
+    p.add_argument("--pin_mem", action="store_true", default=True)
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
+                   help="autocast precision (default: bf16 on a GPU that supports it, none on CPU)")
+    p.add_argument("--bf16", action="store_true", help="the reference's spelling of --amp bf16")
+    p.add_argument("--clip_grad", type=float, default=None, help="gradient norm clipping (default off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--save_freq", default=20, type=int, help="write checkpoint-{epoch}.pth every N epochs")
+    p.add_argument("--keep_last", default=0, type=int, help="keep only the newest K numbered checkpoints (0: all)")
+    p.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
+    p.add_argument("--world_size", default=1, type=int, help="set by torchrun / submitit")
+    p.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="accepted for torch.distributed.launch")
+    p.add_argument("--dist_on_itp", action="store_true", help="read the rank from OpenMPI variables")
+    p.add_argument("--dist_url", default="env://", help="rendezvous URL")
+    p.add_argument("--dist_timeout", default=10.0, type=float,
+                   help="minutes a collective waits before the run fails (bounds hangs when a rank dies)")
+
+
+def finalize_common_args(args) -> None:
+    if args.bf16:
+        if args.amp not in (None, "bf16"):
+            raise UsageError(f"--bf16 contradicts --amp {args.amp}")
+        args.amp = "bf16"
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} but no CUDA device is available; valid here: cpu")
+    if not str(args.device).startswith(("cuda", "cpu")):
+        raise UsageError(f"--device {args.device!r}: valid choices are cuda, cuda:N, cpu")
+    if args.amp == "fp16" and not str(args.device).startswith("cuda"):
+        raise UsageError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or --amp none")
+    if args.dist_on_itp:
+        env = os.environ
+        env["RANK"] = env["OMPI_COMM_WORLD_RANK"]
+        env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_SIZE"]
+        env["LOCAL_RANK"] = env["OMPI_COMM_WORLD_LOCAL_RANK"]
+    if args.local_rank >= 0 and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    if args.log_dir == "":
+        args.log_dir = None
+
+
+def check_output_dir(path: str) -> None:
+    """Create the folder and prove it is writable, or fail with one line."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"output folder {path} is not writable: {e.strerror or e}") from None
+
+
+def run_main(fn: Callable[[], int]) -> None:
+    """Run a program's main; usage and checkpoint errors become one line on stderr."""
+    prog = os.path.basename(sys.argv[0])
+    try:
+        code = fn()
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = 2
+    except CheckpointError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = 1
+    except Exception:
+        rank = os.environ.get("RANK")
+        if rank is not None:  # a rank's failure reaches the log with its rank number
+            print(f"{prog}: rank {rank} failed:", file=sys.stderr, flush=True)
+        raise
+    sys.exit(code)
+
+
+def setup_stop_signals() -> Callable[[], bool]:
+    """SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary; a second signal exits at once."""
+    state = {"requested": False}
+
+    def handler(signum, frame):
+        if state["requested"]:
+            print(f"second signal {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
+            os._exit(143)
+        state["requested"] = True
+        print(f"received {signal.Signals(signum).name}: checkpointing at the next step boundary", flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. inside some launchers)
+            warnings.warn("stop signals not installed: not in the main thread")
+    return lambda: state["requested"]

@@ -1,0 +1,76 @@
+"""torch.distributed set-up for torchrun (and SLURM / submitit) runs.
+
+NCCL on CUDA, gloo on CPU. A process-group timeout bounds how long the other
+ranks wait when one rank dies.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def init_distributed(args) -> None:
+    """Read torchrun's (or submitit's) environment; set args.rank / world_size / gpu / distributed.
+
+    ``args.dist_timeout`` (minutes) bounds collective waits: when a rank dies the
+    others fail with an error within that time instead of hanging.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", 0))
+    else:
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+    args.distributed = args.world_size > 1
+    use_cuda = str(args.device).startswith("cuda")
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {args.device} but CUDA is not available; use --device cpu")
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    if not args.distributed:
+        return
+    backend = "nccl" if use_cuda else "gloo"
+    timeout = datetime.timedelta(minutes=float(getattr(args, "dist_timeout", 10)))
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
+                            rank=args.rank, timeout=timeout,
+                            device_id=torch.device(args.device) if use_cuda else None)
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= get_world_size()
+    return t
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

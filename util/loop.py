@@ -1,0 +1,175 @@
+"""The training step shared by pretraining and finetuning.
+
+One epoch = for each micro-batch: (lr update at accumulation boundaries) ->
+forward under autocast -> backward (DDP all-reduce only on the last micro-step of
+an accumulation) -> on the boundary: unscale, clip, optimizer step, zero grads.
+
+No host-device synchronisation happens in a step except on logging steps: loss
+sums and the non-finite check stay on the device until then.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import resource
+import sys
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .distributed import all_reduce_mean, get_world_size, is_main_process
+from .lr_sched import adjust_learning_rate
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        super().__init__(f"non-finite loss ({value}) at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+class StopRequested(Exception):
+    """Raised at a step boundary after SIGTERM/SIGUSR1 asked the run to checkpoint and exit."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"stop requested at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+def resolve_amp(amp: Optional[str], device: torch.device) -> str:
+    """Default: bf16 on a GPU that supports it, none elsewhere."""
+    if amp is None:
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    return amp
+
+
+def autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def make_scaler(amp: str, device: torch.device) -> Optional[torch.amp.GradScaler]:
+    """A GradScaler only for fp16 (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Reseed every global RNG at each epoch start, so that a run resumed at an epoch
+    boundary draws exactly what the uninterrupted run drew (drop path, mixup, ...)."""
+    s = (seed + 10_007 * rank + 1_000_003 * epoch) % (2 ** 31)
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    # CPU: the process's peak resident set size (ru_maxrss is KiB on Linux)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
+                    scaler: Optional[torch.amp.GradScaler], device: torch.device, epoch: int, args,
+                    compute_loss: Callable[[object], tuple[Tensor, int]], log_writer=None,
+                    header: str = "", stop_flag: Optional[Callable[[], bool]] = None,
+                    start_step: int = 0) -> dict:
+    """Train one epoch; ``compute_loss(batch) -> (loss, batch_size)`` runs under autocast.
+
+    Returns averaged statistics; raises NonFiniteLossError (on a logging step or at
+    the end of the epoch, before anything is saved) and StopRequested.
+    """
+    model.train()
+    accum = max(1, args.accum_iter)
+    steps = len(loader)
+    amp = args.amp
+    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    world = get_world_size()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    bad_value = torch.zeros((), device=device, dtype=torch.float64)
+    seen = images = 0
+    extra_sums: dict[str, float] = {}
+    start = last_log = time.time()
+    last_images = 0
+    lr = optimizer.param_groups[0]["lr"]
+    print_freq = max(1, args.print_freq)
+    optimizer.zero_grad(set_to_none=True)
+
+    def check_finite() -> None:
+        step = int(first_bad.item())
+        if step >= 0:
+            raise NonFiniteLossError(epoch, step, float(bad_value.item()))
+
+    for it, batch in enumerate(loader):
+        step = start_step + it
+        if step % accum == 0:
+            lr = adjust_learning_rate(optimizer, step / steps + epoch, args)
+        boundary = (step + 1) % accum == 0 or step + 1 == steps
+        sync_ctx = model.no_sync() if (is_ddp and not boundary) else contextlib.nullcontext()
+        with sync_ctx:
+            with autocast(amp, device):
+                loss, batch_size, extras = compute_loss(batch)
+            scaled = loss / accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if boundary:
+            if scaler is not None:
+                if args.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                if args.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_d = loss.detach().double()
+        finite = torch.isfinite(loss_d)
+        newly_bad = (~finite) & (first_bad < 0)
+        first_bad = torch.where(newly_bad, torch.full_like(first_bad, step), first_bad)
+        bad_value = torch.where(newly_bad, loss_d, bad_value)
+        loss_sum += torch.where(finite, loss_d, torch.zeros_like(loss_d))
+        for k, v in extras.items():
+            extra_sums[k] = extra_sums.get(k, 0) + v
+        seen += 1
+        images += batch_size * world
+
+        last = it + 1 == steps
+        if it % print_freq == 0 or last:
+            check_finite()
+            if is_main_process():
+                now = time.time()
+                rate = (images - last_images) / max(now - last_log, 1e-9)
+                last_log, last_images = now, images
+                avg = loss_sum.item() / seen
+                eta = (now - start) / (it + 1) * (steps - it - 1)
+                print(f"{header} [{it + 1}/{steps}] eta {_fmt_eta(eta)} loss {loss_d.item():.4f} "
+                      f"(avg {avg:.4f}) lr {lr:.3e} img/s {rate:.1f} mem {peak_memory_mb(device):.0f}MB",
+                      flush=True)
+                if log_writer is not None:
+                    x = int((step / steps + epoch) * 1000)
+                    log_writer.add_scalar("train/loss", loss_d.item(), x)
+                    log_writer.add_scalar("train/lr", lr, x)
+        if stop_flag is not None and stop_flag() and boundary:
+            check_finite()
+            raise StopRequested(epoch, step + 1)
+
+    check_finite()
+    elapsed = time.time() - start
+    mean_loss = all_reduce_mean((loss_sum / max(seen, 1)).float()).item()
+    stats = {"loss": mean_loss, "lr": lr, "images_per_sec": images / max(elapsed, 1e-9),
+             "peak_mem_mb": peak_memory_mb(device), "epoch_time_s": elapsed}
+    stats.update(extra_sums)
+    if math.isnan(mean_loss):
+        raise NonFiniteLossError(epoch, steps - 1, mean_loss)
+    return stats
