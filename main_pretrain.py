@@ -69,7 +69,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _validate(args) -> None:
     """Every flag combination that cannot work fails here, before any compute."""
-    pretrain_models = [n for n in models.list_models() if n.startswith(("mae_", "simmim_"))]
+    pretrain_models = models.list_models(task="pretrain")
     if args.model not in pretrain_models:
         raise UsageError(f"unknown --model {args.model!r}; valid pretraining models: {', '.join(pretrain_models)}")
     for flag in ("batch_size", "epochs", "accum_iter"):

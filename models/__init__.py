@@ -1,5 +1,5 @@
 """Models of the framework; ``create_model(name, **kwargs)`` builds any of them by name."""
 from . import mae, pvt, swin, vit  # noqa: F401  (registers the factories)
-from .registry import create_model, is_model, list_models, register_model
+from .registry import create_model, is_model, list_models, model_task, register_model, register_pretrain_model
 
-__all__ = ["create_model", "is_model", "list_models", "register_model"]
+__all__ = ["create_model", "is_model", "list_models", "model_task", "register_model", "register_pretrain_model"]

@@ -37,7 +37,7 @@ from .loss import mae_loss
 from .masking import check_uniform_mask, kept_index_per_group, secondary_mask
 from .pos_embed import sincos_2d
 from .pvt import PVTEncoder, pvt_grid_ok
-from .registry import register_model
+from .registry import register_pretrain_model
 from .swin import Positions, SwinEncoder, swin_grid_ok
 
 __all__ = ["MaskedAutoencoderSwin", "MaskedAutoencoderPVT", "MaskedAutoencoderViT", "compact_map"]
@@ -395,7 +395,7 @@ def _register(name: str, build, doc: str) -> None:
         return build(**kwargs)
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = doc
-    globals()[name] = register_model(factory)
+    globals()[name] = register_pretrain_model(factory)
 
 
 def _swin_builder(size: str, depth: int, posmlp: int):
@@ -443,7 +443,7 @@ for _size in _VIT:
     _register(f"mae_vit_{_size}_dec512d8b", _vit_builder(_size, 8), f"MAE ViT-{_size}, 8-block decoder.")
 
 
-@register_model
+@register_pretrain_model
 def mae_swin_pico_128(**kwargs) -> MaskedAutoencoderSwin:
     """Tiny UM-MAE Swin for tests and demos (128 px, window 4 on the 16x16 compact grid)."""
     cfg = dict(img_size=128, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4,
@@ -452,7 +452,7 @@ def mae_swin_pico_128(**kwargs) -> MaskedAutoencoderSwin:
     return MaskedAutoencoderSwin(**cfg)
 
 
-@register_model
+@register_pretrain_model
 def mae_pvt_pico_128(**kwargs) -> MaskedAutoencoderPVT:
     """Tiny UM-MAE PVT for tests and demos (128 px)."""
     cfg = dict(img_size=128, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
@@ -461,7 +461,7 @@ def mae_pvt_pico_128(**kwargs) -> MaskedAutoencoderPVT:
     return MaskedAutoencoderPVT(**cfg)
 
 
-@register_model
+@register_pretrain_model
 def mae_vit_pico_patch16(**kwargs) -> MaskedAutoencoderViT:
     """Tiny MAE ViT for tests and demos (96 px, 6x6 units)."""
     cfg = dict(img_size=96, patch_size=16, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
