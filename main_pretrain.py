@@ -30,6 +30,7 @@ from util.cli import (UsageError, add_common_args, check_output_dir, finalize_co
 from util.datasets import DataError, build_pretrain_dataset, image_list
 from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
 from util.loop import NonFiniteLossError, StopRequested, make_scaler, resolve_amp, seed_epoch
+from util.train_state import resume_training_state, save_training_state
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -59,9 +60,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--vis_freq", default=0, type=int, help="write a reconstruction figure every N epochs (0: end only)")
     p.add_argument("--denorm", default="neighbour", choices=["neighbour", "true"],
                    help="how figures undo norm-pix targets (see util/visualize.py)")
-    p.add_argument("--exit_after_epoch", default=-1, type=int,
-                   help="finish this epoch, checkpoint and exit (the schedule still spans --epochs); "
-                        "e.g. to fit a job's time slot")
     p.add_argument("--channels_last", action="store_true", help="feed images in channels-last memory format")
     add_common_args(p)
     return p
@@ -151,52 +149,12 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def save_checkpoint(args, epoch: int, model, optimizer, scaler, next_step: int = 0, numbered: bool = False) -> None:
-    """Rank 0 writes the reference's layout (model, optimizer, epoch, scaler, args) atomically."""
-    if not is_main_process():
-        return
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "scaler": scaler.state_dict() if scaler is not None else {},
-             "args": argparse.Namespace(**{k: v for k, v in vars(args).items() if _plain(v)}),
-             "model_name": args.model}
-    if next_step:
-        state["next_step"] = next_step
-    out = Path(args.output_dir)
-    ckpt_util.save_atomic(state, out / ckpt_util.LAST_NAME)
-    if numbered:
-        ckpt_util.save_atomic(state, out / f"checkpoint-{epoch}.pth")
-        ckpt_util.prune_checkpoints(out, args.keep_last)
-
-
-def _plain(v) -> bool:
-    return v is None or isinstance(v, (bool, int, float, str)) or (
-        isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v))
-
-
 def resume(args, model, optimizer, scaler) -> tuple[int, int]:
-    """Restore from --resume, or the newest good checkpoint in --output_dir. Returns (start_epoch, start_step)."""
-    found = None
-    if args.resume:
-        found = (Path(args.resume), ckpt_util.safe_load(args.resume))
-    elif args.auto_resume:
-        found = ckpt_util.load_latest(args.output_dir, log=lambda m: print(m, flush=True))
-    if found is None:
-        if args.load_from:
-            sd = ckpt_util.unwrap_state_dict(ckpt_util.safe_load(args.load_from))
-            model.load_state_dict(sd, strict=True)
-            print(f"initialised weights from {args.load_from}")
-        return args.start_epoch, 0
-    path, ckpt = found
-    model.load_state_dict(ckpt["model"], strict=True)
-    if "optimizer" in ckpt and ckpt["optimizer"]:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if ckpt.get("next_step"):
-        epoch, step = int(ckpt["epoch"]), int(ckpt["next_step"])
-    else:
-        epoch, step = int(ckpt["epoch"]) + 1, 0
-    print(f"resumed from {path} (continuing at epoch {epoch}, step {step})", flush=True)
+    """Resume (explicit or automatic); otherwise optionally initialise from --load_from."""
+    epoch, step, ckpt = resume_training_state(args, model, optimizer, scaler)
+    if ckpt is None and args.load_from:
+        model.load_state_dict(ckpt_util.unwrap_state_dict(ckpt_util.safe_load(args.load_from)), strict=True)
+        print(f"initialised weights from {args.load_from}")
     return epoch, step
 
 
@@ -306,7 +264,7 @@ def main(args) -> int:
                                        log_writer=log_writer, stop_flag=stop, start_step=step0)
             last = epoch + 1 == args.epochs
             numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
-            save_checkpoint(args, epoch, model, optimizer, scaler, numbered=numbered)
+            save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered)
             if is_main_process():
                 record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
                 with open(Path(args.output_dir) / "log.txt", "a") as f:
@@ -326,7 +284,7 @@ def main(args) -> int:
                 cleanup()
                 return 0
     except StopRequested as s:
-        save_checkpoint(args, s.epoch, model, optimizer, scaler, next_step=s.step)
+        save_training_state(args, s.epoch, model, optimizer, scaler, next_step=s.step)
         if is_main_process():
             print(f"stop signal: checkpoint written at epoch {s.epoch}, step {s.step}; exiting", flush=True)
         cleanup()

@@ -154,7 +154,9 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         heads = self.num_heads
         table = self.offset_table(positions, torch.float64 if x.dtype == torch.float64 else torch.float32)
-        bias = table[bias_index].permute(0, 3, 1, 2)                 # (P*nW, heads, n, n)
+        # index_select: its backward (index_add) is deterministic on CPU, unlike table[idx]'s index_put
+        bias = table.index_select(0, bias_index.reshape(-1)).view(*bias_index.shape, heads)
+        bias = bias.permute(0, 3, 1, 2)                                    # (P*nW, heads, n, n)
         nw = shift_mask.shape[0] if shift_mask is not None else None
         if shift_mask is not None:
             bias = (bias.view(-1, nw, heads, n, n) + shift_mask.to(bias.dtype).unsqueeze(1)).view(-1, heads, n, n)

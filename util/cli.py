@@ -39,6 +39,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--save_freq", default=20, type=int, help="write checkpoint-{epoch}.pth every N epochs")
     p.add_argument("--keep_last", default=0, type=int, help="keep only the newest K numbered checkpoints (0: all)")
+    p.add_argument("--exit_after_epoch", default=-1, type=int,
+                   help="finish this epoch, checkpoint and exit (the schedule still spans --epochs); "
+                        "e.g. to fit a job's time slot")
     p.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
     p.add_argument("--world_size", default=1, type=int, help="set by torchrun / submitit")
     p.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="accepted for torch.distributed.launch")

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
@@ -146,9 +148,17 @@ class SeededImageDataset(Dataset):
         else:
             raise DataError(f"none of {min(n, 50)} consecutive images starting at "
                             f"{self.images.samples[index % n][0]} could be read")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(img), label, ok
+        # timm's RandAugment / RandomErasing also draw from `random` and NumPy: seed all three, then restore.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2 ** 32)
+                return self.transform(img), label, ok
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class SeededSampler(Sampler):
@@ -192,3 +202,37 @@ def check_readable(path: str) -> bool:
         return True
     except Exception:
         return False
+
+
+def eval_transform(input_size: int) -> Callable:
+    """The reference's evaluation transform: resize to size / crop_pct, centre crop.
+    crop_pct = 224/256 up to 224 px, 1.0 above."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return transforms.Compose([
+        transforms.Resize(int(input_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def finetune_train_transform(args) -> Callable:
+    """timm's training transform: RandomResizedCrop, flip, RandAugment, random erasing."""
+    from timm.data import create_transform
+    return create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+                            auto_augment=args.aa, interpolation="bicubic", re_prob=args.reprob,
+                            re_mode=args.remode, re_count=args.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def num_classes_of(images: ImageList) -> int:
+    if images.classes:
+        return len(images.classes)
+    return max((label for _, label in images.samples), default=-1) + 1
+
+
+def build_finetune_dataset(args, split: str, transform: Optional[Callable] = None) -> SeededImageDataset:
+    """``split`` in {'train', 'val'}: ImageNet layout or the reference's list files (labelled)."""
+    images = image_list(args.data_path, split, labelled=True)
+    if transform is None:
+        transform = finetune_train_transform(args) if split == "train" else eval_transform(args.input_size)
+    return SeededImageDataset(images, transform)

@@ -1,0 +1,332 @@
+"""Finetuning, linear probing and k-NN evaluation of pretrained encoders, under torchrun.
+
+    torchrun --nproc_per_node=8 main_finetune.py --input_size 256 --batch_size 64 --accum_iter 2 \
+        --model swin_tiny_256 --finetune ./work_dirs/pretrain_mae_swin_tiny_256/checkpoint-199.pth \
+        --epochs 100 --blr 5e-4 --layer_decay 0.85 --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 \
+        --mixup 0.8 --cutmix 1.0 --dist_eval --data_path /path/to/ImageNet/ --output_dir ... --log_dir ...
+
+Modes: default = finetuning; ``--linprobe`` = frozen encoder + BatchNorm (no affine) + linear
+head, LARS (main_linprobe.py sets MAE's recipe); ``--knn`` = k-NN accuracy of frozen features;
+``--eval`` = evaluate the weights only. See FINETUNE.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+import models
+from engine_finetune import evaluate, finetune_one_epoch
+from util import checkpoint as ckpt_util
+from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, run_main, \
+    setup_stop_signals
+from util.datasets import (DataError, SeededSampler, build_finetune_dataset, image_list, num_classes_of)
+from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
+from util.loop import NonFiniteLossError, StopRequested, make_scaler, resolve_amp, seed_epoch
+from util.lr_decay import param_groups_lrd
+from util.pretrained import load_pretrained
+from util.train_state import resume_training_state, save_training_state
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("UM-MAE finetuning / linear probing / k-NN", add_help=add_help)
+    p.add_argument("--batch_size", default=64, type=int, help="images per GPU")
+    p.add_argument("--epochs", default=50, type=int)
+    p.add_argument("--accum_iter", default=1, type=int)
+    p.add_argument("--model", default="swin_tiny_256", type=str, help="classifier name")
+    p.add_argument("--input_size", default=None, type=int, help="default: the model's native size")
+    p.add_argument("--drop_path", type=float, default=0.1)
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--blr", type=float, default=1e-3, help="base lr per 256 images")
+    p.add_argument("--layer_decay", type=float, default=0.75)
+    p.add_argument("--min_lr", type=float, default=1e-6)
+    p.add_argument("--warmup_epochs", type=int, default=5)
+    p.add_argument("--color_jitter", type=float, default=None)
+    p.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy")
+    p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    p.add_argument("--remode", type=str, default="pixel")
+    p.add_argument("--recount", type=int, default=1)
+    p.add_argument("--resplit", action="store_true", default=False)
+    p.add_argument("--mixup", type=float, default=0.0)
+    p.add_argument("--cutmix", type=float, default=0.0)
+    p.add_argument("--cutmix_minmax", type=float, nargs="+", default=None)
+    p.add_argument("--mixup_prob", type=float, default=1.0)
+    p.add_argument("--mixup_switch_prob", type=float, default=0.5)
+    p.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"])
+    p.add_argument("--finetune", default="", help="initialise from this checkpoint (pretrained or finetuned)")
+    p.add_argument("--global_pool", action="store_true", default=True)
+    p.add_argument("--cls_token", action="store_false", dest="global_pool", help="ViT: classify the cls token")
+    p.add_argument("--nb_classes", default=1000, type=int)
+    p.add_argument("--data_path", default=None, type=str, help="train/ and val/ in ImageNet layout, or lists")
+    p.add_argument("--eval", action="store_true", help="evaluate only")
+    p.add_argument("--dist_eval", action="store_true", default=False, help="shard the val set across ranks")
+    p.add_argument("--linprobe", action="store_true", help="linear probing: frozen encoder, BN + linear head")
+    p.add_argument("--knn", action="store_true", help="k-NN evaluation of frozen features")
+    p.add_argument("--knn_k", type=int, default=20)
+    p.add_argument("--knn_t", type=float, default=0.07)
+    add_common_args(p)
+    return p
+
+
+def native_input_size(model: nn.Module) -> int:
+    size = getattr(model, "img_size", None)
+    if size is None and hasattr(model, "patch_embed"):
+        size = model.patch_embed.img_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def model_kwargs(args) -> dict:
+    kwargs = dict(num_classes=args.nb_classes, drop_path_rate=0.0 if (args.linprobe or args.knn) else args.drop_path)
+    if args.input_size is not None:
+        kwargs["img_size"] = args.input_size
+    if args.model.startswith("vit_"):
+        kwargs["global_pool"] = args.global_pool
+    return kwargs
+
+
+def _validate(args) -> None:
+    classifiers = models.list_models(task="classify")
+    if args.model not in classifiers:
+        hint = ""
+        if models.is_model(args.model):
+            hint = " (that is a pretraining model: finetune its checkpoint into the matching classifier)"
+        raise UsageError(f"unknown --model {args.model!r}{hint}; valid classifiers: {', '.join(classifiers)}")
+    if args.linprobe and args.knn:
+        raise UsageError("--linprobe and --knn are different modes: choose one")
+    for flag in ("batch_size", "epochs", "accum_iter"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    try:
+        with torch.device("meta"):
+            meta = models.create_model(args.model, **model_kwargs(args))
+    except ValueError as e:
+        raise UsageError(f"--input_size {args.input_size}: {e}") from None
+    if args.input_size is None:
+        args.input_size = native_input_size(meta)
+    mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if mixup and args.batch_size % 2 and not args.eval:
+        raise UsageError(f"Mixup/CutMix needs an even --batch_size (got {args.batch_size})")
+    if args.finetune and not Path(args.finetune).is_file():
+        raise UsageError(f"--finetune checkpoint {args.finetune} does not exist")
+    if args.resume and not Path(args.resume).is_file():
+        raise UsageError(f"--resume checkpoint {args.resume} does not exist")
+    try:
+        val = image_list(args.data_path, "val", labelled=True)
+        train = None if args.eval else image_list(args.data_path, "train", labelled=True)
+    except DataError as e:
+        raise UsageError(f"{e} (evaluation needs a val split)" if "'val'" in str(e) else str(e)) from None
+    found = num_classes_of(train if train is not None else val)
+    if train is not None and train.classes and val.classes and train.classes != val.classes:
+        raise UsageError(f"train/ and val/ have different class folders ({len(train.classes)} vs {len(val.classes)})")
+    if found != args.nb_classes:
+        raise UsageError(f"--nb_classes {args.nb_classes} disagrees with the data: {args.data_path} has "
+                         f"{found} classes")
+    args.num_train = len(train) if train is not None else 0
+    args.num_val = len(val)
+    check_output_dir(args.output_dir)
+    if args.log_dir:
+        check_output_dir(args.log_dir)
+
+
+def parse_args(argv=None, defaults: dict | None = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    if defaults:
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    finalize_common_args(args)
+    if args.data_path is None:
+        raise UsageError("--data_path is required: a folder with train/ and val/ (ImageNet layout or lists)")
+    _validate(args)
+    return args
+
+
+class LinearProbeHead(nn.Sequential):
+    """MAE's probe: BatchNorm without affine parameters, then the linear classifier."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head)
+
+
+def build_model(args, device):
+    model = models.create_model(args.model, **model_kwargs(args))
+    if args.finetune and not args.resume:
+        report = load_pretrained(model, args.finetune)
+        if is_main_process():
+            print(report.summary(), flush=True)
+    if args.linprobe:
+        nn.init.trunc_normal_(model.head.weight, std=0.01)
+        model.head = LinearProbeHead(model.head)
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("head.")
+    return model.to(device)
+
+
+def make_optimizer(args, model, device):
+    if args.linprobe:
+        from timm.optim import Lars
+        return Lars([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    groups = param_groups_lrd(model, args.weight_decay, args.layer_decay)
+    for g in groups:
+        g.pop("param_names", None)
+    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda" or None)
+
+
+def make_loader(dataset, args, train: bool, world: int, rank: int):
+    if train:
+        sampler = SeededSampler(dataset, world, rank, seed=args.seed, shuffle=True, drop_last=True)
+    elif args.dist_eval and world > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+    else:
+        sampler = None
+    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, shuffle=False,
+                      num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith("cuda"),
+                      drop_last=train, persistent_workers=train and args.num_workers > 0), sampler
+
+
+def main(args) -> int:
+    init_distributed(args)
+    device = torch.device(args.device)
+    rank, world = get_rank(), get_world_size()
+    args.amp = resolve_amp(args.amp, device)
+    seed_epoch(args.seed, rank, 0)
+    if args.eval and not (args.dist_eval and world > 1) and not is_main_process():
+        pass  # every rank evaluates the whole set without --dist_eval; only rank 0 prints
+
+    from util.datasets import eval_transform
+    val_set = build_finetune_dataset(args, "val")
+    val_loader, _ = make_loader(val_set, args, False, world, rank)
+    model = build_model(args, device)
+
+    if args.knn:
+        from engine_finetune import knn_evaluate
+        train_set = build_finetune_dataset(args, "train", transform=eval_transform(args.input_size))
+        train_loader, _ = make_loader(train_set, args, False, world, rank)
+        stats = knn_evaluate(model, train_loader, val_loader, device, args.nb_classes, args.knn_k, args.knn_t,
+                             args.amp)
+        if is_main_process():
+            print(f"k-NN (k={args.knn_k}, T={args.knn_t}) on {stats['count']} val images: "
+                  f"top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%", flush=True)
+            with open(Path(args.output_dir) / "knn.json", "w") as f:
+                json.dump({**stats, "k": args.knn_k, "t": args.knn_t, "model": args.model,
+                           "weights": args.finetune}, f)
+        cleanup()
+        return 0
+
+    if args.lr is None:
+        args.lr = args.blr * args.batch_size * args.accum_iter * world / 256
+    optimizer = make_optimizer(args, model, device)
+    scaler = make_scaler(args.amp, device)
+    start_epoch, start_step, ckpt = resume_training_state(args, model, optimizer, scaler,
+                                                          log=lambda *a, **k: print(*a, **k) if is_main_process() else None)
+    best_acc = float(ckpt.get("best_acc1", 0.0)) if ckpt else 0.0
+
+    if args.eval:
+        stats = evaluate(model, val_loader, device, args.amp)
+        if is_main_process():
+            print(f"evaluation of {stats['count']} images: top-1 {stats['acc1']:.3f}%  top-5 {stats['acc5']:.3f}%  "
+                  f"loss {stats['loss']:.4f}", flush=True)
+        cleanup()
+        return 0
+
+    train_set = build_finetune_dataset(args, "train")
+    train_loader, sampler = make_loader(train_set, args, True, world, rank)
+    if len(train_loader) == 0:
+        raise UsageError(f"{len(train_set)} training images are fewer than one global batch "
+                         f"({args.batch_size} x {world}): lower --batch_size")
+    mixup_fn = None
+    if not args.linprobe and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        from timm.data import Mixup
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+    if mixup_fn is not None:
+        from timm.loss import SoftTargetCrossEntropy
+        criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0 and not args.linprobe:
+        from timm.loss import LabelSmoothingCrossEntropy
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = nn.CrossEntropyLoss()
+
+    train_model = model
+    if args.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    log_writer = None
+    if is_main_process():
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{args.model}: {n_train / 1e6:.2f}M trainable parameters; {len(train_set)} train / "
+              f"{len(val_set)} val images; lr {args.lr:.3e}; amp {args.amp}; mode "
+              f"{'linear probe' if args.linprobe else 'finetune'}; world {world}", flush=True)
+        if args.log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            log_writer = SummaryWriter(log_dir=args.log_dir)
+    stop = setup_stop_signals()
+    start_time = time.time()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            step0 = start_step if epoch == start_epoch else 0
+            sampler.set_epoch(epoch)
+            sampler.skip = step0 * args.batch_size
+            if step0 == 0:
+                seed_epoch(args.seed, rank, epoch)
+            train_stats = finetune_one_epoch(train_model, criterion, train_loader, optimizer, scaler, device,
+                                             epoch, args, mixup_fn, log_writer, stop_flag=stop, start_step=step0)
+            test_stats = evaluate(model, val_loader, device, args.amp)
+            improved = test_stats["acc1"] > best_acc
+            best_acc = max(best_acc, test_stats["acc1"])
+            last = epoch + 1 == args.epochs
+            numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
+            save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered,
+                                extra_names=("checkpoint-best.pth",) if improved else (),
+                                extra={"best_acc1": best_acc, "val_acc1": test_stats["acc1"]})
+            if is_main_process():
+                print(f"epoch {epoch}: val top-1 {test_stats['acc1']:.2f}%  top-5 {test_stats['acc5']:.2f}%  "
+                      f"(best {best_acc:.2f}%)", flush=True)
+                record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                          **{f"test_{k}": v for k, v in test_stats.items()}}
+                with open(Path(args.output_dir) / "log.txt", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if log_writer is not None:
+                    for k in ("acc1", "acc5", "loss"):
+                        log_writer.add_scalar(f"val/{k}", test_stats[k], epoch)
+                    log_writer.add_scalar("epoch/images_per_sec", train_stats["images_per_sec"], epoch)
+                    log_writer.add_scalar("epoch/peak_mem_mb", train_stats["peak_mem_mb"], epoch)
+                    log_writer.flush()
+            if epoch == args.exit_after_epoch and not last:
+                cleanup()
+                return 0
+    except StopRequested as s:
+        save_training_state(args, s.epoch, model, optimizer, scaler, next_step=s.step, extra={"best_acc1": best_acc})
+        if is_main_process():
+            print(f"stop signal: checkpoint written at epoch {s.epoch}, step {s.step}; exiting", flush=True)
+        cleanup()
+        return 0
+    except NonFiniteLossError as e:
+        good = ckpt_util.list_checkpoints(args.output_dir)
+        print(f"error: {e}; stopping. Last good checkpoint: {good[0] if good else 'none'}", file=sys.stderr)
+        cleanup()
+        return 1
+    if is_main_process():
+        print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}; best top-1 "
+              f"{best_acc:.2f}%", flush=True)
+        if log_writer is not None:
+            log_writer.close()
+    cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(parse_args()))

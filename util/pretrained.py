@@ -1,0 +1,121 @@
+"""Load pretrained or finetuned weights into a classifier (``--finetune``).
+
+Accepted files: our pretraining and finetuning checkpoints; the reference's released
+pretraining / finetuned checkpoints (``{'model': ..., 'args': Namespace}``); MAE's
+official ViT checkpoints (encoder-only ``model``); bare state dicts; ``module.``
+prefixes. Every file is read with ``weights_only=True`` (util.checkpoint.safe_load).
+
+Decoder and mask tokens are dropped; the head is re-initialised when its shape
+differs (or when the file has none); absolute position embeddings are resized
+(bicubic) when the grid differs. A missing or mis-shaped *encoder* tensor is an
+error that names the first offending keys and the model the file looks like.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.pos_embed import resize_pos_embed
+from .checkpoint import CheckpointError, safe_load, unwrap_state_dict
+
+# keys that only a pretraining model has: never part of a classifier's encoder
+PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "vis_mask_token", "simmim_head", "mixmim_decoder")
+HEAD_PREFIXES = ("head.", "fc_norm.")
+
+
+@dataclass
+class LoadReport:
+    path: str
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    head_reinitialised: bool = False
+
+    def summary(self) -> str:
+        def short(keys):
+            return ", ".join(keys[:6]) + (f", ... (+{len(keys) - 6})" if len(keys) > 6 else "")
+        parts = [f"loaded {self.loaded} tensors from {self.path}",
+                 f"missing {len(self.missing)}" + (f" [{short(self.missing)}]" if self.missing else ""),
+                 f"unexpected {len(self.unexpected)}" + (f" [{short(self.unexpected)}]" if self.unexpected else "")]
+        if self.dropped:
+            parts.append(f"dropped {len(self.dropped)} pretraining-only tensors (decoder, mask tokens, final norm)")
+        if self.resized:
+            parts.append(f"resized {', '.join(self.resized)}")
+        if self.head_reinitialised:
+            parts.append("head re-initialised")
+        return "; ".join(parts)
+
+
+def guess_architecture(sd: dict) -> str:
+    """The registered classifier whose encoder keys and shapes best match a state dict."""
+    import models
+    best, best_score = "unknown", 0.0
+    enc = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES + HEAD_PREFIXES)}
+    for name in models.list_models(task="classify"):
+        try:
+            with torch.device("meta"):
+                ref = models.create_model(name, num_classes=0)
+        except Exception:
+            continue
+        ref_sd = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.startswith(HEAD_PREFIXES)}
+        if not ref_sd:
+            continue
+        common = sum(1 for k, s in ref_sd.items() if enc.get(k) == s and k != "pos_embed")
+        score = common / max(len(ref_sd), len(enc))
+        if score > best_score:
+            best, best_score = name, score
+    return best if best_score > 0.5 else "no registered model"
+
+
+def load_pretrained(model: nn.Module, path: str | Path, head_init_std: float = 2e-5) -> LoadReport:
+    """Load ``path`` into ``model`` (a classifier) and return what happened; raise CheckpointError on mismatch."""
+    sd = unwrap_state_dict(safe_load(path))
+    report = LoadReport(str(path))
+    own = model.state_dict()
+    sd = dict(sd)
+    for k in list(sd):
+        if k.startswith(PRETRAIN_ONLY_PREFIXES) or (k.startswith("norm.") and k not in own):
+            report.dropped.append(k)
+            del sd[k]
+    head_reinit = False
+    for k in [k for k in sd if k.startswith("head.")]:
+        if k not in own or own[k].shape != sd[k].shape:
+            del sd[k]
+            head_reinit = True
+    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+        extra = getattr(model, "num_prefix_tokens", 0)
+        grid = int(round((own["pos_embed"].shape[1] - extra) ** 0.5))
+        if sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
+            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, extra)
+            report.resized.append(f"pos_embed -> {grid}x{grid}")
+    mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    missing = [k for k in own if k not in sd]
+    encoder_missing = [k for k in missing if not k.startswith(HEAD_PREFIXES) and not _is_buffer(model, k)]
+    if mismatched or encoder_missing:
+        what = []
+        if encoder_missing:
+            what.append(f"missing encoder tensors {encoder_missing[:5]}")
+        if mismatched:
+            what.append("mis-shaped " + ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+                                                  for k in mismatched[:5]))
+        raise CheckpointError(f"{path} does not fit {type(model).__name__} ({'; '.join(what)}); the file "
+                              f"looks like {guess_architecture(sd)}")
+    result = model.load_state_dict(sd, strict=False)
+    report.missing = list(result.missing_keys)
+    report.unexpected = list(result.unexpected_keys)
+    report.loaded = len(sd) - len(report.unexpected)
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear) and ("head.weight" not in sd):
+        nn.init.trunc_normal_(head.weight, std=head_init_std)
+        nn.init.zeros_(head.bias)
+        report.head_reinitialised = True
+    return report
+
+
+def _is_buffer(model: nn.Module, key: str) -> bool:
+    return key in dict(model.named_buffers())

@@ -1,0 +1,74 @@
+"""Saving and resuming the full training state, shared by every program.
+
+A checkpoint is the reference's layout (``model``, ``optimizer``, ``epoch``,
+``scaler``, ``args``) plus ``model_name``, ``rng`` and, for a run stopped
+mid-epoch, ``next_step``. ``epoch`` is the last completed epoch, or the epoch in
+progress when ``next_step`` is set.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import checkpoint as ckpt_util
+from .distributed import is_main_process
+from .rng import get_rng_state, set_rng_state
+
+
+def _plain(v) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str)) or (
+        isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v))
+
+
+def save_training_state(args, epoch: int, model, optimizer, scaler, next_step: int = 0, numbered: bool = False,
+                        extra_names: tuple[str, ...] = (), extra: Optional[dict] = None) -> None:
+    """Rank 0 writes ``checkpoint-last.pth`` (+ ``checkpoint-{epoch}.pth`` and ``extra_names``), atomically."""
+    if not is_main_process():
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "scaler": scaler.state_dict() if scaler is not None else {},
+             "args": argparse.Namespace(**{k: v for k, v in vars(args).items() if _plain(v)}),
+             "model_name": args.model, "rng": get_rng_state()}
+    if next_step:
+        state["next_step"] = next_step
+    if extra:
+        state.update(extra)
+    out = Path(args.output_dir)
+    ckpt_util.save_atomic(state, out / ckpt_util.LAST_NAME)
+    for name in extra_names:
+        ckpt_util.save_atomic(state, out / name)
+    if numbered:
+        ckpt_util.save_atomic(state, out / f"checkpoint-{epoch}.pth")
+        ckpt_util.prune_checkpoints(out, args.keep_last)
+
+
+def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[int, int, Optional[dict]]:
+    """Restore from --resume, or the newest good checkpoint in --output_dir (--auto_resume).
+
+    Returns (start_epoch, start_step, checkpoint or None). RNG states are restored
+    only for a mid-epoch resume: at epoch starts every RNG is reseeded anyway.
+    """
+    found = None
+    if args.resume:
+        found = (Path(args.resume), ckpt_util.safe_load(args.resume))
+    elif args.auto_resume:
+        found = ckpt_util.load_latest(args.output_dir, log=lambda m: log(m, flush=True))
+    if found is None:
+        return args.start_epoch, 0, None
+    path, ckpt = found
+    model.load_state_dict(ckpt["model"], strict=True)
+    if optimizer is not None and ckpt.get("optimizer"):
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt.get("next_step"):
+        epoch, step = int(ckpt["epoch"]), int(ckpt["next_step"])
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+    else:
+        epoch, step = int(ckpt["epoch"]) + 1, 0
+    log(f"resumed from {path} (continuing at epoch {epoch}, step {step})", flush=True)
+    return epoch, step, ckpt
