@@ -273,7 +273,7 @@ def main(args) -> int:
         if args.log_dir:
             from torch.utils.tensorboard import SummaryWriter
             log_writer = SummaryWriter(log_dir=args.log_dir)
-    stop = setup_stop_signals()
+    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))
     start_time = time.time()
     try:
         for epoch in range(start_epoch, args.epochs):
@@ -309,6 +309,7 @@ def main(args) -> int:
                 cleanup()
                 return 0
     except StopRequested as s:
+        args.stop_signal = int(stop.signum) if stop.signum is not None else None
         save_training_state(args, s.epoch, model, optimizer, scaler, next_step=s.step, extra={"best_acc1": best_acc})
         if is_main_process():
             print(f"stop signal: checkpoint written at epoch {s.epoch}, step {s.step}; exiting", flush=True)

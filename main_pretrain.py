@@ -42,7 +42,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--input_size", default=None, type=int, help="image size (default: the model's native size)")
     p.add_argument("--token_size", default=None, type=int,
                    help="mask-unit grid side = input_size / 16 (default: derived)")
-    p.add_argument("--mask_ratio", default=0.75, type=float)
+    p.add_argument("--mask_ratio", default=None, type=float,
+                   help="fraction of units masked (default: the method's, 0.75; MixMAE 0.5)")
     p.add_argument("--mask_regular", action="store_true", help="uniform sampling (one kept unit per 2x2 group)")
     p.add_argument("--vis_mask_ratio", default=0.0, type=float, help="secondary masking ratio (0.25 in UM-MAE)")
     p.add_argument("--norm_pix_loss", action="store_true", help="per-unit normalised pixel targets")
@@ -78,9 +79,13 @@ def _validate(args) -> None:
     kwargs = model_kwargs(args)
     try:
         with torch.device("meta"):
-            meta = models.create_model(args.model, **kwargs)
+            meta = models.create_model(args.model, **{**kwargs, "vis_mask_ratio": 0.0})
     except ValueError as e:
         raise UsageError(f"--input_size {args.input_size}: {e}") from None
+    if args.vis_mask_ratio > 0 and not getattr(meta, "supports_secondary_mask", True):
+        raise UsageError(f"{args.model} has no secondary masking: use --vis_mask_ratio 0")
+    if args.mask_ratio is None:
+        args.mask_ratio = getattr(meta, "default_mask_ratio", 0.75)
     if args.input_size is None:
         args.input_size = meta.token_size * meta.stride
     expected = args.input_size // meta.stride
@@ -103,8 +108,6 @@ def _validate(args) -> None:
             raise UsageError(f"--mask_regular needs an even --token_size (got {args.token_size})")
     elif not 0.0 < args.mask_ratio < 1.0:
         raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
-    if args.vis_mask_ratio > 0 and not getattr(meta, "supports_secondary_mask", True):
-        raise UsageError(f"{args.model} has no secondary masking: use --vis_mask_ratio 0")
     try:
         images = image_list(args.data_path, "train", labelled=False)
     except DataError as e:
@@ -119,8 +122,8 @@ def model_kwargs(args) -> dict:
     kwargs = dict(norm_pix_loss=args.norm_pix_loss, vis_mask_ratio=args.vis_mask_ratio)
     if args.input_size is not None:
         kwargs["img_size"] = args.input_size
-    if args.model.startswith("mae_vit"):
-        kwargs["mask_ratio"] = args.mask_ratio
+    if args.model.startswith(("mae_vit", "greenmim_")):
+        kwargs["mask_ratio"] = args.mask_ratio if args.mask_ratio is not None else 0.75
     elif args.model.startswith("mae_"):
         kwargs["reference_decoder_order"] = args.reference_decoder_order
     return kwargs
@@ -225,7 +228,9 @@ def main(args) -> int:
     eff_batch = args.batch_size * args.accum_iter * world
     args.lr = effective_lr(args, world)
     from timm.optim import param_groups_weight_decay
-    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=())
+    # The reference decays every >1-D tensor in pretraining (tokens included); a method may say otherwise.
+    no_decay = model.no_weight_decay_pretrain() if hasattr(model, "no_weight_decay_pretrain") else ()
+    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=no_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda" or None)
     scaler = make_scaler(args.amp, device)
     start_epoch, start_step = resume(args, model, optimizer, scaler)
@@ -248,7 +253,7 @@ def main(args) -> int:
         if args.log_dir:
             from torch.utils.tensorboard import SummaryWriter
             log_writer = SummaryWriter(log_dir=args.log_dir)
-    stop = setup_stop_signals()
+    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))
 
     start_time = time.time()
     epoch = start_epoch
@@ -284,6 +289,7 @@ def main(args) -> int:
                 cleanup()
                 return 0
     except StopRequested as s:
+        args.stop_signal = int(stop.signum) if stop.signum is not None else None
         save_training_state(args, s.epoch, model, optimizer, scaler, next_step=s.step)
         if is_main_process():
             print(f"stop signal: checkpoint written at epoch {s.epoch}, step {s.step}; exiting", flush=True)

@@ -241,3 +241,24 @@ def test_truncated_checkpoint_is_a_one_line_error(labelled, pretrained_ckpt, tmp
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 1 and "truncated or corrupt" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_backbone_export_roundtrip_and_pyramid(pretrained_ckpt, tmp_path):
+    from tools.export_backbone import export_backbone, load_backbone
+    out = export_backbone(str(pretrained_ckpt), "swin_pico_128", str(tmp_path / "bb"))
+    meta = json.loads((out / "backbone.json").read_text())
+    assert meta["stage_channels"] == [16, 32, 64, 128] and meta["stage_strides"] == [4, 8, 16, 32]
+    sd = safe_load(out / "backbone.pth")
+    assert not any(k.startswith(("head.", "fc_norm.", "decoder", "mask_token")) for k in sd)
+    model = load_backbone(out).eval()
+    ref = models.create_model("swin_pico_128", num_classes=0).eval()
+    load_pretrained(ref, pretrained_ckpt)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        a, b = model.forward_pyramid(x), ref.forward_pyramid(x)
+    assert [t.shape[1:] for t in a] == [(16, 32, 32), (32, 16, 16), (64, 8, 8), (128, 4, 4)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    # a plain PyTorch dense head on top (the FINETUNE.md example)
+    head = torch.nn.ModuleList([torch.nn.Conv2d(c, 8, 1) for c in meta["stage_channels"]])
+    fused = sum(torch.nn.functional.interpolate(h(f), size=a[0].shape[-2:], mode="bilinear") for h, f in zip(head, a))
+    assert fused.shape == (1, 8, 32, 32)

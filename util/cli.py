@@ -73,6 +73,8 @@ def finalize_common_args(args) -> None:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
     if args.log_dir == "":
         args.log_dir = None
+    if getattr(args, "aa", None) in ("none", "None", ""):
+        args.aa = None
 
 
 def check_output_dir(path: str) -> None:
@@ -104,20 +106,35 @@ def run_main(fn: Callable[[], int]) -> None:
     sys.exit(code)
 
 
-def setup_stop_signals() -> Callable[[], bool]:
-    """SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary; a second signal exits at once."""
-    state = {"requested": False}
+class StopFlag:
+    """Set by a stop signal; ``signum`` remembers which one (the SLURM wrapper requeues on USR2)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def setup_stop_signals(extra: tuple = ()) -> StopFlag:
+    """SIGTERM / SIGUSR1 (and ``extra``) ask for a checkpoint at the next step boundary;
+    a second signal exits at once."""
+    state = StopFlag()
 
     def handler(signum, frame):
-        if state["requested"]:
+        if state.requested:
             print(f"second signal {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
             os._exit(143)
-        state["requested"] = True
+        state.requested, state.signum = True, signum
         print(f"received {signal.Signals(signum).name}: checkpointing at the next step boundary", flush=True)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS + tuple(extra):
         try:
             signal.signal(sig, handler)
         except ValueError:  # not the main thread (e.g. inside some launchers)
             warnings.warn("stop signals not installed: not in the main thread")
-    return lambda: state["requested"]
+    return state

@@ -78,6 +78,22 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+STOP_CHECK_EVERY = 4  # distributed runs agree on a stop request every N optimizer steps
+
+
+def _agreed_stop(stop_flag: Callable[[], bool], step: int, device: torch.device) -> bool:
+    """Whether to stop at this step boundary. Ranks receive a signal at slightly different
+    times, so in a distributed run they agree (all-reduce MAX) every few steps and all stop
+    at the same step; a single process stops at the first boundary."""
+    if get_world_size() == 1:
+        return stop_flag()
+    if step % STOP_CHECK_EVERY:
+        return False
+    flag = torch.tensor([1.0 if stop_flag() else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
                     scaler: Optional[torch.amp.GradScaler], device: torch.device, epoch: int, args,
                     compute_loss: Callable[[object], tuple[Tensor, int]], log_writer=None,
@@ -90,7 +106,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     """
     model.train()
     accum = max(1, args.accum_iter)
-    steps = len(loader)
+    steps = start_step + len(loader)  # a full epoch, also when resuming mid-epoch
     amp = args.amp
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     world = get_world_size()
@@ -144,7 +160,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         seen += 1
         images += batch_size * world
 
-        last = it + 1 == steps
+        last = it + 1 == len(loader)
         if it % print_freq == 0 or last:
             check_finite()
             if is_main_process():
@@ -160,7 +176,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                     x = int((step / steps + epoch) * 1000)
                     log_writer.add_scalar("train/loss", loss_d.item(), x)
                     log_writer.add_scalar("train/lr", lr, x)
-        if stop_flag is not None and stop_flag() and boundary:
+        if stop_flag is not None and boundary and _agreed_stop(stop_flag, step, device):
             check_finite()
             raise StopRequested(epoch, step + 1)
 

@@ -82,11 +82,9 @@ def load_pretrained(model: nn.Module, path: str | Path, head_init_std: float = 2
         if k.startswith(PRETRAIN_ONLY_PREFIXES) or (k.startswith("norm.") and k not in own):
             report.dropped.append(k)
             del sd[k]
-    head_reinit = False
     for k in [k for k in sd if k.startswith("head.")]:
         if k not in own or own[k].shape != sd[k].shape:
             del sd[k]
-            head_reinit = True
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         extra = getattr(model, "num_prefix_tokens", 0)
         grid = int(round((own["pos_embed"].shape[1] - extra) ** 0.5))
@@ -109,8 +107,9 @@ def load_pretrained(model: nn.Module, path: str | Path, head_init_std: float = 2
     report.missing = list(result.missing_keys)
     report.unexpected = list(result.unexpected_keys)
     report.loaded = len(sd) - len(report.unexpected)
-    head = getattr(model, "head", None)
-    if isinstance(head, nn.Linear) and ("head.weight" not in sd):
+    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
+    head_keys = [k for k in own if k.startswith("head.") and k.endswith("weight")]
+    if isinstance(head, nn.Linear) and head_keys and head_keys[0] not in sd:
         nn.init.trunc_normal_(head.weight, std=head_init_std)
         nn.init.zeros_(head.bias)
         report.head_reinitialised = True

@@ -18,9 +18,12 @@ from .distributed import is_main_process
 from .rng import get_rng_state, set_rng_state
 
 
+_PLAIN = (bool, int, float, str)
+
+
 def _plain(v) -> bool:
-    return v is None or isinstance(v, (bool, int, float, str)) or (
-        isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v))
+    """Exactly the builtin types (an IntEnum such as signal.Signals would need unsafe unpickling)."""
+    return v is None or type(v) in _PLAIN or (type(v) in (list, tuple) and all(type(x) in _PLAIN for x in v))
 
 
 def save_training_state(args, epoch: int, model, optimizer, scaler, next_step: int = 0, numbered: bool = False,

@@ -48,6 +48,7 @@ def reconstruct(model, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = N
     mask = mask.bool()
     sm = sm_mask.bool() if sm_mask is not None else torch.zeros_like(mask)
     out = model(imgs, mask, sm) if getattr(model, "vis_mask_ratio", 0) > 0 else model(imgs, mask)
+    mask = out[2].bool()  # the mask the model actually used (MixMAE pairs its samples' masks)
     pred = out[1].float()
     target = patchify(imgs.float(), unit)
     if getattr(model, "norm_pix_loss", False):

@@ -1,0 +1,160 @@
+"""Submitting the programs to SLURM through submitit (shared by submitit_pretrain.py / submitit_finetune.py).
+
+* One task per GPU; ``--nodes`` x ``--ngpus``. Rendezvous through a fresh file in the
+  shared job folder (``file://``), created per (re)start, so no port needs to be free.
+* Preemption / timeout: SLURM (or submitit's local executor) sends USR2 to every task.
+  Each rank's handler only raises a stop flag; the ranks agree on it every few steps
+  and all stop at the same step boundary, where rank 0 writes a checkpoint (mid-epoch
+  included). Rank 0 then re-raises USR2 to submitit's own handler, which calls
+  ``Trainer.checkpoint`` (a requeue that resumes from that file through the normal
+  auto-resume path) and requeues the job. Nothing since the last step is lost, and an
+  uninterrupted and a preempted-and-requeued run end with the same weights.
+* SIGTERM / SIGUSR1 checkpoint and exit without requeueing (as outside SLURM).
+* MAE's wrapper requeued with ``--resume checkpoint.pth``, a file it never wrote, so a
+  requeued job silently restarted from epoch 0; here resumption never depends on a name.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import signal
+import uuid
+from pathlib import Path
+from types import ModuleType
+
+import submitit
+
+
+def add_slurm_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("SLURM / submitit")
+    g.add_argument("--ngpus", default=8, type=int, help="GPUs (= tasks) per node")
+    g.add_argument("--nodes", default=1, type=int)
+    g.add_argument("--timeout", default=4320, type=int, help="minutes per job (before requeue)")
+    g.add_argument("--job_dir", default="./work_dirs/submitit/%j", help="shared folder; %%j = job id")
+    g.add_argument("--partition", default="", type=str)
+    g.add_argument("--account", default="", type=str)
+    g.add_argument("--qos", default="", type=str)
+    g.add_argument("--constraint", default="", type=str)
+    g.add_argument("--use_volta32", action="store_true", help="constraint volta32gb")
+    g.add_argument("--comment", default="", type=str)
+    g.add_argument("--mem_gb", default=None, type=int, help="memory per node (default 40 per GPU)")
+    g.add_argument("--cpus_per_task", default=10, type=int)
+    g.add_argument("--max_requeues", default=30, type=int, help="timeouts tolerated before giving up")
+    g.add_argument("--local", action="store_true", help="run with submitit's local executor (no SLURM)")
+    g.add_argument("--job_name", default=None)
+
+
+class Trainer:
+    """The submitted callable: one instance per task; ``checkpoint`` builds the requeued one."""
+
+    def __init__(self, program: str, args: argparse.Namespace) -> None:
+        self.program = program  # module name: "main_pretrain" or "main_finetune"
+        self.args = args
+
+    def __call__(self) -> int:
+        import importlib
+        env = submitit.JobEnvironment()
+        args = copy.deepcopy(self.args)
+        job_dir = Path(str(args.job_dir).replace("%j", str(env.job_id)))
+        if not args.output_dir:
+            args.output_dir = str(job_dir)
+        if args.log_dir is None or args.log_dir == "":
+            args.log_dir = str(job_dir) if args.log_dir is None else None
+        os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks),
+                          LOCAL_RANK=str(env.local_rank))
+        if args.device is None or str(args.device).startswith("cuda"):
+            args.device = "cuda" if args.ngpus > 0 and _cuda() else "cpu"
+        args.extra_stop_signals = (signal.SIGUSR2,)
+        program: ModuleType = importlib.import_module(self.program)
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        code = program.main(args)
+        if getattr(args, "stop_signal", None) == signal.SIGUSR2 and env.global_rank == 0:
+            # checkpoint written at a step boundary: let submitit requeue through its own handler
+            signal.signal(signal.SIGUSR2, submitit_handler)
+            signal.raise_signal(signal.SIGUSR2)
+        return code
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """Requeue: same arguments, a fresh rendezvous file; auto-resume finds the newest checkpoint."""
+        args = copy.deepcopy(self.args)
+        args.dist_url = new_rendezvous(args.job_dir)
+        args.resume = ""
+        args.auto_resume = True
+        return submitit.helpers.DelayedSubmission(Trainer(self.program, args))
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def new_rendezvous(job_dir: str) -> str:
+    folder = Path(str(job_dir).replace("%j", "shared")).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".rendezvous_{uuid.uuid4().hex}"
+    return path.as_uri()
+
+
+def submit(program: str, args: argparse.Namespace) -> submitit.Job:
+    """Validate the program's arguments, then submit (or run locally with ``--local``)."""
+    folder = Path(args.job_dir)
+    executor_cls = submitit.LocalExecutor if args.local else submitit.AutoExecutor
+    executor = executor_cls(folder=str(folder)) if args.local else executor_cls(
+        folder=str(folder), slurm_max_num_timeout=args.max_requeues)
+    kwargs = dict(timeout_min=args.timeout, tasks_per_node=args.ngpus)
+    if args.local:
+        kwargs["gpus_per_node"] = args.ngpus if _cuda() else 0
+        executor.update_parameters(**kwargs)
+    else:
+        extra = {}
+        if args.comment:
+            extra["comment"] = args.comment
+        if args.account:
+            extra["account"] = args.account
+        if args.qos:
+            extra["qos"] = args.qos
+        constraint = "volta32gb" if args.use_volta32 else args.constraint
+        if constraint:
+            extra["constraint"] = constraint
+        executor.update_parameters(mem_gb=args.mem_gb or 40 * args.ngpus, gpus_per_node=args.ngpus,
+                                   cpus_per_task=args.cpus_per_task, nodes=args.nodes,
+                                   slurm_partition=args.partition or None, slurm_signal_delay_s=120,
+                                   slurm_additional_parameters=extra or None, **kwargs)
+    executor.update_parameters(name=args.job_name or program)
+    args.dist_url = new_rendezvous(args.job_dir)
+    return executor.submit(Trainer(program, args))
+
+
+def build_parser(program: ModuleType) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(f"submitit for {program.__name__}", parents=[program.get_args_parser(False)])
+    add_slurm_args(parser)
+    parser.set_defaults(output_dir="", log_dir=None, dist_url="")
+    return parser
+
+
+def prepare(program: ModuleType, argv=None) -> argparse.Namespace:
+    """Parse the wrapped program's flags + SLURM flags and validate them before anything is submitted."""
+    from util.cli import finalize_common_args
+    args = build_parser(program).parse_args(argv)
+    if args.nodes > 1 and args.local:
+        from util.cli import UsageError
+        raise UsageError("--local runs on one node; drop --nodes")
+    device, log_dir = args.device, args.log_dir
+    finalize_common_args(args)
+    args.device, args.log_dir = device, log_dir  # resolved on the compute node
+    output_dir = args.output_dir
+    if not output_dir:
+        import tempfile
+        args.output_dir = tempfile.mkdtemp(prefix="validate-")
+    program._validate(args)
+    args.output_dir = output_dir
+    return args
+
+
+def main(program: ModuleType, argv=None) -> int:
+    """Validate, submit, print the job id."""
+    args = prepare(program, argv)
+    job = submit(program.__name__, args)
+    print(f"submitted job {job.job_id}; logs and checkpoints in {args.job_dir.replace('%j', str(job.job_id))}")
+    return 0
