@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -24,15 +23,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import models
 from engine_finetune import evaluate, finetune_one_epoch
-from util import checkpoint as ckpt_util
 from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, run_main, \
     setup_stop_signals
 from util.datasets import (DataError, SeededSampler, build_finetune_dataset, image_list, num_classes_of)
 from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
-from util.loop import NonFiniteLossError, StopRequested, make_scaler, resolve_amp, seed_epoch
+from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
+                       seed_epoch)
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_pretrained
-from util.train_state import resume_training_state, save_training_state
+from util.train_state import finish_interrupted, resume_training_state, save_training_state
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -177,7 +176,7 @@ def make_optimizer(args, model, device):
     groups = param_groups_lrd(model, args.weight_decay, args.layer_decay)
     for g in groups:
         g.pop("param_names", None)
-    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda" or None)
+    return torch.optim.AdamW(groups, lr=args.lr, fused=fused_optimizer_ok(device) or None)
 
 
 def make_loader(dataset, args, train: bool, world: int, rank: int):
@@ -308,18 +307,8 @@ def main(args) -> int:
             if epoch == args.exit_after_epoch and not last:
                 cleanup()
                 return 0
-    except StopRequested as s:
-        args.stop_signal = int(stop.signum) if stop.signum is not None else None
-        save_training_state(args, s.epoch, model, optimizer, scaler, next_step=s.step, extra={"best_acc1": best_acc})
-        if is_main_process():
-            print(f"stop signal: checkpoint written at epoch {s.epoch}, step {s.step}; exiting", flush=True)
-        cleanup()
-        return 0
-    except NonFiniteLossError as e:
-        good = ckpt_util.list_checkpoints(args.output_dir)
-        print(f"error: {e}; stopping. Last good checkpoint: {good[0] if good else 'none'}", file=sys.stderr)
-        cleanup()
-        return 1
+    except (StopRequested, NonFiniteLossError) as e:
+        return finish_interrupted(e, args, model, optimizer, scaler, stop, extra={"best_acc1": best_acc})
     if is_main_process():
         print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}; best top-1 "
               f"{best_acc:.2f}%", flush=True)

@@ -29,8 +29,9 @@ from util.cli import (UsageError, add_common_args, check_output_dir, finalize_co
                       setup_stop_signals)
 from util.datasets import DataError, build_pretrain_dataset, image_list
 from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
-from util.loop import NonFiniteLossError, StopRequested, make_scaler, resolve_amp, seed_epoch
-from util.train_state import resume_training_state, save_training_state
+from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
+                       seed_epoch)
+from util.train_state import finish_interrupted, resume_training_state, save_training_state
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -231,7 +232,7 @@ def main(args) -> int:
     # The reference decays every >1-D tensor in pretraining (tokens included); a method may say otherwise.
     no_decay = model.no_weight_decay_pretrain() if hasattr(model, "no_weight_decay_pretrain") else ()
     groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=no_decay)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda" or None)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused_optimizer_ok(device) or None)
     scaler = make_scaler(args.amp, device)
     start_epoch, start_step = resume(args, model, optimizer, scaler)
 
@@ -288,19 +289,8 @@ def main(args) -> int:
                     print(f"--exit_after_epoch {epoch}: checkpoint written; exiting", flush=True)
                 cleanup()
                 return 0
-    except StopRequested as s:
-        args.stop_signal = int(stop.signum) if stop.signum is not None else None
-        save_training_state(args, s.epoch, model, optimizer, scaler, next_step=s.step)
-        if is_main_process():
-            print(f"stop signal: checkpoint written at epoch {s.epoch}, step {s.step}; exiting", flush=True)
-        cleanup()
-        return 0
-    except NonFiniteLossError as e:
-        good = ckpt_util.list_checkpoints(args.output_dir)
-        print(f"error: {e}; stopping. Last good checkpoint: {good[0] if good else 'none'}", file=sys.stderr,
-              flush=True)
-        cleanup()
-        return 1
+    except (StopRequested, NonFiniteLossError) as e:
+        return finish_interrupted(e, args, model, optimizer, scaler, stop, extra=None)
 
     print(f"rank {rank}: final weights digest {weights_digest(model)}", flush=True)
     if is_main_process():

@@ -74,10 +74,46 @@ class _MAEDecoder:
         self.decoder_norm = OuterNorm(embed_dim)
         self.decoder_pred = nn.Linear(embed_dim, unit * unit * in_chans)
 
-    def _decode(self, x: Tensor) -> Tensor:
-        for blk in self.decoder_blocks:
+    def _decode(self, x: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+        """x: (N, S, D) decoder tokens -> (N, S, out) predictions.
+
+        With ``rows`` (N, R), only those tokens' predictions are computed (the others are 0):
+        in the last block the other tokens serve only as keys and values, so their query,
+        projection, MLP and prediction are skipped. The loss reads only the removed units,
+        and the decoder is about half of a UM-MAE step, so training passes them here.
+        """
+        blocks = list(self.decoder_blocks)
+        if rows is None or not blocks:
+            for blk in blocks:
+                x = blk(x)
+            return self.decoder_pred(self.decoder_norm(x))
+        for blk in blocks[:-1]:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))
+        y = self.decoder_pred(self.decoder_norm(_block_rows(blocks[-1], x, rows)))
+        out = y.new_zeros(x.shape[0], x.shape[1], y.shape[-1])
+        return out.scatter(1, rows.unsqueeze(-1).expand(-1, -1, y.shape[-1]), y)
+
+
+def _block_rows(blk: Block, x: Tensor, rows: Tensor) -> Tensor:
+    """A timm ``Block`` evaluated for the tokens ``rows`` (N, R) only; all tokens are keys/values."""
+    n, length, d = x.shape
+    attn = blk.attn
+    heads, hd = attn.num_heads, d // attn.num_heads
+    h = blk.norm1(x)
+    w, b = attn.qkv.weight, attn.qkv.bias
+    kv = F.linear(h, w[d:], None if b is None else b[d:]).view(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4)
+    idx = rows.unsqueeze(-1).expand(-1, -1, d)
+    xr = x.gather(1, idx)
+    q = F.linear(h.gather(1, idx), w[:d], None if b is None else b[:d]).view(n, -1, heads, hd).transpose(1, 2)
+    o = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(kv[0]), kv[1])
+    o = attn.proj(attn.norm(o.transpose(1, 2).reshape(n, -1, d)))
+    xr = xr + blk.drop_path1(blk.ls1(o))
+    return xr + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(xr))))
+
+
+def _masked_rows(mask: Tensor, num_masked: int) -> Tensor:
+    """Raster indices of the removed units: (N, num_masked)."""
+    return torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :num_masked]
 
 
 class _PyramidMAE(_MAEDecoder):
@@ -144,8 +180,10 @@ class _PyramidMAE(_MAEDecoder):
             return latent, kept, inter
         return latent, kept
 
-    def forward_decoder(self, latent: Tensor, kept: Tensor, return_tokens: bool = False):
-        """latent: (N, T/4, T/4, C_last) -> pred (N, T*T, stride*stride*3) in raster unit order."""
+    def forward_decoder(self, latent: Tensor, kept: Tensor, return_tokens: bool = False,
+                        rows: Optional[Tensor] = None):
+        """latent: (N, T/4, T/4, C_last) -> pred (N, T*T, stride*stride*3) in raster unit order
+        (only the units ``rows`` (N, R) when given; the others are 0)."""
         n, q, _, _ = latent.shape
         g, t = 2 * q, self.token_size
         x = self.decoder_embed(latent)
@@ -161,7 +199,7 @@ class _PyramidMAE(_MAEDecoder):
             vis_units = self.visible_units(kept)
             wrong_rows = pos[0][vis_units.sort(dim=1).values]
             pos = pos.expand(n, -1, -1).scatter(1, vis_units.unsqueeze(-1).expand(-1, -1, d), wrong_rows)
-        pred = self._decode(tokens + pos)
+        pred = self._decode(tokens + pos, rows)
         if return_tokens:
             return pred, groups.reshape(n, g * g, d)
         return pred
@@ -176,10 +214,12 @@ class _PyramidMAE(_MAEDecoder):
     def forward(self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = None):
         """imgs: (N, 3, H, W); mask: (N, L) uniform, True = removed; sm_mask: optional (N, L).
 
-        Returns (loss, pred (N, L, stride*stride*3) raster order, mask).
+        Returns (loss, pred (N, L, stride*stride*3) raster order, mask). In training mode only the
+        removed units are predicted (the rows the loss reads; the others are 0).
         """
         latent, kept = self.forward_encoder(imgs, mask, sm_mask)
-        pred = self.forward_decoder(latent, kept)
+        rows = _masked_rows(mask, self.token_size ** 2 - kept[0].numel()) if self.training else None
+        pred = self.forward_decoder(latent, kept, rows=rows)
         loss = mae_loss(pred, imgs, mask.bool(), self.stride, self.norm_pix_loss)
         return loss, pred, mask
 
@@ -349,21 +389,25 @@ class MaskedAutoencoderViT(nn.Module, _MAEDecoder):
             return latent, vis_idx, inter
         return latent, vis_idx
 
-    def forward_decoder(self, latent: Tensor, vis_idx: Tensor, return_tokens: bool = False):
-        """latent: (N, 1 + n_vis, C) -> pred (N, L, p*p*3) in raster unit order."""
+    def forward_decoder(self, latent: Tensor, vis_idx: Tensor, return_tokens: bool = False,
+                        rows: Optional[Tensor] = None):
+        """latent: (N, 1 + n_vis, C) -> pred (N, L, p*p*3) in raster unit order
+        (only the units ``rows`` (N, R) when given; the others are 0)."""
         x = self.decoder_embed(latent)
         n, _, d = x.shape
         length = self.token_size ** 2
         full = self.mask_token.to(x.dtype).expand(n, length, d)
         full = full.scatter(1, vis_idx.unsqueeze(-1).expand(-1, -1, d), x[:, 1:])
         tokens = torch.cat([x[:, :1], full], dim=1) + self.decoder_pos_embed.to(x.dtype)
-        pred = self._decode(tokens)[:, 1:]
+        pred = self._decode(tokens, None if rows is None else rows + 1)[:, 1:]
         return (pred, tokens) if return_tokens else pred
 
     def forward(self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = None):
-        """Returns (loss, pred (N, L, p*p*3) raster order, mask)."""
+        """Returns (loss, pred (N, L, p*p*3) raster order, mask); in training mode only the removed
+        units are predicted (the others are 0)."""
         latent, vis_idx = self.forward_encoder(imgs, mask, sm_mask)
-        pred = self.forward_decoder(latent, vis_idx)
+        rows = _masked_rows(mask, self.token_size ** 2 - self._num_keep()) if self.training else None
+        pred = self.forward_decoder(latent, vis_idx, rows=rows)
         loss = mae_loss(pred, imgs, mask.bool(), self.stride, self.norm_pix_loss)
         return loss, pred, mask
 

@@ -56,10 +56,12 @@ class PVTAttention(nn.Module):
         b, h, w, c = x.shape
         heads, hd = self.num_heads, c // self.num_heads
         q = self.q(x).view(b, h * w, heads, hd).transpose(1, 2)
-        r = x.permute(0, 3, 1, 2)
-        if self.sr_ratio > 1:
-            r = F.avg_pool2d(r, self.sr_ratio)
-        r = self.norm(self.sr(r).flatten(2).transpose(1, 2))
+        r = x
+        if self.sr_ratio > 1:  # pools the channel-last map in place (a channels_last NCHW view)
+            r = F.avg_pool2d(r.permute(0, 3, 1, 2), self.sr_ratio).permute(0, 2, 3, 1)
+        # the 1x1 conv applied as a linear map on channel-last tokens: no layout copies
+        r = F.linear(r.reshape(b, -1, c), self.sr.weight.flatten(1), self.sr.bias)
+        r = self.norm(r)
         k, v = self.kv(r).view(b, -1, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, h, w, c))

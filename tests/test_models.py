@@ -124,3 +124,23 @@ def test_gradients_are_bitwise_reproducible_on_cpu(name):
         (model(imgs, mask, sm)[0] if pretrain else model(imgs).sum()).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert all(torch.equal(grads[0][n], g[n]) for g in grads[1:] for n in g)
+
+
+@pytest.mark.parametrize("name", ["mae_swin_pico_128", "mae_pvt_pico_128", "mae_vit_pico_patch16"])
+def test_training_decoder_skips_only_work_the_loss_does_not_read(name):
+    """Training mode predicts only the removed units; loss and their predictions equal the full decoder's."""
+    torch.manual_seed(0)
+    model = models.create_model(name, norm_pix_loss=True, vis_mask_ratio=0.25, decoder_depth=2).double()
+    size = model.token_size * model.stride
+    imgs = torch.randn(3, 3, size, size, dtype=torch.float64)
+    mask = draw_masks(3, model.token_size, 0.75, True, generator=torch.Generator().manual_seed(0))
+    sm = secondary_mask(mask, 0.25, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    full_loss, full_pred, _ = model(imgs, mask, sm)
+    model.train()
+    loss, pred, _ = model(imgs, mask, sm)
+    assert torch.allclose(loss, full_loss, rtol=1e-12, atol=0)
+    assert torch.allclose(pred[mask], full_pred[mask], rtol=1e-10, atol=1e-12)
+    assert (pred[~mask] == 0).all()
+    loss.backward()
+    _check_grads(model)

@@ -213,7 +213,9 @@ def build_entry(name: str, args, device: torch.device) -> Entry:
     model = models.create_model(name, **kwargs).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    # the same optimizer as main_pretrain.py (fused AdamW on CPU and CUDA)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05,
+                                  fused=device.type in ("cpu", "cuda") or None)
     size = model.token_size * model.stride
     gen = torch.Generator(device=device).manual_seed(args.seed)
     imgs = torch.randn(args.batch_size, 3, size, size, generator=gen, device=device)

@@ -75,3 +75,27 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
         epoch, step = int(ckpt["epoch"]) + 1, 0
     log(f"resumed from {path} (continuing at epoch {epoch}, step {step})", flush=True)
     return epoch, step, ckpt
+
+
+def finish_interrupted(exc: Exception, args, model, optimizer, scaler, stop, extra: Optional[dict] = None) -> int:
+    """End a run cut short by the training loop; returns the exit status.
+
+    StopRequested (a stop signal, honoured at a step boundary): write a mid-epoch checkpoint
+    and exit 0. NonFiniteLossError: nothing is saved, the message names the last good
+    checkpoint, exit 1.
+    """
+    import sys
+
+    from .distributed import cleanup
+    from .loop import StopRequested
+    if isinstance(exc, StopRequested):
+        args.stop_signal = int(stop.signum) if stop.signum is not None else None
+        save_training_state(args, exc.epoch, model, optimizer, scaler, next_step=exc.step, extra=extra)
+        if is_main_process():
+            print(f"stop signal: checkpoint written at epoch {exc.epoch}, step {exc.step}; exiting", flush=True)
+        cleanup()
+        return 0
+    good = ckpt_util.list_checkpoints(args.output_dir)
+    print(f"error: {exc}; stopping. Last good checkpoint: {good[0] if good else 'none'}", file=sys.stderr, flush=True)
+    cleanup()
+    return 1
