@@ -59,7 +59,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="ImageNet layout (train/<class>/*), a train.txt list, or a folder of images; "
                         "default: the bundled sample photos")
     p.add_argument("--load_from", default="", help="initialise the model from these weights (strict)")
-    p.add_argument("--vis_freq", default=0, type=int, help="write a reconstruction figure every N epochs (0: end only)")
+    p.add_argument("--vis_freq", default=20, type=int,
+                   help="also write a reconstruction figure (and TensorBoard image) every N epochs (0: end only)")
     p.add_argument("--denorm", default="neighbour", choices=["neighbour", "true"],
                    help="how figures undo norm-pix targets (see util/visualize.py)")
     p.add_argument("--channels_last", action="store_true", help="feed images in channels-last memory format")
