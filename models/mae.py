@@ -37,7 +37,7 @@ from .loss import mae_loss
 from .masking import check_uniform_mask, kept_index_per_group, secondary_mask
 from .pos_embed import sincos_2d
 from .pvt import PVTEncoder, pvt_grid_ok
-from .registry import register_pretrain_model
+from .registry import register_named, register_pretrain_model
 from .swin import Positions, SwinEncoder, swin_grid_ok
 
 __all__ = ["MaskedAutoencoderSwin", "MaskedAutoencoderPVT", "MaskedAutoencoderViT", "compact_map"]
@@ -435,11 +435,7 @@ _VIT = {
 
 
 def _register(name: str, build, doc: str) -> None:
-    def factory(**kwargs):
-        return build(**kwargs)
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc
-    globals()[name] = register_pretrain_model(factory)
+    register_named(name, build, doc, task="pretrain", namespace=globals())
 
 
 def _swin_builder(size: str, depth: int, posmlp: int):

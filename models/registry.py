@@ -33,6 +33,20 @@ def register_pretrain_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Mo
     return _register(fn, "pretrain")
 
 
+def register_named(name: str, build: Callable[..., nn.Module], doc: str, task: str = "pretrain",
+                   namespace: Optional[dict] = None) -> Callable[..., nn.Module]:
+    """Register ``build`` under a generated ``name`` (factories created in a loop); optionally
+    also bind it in a module's ``namespace`` so ``module.name(**kwargs)`` works."""
+    def factory(**kwargs):
+        return build(**kwargs)
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    _register(factory, task)
+    if namespace is not None:
+        namespace[name] = factory
+    return factory
+
+
 def list_models(pattern: str = "*", task: Optional[str] = None) -> list[str]:
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern) and (task is None or _TASKS[n] == task))
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .layers import OuterNorm, init_reference_weights, valid_sizes_message
 from .loss import patchify, simmim_loss, unit_stats, unpatchify
 from .pvt import _PVT_SIZES, PVTEncoder, pvt_grid_ok
-from .registry import register_pretrain_model
+from .registry import register_named, register_pretrain_model
 from .swin import _SWIN_SIZES, Positions, SwinEncoder, swin_grid_ok
 
 __all__ = ["SimMIMSwin", "SimMIMPVT", "unit_mask_to_tokens"]
@@ -191,11 +191,7 @@ class SimMIMPVT(_SimMIM, PVTEncoder):
 
 
 def _register(name: str, build, doc: str) -> None:
-    def factory(**kwargs):
-        return build(**kwargs)
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc
-    globals()[name] = register_pretrain_model(factory)
+    register_named(name, build, doc, task="pretrain", namespace=globals())
 
 
 def _swin_builder(size: str, img_size: int, window_size: int):
