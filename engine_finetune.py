@@ -25,8 +25,9 @@ def finetune_one_epoch(model, criterion, loader, optimizer, scaler, device, epoc
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp: str = "none") -> dict:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader; summed across ranks."""
+def evaluate(model, loader, device, amp: str = "none", sharded: bool = False) -> dict:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over the loader; summed across ranks
+    when the loader is ``sharded`` (each rank evaluated its own part)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
     for imgs, targets, _ in loader:
@@ -42,7 +43,7 @@ def evaluate(model, loader, device, amp: str = "none") -> dict:
             torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
             hit[:, :1].any(1).sum().double(), hit.any(1).sum().double(),
             torch.tensor(float(len(targets)), dtype=torch.float64, device=device)])
-    if is_dist():
+    if sharded and is_dist():
         dist.all_reduce(totals)
     loss, top1, top5, n = totals.tolist()
     n = max(n, 1)
@@ -51,7 +52,8 @@ def evaluate(model, loader, device, amp: str = "none") -> dict:
 
 @torch.no_grad()
 def extract_features(model, loader, device, amp: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised pooled features (before the head) and labels of a whole loader, gathered over ranks."""
+    """L2-normalised pooled features (before the head) and labels; with several ranks the loader
+    must be sharded (ShardSampler) and the parts are gathered."""
     model.eval()
     feats, labels = [], []
     for imgs, targets, _ in loader:

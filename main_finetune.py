@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 import models
 from engine_finetune import evaluate, finetune_one_epoch
 from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, run_main, \
     setup_stop_signals
-from util.datasets import (DataError, SeededSampler, build_finetune_dataset, image_list, num_classes_of)
+from util.datasets import (DataError, SeededSampler, ShardSampler, build_finetune_dataset, image_list,
+                           num_classes_of)
 from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
 from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
                        seed_epoch)
@@ -112,7 +113,13 @@ def _validate(args) -> None:
     if args.input_size is None:
         args.input_size = native_input_size(meta)
     mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    if mixup and args.batch_size % 2 and not args.eval:
+    if args.cutmix_minmax is not None and len(args.cutmix_minmax) != 2:
+        raise UsageError(f"--cutmix_minmax takes two numbers (min max), got {args.cutmix_minmax}")
+    if args.knn and (args.knn_k < 1 or args.knn_t <= 0):
+        raise UsageError(f"--knn needs --knn_k >= 1 and --knn_t > 0 (got {args.knn_k}, {args.knn_t})")
+    if args.eval and args.finetune:
+        args.auto_resume = False  # evaluate exactly the --finetune weights, not a checkpoint in --output_dir
+    if mixup and args.batch_size % 2 and not (args.eval or args.linprobe or args.knn):
         raise UsageError(f"Mixup/CutMix needs an even --batch_size (got {args.batch_size})")
     if args.finetune and not Path(args.finetune).is_file():
         raise UsageError(f"--finetune checkpoint {args.finetune} does not exist")
@@ -157,15 +164,15 @@ class LinearProbeHead(nn.Sequential):
 
 def build_model(args, device):
     model = models.create_model(args.model, **model_kwargs(args))
-    if args.finetune and not args.resume:
-        report = load_pretrained(model, args.finetune)
-        if is_main_process():
-            print(report.summary(), flush=True)
-    if args.linprobe:
+    if args.linprobe:  # swap the head first, so a linear-probe checkpoint loads its head and BN statistics
         nn.init.trunc_normal_(model.head.weight, std=0.01)
         model.head = LinearProbeHead(model.head)
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("head.")
+    if args.finetune and not args.resume:
+        report = load_pretrained(model, args.finetune)
+        if is_main_process():
+            print(report.summary(), flush=True)
     return model.to(device)
 
 
@@ -179,11 +186,13 @@ def make_optimizer(args, model, device):
     return torch.optim.AdamW(groups, lr=args.lr, fused=fused_optimizer_ok(device) or None)
 
 
-def make_loader(dataset, args, train: bool, world: int, rank: int):
+def make_loader(dataset, args, train: bool, world: int, rank: int, shard: bool = False):
+    """Training: shuffled and seeded per sample. Evaluation: sharded over ranks (each image once) when
+    ``shard``, else every rank reads the whole set."""
     if train:
         sampler = SeededSampler(dataset, world, rank, seed=args.seed, shuffle=True, drop_last=True)
-    elif args.dist_eval and world > 1:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+    elif shard and world > 1:
+        sampler = ShardSampler(len(dataset), world, rank)
     else:
         sampler = None
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, shuffle=False,
@@ -202,13 +211,14 @@ def main(args) -> int:
 
     from util.datasets import eval_transform
     val_set = build_finetune_dataset(args, "val")
-    val_loader, _ = make_loader(val_set, args, False, world, rank)
+    shard_eval = args.dist_eval or args.knn
+    val_loader, _ = make_loader(val_set, args, False, world, rank, shard=shard_eval)
     model = build_model(args, device)
 
     if args.knn:
         from engine_finetune import knn_evaluate
         train_set = build_finetune_dataset(args, "train", transform=eval_transform(args.input_size))
-        train_loader, _ = make_loader(train_set, args, False, world, rank)
+        train_loader, _ = make_loader(train_set, args, False, world, rank, shard=True)
         stats = knn_evaluate(model, train_loader, val_loader, device, args.nb_classes, args.knn_k, args.knn_t,
                              args.amp)
         if is_main_process():
@@ -229,7 +239,7 @@ def main(args) -> int:
     best_acc = float(ckpt.get("best_acc1", 0.0)) if ckpt else 0.0
 
     if args.eval:
-        stats = evaluate(model, val_loader, device, args.amp)
+        stats = evaluate(model, val_loader, device, args.amp, sharded=shard_eval)
         if is_main_process():
             print(f"evaluation of {stats['count']} images: top-1 {stats['acc1']:.3f}%  top-5 {stats['acc5']:.3f}%  "
                   f"loss {stats['loss']:.4f}", flush=True)
@@ -283,7 +293,7 @@ def main(args) -> int:
                 seed_epoch(args.seed, rank, epoch)
             train_stats = finetune_one_epoch(train_model, criterion, train_loader, optimizer, scaler, device,
                                              epoch, args, mixup_fn, log_writer, stop_flag=stop, start_step=step0)
-            test_stats = evaluate(model, val_loader, device, args.amp)
+            test_stats = evaluate(model, val_loader, device, args.amp, sharded=shard_eval)
             improved = test_stats["acc1"] > best_acc
             best_acc = max(best_acc, test_stats["acc1"])
             last = epoch + 1 == args.epochs

@@ -165,3 +165,26 @@ def test_rank_exception_reaches_the_log_with_its_rank(monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_main(boom)
     assert "rank 3 failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("accum", [1, 2, 3, 4, 8])
+def test_ranks_check_for_a_stop_at_least_every_four_optimizer_steps(accum):
+    from util.loop import STOP_CHECK_EVERY, stop_check_due
+    steps = 101
+    boundaries = [s for s in range(steps) if (s + 1) % accum == 0 or s + 1 == steps]
+    due = [s for s in boundaries if stop_check_due(s, accum, steps)]
+    assert due[-1] == steps - 1                                # always at the end of an epoch
+    gaps = [(b - a) // accum for a, b in zip([-1] + due, due)]
+    assert max(gaps) <= STOP_CHECK_EVERY, (accum, due[:6])
+
+
+def test_complete_epoch_beats_a_mid_epoch_checkpoint_of_the_same_epoch(tmp_path):
+    save_atomic({"model": {}, "epoch": 3, "next_step": 5}, tmp_path / "checkpoint-last.pth")
+    save_atomic({"model": {}, "epoch": 3}, tmp_path / "checkpoint-3.pth")
+    assert load_latest(tmp_path, log=lambda m: None)[0].name == "checkpoint-3.pth"
+
+
+def test_shard_sampler_covers_every_item_once():
+    from util.datasets import ShardSampler
+    parts = [list(ShardSampler(10, 3, r)) for r in range(3)]
+    assert sorted(sum(parts, [])) == list(range(10)) and [len(p) for p in parts] == [4, 3, 3]

@@ -100,7 +100,7 @@ def load_latest(output_dir: str | os.PathLike, log=print) -> Optional[tuple[Path
         if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
             log(f"warning: {path} is not a training checkpoint; skipped")
             continue
-        key = int(ckpt["epoch"]), ckpt.get("step", 1 << 62)
+        key = int(ckpt["epoch"]), ckpt.get("next_step") or (1 << 62)  # a complete epoch beats any part of it
         if best is None or key > best[0]:
             best = (key, path, ckpt)
     return (best[1], best[2]) if best else None

@@ -185,6 +185,20 @@ class SeededSampler(Sampler):
         return max(len(self.inner) - self.skip, 0)
 
 
+class ShardSampler(Sampler):
+    """Rank r takes items r, r + W, r + 2W, ...: every item exactly once across ranks (no padding,
+    unlike DistributedSampler), for evaluation and feature extraction."""
+
+    def __init__(self, n: int, num_replicas: int, rank: int) -> None:
+        self.n, self.world, self.rank = n, num_replicas, rank
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
 def build_pretrain_dataset(args) -> SeededImageDataset:
     images = image_list(args.data_path, "train", labelled=False)
     # The few bundled photos are repeated so that an epoch holds many random crops of them.

@@ -39,8 +39,9 @@ def init_distributed(args) -> None:
     if "RANK" in env and "WORLD_SIZE" in env:
         args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
         args.gpu = int(env.get("LOCAL_RANK", 0))
-    else:
-        args.rank, args.world_size, args.gpu = 0, 1, 0
+    else:  # one process: honour --device cuda:N
+        dev = torch.device(args.device) if str(args.device).startswith("cuda") else None
+        args.rank, args.world_size, args.gpu = 0, 1, (dev.index or 0) if dev is not None else 0
     args.distributed = args.world_size > 1
     use_cuda = str(args.device).startswith("cuda")
     if use_cuda:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .distributed import all_reduce_mean, get_world_size, is_main_process
+from .distributed import all_reduce_mean, get_rank, get_world_size, is_main_process
 from .lr_sched import adjust_learning_rate
 
 
@@ -63,6 +63,14 @@ def fused_optimizer_ok(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
+def seed_step(seed: int, rank: int, epoch: int, step: int) -> None:
+    """Reseed the global RNGs from (seed, rank, epoch, step)."""
+    s = (seed + 10_007 * rank + 1_000_003 * epoch + 7_919 * (step + 1)) % (2 ** 31)
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
 def seed_epoch(seed: int, rank: int, epoch: int) -> None:
     """Reseed every global RNG at each epoch start, so that a run resumed at an epoch
     boundary draws exactly what the uninterrupted run drew (drop path, mixup, ...)."""
@@ -87,13 +95,20 @@ def _fmt_eta(seconds: float) -> str:
 STOP_CHECK_EVERY = 4  # distributed runs agree on a stop request every N optimizer steps
 
 
-def _agreed_stop(stop_flag: Callable[[], bool], step: int, device: torch.device) -> bool:
+def stop_check_due(step: int, accum: int, steps: int) -> bool:
+    """Whether ranks agree on a stop request at this accumulation boundary: every
+    STOP_CHECK_EVERY optimizer steps (counted in optimizer steps, whatever --accum_iter) and
+    at the end of every epoch. The same answer on every rank."""
+    return ((step + 1) // accum) % STOP_CHECK_EVERY == 0 or step + 1 == steps
+
+
+def _agreed_stop(stop_flag: Callable[[], bool], step: int, accum: int, steps: int, device: torch.device) -> bool:
     """Whether to stop at this step boundary. Ranks receive a signal at slightly different
-    times, so in a distributed run they agree (all-reduce MAX) every few steps and all stop
-    at the same step; a single process stops at the first boundary."""
+    times, so in a distributed run they agree (all-reduce MAX) every few optimizer steps and
+    all stop at the same step; a single process stops at the first boundary."""
     if get_world_size() == 1:
         return stop_flag()
-    if step % STOP_CHECK_EVERY:
+    if not stop_check_due(step, accum, steps):
         return False
     flag = torch.tensor([1.0 if stop_flag() else 0.0], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -114,7 +129,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     accum = max(1, args.accum_iter)
     steps = start_step + len(loader)  # a full epoch, also when resuming mid-epoch
     amp = args.amp
-    is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    core = getattr(model, "_orig_mod", model)  # under --compile, the DDP module inside
+    is_ddp = isinstance(core, torch.nn.parallel.DistributedDataParallel)
     world = get_world_size()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
@@ -128,7 +144,11 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     optimizer.zero_grad(set_to_none=True)
 
     def check_finite() -> None:
-        step = int(first_bad.item())
+        # Every rank reaches the same logging steps: agree, so that no rank waits for one that stopped.
+        bad = first_bad.clone()
+        if world > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        step = int(bad.item())
         if step >= 0:
             raise NonFiniteLossError(epoch, step, float(bad_value.item()))
 
@@ -136,12 +156,17 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         step = start_step + it
         if step % accum == 0:
             lr = adjust_learning_rate(optimizer, step / steps + epoch, args)
+            # Global RNGs (drop path, Mixup) restart from (seed, rank, epoch, step) at every optimizer
+            # step, so a run resumed mid-epoch on any rank draws exactly what the uninterrupted one drew.
+            seed_step(args.seed, get_rank(), epoch, step)
         boundary = (step + 1) % accum == 0 or step + 1 == steps
-        sync_ctx = model.no_sync() if (is_ddp and not boundary) else contextlib.nullcontext()
+        sync_ctx = core.no_sync() if (is_ddp and not boundary) else contextlib.nullcontext()
         with sync_ctx:
             with autocast(amp, device):
                 loss, batch_size, extras = compute_loss(batch)
-            scaled = loss / accum
+            # the last accumulation of an epoch may be shorter: weight its micro-steps by its true length
+            group = accum if (step // accum + 1) * accum <= steps else steps - (step // accum) * accum
+            scaled = loss / group
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if boundary:
             if scaler is not None:
@@ -182,8 +207,10 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                     x = int((step / steps + epoch) * 1000)
                     log_writer.add_scalar("train/loss", loss_d.item(), x)
                     log_writer.add_scalar("train/lr", lr, x)
-        if stop_flag is not None and boundary and _agreed_stop(stop_flag, step, device):
+        if stop_flag is not None and boundary and _agreed_stop(stop_flag, step, accum, steps, device):
             check_finite()
+            if step + 1 == steps:  # the epoch is complete: resume at the next one
+                raise StopRequested(epoch + 1, 0)
             raise StopRequested(epoch, step + 1)
 
     check_finite()

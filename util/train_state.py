@@ -62,6 +62,9 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
     if found is None:
         return args.start_epoch, 0, None
     path, ckpt = found
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
+        raise ckpt_util.CheckpointError(f"{path} is not a training checkpoint (no 'model' and 'epoch'); to start "
+                                        f"from its weights use --finetune (finetuning) or --load_from (pretraining)")
     model.load_state_dict(ckpt["model"], strict=True)
     if optimizer is not None and ckpt.get("optimizer"):
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -90,7 +93,10 @@ def finish_interrupted(exc: Exception, args, model, optimizer, scaler, stop, ext
     from .loop import StopRequested
     if isinstance(exc, StopRequested):
         args.stop_signal = int(stop.signum) if stop.signum is not None else None
-        save_training_state(args, exc.epoch, model, optimizer, scaler, next_step=exc.step, extra=extra)
+        if exc.step == 0:  # stopped on the last step of epoch - 1: an ordinary end-of-epoch checkpoint
+            save_training_state(args, exc.epoch - 1, model, optimizer, scaler, extra=extra)
+        else:
+            save_training_state(args, exc.epoch, model, optimizer, scaler, next_step=exc.step, extra=extra)
         if is_main_process():
             print(f"stop signal: checkpoint written at epoch {exc.epoch}, step {exc.step}; exiting", flush=True)
         cleanup()
