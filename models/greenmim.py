@@ -42,7 +42,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
 from .grouping import GroupPlan, plan_groups
-from .layers import valid_sizes_message
+from .layers import check_images_and_mask, valid_sizes_message
 from .loss import mae_loss
 from .mae import _MAEDecoder
 from .registry import register_model, register_pretrain_model
@@ -349,13 +349,7 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder):
         return self.norm(x), vis
 
     def _check_inputs(self, imgs: Tensor, mask: Tensor) -> None:
-        size = self.token_size * self.stride
-        if imgs.dim() != 4 or imgs.shape[-2:] != (size, size):
-            raise ValueError(f"{type(self).__name__} built for {size}-px inputs got images of shape "
-                             f"{tuple(imgs.shape)}")
-        if mask.shape != (imgs.shape[0], self.token_size ** 2):
-            raise ValueError(f"mask must be (N, {self.token_size ** 2}) for {self.token_size}x{self.token_size} "
-                             f"units, got {tuple(mask.shape)}")
+        check_images_and_mask(self, imgs, mask)
 
     # ------------------------------------------------------------------ decoder
     def forward_decoder(self, latent: Tensor, vis: Tensor) -> Tensor:

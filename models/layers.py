@@ -82,3 +82,12 @@ def valid_sizes_message(size: int, is_valid: Callable[[int], bool], step: int, w
     above = next((s for s in range(size - size % step + step, size + 64 * step, step) if is_valid(s)), None)
     near = [str(s) for s in (below, above) if s is not None]
     return f"{what}: input size {size} does not fit this model; nearest valid sizes: {', '.join(near) or 'none'}"
+
+
+def check_images_and_mask(model: nn.Module, imgs: Tensor, mask: Tensor) -> None:
+    """A pretraining model's input check: (N, C, S, S) images at its size, an (N, T*T) unit mask."""
+    size, t = model.token_size * model.stride, model.token_size
+    if imgs.dim() != 4 or imgs.shape[-2:] != (size, size):
+        raise ValueError(f"{type(model).__name__} built for {size}-px inputs got images of shape {tuple(imgs.shape)}")
+    if mask.shape != (imgs.shape[0], t * t):
+        raise ValueError(f"mask must be (N, {t * t}) for {t}x{t} units, got {tuple(mask.shape)}")

@@ -32,7 +32,7 @@ from timm.layers import PatchEmbed as TimmPatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .layers import OuterNorm, init_reference_weights, valid_sizes_message
+from .layers import check_images_and_mask, OuterNorm, init_reference_weights, valid_sizes_message
 from .loss import mae_loss
 from .masking import check_uniform_mask, kept_index_per_group, secondary_mask
 from .pos_embed import sincos_2d
@@ -144,13 +144,7 @@ class _PyramidMAE(_MAEDecoder):
                 nn.init.normal_(getattr(self, name), std=0.02)
 
     def _check_inputs(self, imgs: Tensor, mask: Tensor) -> None:
-        size = self.token_size * self.stride
-        if imgs.dim() != 4 or imgs.shape[-2:] != (size, size):
-            raise ValueError(f"{type(self).__name__} built for {size}-px inputs got images of shape "
-                             f"{tuple(imgs.shape)}")
-        if mask.shape != (imgs.shape[0], self.token_size ** 2):
-            raise ValueError(f"mask must be (N, {self.token_size ** 2}) for {self.token_size}x{self.token_size} "
-                             f"units, got {tuple(mask.shape)}")
+        check_images_and_mask(self, imgs, mask)
         check_uniform_mask(mask.bool(), self.token_size)
 
     def forward_encoder(self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = None,

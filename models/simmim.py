@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import OuterNorm, init_reference_weights, valid_sizes_message
+from .layers import check_images_and_mask, OuterNorm, init_reference_weights, valid_sizes_message
 from .loss import patchify, simmim_loss, unit_stats, unpatchify
 from .pvt import _PVT_SIZES, PVTEncoder, pvt_grid_ok
 from .registry import register_named, register_pretrain_model
@@ -77,13 +77,7 @@ class _SimMIM:
         nn.init.normal_(self.mask_token, std=0.02)
 
     def _check_inputs(self, imgs: Tensor, mask: Tensor) -> None:
-        size = self.token_size * self.stride
-        if imgs.dim() != 4 or imgs.shape[-2:] != (size, size):
-            raise ValueError(f"{type(self).__name__} built for {size}-px inputs got images of shape "
-                             f"{tuple(imgs.shape)}")
-        if mask.shape != (imgs.shape[0], self.token_size ** 2):
-            raise ValueError(f"mask must be (N, {self.token_size ** 2}) for {self.token_size}x{self.token_size} "
-                             f"units, got {tuple(mask.shape)}")
+        check_images_and_mask(self, imgs, mask)
 
     def forward_encoder(self, imgs: Tensor, mask: Tensor, return_intermediates: bool = False):
         """imgs: (N, 3, H, W); mask: (N, T*T) bool, True = masked.
