@@ -300,3 +300,13 @@ def test_linear_probe_checkpoint_evaluates_with_its_own_head(labelled, pretraine
     assert "missing 0" in text and "head re-initialised" not in text
     acc = float(best.split("top-1 ")[1].split("%")[0])
     assert f"top-1 {acc:.3f}%" in text
+
+
+def test_relative_position_tables_are_resized_for_a_larger_window(tmp_path):
+    """GreenMIM / MixMIM checkpoints finetune at 384 px with larger windows (timm-style bias tables)."""
+    src = models.create_model("swin_pico_patch4_window6_96", num_classes=3)
+    torch.save({"model": src.state_dict()}, tmp_path / "w6.pth")
+    dst = models.create_model("swin_pico_patch4_window6_96", num_classes=3, img_size=192, window_size=12)
+    report = load_pretrained(dst, tmp_path / "w6.pth")
+    assert report.missing == [] and report.resized == ["8 relative position tables -> windows of the model"]
+    assert dst(torch.randn(1, 3, 192, 192)).shape == (1, 3)

@@ -91,6 +91,14 @@ def load_pretrained(model: nn.Module, path: str | Path, head_init_std: float = 2
         if sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
             sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, extra)
             report.resized.append(f"pos_embed -> {grid}x{grid}")
+    tables = [k for k in sd if k.endswith("relative_position_bias_table") and k in own
+              and sd[k].shape != own[k].shape and sd[k].shape[-1] == own[k].shape[-1]]
+    if tables:  # Swin-style bias tables (timm / GreenMIM / MixMIM classifiers) at another window size
+        from timm.layers import resize_rel_pos_bias_table
+        for k in tables:
+            window = (int(round(own[k].shape[0] ** 0.5)) + 1) // 2
+            sd[k] = resize_rel_pos_bias_table(sd[k], (window, window), tuple(own[k].shape))
+        report.resized.append(f"{len(tables)} relative position tables -> windows of the model")
     mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     missing = [k for k in own if k not in sd]
     encoder_missing = [k for k in missing if not k.startswith(HEAD_PREFIXES) and not _is_buffer(model, k)]
