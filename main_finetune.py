@@ -29,7 +29,7 @@ from util.datasets import (DataError, SeededSampler, ShardSampler, build_finetun
                            num_classes_of)
 from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
 from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
-                       seed_epoch)
+                       seed_rngs)
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_pretrained
 from util.train_state import finish_interrupted, resume_training_state, save_training_state
@@ -205,9 +205,7 @@ def main(args) -> int:
     device = torch.device(args.device)
     rank, world = get_rank(), get_world_size()
     args.amp = resolve_amp(args.amp, device)
-    seed_epoch(args.seed, rank, 0)
-    if args.eval and not (args.dist_eval and world > 1) and not is_main_process():
-        pass  # every rank evaluates the whole set without --dist_eval; only rank 0 prints
+    seed_rngs(args.seed, rank)
 
     from util.datasets import eval_transform
     val_set = build_finetune_dataset(args, "val")
@@ -289,8 +287,6 @@ def main(args) -> int:
             step0 = start_step if epoch == start_epoch else 0
             sampler.set_epoch(epoch)
             sampler.skip = step0 * args.batch_size
-            if step0 == 0:
-                seed_epoch(args.seed, rank, epoch)
             train_stats = finetune_one_epoch(train_model, criterion, train_loader, optimizer, scaler, device,
                                              epoch, args, mixup_fn, log_writer, stop_flag=stop, start_step=step0)
             test_stats = evaluate(model, val_loader, device, args.amp, sharded=shard_eval)

@@ -13,9 +13,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import os
-import signal
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +27,7 @@ from util.cli import (UsageError, add_common_args, check_output_dir, finalize_co
 from util.datasets import DataError, build_pretrain_dataset, image_list
 from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
 from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
-                       seed_epoch)
+                       seed_rngs)
 from util.train_state import finish_interrupted, resume_training_state, save_training_state
 
 
@@ -182,13 +179,10 @@ def write_figure(args, model, device, epoch: int, log_writer=None) -> Path:
         if len(picked) == 4:
             break
     imgs = torch.stack(picked).to(device)
-    sampler = MaskSampler(args.token_size, args.mask_ratio, args.mask_regular, args.vis_mask_ratio,
-                          seed=12345, device=device)
-    sampler.set_epoch(0)
     from models.masking import draw_masks, secondary_mask
-    mask = draw_masks(len(imgs), args.token_size, args.mask_ratio, args.mask_regular,
-                      generator=sampler.generator, device=device)
-    sm = secondary_mask(mask, args.vis_mask_ratio, generator=sampler.generator) if args.vis_mask_ratio > 0 else None
+    gen = torch.Generator(device=device).manual_seed(12345)  # the same masks in every figure of a run
+    mask = draw_masks(len(imgs), args.token_size, args.mask_ratio, args.mask_regular, generator=gen, device=device)
+    sm = secondary_mask(mask, args.vis_mask_ratio, generator=gen) if args.vis_mask_ratio > 0 else None
     was_training = model.training
     model.eval()
     panels = reconstruct(model, imgs, mask, sm, denorm=args.denorm)
@@ -208,7 +202,7 @@ def main(args) -> int:
     device = torch.device(args.device)
     rank, world = get_rank(), get_world_size()
     args.amp = resolve_amp(args.amp, device)
-    seed_epoch(args.seed, rank, 0)
+    seed_rngs(args.seed, rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -265,8 +259,6 @@ def main(args) -> int:
             sampler.set_epoch(epoch)
             sampler.skip = step0 * args.batch_size
             masks.set_epoch(epoch, step0, args.batch_size)
-            if step0 == 0:
-                seed_epoch(args.seed, rank, epoch)
             stats = pretrain_one_epoch(train_model, loader, optimizer, scaler, device, epoch, args, masks,
                                        log_writer=log_writer, stop_flag=stop, start_step=step0)
             last = epoch + 1 == args.epochs

@@ -42,7 +42,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
 from .grouping import GroupPlan, plan_groups
-from .layers import check_images_and_mask, valid_sizes_message
+from .layers import check_images_and_mask, init_modules, valid_sizes_message
 from .loss import mae_loss
 from .mae import _MAEDecoder
 from .registry import register_model, register_pretrain_model
@@ -230,16 +230,7 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder):
         self.slot_cost = slot_cost
         self._build_decoder(self.num_features, self.token_size, stride, in_chans, decoder_embed_dim,
                             decoder_depth, decoder_num_heads, decoder_mlp_ratio, expand=1, cls_token=False)
-        for name, m in self.named_modules():
-            if not name.startswith("decoder_"):
-                continue
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_modules(m for name, m in self.named_modules() if name.startswith("decoder_"))
         nn.init.normal_(self.mask_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:

@@ -5,7 +5,6 @@ import math
 from functools import partial
 from typing import Callable, Sequence
 
-import torch
 from torch import Tensor, nn
 
 # The reference builds every "outer" norm with eps 1e-6 (patch embedding, patch
@@ -57,7 +56,16 @@ def drop_path_rates(depths: Sequence[int], rate: float) -> list[float]:
 
 def init_reference_weights(model: nn.Module) -> None:
     """The reference initialisation of the Swin / PVT models (spec §3.6)."""
-    for m in model.modules():
+    init_modules(model.modules())
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None:
+        w = patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+
+def init_modules(modules) -> None:
+    """Linear: xavier-uniform, bias 0; LayerNorm: 1, 0; Conv2d: normal(0, sqrt(2 / fan_out)), bias 0."""
+    for m in modules:
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
@@ -70,10 +78,6 @@ def init_reference_weights(model: nn.Module) -> None:
             m.weight.data.normal_(0.0, math.sqrt(2.0 / fan_out))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None:
-        w = patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
 
 def valid_sizes_message(size: int, is_valid: Callable[[int], bool], step: int, what: str) -> str:

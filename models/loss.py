@@ -1,7 +1,6 @@
 """Reconstruction targets and losses (one place for every MIM method)."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .layers import check_images_and_mask, OuterNorm, init_reference_weights, valid_sizes_message
 from .loss import patchify, simmim_loss, unit_stats, unpatchify
 from .pvt import _PVT_SIZES, PVTEncoder, pvt_grid_ok
-from .registry import register_named, register_pretrain_model
+from .registry import register_named
 from .swin import _SWIN_SIZES, Positions, SwinEncoder, swin_grid_ok
 
 __all__ = ["SimMIMSwin", "SimMIMPVT", "unit_mask_to_tokens"]

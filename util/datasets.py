@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import warnings
 from pathlib import Path
@@ -208,14 +207,6 @@ def build_pretrain_dataset(args) -> SeededImageDataset:
         repeats = max(1, math.ceil(16 * args.batch_size * world / len(images)))
     return SeededImageDataset(images, pretrain_transform(args.input_size), repeats=repeats)
 
-
-def check_readable(path: str) -> bool:
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except Exception:
-        return False
 
 
 def eval_transform(input_size: int) -> Callable:

@@ -13,7 +13,6 @@ import contextlib
 import math
 import random
 import resource
-import sys
 import time
 from typing import Callable, Optional
 
@@ -63,18 +62,13 @@ def fused_optimizer_ok(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
-def seed_step(seed: int, rank: int, epoch: int, step: int) -> None:
-    """Reseed the global RNGs from (seed, rank, epoch, step)."""
+def seed_rngs(seed: int, rank: int, epoch: int = 0, step: int = -1) -> None:
+    """Reseed the global RNGs (torch, NumPy, random) from (seed, rank, epoch, step).
+
+    Called at start-up and at every optimizer step, so that anything drawing from them
+    (drop path, Mixup) draws the same in a run resumed mid-epoch as in an uninterrupted one,
+    on every rank, without saving RNG states."""
     s = (seed + 10_007 * rank + 1_000_003 * epoch + 7_919 * (step + 1)) % (2 ** 31)
-    torch.manual_seed(s)
-    np.random.seed(s)
-    random.seed(s)
-
-
-def seed_epoch(seed: int, rank: int, epoch: int) -> None:
-    """Reseed every global RNG at each epoch start, so that a run resumed at an epoch
-    boundary draws exactly what the uninterrupted run drew (drop path, mixup, ...)."""
-    s = (seed + 10_007 * rank + 1_000_003 * epoch) % (2 ** 31)
     torch.manual_seed(s)
     np.random.seed(s)
     random.seed(s)
@@ -158,7 +152,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             lr = adjust_learning_rate(optimizer, step / steps + epoch, args)
             # Global RNGs (drop path, Mixup) restart from (seed, rank, epoch, step) at every optimizer
             # step, so a run resumed mid-epoch on any rank draws exactly what the uninterrupted one drew.
-            seed_step(args.seed, get_rank(), epoch, step)
+            seed_rngs(args.seed, get_rank(), epoch, step)
         boundary = (step + 1) % accum == 0 or step + 1 == steps
         sync_ctx = core.no_sync() if (is_ddp and not boundary) else contextlib.nullcontext()
         with sync_ctx:

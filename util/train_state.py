@@ -1,7 +1,7 @@
 """Saving and resuming the full training state, shared by every program.
 
 A checkpoint is the reference's layout (``model``, ``optimizer``, ``epoch``,
-``scaler``, ``args``) plus ``model_name``, ``rng`` and, for a run stopped
+``scaler``, ``args``) plus ``model_name`` and, for a run stopped
 mid-epoch, ``next_step``. ``epoch`` is the last completed epoch, or the epoch in
 progress when ``next_step`` is set.
 """
@@ -11,11 +11,9 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from . import checkpoint as ckpt_util
 from .distributed import is_main_process
-from .rng import get_rng_state, set_rng_state
 
 
 _PLAIN = (bool, int, float, str)
@@ -34,7 +32,7 @@ def save_training_state(args, epoch: int, model, optimizer, scaler, next_step: i
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
              "scaler": scaler.state_dict() if scaler is not None else {},
              "args": argparse.Namespace(**{k: v for k, v in vars(args).items() if _plain(v)}),
-             "model_name": args.model, "rng": get_rng_state()}
+             "model_name": args.model}
     if next_step:
         state["next_step"] = next_step
     if extra:
@@ -51,8 +49,8 @@ def save_training_state(args, epoch: int, model, optimizer, scaler, next_step: i
 def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[int, int, Optional[dict]]:
     """Restore from --resume, or the newest good checkpoint in --output_dir (--auto_resume).
 
-    Returns (start_epoch, start_step, checkpoint or None). RNG states are restored
-    only for a mid-epoch resume: at epoch starts every RNG is reseeded anyway.
+    Returns (start_epoch, start_step, checkpoint or None). No RNG state is needed: the
+    training loop reseeds the global RNGs at every optimizer step (util.loop.seed_rngs).
     """
     found = None
     if args.resume:
@@ -72,8 +70,6 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
         scaler.load_state_dict(ckpt["scaler"])
     if ckpt.get("next_step"):
         epoch, step = int(ckpt["epoch"]), int(ckpt["next_step"])
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
     else:
         epoch, step = int(ckpt["epoch"]) + 1, 0
     log(f"resumed from {path} (continuing at epoch {epoch}, step {step})", flush=True)
