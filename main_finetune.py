@@ -25,6 +25,7 @@ import models
 from engine_finetune import evaluate, finetune_one_epoch
 from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, run_main, \
     setup_stop_signals
+from util.cpu_perf import setup_cpu_training
 from util.datasets import (DataError, SeededSampler, ShardSampler, build_finetune_dataset, image_list,
                            num_classes_of)
 from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
@@ -212,6 +213,9 @@ def main(args) -> int:
     shard_eval = args.dist_eval or args.knn
     val_loader, _ = make_loader(val_set, args, False, world, rank, shard=shard_eval)
     model = build_model(args, device)
+    cpu_note = setup_cpu_training(model, device, args.cpu_matmul, compiled=args.compile and not (args.knn or args.eval))
+    if cpu_note and is_main_process():
+        print(cpu_note, flush=True)
 
     if args.knn:
         from engine_finetune import knn_evaluate

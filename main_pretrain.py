@@ -24,6 +24,7 @@ from engine_pretrain import MaskSampler, pretrain_one_epoch
 from util import checkpoint as ckpt_util
 from util.cli import (UsageError, add_common_args, check_output_dir, finalize_common_args, run_main,
                       setup_stop_signals)
+from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, build_pretrain_dataset, image_list
 from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
 from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
@@ -221,6 +222,7 @@ def main(args) -> int:
     model = models.create_model(args.model, **model_kwargs(args)).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    cpu_note = setup_cpu_training(model, device, args.cpu_matmul, compiled=args.compile)
     eff_batch = args.batch_size * args.accum_iter * world
     args.lr = effective_lr(args, world)
     from timm.optim import param_groups_weight_decay
@@ -246,6 +248,8 @@ def main(args) -> int:
               f"{args.num_images} images, {steps_per_epoch} steps/epoch; effective batch {eff_batch}, "
               f"lr {args.lr:.3e} (blr {args.lr * 256 / eff_batch:.3e}); amp {args.amp}; device {device}; "
               f"world {world}", flush=True)
+        if cpu_note:
+            print(cpu_note, flush=True)
         if args.log_dir:
             from torch.utils.tensorboard import SummaryWriter
             log_writer = SummaryWriter(log_dir=args.log_dir)

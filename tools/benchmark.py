@@ -55,6 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models
 from models.masking import random_mask, secondary_mask, uniform_mask
+from util.cpu_perf import onednn_linear_available, retain_freed_memory, use_onednn_linear
 from util.loop import autocast, make_scaler
 
 MIB = 2 ** 20
@@ -81,6 +82,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (does not affect speed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="time torch.compile'd models (FLOPs/memory: eager)")
+    p.add_argument("--cpu_matmul", default="onednn", choices=["onednn", "aten"],
+                   help="CPU: fp32 linear layers on oneDNN (as main_pretrain.py does) or on aten's BLAS")
+    p.add_argument("--cpu_malloc", default="retain", choices=["retain", "system"],
+                   help="CPU: keep freed memory in the process (as main_pretrain.py does) or glibc's defaults")
     p.add_argument("--json", default=None, help="write the results here")
     return p
 
@@ -88,10 +93,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- measurements
 
 
+def _onednn_linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
+    """util.cpu_perf's oneDNN GEMM: x (..., K) @ w (N, K)^T."""
+    return 2 * math.prod(x_shape) * w_shape[0]
+
+
+_ONEDNN_FLOPS = {torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops} if onednn_linear_available() else {}
+
+
 def count_flops(model: nn.Module, imgs: Tensor, mask: Tensor, sm: Optional[Tensor], amp: str,
                 device: torch.device) -> int:
     """FLOPs of one forward + backward (matmuls and convolutions, attention included)."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_ONEDNN_FLOPS)
     with counter, sdpa_kernel([SDPBackend.MATH]):
         with autocast(amp, device):
             loss = _forward(model, imgs, mask, sm)
@@ -220,6 +233,8 @@ def build_entry(name: str, args, device: torch.device) -> Entry:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     imgs = torch.randn(args.batch_size, 3, size, size, generator=gen, device=device)
     ratio = float(getattr(model, "default_mask_ratio", getattr(model, "mask_ratio", 0.75)))
+    if device.type == "cpu" and args.cpu_matmul == "onednn" and not args.compile:
+        use_onednn_linear(model)
     runner = torch.compile(model) if args.compile else model
     return Entry(name, model, runner, optimizer, make_scaler(args.amp, device), imgs, uniform, ratio, vmr,
                  norm_pix, gen)
@@ -251,6 +266,13 @@ def run(args, argv: list[str]) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
+    cpu_malloc = "n/a"
+    if device.type == "cpu":
+        cpu_malloc = "retain" if args.cpu_malloc == "retain" and retain_freed_memory() else "system"
+    cpu_matmul = "n/a"
+    if device.type == "cpu":
+        cpu_matmul = "onednn" if args.cpu_matmul == "onednn" and onednn_linear_available() and not args.compile \
+            else "aten"
     torch.manual_seed(args.seed)
     entries = [build_entry(name, args, device) for name in args.models]
     on_gpu = device.type == "cuda"
@@ -335,6 +357,8 @@ def run(args, argv: list[str]) -> dict:
         "steps": args.steps,
         "warmup": args.warmup,
         "compile": bool(args.compile),
+        "cpu_matmul": cpu_matmul,
+        "cpu_malloc": cpu_malloc,
         "interleaved": True,
         "memory_metric": ("gpu_peak_allocated: peak allocated during a step + resident parameters, optimizer "
                           "state and batch" if on_gpu else

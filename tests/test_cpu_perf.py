@@ -1,0 +1,99 @@
+"""util/cpu_perf.py: oneDNN linear layers give nn.Linear's results and gradients; the malloc setting respects the user."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from models.masking import draw_masks, secondary_mask
+from util import cpu_perf
+from util.cpu_perf import OneDNNLinear, onednn_linear_available, setup_cpu_training, use_onednn_linear
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear")
+
+
+def _pair(in_f: int, out_f: int, bias: bool) -> tuple[nn.Linear, nn.Linear]:
+    torch.manual_seed(0)
+    ref = nn.Linear(in_f, out_f, bias=bias)
+    fast = copy.deepcopy(ref)
+    assert use_onednn_linear(fast) == 1 and type(fast) is OneDNNLinear
+    return ref, fast
+
+
+@needs_onednn
+@pytest.mark.parametrize("in_f, out_f", [(24, 96), (96, 24)])  # both ways of transposing for the weight gradient
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_nn_linear_values_and_gradients(in_f, out_f, bias):
+    ref, fast = _pair(in_f, out_f, bias)
+    x = torch.randn(3, in_f, 5, 7).permute(0, 2, 3, 1)  # a non-contiguous (B, H, W, C) input, as in the encoders
+    outs, grads = [], []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y)
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    assert outs[1].shape == outs[0].shape == (3, 5, 7, out_f)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for g_fast, g_ref in zip(grads[1], grads[0]):
+        assert g_fast.shape == g_ref.shape
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_inputs_oneDNN_does_not_serve_take_aten_linear_unchanged():
+    ref, fast = _pair(16, 32, True)
+    x64 = torch.randn(4, 16, dtype=torch.float64)
+    assert torch.equal(fast.double()(x64), ref.double()(x64))  # float64 (the golden tests) is bit-identical
+    ref, fast = _pair(16, 32, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps its precision choice
+        assert fast(torch.randn(4, 16)).dtype == torch.bfloat16
+
+
+@needs_onednn
+def test_swapped_pretraining_model_keeps_keys_loss_and_bitwise_reproducible_gradients():
+    torch.manual_seed(0)
+    ref = models.create_model("mae_pvt_pico_128", vis_mask_ratio=0.25)
+    fast = copy.deepcopy(ref)
+    n_linear = sum(type(m) is nn.Linear for m in ref.modules())
+    assert use_onednn_linear(fast) == n_linear > 0
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    imgs = torch.randn(4, 3, 128, 128)
+    mask = draw_masks(4, 8, 0.75, True, generator=torch.Generator().manual_seed(0))
+    sm = secondary_mask(mask, 0.25, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for model in (ref, fast, fast):
+        model.zero_grad()
+        loss = model(imgs, mask, sm)[0]
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_ref, g_ref), (loss_fast, g_fast), (loss_again, g_again) = grads
+    torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-5, atol=1e-6)
+    assert set(g_fast) == set(g_ref)
+    for n in g_ref:
+        torch.testing.assert_close(g_fast[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=n)
+    # exact resume needs deterministic kernels
+    assert torch.equal(loss_again, loss_fast) and all(torch.equal(g_again[n], g_fast[n]) for n in g_fast)
+
+
+def test_setup_applies_only_to_cpu_runs_and_names_what_it_did(monkeypatch):
+    monkeypatch.setattr(cpu_perf, "retain_freed_memory", lambda: True)
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
+    assert setup_cpu_training(model, torch.device("cuda"), "onednn", compiled=False) == ""
+    assert all(type(m) is not OneDNNLinear for m in model)
+    note = setup_cpu_training(model, torch.device("cpu"), "aten", compiled=False)
+    assert "aten" in note and "malloc keeps freed memory" in note
+    assert all(type(m) is not OneDNNLinear for m in model)
+    assert "inductor" in setup_cpu_training(model, torch.device("cpu"), "onednn", compiled=True)
+    if onednn_linear_available():
+        assert "2 linear layers on oneDNN" in setup_cpu_training(model, torch.device("cpu"), "onednn", compiled=False)
+        assert type(model[0]) is OneDNNLinear and type(model[2]) is OneDNNLinear
+
+
+@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
+                                 {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
+def test_malloc_setting_leaves_a_users_own_choice_alone(monkeypatch, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cpu_perf.retain_freed_memory() is False

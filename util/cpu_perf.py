@@ -1,0 +1,145 @@
+"""CPU training speed: fp32 linear layers through oneDNN, and a malloc that keeps freed memory.
+
+Both are choices of the programs (``main_pretrain.py``, ``main_finetune.py``,
+``tools/benchmark.py``) for runs on a CPU device; the model files stay plain
+PyTorch and nothing here changes a parameter, a key or a result beyond fp32
+rounding. Measured on this project's 2-core AMD EPYC machine (PRETRAIN.md,
+"Speed work"):
+
+* ``torch.mm`` / ``F.linear`` on x86 CPUs call MKL's sgemm. On AMD processors
+  MKL does not take its AVX-512 path and reaches about 190 GFLOP/s on 2 cores,
+  where oneDNN's fp32 GEMM reaches about 430. :func:`use_onednn_linear` routes
+  the forward and both backward GEMMs of every ``nn.Linear`` through oneDNN
+  (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor itself uses for
+  CPU linears). Inputs it cannot serve (float64, bf16 autocast, CUDA) fall
+  back to ``F.linear``.
+* glibc's malloc hands large tensors out as fresh ``mmap`` regions and trims
+  its heap after frees, so each training step faults in, and the kernel zeroes,
+  the same hundreds of MiB again (about 15,000 page faults per UM-MAE PVT-S step
+  at batch 4). :func:`retain_freed_memory` keeps freed memory in the process,
+  as PyTorch's CUDA caching allocator does on a GPU; the process's peak
+  resident memory does not change.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["retain_freed_memory", "onednn_linear_available", "use_onednn_linear", "OneDNNLinear",
+           "setup_cpu_training"]
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 2 ** 20  # the largest value glibc accepts on 64-bit
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+def retain_freed_memory() -> bool:
+    """Serve tensors up to 32 MiB from the heap and never trim it (glibc only).
+
+    Returns whether the setting was applied. It is left alone where the user
+    already chose: ``MALLOC_*_`` variables, malloc ``GLIBC_TUNABLES`` or a
+    preloaded allocator (jemalloc, tcmalloc, mimalloc).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(k in os.environ for k in _MALLOC_ENV) or "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if "malloc" in os.environ.get("LD_PRELOAD", ""):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    # -1 disables trimming (mallopt(3)); fixing the mmap threshold also stops glibc's own adjustment
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
+
+
+def _onednn_gemm(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """x: (M, K), w: (N, K) -> x @ w.T + b: (M, N). ``w`` may be a strided view; ``x`` is made contiguous."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+class _OneDNNLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.in_shape = x.shape
+        ctx.has_bias = bias is not None
+        return _onednn_gemm(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _onednn_gemm(g2, weight.t()).view(ctx.in_shape)
+        if ctx.needs_input_grad[1]:
+            # dW = g^T x. oneDNN copies its (transposed) left operand, so transpose the narrower one.
+            out_f, in_f = weight.shape
+            gw = _onednn_gemm(g2.t(), x2.t()) if out_f <= in_f else _onednn_gemm(x2.t(), g2.t()).t()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb
+
+
+class OneDNNLinear(nn.Linear):
+    """``nn.Linear`` whose fp32 CPU GEMMs run on oneDNN; same parameters, keys and results up to fp32 rounding."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.numel() > 0 and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled):
+            return _OneDNNLinearFn.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+@lru_cache(maxsize=None)
+def onednn_linear_available() -> bool:
+    """Whether this torch build has the oneDNN linear kernel and it agrees with ``F.linear``."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*s, generator=gen) for s in ((8, 16), (24, 16), (24,)))
+        return torch.allclose(_onednn_gemm(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-5)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def use_onednn_linear(model: nn.Module) -> int:
+    """Turn every plain ``nn.Linear`` of ``model`` into :class:`OneDNNLinear` in place; returns how many.
+
+    Subclasses of ``nn.Linear`` are left alone (``nn.MultiheadAttention`` reads
+    its ``out_proj`` weights directly, for one).
+    """
+    if not onednn_linear_available():
+        return 0
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = OneDNNLinear
+            n += 1
+    return n
+
+
+def setup_cpu_training(model: nn.Module, device: torch.device, cpu_matmul: str, compiled: bool) -> str:
+    """Apply this module's CPU settings for a training/evaluation run; returns a line for the log."""
+    if device.type != "cpu":
+        return ""
+    notes = ["malloc keeps freed memory" if retain_freed_memory() else "malloc untouched"]
+    if cpu_matmul == "onednn" and compiled:
+        notes.append("linear layers: inductor's (--compile)")
+    elif cpu_matmul == "onednn":
+        n = use_onednn_linear(model)
+        notes.append(f"{n} linear layers on oneDNN" if n else "oneDNN linear unavailable: aten linear")
+    else:
+        notes.append("linear layers: aten (MKL/OpenBLAS)")
+    return "CPU: " + "; ".join(notes)
