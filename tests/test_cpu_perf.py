@@ -97,3 +97,22 @@ def test_malloc_setting_leaves_a_users_own_choice_alone(monkeypatch, env):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert cpu_perf.retain_freed_memory() is False
+
+
+@needs_onednn
+def test_pretraining_on_onednn_follows_the_aten_run(tmp_path, capsys):
+    """--cpu_matmul onednn (the CPU default) trains like --cpu_matmul aten, up to fp32 rounding."""
+    import json
+
+    import main_pretrain
+    common = ["--model", "mae_pvt_pico_128", "--mask_regular", "--vis_mask_ratio", "0.25", "--norm_pix_loss",
+              "--num_workers", "0", "--print_freq", "1000", "--device", "cpu", "--batch_size", "3", "--epochs", "2",
+              "--warmup_epochs", "1", "--lr", "1e-3", "--log_dir", ""]
+    losses = {}
+    for kind in ("aten", "onednn"):
+        out = tmp_path / kind
+        assert main_pretrain.main(main_pretrain.parse_args(common + ["--cpu_matmul", kind, "--output_dir", str(out)])) == 0
+        text = capsys.readouterr().out
+        assert ("linear layers on oneDNN" in text) == (kind == "onednn"), text
+        losses[kind] = [json.loads(line)["train_loss"] for line in (out / "log.txt").read_text().splitlines()]
+    assert losses["onednn"] == pytest.approx(losses["aten"], rel=1e-4)
