@@ -42,6 +42,33 @@ def test_onednn_linear_matches_nn_linear_values_and_gradients(in_f, out_f, bias)
 
 
 @needs_onednn
+def test_double_backward_matches_nn_linear():
+    """create_graph=True (gradient penalties) must give the true second derivative, not drop terms."""
+    ref, fast = _pair(6, 5, True)
+    x = torch.randn(3, 6)
+    results = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(torch.tanh(m(xi)).sum(), xi, create_graph=True)
+        gx.pow(2).sum().backward()
+        results.append((gx.detach(), m.weight.grad, xi.grad))
+    assert results[0][1].norm() > 0
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@needs_onednn
+def test_frozen_weight_saves_no_input_for_backward():
+    _, fast = _pair(16, 32, True)
+    fast.requires_grad_(False)
+    x = torch.randn(4, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fast(x).sum().backward()
+    assert [t.shape for t in saved] == [fast.weight.shape] and x.grad is not None
+
+
+@needs_onednn
 def test_inputs_oneDNN_does_not_serve_take_aten_linear_unchanged():
     ref, fast = _pair(16, 32, True)
     x64 = torch.randn(4, 16, dtype=torch.float64)

@@ -98,13 +98,11 @@ def _onednn_linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
     return 2 * math.prod(x_shape) * w_shape[0]
 
 
-_ONEDNN_FLOPS = {torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops} if onednn_linear_available() else {}
-
-
 def count_flops(model: nn.Module, imgs: Tensor, mask: Tensor, sm: Optional[Tensor], amp: str,
                 device: torch.device) -> int:
     """FLOPs of one forward + backward (matmuls and convolutions, attention included)."""
-    counter = FlopCounterMode(display=False, custom_mapping=_ONEDNN_FLOPS)
+    onednn = {torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops} if onednn_linear_available() else {}
+    counter = FlopCounterMode(display=False, custom_mapping=onednn)
     with counter, sdpa_kernel([SDPBackend.MATH]):
         with autocast(amp, device):
             loss = _forward(model, imgs, mask, sm)

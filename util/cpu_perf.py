@@ -10,15 +10,19 @@ rounding. Measured on this project's 2-core AMD EPYC machine (PRETRAIN.md,
   MKL does not take its AVX-512 path and reaches about 190 GFLOP/s on 2 cores,
   where oneDNN's fp32 GEMM reaches about 430. :func:`use_onednn_linear` routes
   the forward and both backward GEMMs of every ``nn.Linear`` through oneDNN
-  (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor itself uses for
-  CPU linears). Inputs it cannot serve (float64, bf16 autocast, CUDA) fall
-  back to ``F.linear``.
+  (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor uses for frozen,
+  inference-only CPU linears). Inputs it cannot serve (float64, bf16 autocast,
+  CUDA) fall back to ``F.linear``; a double backward (``create_graph=True``)
+  runs on aten's matmuls so that it stays differentiable. ``torch.func``
+  transforms are not supported: use ``--cpu_matmul aten`` with them.
 * glibc's malloc hands large tensors out as fresh ``mmap`` regions and trims
   its heap after frees, so each training step faults in, and the kernel zeroes,
   the same hundreds of MiB again (about 15,000 page faults per UM-MAE PVT-S step
   at batch 4). :func:`retain_freed_memory` keeps freed memory in the process,
-  as PyTorch's CUDA caching allocator does on a GPU; the process's peak
-  resident memory does not change.
+  as PyTorch's CUDA caching allocator does on a GPU. The process then holds on
+  to its peak memory; in our runs the peak itself did not change (1.40 GB for
+  that PVT-S benchmark), though an allocation pattern that fragments the heap
+  can raise it.
 """
 from __future__ import annotations
 
@@ -70,7 +74,9 @@ class _OneDNNLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, weight)
+        # save only what the backward reads: x for dW, W for dx
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None,
+                              weight if ctx.needs_input_grad[0] else None)
         ctx.in_shape = x.shape
         ctx.has_bias = bias is not None
         return _onednn_gemm(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
@@ -80,12 +86,17 @@ class _OneDNNLinearFn(torch.autograd.Function):
         x2, weight = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         gx = gw = gb = None
+        # grad mode is on here only under create_graph=True: the oneDNN op has no derivative, aten's do
+        differentiable = torch.is_grad_enabled()
         if ctx.needs_input_grad[0]:
-            gx = _onednn_gemm(g2, weight.t()).view(ctx.in_shape)
+            gx = (g2 @ weight if differentiable else _onednn_gemm(g2, weight.t())).view(ctx.in_shape)
         if ctx.needs_input_grad[1]:
             # dW = g^T x. oneDNN copies its (transposed) left operand, so transpose the narrower one.
-            out_f, in_f = weight.shape
-            gw = _onednn_gemm(g2.t(), x2.t()) if out_f <= in_f else _onednn_gemm(x2.t(), g2.t()).t()
+            out_f, in_f = g2.shape[1], x2.shape[1]
+            if differentiable:
+                gw = g2.t() @ x2
+            else:
+                gw = _onednn_gemm(g2.t(), x2.t()) if out_f <= in_f else _onednn_gemm(x2.t(), g2.t()).t()
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb
