@@ -11,9 +11,9 @@ import torch
 
 import main_pretrain
 from util import slurm
+from programs import ROOT, launch, read_until
 from util.checkpoint import list_checkpoints, load_latest, safe_load, save_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TINY = ["--model", "mae_swin_pico_128", "--mask_regular", "--vis_mask_ratio", "0.25", "--norm_pix_loss",
         "--num_workers", "0", "--print_freq", "4", "--device", "cpu", "--batch_size", "2", "--warmup_epochs", "1",
@@ -50,7 +50,6 @@ def test_submitit_preemption_requeues_and_ends_with_the_same_weights(tmp_path, m
         out = Path(str(job_dir).replace("%j", str(job.job_id)))
         if preempt:
             wait_for(lambda: (out / "log.txt").is_file(), 120, "the first epoch")
-            tasks = [p for c in children(int(job.job_id)) for p in [c] + children(c)]
             assert len(children(int(job.job_id))) == 2
             for pid in children(int(job.job_id)):
                 os.kill(pid, signal.SIGUSR2)           # what SLURM does on preemption: signal every task
@@ -68,11 +67,7 @@ def test_sigterm_checkpoints_exits_quickly_and_restart_continues(tmp_path):
     common = TINY + ["--epochs", "6", "--log_dir", ""]
     main_pretrain.main(main_pretrain.parse_args(common + ["--output_dir", str(tmp_path / "ref")]))
     out = tmp_path / "run"
-    proc = subprocess.Popen([PY, str(ROOT / "main_pretrain.py"), *common, "--output_dir", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    for line in proc.stdout:
-        if line.startswith("Epoch [1]"):
-            break
+    proc = launch([ROOT / "main_pretrain.py", *common, "--output_dir", out], until="Epoch [1]")
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
@@ -87,16 +82,10 @@ def test_sigterm_checkpoints_exits_quickly_and_restart_continues(tmp_path):
 
 def test_second_signal_exits_at_once(tmp_path):
     # a long accumulation keeps the next step boundary (where the first signal is honoured) far enough away
-    proc = subprocess.Popen([PY, str(ROOT / "main_pretrain.py"), *TINY, "--epochs", "50", "--log_dir", "",
-                             "--accum_iter", "64", "--output_dir", str(tmp_path / "o")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    for line in proc.stdout:
-        if line.startswith("Epoch [0]"):
-            break
+    proc = launch([ROOT / "main_pretrain.py", *TINY, "--epochs", "50", "--log_dir", "", "--accum_iter", "64",
+                   "--output_dir", tmp_path / "o"], until="Epoch [0]")
     proc.send_signal(signal.SIGUSR1)
-    for line in proc.stdout:
-        if line.startswith("received SIGUSR1"):
-            break
+    read_until(proc, "received SIGUSR1")
     proc.send_signal(signal.SIGTERM)   # a second signal (of another kind: equal ones can merge in the kernel)
     assert proc.wait(timeout=30) == 143
 
@@ -138,16 +127,11 @@ def test_a_dead_rank_stops_the_others_in_bounded_time(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     from util.distributed import free_port
     out = tmp_path / "o"
-    proc = subprocess.Popen([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                             str(ROOT / "main_pretrain.py"), *TINY, "--epochs", "200", "--log_dir", "",
-                             "--dist_timeout", "1", "--output_dir", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
-    for line in proc.stdout:
-        if line.startswith("Epoch [0]"):
-            break
-    workers = [c for c in children(proc.pid)]
-    rank1 = [p for p in workers if "RANK=1\x00" in "\x00" + Path(f"/proc/{p}/environ").read_text() + "\x00"
-             or "\x00RANK=1\x00" in "\x00" + Path(f"/proc/{p}/environ").read_text()]
+    proc = launch(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                   ROOT / "main_pretrain.py", *TINY, "--epochs", "200", "--log_dir", "", "--dist_timeout", "1",
+                   "--output_dir", out], until="Epoch [0]", env=env)
+    workers = children(proc.pid)
+    rank1 = [p for p in workers if "RANK=1" in Path(f"/proc/{p}/environ").read_text().split("\x00")]
     assert rank1, workers
     killed = time.time()
     os.kill(rank1[0], signal.SIGKILL)

@@ -14,12 +14,12 @@ from PIL import Image
 import main_finetune
 import main_pretrain
 import models
+from programs import ROOT, launch
 from util.checkpoint import CheckpointError, safe_load
 from util.cli import UsageError
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_pretrained
 
-ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 COLOURS = [(200, 40, 40), (40, 160, 60), (40, 60, 200)]
 
@@ -272,11 +272,7 @@ def test_finetune_sigterm_mid_epoch_then_resume_is_bit_exact(labelled, pretraine
                    "--print_freq", "1"]
     run_ft(common + ["--output_dir", str(tmp_path / "full")])
     out = tmp_path / "split"
-    proc = subprocess.Popen([PY, str(ROOT / "main_finetune.py"), *common, "--output_dir", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    for line in proc.stdout:
-        if line.startswith("Epoch [1] [2/"):
-            break
+    proc = launch([ROOT / "main_finetune.py", *common, "--output_dir", out], until="Epoch [1] [2/")
     proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
     assert proc.wait(timeout=60) == 0, rest

@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models
 from models.masking import random_mask, secondary_mask, uniform_mask
-from util.cpu_perf import onednn_linear_available, retain_freed_memory, use_onednn_linear
+from util.cpu_perf import onednn_linear_available, retain_freed_memory, setup_cpu_training
 from util.loop import autocast, make_scaler
 
 MIB = 2 ** 20
@@ -231,8 +231,7 @@ def build_entry(name: str, args, device: torch.device) -> Entry:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     imgs = torch.randn(args.batch_size, 3, size, size, generator=gen, device=device)
     ratio = float(getattr(model, "default_mask_ratio", getattr(model, "mask_ratio", 0.75)))
-    if device.type == "cpu" and args.cpu_matmul == "onednn" and not args.compile:
-        use_onednn_linear(model)
+    setup_cpu_training(model, device, args.cpu_matmul, compiled=args.compile, malloc=False)
     runner = torch.compile(model) if args.compile else model
     return Entry(name, model, runner, optimizer, make_scaler(args.amp, device), imgs, uniform, ratio, vmr,
                  norm_pix, gen)

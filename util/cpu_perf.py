@@ -141,11 +141,17 @@ def use_onednn_linear(model: nn.Module) -> int:
     return n
 
 
-def setup_cpu_training(model: nn.Module, device: torch.device, cpu_matmul: str, compiled: bool) -> str:
-    """Apply this module's CPU settings for a training/evaluation run; returns a line for the log."""
+def setup_cpu_training(model: nn.Module, device: torch.device, cpu_matmul: str, compiled: bool,
+                       malloc: bool = True) -> str:
+    """Apply this module's CPU settings for a training/evaluation run; returns a line for the log.
+
+    ``malloc=False`` leaves the (process-wide) allocator to the caller.
+    """
     if device.type != "cpu":
         return ""
-    notes = ["malloc keeps freed memory" if retain_freed_memory() else "malloc untouched"]
+    notes = []
+    if malloc:
+        notes.append("malloc keeps freed memory" if retain_freed_memory() else "malloc untouched")
     if cpu_matmul == "onednn" and compiled:
         notes.append("linear layers: inductor's (--compile)")
     elif cpu_matmul == "onednn":
