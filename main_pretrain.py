@@ -122,7 +122,10 @@ def model_kwargs(args) -> dict:
     kwargs = dict(norm_pix_loss=args.norm_pix_loss, vis_mask_ratio=args.vis_mask_ratio)
     if args.input_size is not None:
         kwargs["img_size"] = args.input_size
-    if args.model.startswith(("mae_vit", "greenmim_")):
+    if args.model.startswith("mae_hiera_"):  # Hiera MAE: the model's own default (0.6) until _validate sets it
+        if args.mask_ratio is not None:
+            kwargs["mask_ratio"] = args.mask_ratio
+    elif args.model.startswith(("mae_vit", "greenmim_")):
         kwargs["mask_ratio"] = args.mask_ratio if args.mask_ratio is not None else 0.75
     elif args.model.startswith("mae_"):
         kwargs["reference_decoder_order"] = args.reference_decoder_order

@@ -3,7 +3,9 @@
 Accepted files: our pretraining and finetuning checkpoints; the reference's released
 pretraining / finetuned checkpoints (``{'model': ..., 'args': Namespace}``); MAE's
 official ViT checkpoints (encoder-only ``model``); bare state dicts; ``module.``
-prefixes. Every file is read with ``weights_only=True`` (util.checkpoint.safe_load).
+prefixes; timm's files (``pytorch_model.bin`` or ``model.safetensors``, e.g. the
+``hiera_*_224.mae`` weights) and the original Hiera repository's ``{'model_state': ...}``,
+whose key names the model maps itself (``checkpoint_filter``). Every file is read with ``weights_only=True`` (util.checkpoint.safe_load).
 
 Decoder and mask tokens are dropped; the head is re-initialised when its shape
 differs (or when the file has none); absolute position embeddings are resized
@@ -22,7 +24,8 @@ from models.pos_embed import resize_pos_embed
 from .checkpoint import CheckpointError, safe_load, unwrap_state_dict
 
 # keys that only a pretraining model has: never part of a classifier's encoder
-PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "vis_mask_token", "simmim_head", "mixmim_decoder")
+PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "vis_mask_token", "simmim_head", "mixmim_decoder",
+                          "multi_scale_fusion_heads")
 HEAD_PREFIXES = ("head.", "fc_norm.")
 
 
@@ -74,7 +77,9 @@ def guess_architecture(sd: dict) -> str:
 
 def load_pretrained(model: nn.Module, path: str | Path, head_init_std: float = 2e-5) -> LoadReport:
     """Load ``path`` into ``model`` (a classifier) and return what happened; raise CheckpointError on mismatch."""
-    sd = unwrap_state_dict(safe_load(path))
+    sd = unwrap_state_dict(_read_weights(path))
+    if hasattr(model, "checkpoint_filter"):  # a model's explicit mapping of foreign key layouts
+        sd = model.checkpoint_filter(sd)
     report = LoadReport(str(path))
     own = model.state_dict()
     sd = dict(sd)
@@ -116,12 +121,30 @@ def load_pretrained(model: nn.Module, path: str | Path, head_init_std: float = 2
     report.unexpected = list(result.unexpected_keys)
     report.loaded = len(sd) - len(report.unexpected)
     head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
-    head_keys = [k for k in own if k.startswith("head.") and k.endswith("weight")]
+    head_keys = [k for k, p in model.named_parameters() if head is not None and p is getattr(head, "weight", None)]
     if isinstance(head, nn.Linear) and head_keys and head_keys[0] not in sd:
         nn.init.trunc_normal_(head.weight, std=head_init_std)
         nn.init.zeros_(head.bias)
         report.head_reinitialised = True
     return report
+
+
+def _read_weights(path: str | Path):
+    """A checkpoint (util.checkpoint.safe_load), or a ``.safetensors`` file as timm / the HF hub ship
+    them (no pickle at all); the original Hiera repository's ``{'model_state': ...}`` is unwrapped."""
+    if str(path).endswith(".safetensors"):
+        if not Path(path).is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {e}") from None
+    ckpt = safe_load(path)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_state"), dict):
+        ckpt = ckpt["model_state"]
+    return ckpt
 
 
 def _is_buffer(model: nn.Module, key: str) -> bool:

@@ -52,13 +52,18 @@ def reconstruct(model, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = N
     pred = out[1].float()
     target = patchify(imgs.float(), unit)
     if getattr(model, "norm_pix_loss", False):
-        mean, std = unit_stats(target)
+        # Targets are normalised per ``norm_pix_unit`` patch: the mask unit, or a part of it (Hiera: 16 px of 32).
+        part = getattr(model, "norm_pix_unit", unit)
+        f = unit // part
+        fine = patchify(unpatchify(pred, unit), part)
+        mean, std = unit_stats(patchify(imgs.float(), part))
         if denorm == "neighbour":
-            seen = ~mask & ~sm
-            src = _nearest_seen(seen, model.token_size)
+            n, t = mask.shape[0], model.token_size
+            seen = (~mask & ~sm).view(n, t, 1, t, 1).expand(n, t, f, t, f).reshape(n, -1)
+            src = _nearest_seen(seen, t * f)
             mean = mean.gather(1, src.unsqueeze(-1))
             std = std.gather(1, src.unsqueeze(-1))
-        pred = pred * std + mean
+        pred = patchify(unpatchify(fine * std + mean, part), unit)
     grid = model.token_size
     hidden = (mask | sm).unsqueeze(-1)
     saw = torch.where(hidden, torch.zeros_like(target), target)
