@@ -211,7 +211,7 @@ def test_figure_undoes_norm_pix_per_16px_patch():
     assert torch.equal(unit_seen, ~mask)                              # what the encoder saw, per mask unit
 
 
-def test_short_pretraining_run_through_main_pretrain(tmp_path):
+def test_short_pretraining_run_then_finetuning_through_the_programs(tmp_path, capsys):
     data = make_images(tmp_path / "data", n=8, size=128)
     out = tmp_path / "out"
     args = main_pretrain.parse_args([
@@ -223,6 +223,17 @@ def test_short_pretraining_run_through_main_pretrain(tmp_path):
     losses = [json.loads(line)["train_loss"] for line in (out / "log.txt").read_text().splitlines()]
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
     assert (out / "reconstruction-2.png").is_file()
+    # ... and its checkpoint finetunes the timm classifier through main_finetune.py
+    import main_finetune
+    from test_finetune import make_labelled
+    labelled = make_labelled(tmp_path / "labelled", per_class=2)
+    ft = main_finetune.parse_args([
+        "--model", "hiera_pico_128", "--finetune", str(out / "checkpoint-2.pth"), "--nb_classes", "3",
+        "--data_path", str(labelled), "--batch_size", "2", "--epochs", "1", "--warmup_epochs", "0",
+        "--layer_decay", "0.65", "--drop_path", "0.1", "--num_workers", "0", "--device", "cpu", "--log_dir", "",
+        "--print_freq", "1000", "--output_dir", str(tmp_path / "ft")])
+    assert ft.input_size == 128 and main_finetune.main(ft) == 0
+    assert "head re-initialised" in capsys.readouterr().out
     with pytest.raises(main_pretrain.UsageError, match="no secondary masking"):
         main_pretrain.parse_args(["--model", PICO, "--vis_mask_ratio", "0.25", "--data_path", str(data),
                                   "--output_dir", str(tmp_path / "bad")])
