@@ -11,9 +11,10 @@ Hiera is a hierarchical ViT built so that MAE can drop masked units outright:
    unchanged: mask-unit attention in stages 1-2, global attention in stages 3-4, q-pooling by
    max over the outer stride.
 3. Multi-scale fusion: each stage output is rerolled to ``(N, K, h, w, C)`` per kept unit; the
-   outputs of the ``q_pool`` pooled stages are brought to the last stage's 2x2 tokens per unit
-   by a strided conv (kernel = stride = h / 2), summed with the last stage, then LayerNorm-ed
-   (timm's ``head.norm``: the encoder keys are timm's, see below).
+   outputs of the first ``q_pool`` stages (8x8 and 4x4 tokens per unit) are brought to the last
+   stage's 2x2 tokens per unit by a strided conv (kernel = stride = h / 2), summed with the last
+   stage (stage 3 has the last stage's resolution and is skipped, as in the original), then
+   LayerNorm-ed (timm's ``head.norm``: the encoder keys are timm's, see below).
 4. Decoder (MAE): a linear embedding to 512-d, a mask token for every token of a removed unit,
    a learned position embedding on the final 14x14 token grid, 8 global-attention Hiera blocks,
    and a linear prediction of the 16x16x3 pixels of every final token.
