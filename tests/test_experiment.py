@@ -70,3 +70,26 @@ def test_written_folders(tmp_path):
     from PIL import Image
     img = Image.open(next((root / "test").rglob("*.png")))
     assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_experiment_smoke_end_to_end(tmp_path):
+    """tools/experiment.py --smoke on two arms: pretraining, k-NN, linear probe and finetuning run as the
+    real programs; results.json and both figures are written and every metric is finite.
+    (Not accuracy: one pretraining epoch on 40 images.) About 40 s on an idle 2-core machine."""
+    out = tmp_path / "exp"
+    proc = subprocess.run([sys.executable, "tools/experiment.py", "--smoke", "--out", str(out),
+                           "--arms", "scratch_swin", "ummae_swin"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["arms"]) == {"scratch_swin", "ummae_swin"}
+    for name, row in res["arms"].items():
+        for metric in ("knn", "linprobe"):
+            assert np.isfinite(row[metric]) and 0 <= row[metric] <= 100, (name, metric)
+        assert set(row["finetune"]) == {"l2", "l4"}
+        assert all(np.isfinite(v["mean"]) for v in row["finetune"].values())
+    pre = res["arms"]["ummae_swin"]
+    assert pre["pretrain_cpu_s"] > 0 and pre["pretrain_wall_s"] > 0 and np.isfinite(pre["pretrain_loss"]).all()
+    assert "loaded" in (out / "eval" / "ummae_swin" / "finetune_l4_seed0" / "stdout.txt").read_text()
+    for png in ("top1_vs_labels.png", "top1_vs_pretrain_time.png"):
+        assert (out / png).stat().st_size > 1000
