@@ -75,7 +75,8 @@ def test_written_folders(tmp_path):
 def test_experiment_smoke_end_to_end(tmp_path):
     """tools/experiment.py --smoke on two arms: pretraining, k-NN, linear probe and finetuning run as the
     real programs; results.json and both figures are written and every metric is finite.
-    (Not accuracy: one pretraining epoch on 40 images.) About 40 s on an idle 2-core machine."""
+    (Not accuracy: one pretraining epoch on 40 images.) Nine program runs of about 6.5 CPU-s each
+    (mostly start-up), two side by side: about 30-35 s on an idle 2-core machine."""
     out = tmp_path / "exp"
     proc = subprocess.run([sys.executable, "tools/experiment.py", "--smoke", "--out", str(out),
                            "--arms", "scratch_swin", "ummae_swin"], cwd=ROOT, capture_output=True, text=True,
