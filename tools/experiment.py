@@ -71,7 +71,7 @@ ARMS = [
 @dataclass
 class Config:
     out: Path
-    pretrain_epochs: int = 4
+    pretrain_epochs: int = 10
     pretrain_batch: int = 128
     ft_steps: int = 240                # optimizer steps of every finetuning run, at every label budget
     ft_batch: int = 32
