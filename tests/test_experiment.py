@@ -94,3 +94,13 @@ def test_experiment_smoke_end_to_end(tmp_path):
     assert "loaded" in (out / "eval" / "ummae_swin" / "finetune_l4_seed0" / "stdout.txt").read_text()
     for png in ("top1_vs_labels.png", "top1_vs_pretrain_time.png"):
         assert (out / png).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("flags, message", [(["--eval_freq", "0"], "--eval_freq"),
+                                            (["--min_crop_scale", "0"], "--min_crop_scale")])
+def test_new_finetune_flags_are_validated(tmp_path, flags, message):
+    import main_finetune
+    from util.cli import UsageError
+    with pytest.raises(UsageError, match=message):
+        main_finetune.parse_args(["--model", "swin_pico_p1_32", "--data_path", str(tmp_path), "--device", "cpu",
+                                  "--output_dir", str(tmp_path / "o"), *flags])
