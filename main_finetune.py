@@ -51,6 +51,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--min_lr", type=float, default=1e-6)
     p.add_argument("--warmup_epochs", type=int, default=5)
     p.add_argument("--color_jitter", type=float, default=None)
+    p.add_argument("--min_crop_scale", type=float, default=0.08,
+                   help="smallest area fraction of RandomResizedCrop (timm's 0.08; raise it for tiny images, "
+                        "where an 8%% crop of a 32-px image keeps ~9 px of content)")
     p.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy")
     p.add_argument("--smoothing", type=float, default=0.1)
     p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
@@ -74,6 +77,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--knn", action="store_true", help="k-NN evaluation of frozen features")
     p.add_argument("--knn_k", type=int, default=20)
     p.add_argument("--knn_t", type=float, default=0.07)
+    p.add_argument("--eval_freq", type=int, default=1,
+                   help="evaluate on val/ every N epochs and after the last (best checkpoint among those)")
     add_common_args(p)
     return p
 
@@ -103,9 +108,11 @@ def _validate(args) -> None:
         raise UsageError(f"unknown --model {args.model!r}{hint}; valid classifiers: {', '.join(classifiers)}")
     if args.linprobe and args.knn:
         raise UsageError("--linprobe and --knn are different modes: choose one")
-    for flag in ("batch_size", "epochs", "accum_iter"):
+    for flag in ("batch_size", "epochs", "accum_iter", "eval_freq"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not 0.0 < args.min_crop_scale <= 1.0:
+        raise UsageError(f"--min_crop_scale must be in (0, 1], got {args.min_crop_scale}")
     try:
         with torch.device("meta"):
             meta = models.create_model(args.model, **model_kwargs(args))
@@ -293,10 +300,22 @@ def main(args) -> int:
             sampler.skip = step0 * args.batch_size
             train_stats = finetune_one_epoch(train_model, criterion, train_loader, optimizer, scaler, device,
                                              epoch, args, mixup_fn, log_writer, stop_flag=stop, start_step=step0)
+            last = epoch + 1 == args.epochs
+            if not (last or (epoch + 1) % args.eval_freq == 0):
+                save_training_state(args, epoch, model, optimizer, scaler,
+                                    numbered=args.save_freq > 0 and (epoch + 1) % args.save_freq == 0,
+                                    extra={"best_acc1": best_acc})
+                if is_main_process():
+                    with open(Path(args.output_dir) / "log.txt", "a") as f:
+                        f.write(json.dumps({"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}})
+                                + "\n")
+                if epoch == args.exit_after_epoch:
+                    cleanup()
+                    return 0
+                continue
             test_stats = evaluate(model, val_loader, device, args.amp, sharded=shard_eval)
             improved = test_stats["acc1"] > best_acc
             best_acc = max(best_acc, test_stats["acc1"])
-            last = epoch + 1 == args.epochs
             numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
             save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered,
                                 extra_names=("checkpoint-best.pth",) if improved else (),

@@ -502,3 +502,33 @@ def mae_vit_pico_patch16(**kwargs) -> MaskedAutoencoderViT:
                decoder_depth=1, decoder_num_heads=4)
     cfg.update(kwargs)
     return MaskedAutoencoderViT(**cfg)
+
+
+@register_pretrain_model
+def mae_swin_pico_p1_32(**kwargs) -> MaskedAutoencoderSwin:
+    """Tiny UM-MAE Swin for 32-px images: patch 1, 4-px mask units (8x8), window 4 on the 16x16
+    compact grid; finetunes into ``swin_pico_p1_32``."""
+    cfg = dict(img_size=32, patch_size=1, stride=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+               window_size=4, posmlp_dim=16, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
+    cfg.update(kwargs)
+    return MaskedAutoencoderSwin(**cfg)
+
+
+@register_pretrain_model
+def mae_pvt_pico_p1_32(**kwargs) -> MaskedAutoencoderPVT:
+    """Tiny UM-MAE PVT for 32-px images: patch 1, 4-px mask units (8x8); finetunes into ``pvt_pico_p1_32``."""
+    cfg = dict(img_size=32, patch_size=1, stride=4, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1),
+               num_heads=(1, 2, 3, 4), sr_ratios=(4, 2, 1, 1), decoder_embed_dim=64, decoder_depth=1,
+               decoder_num_heads=4)
+    cfg.update(kwargs)
+    return MaskedAutoencoderPVT(**cfg)
+
+
+@register_pretrain_model
+def mae_vit_pico_patch4_32(**kwargs) -> MaskedAutoencoderViT:
+    """Tiny MAE ViT for 32-px images (patch 4 = the 4-px mask unit, 8x8 units); finetunes into
+    ``vit_pico_patch4_32``."""
+    cfg = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, decoder_embed_dim=64,
+               decoder_depth=1, decoder_num_heads=4)
+    cfg.update(kwargs)
+    return MaskedAutoencoderViT(**cfg)

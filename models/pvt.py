@@ -203,3 +203,11 @@ def pvt_large_256(**kwargs) -> PVT:
 def pvt_pico_128(**kwargs) -> PVT:
     """Tiny test/demo classifier: finetunes ``mae_pvt_pico_128``."""
     return _pvt("pico", kwargs.pop("img_size", 128), **kwargs)
+
+
+@register_model
+def pvt_pico_p1_32(**kwargs) -> PVT:
+    """Tiny classifier for 32-px images (patch 1, sr 8,4,2,1 on the 32x32 token grid); finetunes
+    ``mae_pvt_pico_p1_32`` / ``simmim_pvt_pico_p1_32``."""
+    kwargs.setdefault("patch_size", 1)
+    return _pvt("pico", kwargs.pop("img_size", 32), **kwargs)

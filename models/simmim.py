@@ -188,17 +188,17 @@ def _register(name: str, build, doc: str) -> None:
     register_named(name, build, doc, task="pretrain", namespace=globals())
 
 
-def _swin_builder(size: str, img_size: int, window_size: int):
+def _swin_builder(size: str, img_size: int, window_size: int, **extra):
     def build(**kwargs):
-        cfg = dict(_SWIN_SIZES[size], img_size=img_size, window_size=window_size)
+        cfg = dict(_SWIN_SIZES[size], img_size=img_size, window_size=window_size, **extra)
         cfg.update(kwargs)
         return SimMIMSwin(**cfg)
     return build
 
 
-def _pvt_builder(size: str, img_size: int):
+def _pvt_builder(size: str, img_size: int, **extra):
     def build(**kwargs):
-        cfg = dict(_PVT_SIZES[size], img_size=img_size, mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1))
+        cfg = dict(_PVT_SIZES[size], img_size=img_size, mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), **extra)
         cfg.update(kwargs)
         return SimMIMPVT(**cfg)
     return build
@@ -214,3 +214,7 @@ _register("simmim_swin_pico_128", _swin_builder("pico", 128, 8),
           "Tiny SimMIM Swin for tests and demos (128 px, window 8; finetunes into swin_pico_128).")
 _register("simmim_pvt_pico_128", _pvt_builder("pico", 128),
           "Tiny SimMIM PVT for tests and demos (128 px; finetunes into pvt_pico_128).")
+_register("simmim_swin_pico_p1_32", _swin_builder("pico", 32, 8, patch_size=1, stride=4),
+          "Tiny SimMIM Swin for 32-px images: patch 1, 4-px mask units (finetunes into swin_pico_p1_32).")
+_register("simmim_pvt_pico_p1_32", _pvt_builder("pico", 32, patch_size=1, stride=4),
+          "Tiny SimMIM PVT for 32-px images: patch 1, 4-px mask units (finetunes into pvt_pico_p1_32).")

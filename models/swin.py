@@ -339,3 +339,11 @@ def swin_large_256(**kwargs) -> Swin:
 def swin_pico_128(**kwargs) -> Swin:
     """Tiny test/demo classifier: finetunes ``mae_swin_pico_128`` (window 8 at 128 px = window 4 pretraining)."""
     return _swin("pico", kwargs.pop("img_size", 128), kwargs.pop("window_size", 8), **kwargs)
+
+
+@register_model
+def swin_pico_p1_32(**kwargs) -> Swin:
+    """Tiny classifier for 32-px images: patch 1, window 8 on the 32x32 token grid; finetunes
+    ``mae_swin_pico_p1_32`` / ``simmim_swin_pico_p1_32`` (4-px mask units, 8x8 of them)."""
+    kwargs.setdefault("patch_size", 1)
+    return _swin("pico", kwargs.pop("img_size", 32), kwargs.pop("window_size", 8), **kwargs)

@@ -62,3 +62,10 @@ def vit_pico_patch16(**kwargs) -> VisionTransformer:
     """Tiny test/demo classifier (64-d, 2 blocks) at 96 px: finetunes ``mae_vit_pico_patch16``."""
     kwargs.setdefault("img_size", 96)
     return _vit(64, 2, 4, 16, **kwargs)
+
+
+@register_model
+def vit_pico_patch4_32(**kwargs) -> VisionTransformer:
+    """Tiny ViT for 32-px images (64-d, 4 blocks, patch 4 = 8x8 tokens): finetunes ``mae_vit_pico_patch4_32``."""
+    kwargs.setdefault("img_size", 32)
+    return _vit(64, 4, 4, 4, **kwargs)

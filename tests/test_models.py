@@ -19,6 +19,8 @@ def _small_kwargs(name: str) -> dict:
         size = {"swin": 128, "pvt": 128, "vit": 96}[family]
     if "patch14" in name:
         size = 28
+    if name.endswith("_32"):  # the 32-px variants (patch 1 / 4-px mask units)
+        size = 32
     kwargs = dict(img_size=size)
     if family == "swin" and not name.startswith("mae"):
         kwargs["window_size"] = 8 if size <= 128 else 16
@@ -63,7 +65,7 @@ def test_classifier_forward_backward_and_pyramid(name):
         feats = model.forward_pyramid(imgs)
     assert len(feats) == 4 and all(f.dim() == 4 and f.shape[0] == 2 for f in feats)
     if not name.startswith("vit"):
-        assert [f.shape[-1] for f in feats] == [kwargs["img_size"] // 4 // 2 ** s for s in range(4)]
+        assert [f.shape[-1] for f in feats] == [kwargs["img_size"] // model.patch_size // 2 ** s for s in range(4)]
 
 
 def test_tiny_variants_are_under_a_million_parameters():

@@ -225,6 +225,7 @@ def finetune_train_transform(args) -> Callable:
     """timm's training transform: RandomResizedCrop, flip, RandAugment, random erasing."""
     from timm.data import create_transform
     return create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+                            scale=(getattr(args, "min_crop_scale", 0.08), 1.0),
                             auto_augment=args.aa, interpolation="bicubic", re_prob=args.reprob,
                             re_mode=args.remode, re_count=args.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 

@@ -1,0 +1,350 @@
+"""Does pretraining with this framework pay off? A small replica of the paper's comparison (FINETUNE.md).
+
+Real images (animal-mnist: 10,000 28x28 silhouettes, 10 classes, written once as 32-px
+ImageNet-layout folders by util/animal_mnist.py), real programs run as subprocesses:
+
+  1. pretrain every arm on the 8,000 unlabelled pretraining images for the same number of epochs
+     (main_pretrain.py), recording wall time and process CPU time (user + system of the process
+     and its workers, from wait4: the fairer cost on a shared machine);
+  2. for every encoder (and for randomly initialised ones: the "scratch" arm) on the labelled
+     subsets: k-NN (main_finetune.py --knn), linear probe (main_linprobe.py) and finetuning
+     (main_finetune.py) with an equal budget of optimizer steps at every label budget;
+  3. top-1 on the 2,000 held-out images at the END of training (never the best epoch: that
+     would select on the test split), mean +- std over seeds; results.json and two figures.
+
+    python tools/experiment.py --out work_dirs/experiment          # the table in FINETUNE.md
+    python tools/experiment.py --out /tmp/smoke --smoke            # pipeline check, ~1 min
+
+Finished runs are reused (their result files are kept), so an interrupted run continues where it
+stopped. ``--phase dev`` runs the recipe checks on the dev split (validation carved out of the
+labelled training images), which is where every choice of the recipe was made.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from util.animal_mnist import write_split  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    pretrain_model: str | None          # None: no pretraining (random initialisation)
+    classifier: str
+    pretrain_flags: tuple[str, ...] = ()
+    headline: bool = True
+    family: str = "swin"
+
+
+ARMS = [
+    Arm("scratch_swin", None, "swin_pico_p1_32"),
+    Arm("scratch_pvt", None, "pvt_pico_p1_32", family="pvt"),
+    Arm("ummae_swin", "mae_swin_pico_p1_32", "swin_pico_p1_32",
+        ("--mask_regular", "--vis_mask_ratio", "0.25", "--norm_pix_loss")),
+    Arm("ummae_pvt", "mae_pvt_pico_p1_32", "pvt_pico_p1_32",
+        ("--mask_regular", "--vis_mask_ratio", "0.25", "--norm_pix_loss"), family="pvt"),
+    Arm("simmim_swin", "simmim_swin_pico_p1_32", "swin_pico_p1_32", ("--mask_ratio", "0.75")),
+    Arm("simmim_pvt", "simmim_pvt_pico_p1_32", "pvt_pico_p1_32", ("--mask_ratio", "0.75"), family="pvt"),
+    Arm("scratch_vit", None, "vit_pico_patch4_32", headline=False, family="vit"),
+    Arm("mae_vit", "mae_vit_pico_patch4_32", "vit_pico_patch4_32", ("--mask_ratio", "0.75", "--norm_pix_loss"),
+        headline=False, family="vit"),
+    Arm("ummae_vit", "mae_vit_pico_patch4_32", "vit_pico_patch4_32",
+        ("--mask_regular", "--vis_mask_ratio", "0.25", "--norm_pix_loss"), headline=False, family="vit"),
+]
+# Not run: GreenMIM and MixMAE. Their mask unit is the stride of the last Swin stage (32 px at
+# patch 4), so a 32-px image has one unit; a patch-1 variant needs changes to those models.
+
+
+@dataclass
+class Config:
+    out: Path
+    pretrain_epochs: int = 10
+    pretrain_batch: int = 128
+    ft_steps: int = 240                # optimizer steps of every finetuning run, at every label budget
+    ft_batch: int = 32
+    blr: float = 4e-3
+    layer_decay: float = 0.85
+    drop_path: float = 0.1
+    min_crop_scale: float = 0.35
+    lp_epochs: int = 30
+    seeds: tuple[int, ...] = (0, 1, 2)
+    budgets: tuple[int, ...] = (10, 50, 200)
+    main_budget: int = 50
+    jobs: int = 2
+    threads: int = 1
+    data_kwargs: dict = field(default_factory=dict)
+
+
+def smoke_config(out: Path) -> Config:
+    return Config(out=out, pretrain_epochs=1, pretrain_batch=16, ft_steps=2, ft_batch=8, lp_epochs=1,
+                  seeds=(0,), budgets=(2, 4), main_budget=4, jobs=2,
+                  data_kwargs=dict(budgets=(2, 4), pretrain_per_class=4, test_per_class=2))
+
+
+def run_timed(cmd: list[str], out_dir: Path, threads: int) -> dict:
+    """Run one program; return its wall time and CPU time (user + sys of it and its workers)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    t0 = time.time()
+    with open(out_dir / "stdout.txt", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    rec = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+           "returncode": os.waitstatus_to_exitcode(status), "command": " ".join(cmd)}
+    if rec["returncode"] != 0:
+        tail = (out_dir / "stdout.txt").read_text().splitlines()[-5:]
+        raise RuntimeError(f"{cmd[1]} failed ({rec['returncode']}) in {out_dir}:\n" + "\n".join(tail))
+    (out_dir / "time.json").write_text(json.dumps(rec))
+    return rec
+
+
+def common(cfg: Config, out_dir: Path) -> list[str]:
+    return ["--device", "cpu", "--num_workers", "0", "--log_dir=", "--print_freq", "50", "--output_dir", str(out_dir)]
+
+
+def pretrain_job(cfg: Config, arm: Arm):
+    out = cfg.out / "pretrain" / arm.name
+    ckpt = out / "checkpoint-last.pth"
+
+    def run():
+        if (out / "time.json").is_file() and ckpt.is_file():
+            return json.loads((out / "time.json").read_text())
+        cmd = [sys.executable, "main_pretrain.py", "--model", arm.pretrain_model, *arm.pretrain_flags,
+               "--data_path", str(cfg.out / "data" / "pretrain"), "--batch_size", str(cfg.pretrain_batch),
+               "--epochs", str(cfg.pretrain_epochs), "--warmup_epochs", "1", "--blr", "1.5e-3",
+               "--weight_decay", "0.05", "--vis_freq", "0", "--save_freq", "0", "--seed", "0", *common(cfg, out)]
+        return run_timed(cmd, out, cfg.threads)
+    return run
+
+
+def weights(cfg: Config, arm: Arm) -> list[str]:
+    return [] if arm.pretrain_model is None else ["--finetune", str(cfg.out / "pretrain" / arm.name / "checkpoint-last.pth")]
+
+
+def last_top1(out: Path) -> float:
+    rows = [json.loads(l) for l in (out / "log.txt").read_text().splitlines() if l.strip()]
+    return [r for r in rows if "test_acc1" in r][-1]["test_acc1"]
+
+
+def finetune_job(cfg: Config, arm: Arm, budget: int, seed: int, data: str = ""):
+    data = data or f"l{budget}"
+    out = cfg.out / "eval" / arm.name / f"finetune_{data}_seed{seed}"
+    n_train = budget * 10
+    batch = min(cfg.ft_batch, n_train)
+    epochs = max(1, math.ceil(cfg.ft_steps / (n_train // batch)))
+
+    def run():
+        if not (out / "time.json").is_file():
+            cmd = [sys.executable, "main_finetune.py", "--model", arm.classifier, "--nb_classes", "10",
+                   "--data_path", str(cfg.out / "data" / data), *weights(cfg, arm),
+                   "--batch_size", str(batch), "--epochs", str(epochs),
+                   "--warmup_epochs", str(max(1, round(0.1 * epochs))), "--blr", str(cfg.blr),
+                   "--layer_decay", str(cfg.layer_decay if arm.pretrain_model else 1.0),
+                   "--weight_decay", "0.05", "--drop_path", str(cfg.drop_path), "--aa", "none", "--reprob", "0",
+                   "--smoothing", "0.1", "--min_crop_scale", str(cfg.min_crop_scale), "--eval_freq", str(epochs),
+                   "--save_freq", "0", "--seed", str(seed), "--no_auto_resume", *common(cfg, out)]
+            run_timed(cmd, out, cfg.threads)
+        return {"top1": last_top1(out), "epochs": epochs, "batch": batch,
+                "time": json.loads((out / "time.json").read_text())}
+    return run
+
+
+def knn_job(cfg: Config, arm: Arm, data: str):
+    out = cfg.out / "eval" / arm.name / f"knn_{data}"
+
+    def run():
+        if not (out / "knn.json").is_file():
+            cmd = [sys.executable, "main_finetune.py", "--knn", "--model", arm.classifier, "--nb_classes", "10",
+                   "--data_path", str(cfg.out / "data" / data), *weights(cfg, arm), "--batch_size", "250",
+                   "--knn_k", "20", "--seed", "0", *common(cfg, out)]
+            run_timed(cmd, out, cfg.threads)
+        return {"top1": json.loads((out / "knn.json").read_text())["acc1"]}
+    return run
+
+
+def linprobe_job(cfg: Config, arm: Arm, data: str):
+    out = cfg.out / "eval" / arm.name / f"linprobe_{data}"
+
+    def run():
+        if not (out / "time.json").is_file():
+            cmd = [sys.executable, "main_linprobe.py", "--model", arm.classifier, "--nb_classes", "10",
+                   "--data_path", str(cfg.out / "data" / data), *weights(cfg, arm),
+                   "--batch_size", str(cfg.ft_batch), "--epochs", str(cfg.lp_epochs), "--warmup_epochs", "1",
+                   "--eval_freq", str(cfg.lp_epochs), "--save_freq", "0", "--seed", "0", "--no_auto_resume",
+                   *common(cfg, out)]
+            run_timed(cmd, out, cfg.threads)
+        return {"top1": last_top1(out)}
+    return run
+
+
+def run_pool(jobs: dict, workers: int) -> dict:
+    results, errors = {}, []
+    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(fn): key for key, fn in jobs.items()}
+        for fut in cf.as_completed(futures):
+            key = futures[fut]
+            try:
+                results[key] = fut.result()
+                print(f"[{time.strftime('%H:%M:%S')}] done {key}: "
+                      f"{ {k: v for k, v in results[key].items() if k != 'command'} }", flush=True)
+            except Exception as e:  # keep the other runs going; report at the end
+                errors.append(f"{key}: {e}")
+                print(f"[{time.strftime('%H:%M:%S')}] FAILED {key}: {e}", flush=True)
+    if errors:
+        raise RuntimeError("some runs failed:\n" + "\n".join(errors))
+    return results
+
+
+def mean_std(xs: list[float]) -> dict:
+    return {"runs": xs, "mean": round(statistics.mean(xs), 2), "std": round(statistics.stdev(xs), 2) if len(xs) > 1 else 0.0}
+
+
+def run_experiment(cfg: Config, arms: list[Arm]) -> dict:
+    t0 = time.time()
+    write_split(cfg.out / "data", **cfg.data_kwargs)
+    main = f"l{cfg.main_budget}"
+    # Phase 1: pretraining (most expensive first), with the scratch evaluations filling the pool.
+    jobs: dict = {}
+    for arm in sorted([a for a in arms if a.pretrain_model], key=lambda a: a.name.startswith("ummae")):
+        jobs[("pretrain", arm.name)] = pretrain_job(cfg, arm)
+
+    def eval_jobs(arm: Arm) -> dict:
+        seeds = cfg.seeds if arm.headline else cfg.seeds[:1]
+        j = {(arm.name, "knn", main): knn_job(cfg, arm, main), (arm.name, "linprobe", main): linprobe_job(cfg, arm, main)}
+        for s in seeds:
+            j[(arm.name, "finetune", main, s)] = finetune_job(cfg, arm, cfg.main_budget, s)
+        if arm.name in ("scratch_swin", "scratch_pvt", "ummae_swin", "ummae_pvt"):
+            for b in cfg.budgets:
+                if b != cfg.main_budget:
+                    j[(arm.name, "finetune", f"l{b}", cfg.seeds[0])] = finetune_job(cfg, arm, b, cfg.seeds[0])
+        return j
+    for arm in arms:
+        if arm.pretrain_model is None:
+            jobs.update(eval_jobs(arm))
+    done = run_pool(jobs, cfg.jobs)
+    jobs = {}
+    for arm in arms:
+        if arm.pretrain_model is not None:
+            jobs.update(eval_jobs(arm))
+    done.update(run_pool(jobs, cfg.jobs))
+
+    table: dict = {}
+    for arm in arms:
+        row: dict = {"classifier": arm.classifier, "pretrain_model": arm.pretrain_model, "headline": arm.headline}
+        if arm.pretrain_model:
+            t = done[("pretrain", arm.name)]
+            row["pretrain_wall_s"], row["pretrain_cpu_s"] = t["wall_s"], t["cpu_s"]
+            log = cfg.out / "pretrain" / arm.name / "log.txt"
+            row["pretrain_loss"] = [round(json.loads(l)["train_loss"], 4) for l in log.read_text().splitlines() if l.strip()]
+        row["knn"] = done[(arm.name, "knn", main)]["top1"]
+        row["linprobe"] = done[(arm.name, "linprobe", main)]["top1"]
+        ft = {}
+        for key, res in done.items():
+            if key[0] == arm.name and key[1] == "finetune":
+                ft.setdefault(key[2], []).append(res["top1"])
+        row["finetune"] = {b: mean_std(v) for b, v in sorted(ft.items())}
+        table[arm.name] = row
+    setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}
+    result = {"arms": table, "setup": setup, "total_wall_s": round(time.time() - t0, 1),
+              "hardware": hardware(), "command": " ".join([Path(sys.executable).name] + sys.argv)}
+    (cfg.out / "results.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def hardware() -> dict:
+    import platform
+    import torch
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "load_avg_at_end": [round(x, 1) for x in os.getloadavg()]}
+
+
+def plot(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    arms = result["arms"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, style in (("scratch_swin", "k--o"), ("ummae_swin", "C0-o"), ("scratch_pvt", "k:s"), ("ummae_pvt", "C1-s")):
+        if name in arms:
+            pts = sorted((int(b[1:]), v["mean"]) for b, v in arms[name]["finetune"].items())
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("labels per class")
+    ax.set_ylabel("finetuned top-1 on 2,000 held-out images (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "top1_vs_labels.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    main = f"l{result['setup']['main_budget']}"
+    for i, (name, row) in enumerate(arms.items()):
+        if "pretrain_cpu_s" in row and main in row["finetune"]:
+            ax.errorbar(row["pretrain_cpu_s"], row["finetune"][main]["mean"], yerr=row["finetune"][main]["std"],
+                        fmt="o", color=f"C{i}", label=name, capsize=3)
+    for name, ls in (("scratch_swin", "--"), ("scratch_pvt", ":")):
+        if name in arms and main in arms[name]["finetune"]:
+            ax.axhline(arms[name]["finetune"][main]["mean"], color="k", ls=ls, lw=1, label=f"{name} (no pretraining)")
+    ax.set_xlabel("pretraining CPU time (s, process user+sys)")
+    ax.set_ylabel(f"finetuned top-1, {main[1:]} labels/class (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "top1_vs_pretrain_time.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def print_table(result: dict) -> None:
+    main = f"l{result['setup']['main_budget']}"
+    print(f"{'arm':<13} {'pre wall s':>10} {'pre cpu s':>9} {'k-NN':>6} {'lin':>6} {'finetune ' + main:>18}  other budgets")
+    for name, r in result["arms"].items():
+        ft = r["finetune"].get(main)
+        others = ", ".join(f"{b}: {v['mean']:.1f}" for b, v in r["finetune"].items() if b != main)
+        print(f"{name:<13} {r.get('pretrain_wall_s', '-'):>10} {r.get('pretrain_cpu_s', '-'):>9} {r['knn']:>6.2f} "
+              f"{r['linprobe']:>6.2f} {ft['mean']:>9.2f} +- {ft['std']:<5.2f}  {others}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="work_dirs/experiment")
+    p.add_argument("--smoke", action="store_true", help="a miniature of every step (pipeline check, not accuracy)")
+    p.add_argument("--arms", nargs="+", default=None, choices=[a.name for a in ARMS])
+    p.add_argument("--pretrain_epochs", type=int, default=None)
+    p.add_argument("--ft_steps", type=int, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--jobs", type=int, default=None, help="programs run side by side (default 2)")
+    a = p.parse_args(argv)
+    out = Path(a.out).resolve()
+    cfg = smoke_config(out) if a.smoke else Config(out=out)
+    for k in ("pretrain_epochs", "ft_steps", "jobs"):
+        if getattr(a, k) is not None:
+            setattr(cfg, k, getattr(a, k))
+    if a.seeds:
+        cfg.seeds = tuple(a.seeds)
+    arms = [x for x in ARMS if a.arms is None or x.name in a.arms]
+    result = run_experiment(cfg, arms)
+    plot(result, out)
+    print_table(result)
+    print(f"total wall time {result['total_wall_s']:.0f} s; results in {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
