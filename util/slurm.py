@@ -150,6 +150,11 @@ def build_parser(program: ModuleType) -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)
     add_slurm_args(parser)
     parser.set_defaults(output_dir="", log_dir=None, dist_url="")
+    for action in parser._actions:  # what the defaults mean under submitit
+        if action.dest == "output_dir":
+            action.help = "checkpoints, log.txt, run records and figures (default: the job folder)"
+        elif action.dest == "dist_url":
+            action.help = "rendezvous URL (default: a fresh file in the job folder)"
     return parser
 
 
