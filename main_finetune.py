@@ -23,60 +23,68 @@ from torch.utils.data import DataLoader
 
 import models
 from engine_finetune import evaluate, finetune_one_epoch
-from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, run_main, \
+from util.cli import HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args, run_main, \
     setup_stop_signals
 from util.cpu_perf import setup_cpu_training
 from util.datasets import (DataError, SeededSampler, ShardSampler, build_finetune_dataset, image_list,
                            num_classes_of)
-from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
+from util.distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
 from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
                        seed_rngs)
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_pretrained
+from util.run_record import RunClock, RunRecord, summary_line
 from util.train_state import finish_interrupted, resume_training_state, save_training_state
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("UM-MAE finetuning / linear probing / k-NN", add_help=add_help)
-    p.add_argument("--batch_size", default=64, type=int, help="images per GPU")
-    p.add_argument("--epochs", default=50, type=int)
-    p.add_argument("--accum_iter", default=1, type=int)
+    p = argparse.ArgumentParser("UM-MAE finetuning / linear probing / k-NN", add_help=add_help,
+                                formatter_class=HelpFormatter)
+    p.add_argument("--batch_size", default=64, type=int, help="images per GPU (effective = batch * accum * GPUs)")
+    p.add_argument("--epochs", default=50, type=int, help="length of the schedule")
+    p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
     p.add_argument("--model", default="swin_tiny_256", type=str, help="classifier name")
     p.add_argument("--input_size", default=None, type=int, help="default: the model's native size")
-    p.add_argument("--drop_path", type=float, default=0.1)
-    p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
+    p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW (LARS for --linprobe) weight decay")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * eff_batch / 256)")
     p.add_argument("--blr", type=float, default=1e-3, help="base lr per 256 images")
-    p.add_argument("--layer_decay", type=float, default=0.75)
-    p.add_argument("--min_lr", type=float, default=1e-6)
-    p.add_argument("--warmup_epochs", type=int, default=5)
-    p.add_argument("--color_jitter", type=float, default=None)
+    p.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay factor")
+    p.add_argument("--min_lr", type=float, default=1e-6, help="lr at the end of the cosine schedule")
+    p.add_argument("--warmup_epochs", type=int, default=5, help="epochs of linear lr warm-up")
+    p.add_argument("--color_jitter", type=float, default=None,
+                   help="colour jitter factor (default: none; timm ignores it when --aa is set)")
     p.add_argument("--min_crop_scale", type=float, default=0.08,
                    help="smallest area fraction of RandomResizedCrop (timm's 0.08; raise it for tiny images, "
                         "where an 8%% crop of a 32-px image keeps ~9 px of content)")
-    p.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy")
-    p.add_argument("--smoothing", type=float, default=0.1)
+    p.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('none': off)")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    p.add_argument("--remode", type=str, default="pixel")
-    p.add_argument("--recount", type=int, default=1)
-    p.add_argument("--resplit", action="store_true", default=False)
-    p.add_argument("--mixup", type=float, default=0.0)
-    p.add_argument("--cutmix", type=float, default=0.0)
-    p.add_argument("--cutmix_minmax", type=float, nargs="+", default=None)
-    p.add_argument("--mixup_prob", type=float, default=1.0)
-    p.add_argument("--mixup_switch_prob", type=float, default=0.5)
-    p.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"])
+    p.add_argument("--remode", type=str, default="pixel", help="random erasing mode (timm)")
+    p.add_argument("--recount", type=int, default=1, help="random erasing count (timm)")
+    p.add_argument("--resplit", action="store_true", default=False,
+                   help="do not erase the first augmentation split (timm)")
+    p.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off)")
+    p.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
+                   help="CutMix min/max box ratio; overrides --cutmix (default: not used)")
+    p.add_argument("--mixup_prob", type=float, default=1.0, help="probability of Mixup or CutMix per batch")
+    p.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of CutMix instead of Mixup")
+    p.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"],
+                   help="how Mixup/CutMix parameters are drawn")
     p.add_argument("--finetune", default="", help="initialise from this checkpoint (pretrained or finetuned)")
-    p.add_argument("--global_pool", action="store_true", default=True)
+    p.add_argument("--global_pool", action="store_true", default=True,
+                   help="ViT: classify the mean of the patch tokens (default on)")
     p.add_argument("--cls_token", action="store_false", dest="global_pool", help="ViT: classify the cls token")
-    p.add_argument("--nb_classes", default=1000, type=int)
+    p.add_argument("--nb_classes", default=None, type=int,
+                   help="classes of the head (default: inferred from the data; a value given is checked against it)")
     p.add_argument("--data_path", default=None, type=str, help="train/ and val/ in ImageNet layout, or lists")
     p.add_argument("--eval", action="store_true", help="evaluate only")
     p.add_argument("--dist_eval", action="store_true", default=False, help="shard the val set across ranks")
     p.add_argument("--linprobe", action="store_true", help="linear probing: frozen encoder, BN + linear head")
     p.add_argument("--knn", action="store_true", help="k-NN evaluation of frozen features")
-    p.add_argument("--knn_k", type=int, default=20)
-    p.add_argument("--knn_t", type=float, default=0.07)
+    p.add_argument("--knn_k", type=int, default=20, help="k-NN: neighbours that vote")
+    p.add_argument("--knn_t", type=float, default=0.07, help="k-NN: temperature of the similarity weights")
     p.add_argument("--eval_freq", type=int, default=1,
                    help="evaluate on val/ every N epochs and after the last (best checkpoint among those)")
     add_common_args(p)
@@ -115,7 +123,7 @@ def _validate(args) -> None:
         raise UsageError(f"--min_crop_scale must be in (0, 1], got {args.min_crop_scale}")
     try:
         with torch.device("meta"):
-            meta = models.create_model(args.model, **model_kwargs(args))
+            meta = models.create_model(args.model, **{**model_kwargs(args), "num_classes": 0})  # classes: below
     except ValueError as e:
         raise UsageError(f"--input_size {args.input_size}: {e}") from None
     if args.input_size is None:
@@ -138,10 +146,12 @@ def _validate(args) -> None:
         train = None if args.eval else image_list(args.data_path, "train", labelled=True)
     except DataError as e:
         raise UsageError(f"{e} (evaluation needs a val split)" if "'val'" in str(e) else str(e)) from None
-    found = num_classes_of(train if train is not None else val)
+    found = max(num_classes_of(val), num_classes_of(train) if train is not None else 0)
     if train is not None and train.classes and val.classes and train.classes != val.classes:
         raise UsageError(f"train/ and val/ have different class folders ({len(train.classes)} vs {len(val.classes)})")
-    if found != args.nb_classes:
+    if args.nb_classes is None:
+        args.nb_classes = found
+    elif found != args.nb_classes:
         raise UsageError(f"--nb_classes {args.nb_classes} disagrees with the data: {args.data_path} has "
                          f"{found} classes")
     args.num_train = len(train) if train is not None else 0
@@ -156,6 +166,8 @@ def parse_args(argv=None, defaults: dict | None = None) -> argparse.Namespace:
     if defaults:
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    if argv is not None:  # called in-process (tools, tests): the run record shows these flags
+        args.launch_command = [Path(__file__).name, *argv]
     finalize_common_args(args)
     if args.data_path is None:
         raise UsageError("--data_path is required: a folder with train/ and val/ (ImageNet layout or lists)")
@@ -214,13 +226,19 @@ def main(args) -> int:
     rank, world = get_rank(), get_world_size()
     args.amp = resolve_amp(args.amp, device)
     seed_rngs(args.seed, rank)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(device)
+    mode = "knn" if args.knn else "eval" if args.eval else "linprobe" if args.linprobe else "finetune"
+    run_record = RunRecord.start(args, f"main_finetune ({mode})", device)
+    start_time = time.time()
 
     from util.datasets import eval_transform
     val_set = build_finetune_dataset(args, "val")
     shard_eval = args.dist_eval or args.knn
     val_loader, _ = make_loader(val_set, args, False, world, rank, shard=shard_eval)
     model = build_model(args, device)
-    cpu_note = setup_cpu_training(model, device, args.cpu_matmul, compiled=args.compile and not (args.knn or args.eval))
+    cpu_note = setup_cpu_training(model, device, args.cpu_matmul, compiled=args.compile and not (args.knn or args.eval),
+                                  malloc=args.cpu_tuning)
     if cpu_note and is_main_process():
         print(cpu_note, flush=True)
 
@@ -236,6 +254,10 @@ def main(args) -> int:
             with open(Path(args.output_dir) / "knn.json", "w") as f:
                 json.dump({**stats, "k": args.knn_k, "t": args.knn_t, "model": args.model,
                            "weights": args.finetune}, f)
+            print(summary_line(f"{args.model} k-NN", "completed", time.time() - start_time,
+                               [f"top-1 {stats['acc1']:.2f}% on {stats['count']} val images"], args.output_dir),
+                  flush=True)
+            run_record.finish("completed", metrics=stats)
         cleanup()
         return 0
 
@@ -252,6 +274,11 @@ def main(args) -> int:
         if is_main_process():
             print(f"evaluation of {stats['count']} images: top-1 {stats['acc1']:.3f}%  top-5 {stats['acc5']:.3f}%  "
                   f"loss {stats['loss']:.4f}", flush=True)
+            write_eval_json(args, stats, ckpt)
+            print(summary_line(f"{args.model} evaluation", "completed", time.time() - start_time,
+                               [f"top-1 {stats['acc1']:.2f}%, top-5 {stats['acc5']:.2f}% on {stats['count']} images"],
+                               args.output_dir), flush=True)
+            run_record.finish("completed", metrics=stats)
         cleanup()
         return 0
 
@@ -292,7 +319,10 @@ def main(args) -> int:
             from torch.utils.tensorboard import SummaryWriter
             log_writer = SummaryWriter(log_dir=args.log_dir)
     stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))
-    start_time = time.time()
+    run_record.note(start={"epoch": start_epoch, "step": start_step}, lr=args.lr, num_train=len(train_set),
+                num_val=len(val_set), nb_classes=args.nb_classes, cpu=cpu_note or None)
+    clock = RunClock(start_epoch, args.epochs)
+    train_stats, test_stats, best_epoch = {}, {}, None
     try:
         for epoch in range(start_epoch, args.epochs):
             step0 = start_step if epoch == start_epoch else 0
@@ -309,13 +339,17 @@ def main(args) -> int:
                     with open(Path(args.output_dir) / "log.txt", "a") as f:
                         f.write(json.dumps({"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}})
                                 + "\n")
+                    print(clock.line(epoch), flush=True)
                 if epoch == args.exit_after_epoch:
+                    _finish(args, run_record, "exited after epoch", start_time, start_epoch, epoch, train_stats,
+                            test_stats, best_acc, best_epoch)
                     cleanup()
                     return 0
                 continue
             test_stats = evaluate(model, val_loader, device, args.amp, sharded=shard_eval)
             improved = test_stats["acc1"] > best_acc
             best_acc = max(best_acc, test_stats["acc1"])
+            best_epoch = epoch if improved else best_epoch
             numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
             save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered,
                                 extra_names=("checkpoint-best.pth",) if improved else (),
@@ -333,18 +367,59 @@ def main(args) -> int:
                     log_writer.add_scalar("epoch/images_per_sec", train_stats["images_per_sec"], epoch)
                     log_writer.add_scalar("epoch/peak_mem_mb", train_stats["peak_mem_mb"], epoch)
                     log_writer.flush()
+                print(clock.line(epoch), flush=True)
             if epoch == args.exit_after_epoch and not last:
+                _finish(args, run_record, "exited after epoch", start_time, start_epoch, epoch, train_stats, test_stats,
+                        best_acc, best_epoch)
                 cleanup()
                 return 0
     except (StopRequested, NonFiniteLossError) as e:
-        return finish_interrupted(e, args, model, optimizer, scaler, stop, extra={"best_acc1": best_acc})
+        code = finish_interrupted(e, args, model, optimizer, scaler, stop, extra={"best_acc1": best_acc})
+        _finish(args, run_record, "stopped" if isinstance(e, StopRequested) else "failed", start_time, start_epoch,
+                e.epoch - 1, train_stats, test_stats, best_acc, best_epoch, reason=str(e))
+        return code
     if is_main_process():
         print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}; best top-1 "
               f"{best_acc:.2f}%", flush=True)
         if log_writer is not None:
             log_writer.close()
+    _finish(args, run_record, "completed", start_time, start_epoch, args.epochs - 1, train_stats, test_stats, best_acc,
+            best_epoch)
     cleanup()
     return 0
+
+
+def write_eval_json(args, stats: dict, ckpt) -> Path:
+    """--eval's result file, eval.json in --output_dir (rewritten by each evaluation)."""
+    weights = args.resume or args.finetune or (f"newest checkpoint in {Path(args.output_dir).resolve()}" if ckpt else
+                                               "randomly initialised")
+    result = {**stats, "model": args.model, "weights": weights, "input_size": args.input_size,
+              "nb_classes": args.nb_classes, "data_path": str(Path(args.data_path).resolve()),
+              "split": "val", "amp": args.amp, "checkpoint_epoch": ckpt.get("epoch") if ckpt else None}
+    path = Path(args.output_dir) / "eval.json"
+    tmp = path.with_name(".eval.json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _finish(args, record: RunRecord, status: str, start_time: float, start_epoch: int, last_epoch: int,
+            train_stats: dict, test_stats: dict, best_acc: float, best_epoch, **extra) -> None:
+    """The run record's end and the one-line summary (rank 0)."""
+    if not is_main_process():
+        return
+    ran = max(0, last_epoch + 1 - start_epoch)
+    parts = [f"epochs {start_epoch}-{last_epoch} of {args.epochs} ({ran} in this run)" if ran else
+             f"no epoch to run ({args.epochs} done)"]
+    if test_stats:
+        parts.append(f"last val top-1 {test_stats['acc1']:.2f}%")
+    parts.append(f"best val top-1 {best_acc:.2f}%" + (f" (epoch {best_epoch})" if best_epoch is not None else ""))
+    if train_stats:
+        parts.append(f"final train loss {train_stats['loss']:.4f}")
+    what = f"{args.model} {'linear probe' if args.linprobe else 'finetuning'}"
+    print(summary_line(what, status, time.time() - start_time, parts, args.output_dir), flush=True)
+    record.finish(status, epochs_run=ran, last_epoch=last_epoch, best_acc1=best_acc, best_epoch=best_epoch,
+                  final_train=train_stats or None, final_val=test_stats or None, **extra)
 
 
 if __name__ == "__main__":

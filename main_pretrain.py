@@ -22,20 +22,21 @@ from torch.utils.data import DataLoader
 import models
 from engine_pretrain import MaskSampler, pretrain_one_epoch
 from util import checkpoint as ckpt_util
-from util.cli import (UsageError, add_common_args, check_output_dir, finalize_common_args, run_main,
+from util.cli import (HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args, run_main,
                       setup_stop_signals)
 from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, build_pretrain_dataset, image_list
-from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
+from util.distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
 from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
                        seed_rngs)
+from util.run_record import RunClock, RunRecord, summary_line
 from util.train_state import finish_interrupted, resume_training_state, save_training_state
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("UM-MAE pre-training", add_help=add_help)
+    p = argparse.ArgumentParser("UM-MAE pre-training", add_help=add_help, formatter_class=HelpFormatter)
     p.add_argument("--batch_size", default=64, type=int, help="images per GPU (effective = batch * accum * GPUs)")
-    p.add_argument("--epochs", default=400, type=int)
+    p.add_argument("--epochs", default=400, type=int, help="length of the schedule")
     p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
     p.add_argument("--model", default="mae_swin_tiny_256", type=str, help="pretraining model name")
     p.add_argument("--input_size", default=None, type=int, help="image size (default: the model's native size)")
@@ -48,11 +49,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--norm_pix_loss", action="store_true", help="per-unit normalised pixel targets")
     p.add_argument("--reference_decoder_order", action="store_true",
                    help="reproduce the reference's decoder position order (needed for its released checkpoints)")
-    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay")
     p.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * eff_batch / 256)")
     p.add_argument("--blr", type=float, default=1e-3, help="base lr per 256 images")
-    p.add_argument("--min_lr", type=float, default=0.0)
-    p.add_argument("--warmup_epochs", type=int, default=40)
+    p.add_argument("--min_lr", type=float, default=0.0, help="lr at the end of the cosine schedule")
+    p.add_argument("--warmup_epochs", type=int, default=40, help="epochs of linear lr warm-up")
     p.add_argument("--data_path", default=None, type=str,
                    help="ImageNet layout (train/<class>/*), a train.txt list, or a folder of images; "
                         "default: the bundled sample photos")
@@ -142,6 +143,8 @@ def effective_lr(args, world_size: int) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if argv is not None:  # called in-process (tools, tests): the run record shows these flags
+        args.launch_command = [Path(__file__).name, *argv]
     finalize_common_args(args)
     _validate(args)
     return args
@@ -209,6 +212,9 @@ def main(args) -> int:
     seed_rngs(args.seed, rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(device)
+    run_record = RunRecord.start(args, "main_pretrain", device)
 
     dataset = build_pretrain_dataset(args)
     from util.datasets import SeededSampler
@@ -225,7 +231,7 @@ def main(args) -> int:
     model = models.create_model(args.model, **model_kwargs(args)).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    cpu_note = setup_cpu_training(model, device, args.cpu_matmul, compiled=args.compile)
+    cpu_note = setup_cpu_training(model, device, args.cpu_matmul, compiled=args.compile, malloc=args.cpu_tuning)
     eff_batch = args.batch_size * args.accum_iter * world
     args.lr = effective_lr(args, world)
     from timm.optim import param_groups_weight_decay
@@ -235,6 +241,8 @@ def main(args) -> int:
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused_optimizer_ok(device) or None)
     scaler = make_scaler(args.amp, device)
     start_epoch, start_step = resume(args, model, optimizer, scaler)
+    run_record.note(start={"epoch": start_epoch, "step": start_step}, lr=args.lr, effective_batch=eff_batch,
+                steps_per_epoch=steps_per_epoch, num_images=len(dataset), cpu=cpu_note or None)
 
     train_model = model
     if args.distributed:
@@ -259,7 +267,9 @@ def main(args) -> int:
     stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))
 
     start_time = time.time()
+    clock = RunClock(start_epoch, args.epochs)
     epoch = start_epoch
+    stats = {}
     try:
         for epoch in range(start_epoch, args.epochs):
             step0 = start_step if epoch == start_epoch else 0
@@ -284,25 +294,50 @@ def main(args) -> int:
                     print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {epoch}")
                 if args.vis_freq > 0 and (epoch + 1) % args.vis_freq == 0 and not last:
                     write_figure(args, model, device, epoch, log_writer)
+                print(clock.line(epoch), flush=True)
             if epoch == args.exit_after_epoch and not last:
                 if is_main_process():
                     print(f"--exit_after_epoch {epoch}: checkpoint written; exiting", flush=True)
+                _finish(args, run_record, "exited after epoch", start_time, start_epoch, epoch, stats)
                 cleanup()
                 return 0
     except (StopRequested, NonFiniteLossError) as e:
-        return finish_interrupted(e, args, model, optimizer, scaler, stop, extra=None)
+        code = finish_interrupted(e, args, model, optimizer, scaler, stop, extra=None)
+        _finish(args, run_record, "stopped" if isinstance(e, StopRequested) else "failed", start_time, start_epoch,
+                e.epoch - 1, stats, reason=str(e))
+        return code
 
     print(f"rank {rank}: final weights digest {weights_digest(model)}", flush=True)
     if is_main_process():
         total = datetime.timedelta(seconds=int(time.time() - start_time))
         print(f"training time {total}", flush=True)
+        figure = None
         if start_epoch < args.epochs or not (Path(args.output_dir) / f"reconstruction-{args.epochs - 1}.png").exists():
-            path = write_figure(args, model, device, args.epochs - 1, log_writer)
-            print(f"reconstruction figure: {path.resolve()}", flush=True)
+            figure = write_figure(args, model, device, args.epochs - 1, log_writer)
+            print(f"reconstruction figure: {figure.resolve()}", flush=True)
         if log_writer is not None:
             log_writer.close()
+        _finish(args, run_record, "completed", start_time, start_epoch, args.epochs - 1, stats,
+                figure=str(figure.resolve()) if figure else None)
     cleanup()
     return 0
+
+
+def _finish(args, record: RunRecord, status: str, start_time: float, start_epoch: int, last_epoch: int,
+            stats: dict, **extra) -> None:
+    """The run record's end and the one-line summary (rank 0)."""
+    if not is_main_process():
+        return
+    wall = time.time() - start_time
+    ran = max(0, last_epoch + 1 - start_epoch)
+    parts = [f"epochs {start_epoch}-{last_epoch} of {args.epochs} ({ran} in this run)" if ran else
+             f"no epoch to run ({args.epochs} done)"]
+    if stats:
+        parts.append(f"final loss {stats['loss']:.4f}, {stats['images_per_sec']:.1f} img/s, "
+                     f"peak mem {stats['peak_mem_mb']:.0f} MB")
+    print(summary_line(args.model + " pretraining", status, wall, parts, args.output_dir), flush=True)
+    record.finish(status, epochs_run=ran, last_epoch=last_epoch, final=stats or None,
+                  **{k: v for k, v in extra.items() if v is not None})
 
 
 if __name__ == "__main__":

@@ -109,8 +109,9 @@ def test_setup_applies_only_to_cpu_runs_and_names_what_it_did(monkeypatch):
     model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))
     assert setup_cpu_training(model, torch.device("cuda"), "onednn", compiled=False) == ""
     assert all(type(m) is not OneDNNLinear for m in model)
-    note = setup_cpu_training(model, torch.device("cpu"), "aten", compiled=False)
+    note = setup_cpu_training(model, torch.device("cpu"), "aten", compiled=False, malloc=True)
     assert "aten" in note and "malloc keeps freed memory" in note
+    assert "plain PyTorch" in setup_cpu_training(model, torch.device("cpu"), "aten", compiled=False)
     assert all(type(m) is not OneDNNLinear for m in model)
     assert "inductor" in setup_cpu_training(model, torch.device("cpu"), "onednn", compiled=True)
     if onednn_linear_available():
@@ -128,7 +129,7 @@ def test_malloc_setting_leaves_a_users_own_choice_alone(monkeypatch, env):
 
 @needs_onednn
 def test_pretraining_on_onednn_follows_the_aten_run(tmp_path, capsys):
-    """--cpu_matmul onednn (the CPU default) trains like --cpu_matmul aten, up to fp32 rounding."""
+    """--cpu_matmul onednn (part of --cpu_tuning) trains like --cpu_matmul aten (the default), up to fp32 rounding."""
     import json
 
     import main_pretrain
@@ -143,3 +144,22 @@ def test_pretraining_on_onednn_follows_the_aten_run(tmp_path, capsys):
         assert ("linear layers on oneDNN" in text) == (kind == "onednn"), text
         losses[kind] = [json.loads(line)["train_loss"] for line in (out / "log.txt").read_text().splitlines()]
     assert losses["onednn"] == pytest.approx(losses["aten"], rel=1e-4)
+
+
+def test_cpu_tuning_is_opt_in_and_one_flag_turns_it_on(tmp_path, monkeypatch):
+    """The programs run plain PyTorch unless asked; --cpu_tuning selects oneDNN and the malloc setting,
+    --cpu_matmul still chooses the linear layers alone."""
+    import main_finetune
+    import main_pretrain
+    calls = []
+    monkeypatch.setattr(cpu_perf, "retain_freed_memory", lambda: calls.append(1) or True)
+    base = ["--model", "mae_swin_pico_128", "--mask_regular", "--output_dir", str(tmp_path), "--log_dir", ""]
+    for argv, matmul, tuning in ((base, "aten", False), (base + ["--cpu_tuning"], "onednn", True),
+                                 (base + ["--cpu_tuning", "--cpu_matmul", "aten"], "aten", True),
+                                 (base + ["--cpu_matmul", "onednn"], "onednn", False)):
+        args = main_pretrain.parse_args(argv)
+        assert (args.cpu_matmul, args.cpu_tuning) == (matmul, tuning), argv
+    assert main_finetune.get_args_parser().parse_args([]).cpu_tuning is False
+    model = nn.Sequential(nn.Linear(4, 4))
+    setup_cpu_training(model, torch.device("cpu"), "aten", compiled=False)  # the programs' default call
+    assert calls == [] and type(model[0]) is nn.Linear

@@ -55,14 +55,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models
 from models.masking import random_mask, secondary_mask, uniform_mask
-from util.cpu_perf import onednn_linear_available, retain_freed_memory, setup_cpu_training
+from util.cpu_perf import (add_cpu_tuning_args, onednn_linear_available, resolve_cpu_matmul, retain_freed_memory,
+                           setup_cpu_training)
 from util.loop import autocast, make_scaler
 
 MIB = 2 ** 20
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Benchmark pretraining models (one process, interleaved steps)")
+    p = argparse.ArgumentParser("Benchmark pretraining models (one process, interleaved steps)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", required=True, help="pretraining model names")
     p.add_argument("--batch_size", type=int, default=64, help="samples per step (per model)")
     p.add_argument("--input_size", type=int, default=None, help="image size (default: each model's native size)")
@@ -80,12 +82,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask_regular", action="store_true",
                    help="uniform masks also for models that accept any mask (UM-MAE ViT)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (does not affect speed)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic images, masks and weights")
     p.add_argument("--compile", action="store_true", help="time torch.compile'd models (FLOPs/memory: eager)")
-    p.add_argument("--cpu_matmul", default="onednn", choices=["onednn", "aten"],
-                   help="CPU: fp32 linear layers on oneDNN (as main_pretrain.py does) or on aten's BLAS")
-    p.add_argument("--cpu_malloc", default="retain", choices=["retain", "system"],
-                   help="CPU: keep freed memory in the process (as main_pretrain.py does) or glibc's defaults")
+    add_cpu_tuning_args(p)  # --cpu_tuning / --cpu_matmul, as in main_pretrain.py (off unless asked)
+    p.add_argument("--cpu_malloc", default=None, choices=["retain", "system"],
+                   help="CPU: keep freed memory in the process or glibc's defaults (default: retain with "
+                        "--cpu_tuning, else system)")
     p.add_argument("--json", default=None, help="write the results here")
     return p
 
@@ -354,6 +356,7 @@ def run(args, argv: list[str]) -> dict:
         "steps": args.steps,
         "warmup": args.warmup,
         "compile": bool(args.compile),
+        "cpu_tuning": bool(args.cpu_tuning),
         "cpu_matmul": cpu_matmul,
         "cpu_malloc": cpu_malloc,
         "interleaved": True,
@@ -389,7 +392,9 @@ def markdown_table(report: dict) -> str:
     hw = report["hardware"]
     where = hw.get("gpu") or f"{hw.get('cpu')} ({report['threads']} threads)"
     lines.append("")
-    lines.append(f"{where}; torch {report['torch']}; amp {report['amp']}; median of {report['steps']} interleaved "
+    cpu = (f"; CPU settings: {report['cpu_matmul']} linear layers, {report['cpu_malloc']} malloc"
+           if report["device"].startswith("cpu") else "")
+    lines.append(f"{where}; torch {report['torch']}; amp {report['amp']}{cpu}; median of {report['steps']} interleaved "
                  f"steps after {report['warmup']} warm-up; memory = {report['memory_metric']}; "
                  f"ratios = {report['ratio_definition']}")
     return "\n".join(lines)
@@ -399,6 +404,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    resolve_cpu_matmul(args)
+    if args.cpu_malloc is None:
+        args.cpu_malloc = "retain" if args.cpu_tuning else "system"
     known = models.list_models(task="pretrain")
     for name in args.models:
         if name not in known:

@@ -13,6 +13,17 @@ from typing import Callable
 import torch
 
 from .checkpoint import CheckpointError
+from .cpu_perf import add_cpu_tuning_args, resolve_cpu_matmul
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each flag's default, unless its help text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text  # switches say in their text when they are on by default
+        return super()._get_help_string(action)
 
 
 class UsageError(ValueError):
@@ -20,26 +31,28 @@ class UsageError(ValueError):
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt and figures")
-    p.add_argument("--log_dir", default="./output_dir", help="TensorBoard folder ('' disables)")
+    p.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, run records and figures")
+    p.add_argument("--log_dir", default=None,
+                   help="TensorBoard folder (default: OUTPUT_DIR/tensorboard; '' disables)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--seed", default=0, type=int, help="seed of every random draw (data order, crops, masks, init)")
     p.add_argument("--resume", default="", help="resume from this checkpoint")
     p.add_argument("--auto_resume", action="store_true", default=True,
                    help="resume from the newest good checkpoint in --output_dir (default on)")
-    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
-    p.add_argument("--start_epoch", default=0, type=int)
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--pin_mem", action="store_true", default=True)
-    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume",
+                   help="start from scratch even if --output_dir holds checkpoints")
+    p.add_argument("--start_epoch", default=0, type=int, help="first epoch when not resuming")
+    p.add_argument("--num_workers", default=None, type=int,
+                   help="DataLoader worker processes per rank (default: the CPUs available to each rank, at most "
+                        "10, one fewer on a CPU device, whose training uses the same cores)")
+    p.add_argument("--pin_mem", action="store_true", default=True, help="pin loaded batches in memory for CUDA runs (default on)")
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin loaded batches")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                    help="autocast precision (default: bf16 on a GPU that supports it, none on CPU)")
     p.add_argument("--bf16", action="store_true", help="the reference's spelling of --amp bf16")
     p.add_argument("--clip_grad", type=float, default=None, help="gradient norm clipping (default off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--cpu_matmul", default="onednn", choices=["onednn", "aten"],
-                   help="CPU runs: fp32 linear layers on oneDNN (default; >2x faster GEMMs on AMD CPUs, where "
-                        "MKL avoids AVX-512) or on aten's BLAS (MKL/OpenBLAS). Ignored on CUDA.")
+    add_cpu_tuning_args(p)
     p.add_argument("--save_freq", default=20, type=int, help="write checkpoint-{epoch}.pth every N epochs")
     p.add_argument("--keep_last", default=0, type=int, help="keep only the newest K numbered checkpoints (0: all)")
     p.add_argument("--exit_after_epoch", default=-1, type=int,
@@ -74,8 +87,11 @@ def finalize_common_args(args) -> None:
         env["LOCAL_RANK"] = env["OMPI_COMM_WORLD_LOCAL_RANK"]
     if args.local_rank >= 0 and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
+    if args.log_dir is None:  # TensorBoard inside the run's folder
+        args.log_dir = os.path.join(args.output_dir, "tensorboard")
     if args.log_dir == "":
         args.log_dir = None
+    resolve_cpu_matmul(args)
     if getattr(args, "aa", None) in ("none", "None", ""):
         args.aa = None
 

@@ -1,28 +1,28 @@
-"""CPU training speed: fp32 linear layers through oneDNN, and a malloc that keeps freed memory.
+"""Optional CPU optimisation, off by default: fp32 linear layers through oneDNN and a malloc that
+keeps freed memory.
 
-Both are choices of the programs (``main_pretrain.py``, ``main_finetune.py``,
-``tools/benchmark.py``) for runs on a CPU device; the model files stay plain
-PyTorch and nothing here changes a parameter, a key or a result beyond fp32
-rounding. Measured on this project's 2-core AMD EPYC machine (PRETRAIN.md,
-"Speed work"):
+Nothing here is needed for correct training, and GPU runs never use it. A program applies it
+only when asked: ``--cpu_tuning`` turns both settings on for a run on a CPU device
+(``main_pretrain.py``, ``main_finetune.py``, ``tools/benchmark.py``; ``scripts/demo.sh`` passes
+it); ``--cpu_matmul onednn`` alone turns on just the linear layers. Without these flags a run
+uses PyTorch's own ``F.linear`` and the system allocator. The model files stay plain PyTorch,
+and neither setting changes a parameter, a key or a result beyond fp32 rounding. Measurements
+are in PRETRAIN.md ("Speed work"). What the two settings do, and what they cost:
 
-* ``torch.mm`` / ``F.linear`` on x86 CPUs call MKL's sgemm. On AMD processors
-  MKL does not take its AVX-512 path and reaches about 190 GFLOP/s on 2 cores,
-  where oneDNN's fp32 GEMM reaches about 430. :func:`use_onednn_linear` routes
-  the forward and both backward GEMMs of every ``nn.Linear`` through oneDNN
-  (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor uses for frozen,
-  inference-only CPU linears). Inputs it cannot serve (float64, bf16 autocast,
-  CUDA) fall back to ``F.linear``; a double backward (``create_graph=True``)
-  runs on aten's matmuls so that it stays differentiable. ``torch.func``
-  transforms are not supported: use ``--cpu_matmul aten`` with them.
-* glibc's malloc hands large tensors out as fresh ``mmap`` regions and trims
-  its heap after frees, so each training step faults in, and the kernel zeroes,
-  the same hundreds of MiB again (about 15,000 page faults per UM-MAE PVT-S step
-  at batch 4). :func:`retain_freed_memory` keeps freed memory in the process,
-  as PyTorch's CUDA caching allocator does on a GPU. The process then holds on
-  to its peak memory; in our runs the peak itself did not change (1.40 GB for
-  that PVT-S benchmark), though an allocation pattern that fragments the heap
-  can raise it.
+* ``torch.mm`` / ``F.linear`` on x86 CPUs call MKL's sgemm, which does not take its AVX-512
+  path on AMD processors. :func:`use_onednn_linear` changes the class of every plain
+  ``nn.Linear`` to :class:`OneDNNLinear`, whose forward and both backward GEMMs call oneDNN
+  (``torch.ops.mkldnn._linear_pointwise``, a private PyTorch op: the kernel inductor uses for
+  frozen, inference-only CPU linears) through a hand-written backward. Inputs it cannot serve
+  (float64, bf16 autocast, CUDA) fall back to ``F.linear``; a double backward
+  (``create_graph=True``) runs on aten's matmuls so that it stays differentiable. ``torch.func``
+  transforms are not supported: leave the setting off with them.
+* glibc's malloc hands large tensors out as fresh ``mmap`` regions and trims its heap after
+  frees, so each training step faults in, and the kernel zeroes, the same hundreds of MiB
+  again. :func:`retain_freed_memory` changes the allocator of the whole process (``mallopt``)
+  to keep freed memory, as PyTorch's CUDA caching allocator does on a GPU. The process then
+  holds on to its peak memory; an allocation pattern that fragments the heap can raise that
+  peak. A user's own allocator choice is left alone.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["retain_freed_memory", "onednn_linear_available", "use_onednn_linear", "OneDNNLinear",
-           "setup_cpu_training"]
+           "setup_cpu_training", "add_cpu_tuning_args", "resolve_cpu_matmul"]
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -142,10 +142,12 @@ def use_onednn_linear(model: nn.Module) -> int:
 
 
 def setup_cpu_training(model: nn.Module, device: torch.device, cpu_matmul: str, compiled: bool,
-                       malloc: bool = True) -> str:
-    """Apply this module's CPU settings for a training/evaluation run; returns a line for the log.
+                       malloc: bool = False) -> str:
+    """Apply the requested CPU settings for a run on ``device``; returns a line for the log.
 
-    ``malloc=False`` leaves the (process-wide) allocator to the caller.
+    ``cpu_matmul``: 'onednn' swaps the linear layers (:func:`use_onednn_linear`), 'aten' keeps
+    them. ``malloc=True`` also calls :func:`retain_freed_memory` (process-wide). Nothing is done
+    on a non-CPU device.
     """
     if device.type != "cpu":
         return ""
@@ -157,6 +159,25 @@ def setup_cpu_training(model: nn.Module, device: torch.device, cpu_matmul: str, 
     elif cpu_matmul == "onednn":
         n = use_onednn_linear(model)
         notes.append(f"{n} linear layers on oneDNN" if n else "oneDNN linear unavailable: aten linear")
+    elif not notes:
+        return "CPU: plain PyTorch (aten linear layers, system malloc); --cpu_tuning turns on the optional CPU optimisation"
     else:
         notes.append("linear layers: aten (MKL/OpenBLAS)")
-    return "CPU: " + "; ".join(notes)
+    return "CPU tuning: " + "; ".join(notes)
+
+
+def add_cpu_tuning_args(p) -> None:
+    """The flags that opt in (shared by the programs and the benchmark)."""
+    p.add_argument("--cpu_tuning", action="store_true",
+                   help="CPU runs: turn on the optional CPU optimisation of util/cpu_perf.py (fp32 linear layers "
+                        "on oneDNN and a malloc that keeps freed memory); off by default, ignored on CUDA")
+    p.add_argument("--cpu_matmul", default=None, choices=["onednn", "aten"],
+                   help="CPU runs: fp32 linear layers on oneDNN or on aten's BLAS (MKL/OpenBLAS); default: onednn "
+                        "with --cpu_tuning, else aten")
+
+
+def resolve_cpu_matmul(args) -> str:
+    """--cpu_matmul as given, else what --cpu_tuning implies."""
+    if args.cpu_matmul is None:
+        args.cpu_matmul = "onednn" if args.cpu_tuning else "aten"
+    return args.cpu_matmul

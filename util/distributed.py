@@ -75,3 +75,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpus_per_rank() -> int:
+    """CPUs this rank may use: SLURM's --cpus-per-task when set, else the CPUs this process may run on
+    (its affinity: taskset, cgroups) shared by the ranks of this node (torchrun's LOCAL_WORLD_SIZE)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    env = os.environ
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, min(cpus, int(env["SLURM_CPUS_PER_TASK"])))
+    local = int(env["LOCAL_WORLD_SIZE"]) if env.get("LOCAL_WORLD_SIZE", "").isdigit() else 1
+    return max(1, cpus // max(local, 1))
+
+
+def default_num_workers(device: torch.device, cap: int = 10) -> int:
+    """DataLoader workers per rank when --num_workers is not given: the rank's CPUs (at most ``cap``,
+    MAE's 10); on a CPU device one fewer, since the training itself runs on those cores."""
+    cpus = cpus_per_rank()
+    return max(0, min(cap, cpus - 1 if device.type == "cpu" else cpus))

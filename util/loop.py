@@ -193,8 +193,11 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                 rate = (images - last_images) / max(now - last_log, 1e-9)
                 last_log, last_images = now, images
                 avg = loss_sum.item() / seen
-                eta = (now - start) / (it + 1) * (steps - it - 1)
-                print(f"{header} [{it + 1}/{steps}] eta {_fmt_eta(eta)} loss {loss_d.item():.4f} "
+                per_step = (now - start) / (it + 1)
+                eta = per_step * (steps - it - 1)
+                # the whole run at this epoch's step rate (the end-of-epoch line adds evaluation and checkpoints)
+                run_eta = eta + per_step * steps * max(getattr(args, "epochs", epoch + 1) - epoch - 1, 0)
+                print(f"{header} [{it + 1}/{steps}] eta {_fmt_eta(eta)} (run {_fmt_eta(run_eta)}) loss {loss_d.item():.4f} "
                       f"(avg {avg:.4f}) lr {lr:.3e} img/s {rate:.1f} mem {peak_memory_mb(device):.0f}MB",
                       flush=True)
                 if log_writer is not None:

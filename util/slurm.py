@@ -19,6 +19,7 @@ import argparse
 import copy
 import os
 import signal
+import sys
 import uuid
 from pathlib import Path
 from types import ModuleType
@@ -28,21 +29,22 @@ import submitit
 
 def add_slurm_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("SLURM / submitit")
-    g.add_argument("--ngpus", default=8, type=int, help="GPUs (= tasks) per node")
-    g.add_argument("--nodes", default=1, type=int)
+    g.add_argument("--ngpus", default=None, type=int,
+                   help="GPUs (= tasks) per node (default: the GPUs visible here, 1 process on a CPU machine)")
+    g.add_argument("--nodes", default=1, type=int, help="nodes")
     g.add_argument("--timeout", default=4320, type=int, help="minutes per job (before requeue)")
     g.add_argument("--job_dir", default="./work_dirs/submitit/%j", help="shared folder; %%j = job id")
-    g.add_argument("--partition", default="", type=str)
-    g.add_argument("--account", default="", type=str)
-    g.add_argument("--qos", default="", type=str)
-    g.add_argument("--constraint", default="", type=str)
+    g.add_argument("--partition", default="", type=str, help="SLURM partition (default: the cluster's)")
+    g.add_argument("--account", default="", type=str, help="SLURM account (default: yours)")
+    g.add_argument("--qos", default="", type=str, help="SLURM quality of service (default: none)")
+    g.add_argument("--constraint", default="", type=str, help="SLURM node constraint (default: none)")
     g.add_argument("--use_volta32", action="store_true", help="constraint volta32gb")
-    g.add_argument("--comment", default="", type=str)
+    g.add_argument("--comment", default="", type=str, help="SLURM job comment (default: none)")
     g.add_argument("--mem_gb", default=None, type=int, help="memory per node (default 40 per GPU)")
-    g.add_argument("--cpus_per_task", default=10, type=int)
+    g.add_argument("--cpus_per_task", default=10, type=int, help="CPUs per task (data-loading workers)")
     g.add_argument("--max_requeues", default=30, type=int, help="timeouts tolerated before giving up")
     g.add_argument("--local", action="store_true", help="run with submitit's local executor (no SLURM)")
-    g.add_argument("--job_name", default=None)
+    g.add_argument("--job_name", default=None, help="job name (default: the program's)")
 
 
 class Trainer:
@@ -60,9 +62,11 @@ class Trainer:
         if not args.output_dir:
             args.output_dir = str(job_dir)
         if args.log_dir is None or args.log_dir == "":
-            args.log_dir = str(job_dir) if args.log_dir is None else None
+            args.log_dir = str(Path(args.output_dir) / "tensorboard") if args.log_dir is None else None
         os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks),
-                          LOCAL_RANK=str(env.local_rank))
+                          LOCAL_RANK=str(env.local_rank), LOCAL_WORLD_SIZE=str(args.ngpus))
+        if env.global_rank == 0:
+            _remove_literal_job_folder(args.job_dir)
         if args.device is None or str(args.device).startswith("cuda"):
             args.device = "cuda" if args.ngpus > 0 and _cuda() else "cpu"
         args.extra_stop_signals = (signal.SIGUSR2,)
@@ -87,6 +91,16 @@ class Trainer:
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def _remove_literal_job_folder(job_dir: str) -> None:
+    """submitit's local executor creates its folder argument unformatted (a literal ``%j``) before it
+    starts the tasks; the job's files are in the formatted folder, so an empty literal one goes."""
+    if "%j" in str(job_dir):
+        try:
+            Path(job_dir).rmdir()
+        except OSError:  # absent, or not empty: not ours to remove
+            pass
 
 
 def new_rendezvous(job_dir: str) -> str:
@@ -123,20 +137,37 @@ def submit(program: str, args: argparse.Namespace) -> submitit.Job:
                                    slurm_additional_parameters=extra or None, **kwargs)
     executor.update_parameters(name=args.job_name or program)
     args.dist_url = new_rendezvous(args.job_dir)
+    # the job starts in submitit's interpreter, possibly in another folder: let it import the programs
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     return executor.submit(Trainer(program, args))
 
 
 def build_parser(program: ModuleType) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(f"submitit for {program.__name__}", parents=[program.get_args_parser(False)])
+    from util.cli import HelpFormatter
+    parser = argparse.ArgumentParser(f"submitit for {program.__name__}", parents=[program.get_args_parser(False)],
+                                     formatter_class=HelpFormatter)
     add_slurm_args(parser)
     parser.set_defaults(output_dir="", log_dir=None, dist_url="")
+    for action in parser._actions:  # what the defaults mean under submitit
+        if action.dest == "output_dir":
+            action.help = "checkpoints, log.txt, run records and figures (default: the job folder)"
+        elif action.dest == "dist_url":
+            action.help = "rendezvous URL (default: a fresh file in the job folder)"
     return parser
 
 
 def prepare(program: ModuleType, argv=None) -> argparse.Namespace:
     """Parse the wrapped program's flags + SLURM flags and validate them before anything is submitted."""
     from util.cli import finalize_common_args
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(program).parse_args(argv)
+    args.launch_command = [sys.argv[0], *argv]  # for the run record: the job itself runs submitit's command
+    if args.ngpus is None:
+        args.ngpus = _visible_gpus()
+        if not args.local:
+            print(f"--ngpus not given: {args.ngpus} task(s) per node, the GPUs visible here", file=sys.stderr)
     if args.nodes > 1 and args.local:
         from util.cli import UsageError
         raise UsageError("--local runs on one node; drop --nodes")
@@ -144,12 +175,24 @@ def prepare(program: ModuleType, argv=None) -> argparse.Namespace:
     finalize_common_args(args)
     args.device, args.log_dir = device, log_dir  # resolved on the compute node
     output_dir = args.output_dir
-    if not output_dir:
+    if not output_dir:  # the job folder is known only once submitted: validate against a scratch folder
+        import shutil
         import tempfile
         args.output_dir = tempfile.mkdtemp(prefix="validate-")
-    program._validate(args)
+        try:
+            program._validate(args)
+        finally:
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+    else:
+        program._validate(args)
     args.output_dir = output_dir
     return args
+
+
+def _visible_gpus() -> int:
+    """GPUs this process sees (CUDA_VISIBLE_DEVICES honoured); 1 (one process) on a machine without."""
+    import torch
+    return torch.cuda.device_count() or 1
 
 
 def main(program: ModuleType, argv=None) -> int:
