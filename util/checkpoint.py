@@ -56,9 +56,15 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    from . import safe_archive  # bounded inspection: memory and time cannot exceed limits set by the model
+    safe_archive.inspect_archive(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+        safe_archive.check_loaded(obj, path)
+        return obj
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         lines = str(e).strip().splitlines()
         detail = next((l for l in lines if "GLOBAL" in l or "Unsupported global" in l), "")
@@ -70,6 +76,9 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
             f"argparse.Namespace, and loading it could execute code ({detail.strip()})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    except Exception as e:  # e.g. a TypeError from odd argparse.Namespace state: never a raw exception
+        raise CheckpointError(f"checkpoint {path} is malformed: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
