@@ -50,12 +50,14 @@ MAX_DEPTH = 64                   # nesting of containers (a state dict is ~4 dee
 MAX_EXPANDED = 5_000_000         # objects after expanding shared sub-structures
 
 _override_bytes: Optional[int] = None
+_override_gb: Optional[float] = None
 _expected_bytes: Optional[int] = None
 
 
 def configure(max_checkpoint_gb: Optional[float] = None) -> None:
     """``--max_checkpoint_gb``: a fixed limit instead of the model-scaled one (None: scaled)."""
-    global _override_bytes
+    global _override_bytes, _override_gb
+    _override_gb = max_checkpoint_gb
     _override_bytes = None if max_checkpoint_gb is None else int(max_checkpoint_gb * GiB)
 
 
@@ -73,7 +75,7 @@ def model_bytes(model: torch.nn.Module) -> int:
 def limit_bytes(expected: Optional[int] = None) -> tuple[int, str]:
     """(limit, how it was chosen) for the total size of one checkpoint file's entries."""
     if _override_bytes is not None:
-        return _override_bytes, f"--max_checkpoint_gb {_override_bytes / GiB:g}"
+        return _override_bytes, f"--max_checkpoint_gb {_override_gb:g}"
     expected = expected if expected is not None else _expected_bytes
     if expected is None:
         return UNKNOWN_MODEL_BYTES, (f"{UNKNOWN_MODEL_BYTES / GiB:g} GB when no model is known; "
