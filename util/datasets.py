@@ -1,11 +1,15 @@
 """Image datasets for pretraining and finetuning.
 
-* ``--data_path`` in ImageNet layout (``train/<class>/*``, ``val/<class>/*``) through
-  torchvision's ``ImageFolder``; or the reference's ``train.txt`` / ``val.txt`` lists
+* ``--data_path`` in ImageNet layout (``train/<class>/*``, ``val/<class>/*``; the labels and
+  order of torchvision's ``ImageFolder``); or the reference's ``train.txt`` / ``val.txt`` lists
   ("relative/path label" lines under ``train/`` / ``val/``) when present; or, for
   pretraining, a plain folder of images (searched recursively).
 * No ``--data_path``: the bundled sample photographs (``data/sample_images``).
-* An unreadable image is skipped with a warning that names it, and counted.
+* An unreadable image is skipped with a warning that names it, and counted (summed over ranks).
+  Files left out when listing (unsupported type, broken link, link loop, unreadable folder)
+  are named once with the reason (``report_left_out``).
+* High-bit-depth images are scaled to 8 bits (``to_rgb8``); large JPEGs are decoded at a
+  reduced scale when the crop allows (``ImageList.min_side``).
 * Augmentation randomness is seeded per (seed, epoch, sample), so a run gives the
   same crops whatever the number of workers, and a resumed run the same as an
   uninterrupted one.
@@ -208,10 +212,10 @@ def report_left_out(images: ImageList, log=print, limit: int = 50) -> None:
 def image_list(data_path: Optional[str], split: str, labelled: bool) -> ImageList:
     """The images of one split, in whichever layout ``data_path`` uses."""
     if data_path is None:
-        files, left_out = walk_images(SAMPLE_IMAGES)
+        files = walk_images(SAMPLE_IMAGES)[0]  # (its ATTRIBUTION.md is not worth a warning)
         if not files:
             raise DataError(f"the bundled sample images are missing from {SAMPLE_IMAGES}")
-        return ImageList([(f, 0) for f in files], left_out=left_out)
+        return ImageList([(f, 0) for f in files])
     root = Path(data_path)
     if not root.is_dir():
         raise DataError(f"--data_path {root} does not exist or is not a folder")
