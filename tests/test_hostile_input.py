@@ -367,3 +367,12 @@ def test_skipped_image_counts_are_summed_over_ranks(tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
     assert sorted(o[0].split()[-1] for o in outs) == ["6", "6"]  # rank 1's 3 x 2, seen by both ranks
+
+
+def test_protocol_4_zip_is_refused_without_torchs_unsafe_advice(tmp_path):
+    torch.save({"model": {"w": torch.zeros(2)}}, tmp_path / "p4.pth", pickle_protocol=4)
+    with pytest.raises(CheckpointError) as info:
+        safe_load(tmp_path / "p4.pth")
+    message = str(info.value)
+    assert "p4.pth" in message and "Unsupported operand" in message
+    assert "weights_only" not in message and "\n" not in message

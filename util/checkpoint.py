@@ -68,9 +68,12 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     except pickle.UnpicklingError as e:
         lines = str(e).strip().splitlines()
         detail = next((l for l in lines if "GLOBAL" in l or "Unsupported global" in l), "")
-        if not detail:  # not an unsafe object: the file itself is damaged
-            raise CheckpointError(f"checkpoint {path} is truncated or corrupt: "
-                                  f"{lines[0] if lines else 'unreadable pickle'}") from None
+        if not detail:  # not an unsafe object: the file itself is damaged (torch's own advice is left out)
+            after = str(e).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+            reason = after[0].strip() if after and "WeightsUnpickler" in str(e) else "unreadable pickle"
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or uses pickle opcodes that safe "
+                                  f"loading does not support ({reason}); torch.save's default protocol 2 "
+                                  f"always loads") from None
         raise CheckpointError(
             f"refused to load {path}: it needs a pickled object other than tensors, plain containers and "
             f"argparse.Namespace, and loading it could execute code ({detail.strip()})") from None
