@@ -27,7 +27,9 @@ from util.cli import HelpFormatter, UsageError, add_common_args, check_output_di
     setup_stop_signals
 from util.cpu_perf import setup_cpu_training
 from util.datasets import (DataError, SeededSampler, ShardSampler, build_finetune_dataset, image_list,
-                           num_classes_of)
+                           num_classes_of, report_left_out)
+from util.flag_checks import (DECAY, NON_NEGATIVE, POSITIVE, TRAINING_RULES, UNIT, UNIT_RIGHT_OPEN, at_least,
+                              check_auto_augment, check_existing, check_ranges)
 from util.distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
 from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
                        seed_rngs)
@@ -107,7 +109,27 @@ def model_kwargs(args) -> dict:
     return kwargs
 
 
+FINETUNE_RULES = TRAINING_RULES + [
+    ("drop_path", UNIT_RIGHT_OPEN), ("layer_decay", DECAY), ("color_jitter", NON_NEGATIVE),
+    ("smoothing", UNIT_RIGHT_OPEN), ("reprob", UNIT), ("recount", at_least(1)), ("mixup", NON_NEGATIVE),
+    ("cutmix", NON_NEGATIVE), ("cutmix_minmax", DECAY), ("mixup_prob", UNIT), ("mixup_switch_prob", UNIT),
+    ("nb_classes", at_least(1)), ("knn_k", at_least(1)), ("knn_t", POSITIVE),
+]
+RANDOM_ERASING_MODES = ("pixel", "rand", "const")
+
+
 def _validate(args) -> None:
+    check_existing(args, ["finetune"])
+    check_existing(args, ["data_path"], kind="dir")
+    check_ranges(args, FINETUNE_RULES)
+    if args.remode not in RANDOM_ERASING_MODES:
+        raise UsageError(f"--remode {args.remode!r}: valid choices are {', '.join(RANDOM_ERASING_MODES)}")
+    if args.cutmix_minmax is not None and len(args.cutmix_minmax) == 2 and \
+            not args.cutmix_minmax[0] < args.cutmix_minmax[1]:
+        raise UsageError(f"--cutmix_minmax {args.cutmix_minmax[0]} {args.cutmix_minmax[1]}: valid values are "
+                         f"min < max, both in (0, 1]")
+    if not (args.linprobe or args.knn or args.eval):
+        check_auto_augment(args.aa)
     classifiers = models.list_models(task="classify")
     if args.model not in classifiers:
         hint = ""
@@ -137,10 +159,6 @@ def _validate(args) -> None:
         args.auto_resume = False  # evaluate exactly the --finetune weights, not a checkpoint in --output_dir
     if mixup and args.batch_size % 2 and not (args.eval or args.linprobe or args.knn):
         raise UsageError(f"Mixup/CutMix needs an even --batch_size (got {args.batch_size})")
-    if args.finetune and not Path(args.finetune).is_file():
-        raise UsageError(f"--finetune checkpoint {args.finetune} does not exist")
-    if args.resume and not Path(args.resume).is_file():
-        raise UsageError(f"--resume checkpoint {args.resume} does not exist")
     try:
         val = image_list(args.data_path, "val", labelled=True)
         train = None if args.eval else image_list(args.data_path, "train", labelled=True)
@@ -154,6 +172,9 @@ def _validate(args) -> None:
     elif found != args.nb_classes:
         raise UsageError(f"--nb_classes {args.nb_classes} disagrees with the data: {args.data_path} has "
                          f"{found} classes")
+    for split in (train, val):
+        if split is not None:
+            report_left_out(split)
     args.num_train = len(train) if train is not None else 0
     args.num_val = len(val)
     check_output_dir(args.output_dir)
@@ -357,6 +378,9 @@ def main(args) -> int:
             if is_main_process():
                 print(f"epoch {epoch}: val top-1 {test_stats['acc1']:.2f}%  top-5 {test_stats['acc5']:.2f}%  "
                       f"(best {best_acc:.2f}%)", flush=True)
+                if train_stats.get("skipped_images"):
+                    print(f"warning: {train_stats['skipped_images']} unreadable images skipped in epoch {epoch} "
+                          f"(all ranks)", flush=True)
                 record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                           **{f"test_{k}": v for k, v in test_stats.items()}}
                 with open(Path(args.output_dir) / "log.txt", "a") as f:

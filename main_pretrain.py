@@ -25,7 +25,8 @@ from util import checkpoint as ckpt_util
 from util.cli import (HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args, run_main,
                       setup_stop_signals)
 from util.cpu_perf import setup_cpu_training
-from util.datasets import DataError, build_pretrain_dataset, image_list
+from util.datasets import DataError, build_pretrain_dataset, image_list, report_left_out
+from util.flag_checks import TRAINING_RULES, at_least, check_existing, check_ranges
 from util.distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
 from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
                        seed_rngs)
@@ -69,6 +70,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _validate(args) -> None:
     """Every flag combination that cannot work fails here, before any compute."""
+    check_existing(args, ["load_from"])
+    check_ranges(args, TRAINING_RULES + [("vis_freq", at_least(0))])
     pretrain_models = models.list_models(task="pretrain")
     if args.model not in pretrain_models:
         raise UsageError(f"unknown --model {args.model!r}; valid pretraining models: {', '.join(pretrain_models)}")
@@ -114,6 +117,7 @@ def _validate(args) -> None:
     except DataError as e:
         raise UsageError(str(e)) from None
     args.num_images = len(images)
+    report_left_out(images)
     check_output_dir(args.output_dir)
     if args.log_dir:
         check_output_dir(args.log_dir)
@@ -291,7 +295,8 @@ def main(args) -> int:
                     log_writer.add_scalar("epoch/peak_mem_mb", stats["peak_mem_mb"], epoch)
                     log_writer.flush()
                 if stats.get("skipped_images"):
-                    print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {epoch}")
+                    print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {epoch} "
+                          f"(all ranks)")
                 if args.vis_freq > 0 and (epoch + 1) % args.vis_freq == 0 and not last:
                     write_figure(args, model, device, epoch, log_writer)
                 print(clock.line(epoch), flush=True)

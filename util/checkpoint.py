@@ -70,20 +70,32 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    from . import safe_archive  # bounded inspection: memory and time cannot exceed limits set by the model
+    safe_archive.inspect_archive(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+        safe_archive.check_loaded(obj, path)
+        return obj
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         lines = str(e).strip().splitlines()
         detail = next((l for l in lines if "GLOBAL" in l or "Unsupported global" in l), "")
-        if not detail:  # not an unsafe object: the file itself is damaged
-            raise CheckpointError(f"checkpoint {path} is truncated or corrupt: "
-                                  f"{lines[0] if lines else 'unreadable pickle'}") from None
+        if not detail:  # not an unsafe object: the file itself is damaged (torch's own advice is left out)
+            after = str(e).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+            reason = after[0].strip() if after and "WeightsUnpickler" in str(e) else "unreadable pickle"
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or uses pickle opcodes that safe "
+                                  f"loading does not support ({reason}); torch.save's default protocol 2 "
+                                  f"always loads") from None
         raise CheckpointError(
             f"refused to load {path}: it needs a pickled object other than tensors, plain containers and "
             f"argparse.Namespace, and loading it could execute code ({detail.strip()})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    except Exception as e:  # e.g. a TypeError from odd argparse.Namespace state: never a raw exception
+        raise CheckpointError(f"checkpoint {path} is malformed: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 

@@ -65,9 +65,17 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dist_url", default="env://", help="rendezvous URL")
     p.add_argument("--dist_timeout", default=10.0, type=float,
                    help="minutes a collective waits before the run fails (bounds hangs when a rank dies)")
+    p.add_argument("--max_checkpoint_gb", default=None, type=float,
+                   help="largest checkpoint file content loaded (default: 8x the model's fp32 weights, at least "
+                        "256 MB); see FINETUNE.md 'Loading checkpoints safely'")
 
 
 def finalize_common_args(args) -> None:
+    from . import safe_archive
+    from .flag_checks import COMMON_RULES, check_existing, check_ranges
+    check_existing(args, ["resume"])  # paths first: a typo fails before anything else is looked at
+    check_ranges(args, COMMON_RULES)
+    safe_archive.configure(getattr(args, "max_checkpoint_gb", None))
     if args.bf16:
         if args.amp not in (None, "bf16"):
             raise UsageError(f"--bf16 contradicts --amp {args.amp}")

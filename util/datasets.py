@@ -1,18 +1,24 @@
 """Image datasets for pretraining and finetuning.
 
-* ``--data_path`` in ImageNet layout (``train/<class>/*``, ``val/<class>/*``) through
-  torchvision's ``ImageFolder``; or the reference's ``train.txt`` / ``val.txt`` lists
+* ``--data_path`` in ImageNet layout (``train/<class>/*``, ``val/<class>/*``; the labels and
+  order of torchvision's ``ImageFolder``); or the reference's ``train.txt`` / ``val.txt`` lists
   ("relative/path label" lines under ``train/`` / ``val/``) when present; or, for
   pretraining, a plain folder of images (searched recursively).
 * No ``--data_path``: the bundled sample photographs (``data/sample_images``).
-* An unreadable image is skipped with a warning that names it, and counted.
+* An unreadable image is skipped with a warning that names it, and counted (summed over ranks).
+  Files left out when listing (unsupported type, broken link, link loop, unreadable folder)
+  are named once with the reason (``report_left_out``).
+* High-bit-depth images are scaled to 8 bits (``to_rgb8``); large JPEGs are decoded at a
+  reduced scale when the crop allows (``ImageList.min_side``).
 * Augmentation randomness is seeded per (seed, epoch, sample), so a run gives the
   same crops whatever the number of workers, and a resumed run the same as an
   uninterrupted one.
 """
 from __future__ import annotations
 
+import errno
 import math
+import os
 import random
 import warnings
 from pathlib import Path
@@ -22,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
-from torchvision import datasets, transforms
+from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,22 +41,59 @@ class DataError(ValueError):
     """A data folder that cannot be used (missing, empty, inconsistent)."""
 
 
+PRETRAIN_SCALE = (0.2, 1.0)
+
+
 def pretrain_transform(input_size: int) -> Callable:
     """The reference's pretraining augmentation."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(input_size, scale=PRETRAIN_SCALE, interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
 
 
-class ImageList(Dataset):
-    """(path, label) pairs; ``load`` returns the RGB image or raises."""
+HUGE_PIXELS = 50_000_000  # decoded in full, such an image costs > 150 MB per worker and seconds per epoch
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Optional[list[str]] = None) -> None:
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel, scaling high-bit-depth modes instead of clipping them.
+
+    PIL's ``convert("RGB")`` clips 16-bit grey ("I;16", "I") to 255: a 16-bit photo comes out
+    almost white. 16-bit data is scaled by 255/65535; 32-bit integers ("I") by their bit depth;
+    float images ("F") from [0, 1] or, when larger, from [0, 255] (clipped)."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(img)
+        if mode == "F":
+            a = a.astype(np.float64)
+            a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a
+            a = np.clip(np.nan_to_num(a), 0, 255)
+        else:
+            a = a.astype(np.int64)
+            top = 65535 if mode.startswith("I;16") else max(65535, (1 << int(a.max()).bit_length()) - 1)
+            a = np.clip(a, 0, None) * 255.0 / top
+        g = np.rint(a).astype(np.uint8)
+        return Image.fromarray(np.stack([g, g, g], axis=-1), "RGB")
+    return img.convert("RGB")
+
+
+class ImageList(Dataset):
+    """(path, label) pairs; ``load`` returns the RGB image or raises.
+
+    ``min_side``: the shortest side the transform needs without upsampling its smallest crop;
+    a larger JPEG is decoded at a reduced scale (PIL ``draft``, exact DCT scaling by 1/2, 1/4,
+    1/8) as long as both sides stay >= min_side. A huge image of another format is decoded in
+    full and named once with its size. ``left_out``: (path, reason) of files not listed."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Optional[list[str]] = None,
+                 left_out: Sequence[tuple[str, str]] = ()) -> None:
         self.samples = list(samples)
         self.classes = classes or []
+        self.left_out = list(left_out)
+        self.min_side: Optional[int] = None
+        self._warned_huge: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -59,7 +102,15 @@ class ImageList(Dataset):
         path, label = self.samples[index]
         with open(path, "rb") as f:
             img = Image.open(f)
-            return img.convert("RGB"), label
+            w, h = img.size
+            if self.min_side and img.format == "JPEG" and min(w, h) >= 2 * self.min_side:
+                img.draft("RGB", (self.min_side, self.min_side))
+            elif w * h > HUGE_PIXELS and path not in self._warned_huge:
+                self._warned_huge.add(path)
+                warnings.warn(f"image {path} is {w}x{h} ({w * h / 1e6:.0f} MP, {img.format}): decoded at full size "
+                              f"every epoch (only JPEG can be decoded at a reduced scale); resizing the data set "
+                              f"once saves memory and time")
+            return to_rgb8(img), label
 
 
 def _list_file(root: Path, split: str) -> Optional[ImageList]:
@@ -74,14 +125,94 @@ def _list_file(root: Path, split: str) -> Optional[ImageList]:
     return ImageList(samples)
 
 
+def walk_images(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image files under ``folder`` (symbolic links followed, each real folder once) and what was
+    left out, with the reason: unsupported type, broken link, link loop, unreadable folder.
+
+    Order: torchvision's ImageFolder order (folders sorted by path, files sorted within each)."""
+    found: list[tuple[str, list[str]]] = []
+    left_out: list[tuple[str, str]] = []
+    seen: set[tuple[int, int]] = set()
+    pending = [str(folder)]
+    while pending:
+        d = pending.pop()
+        try:
+            st = os.stat(d)
+        except OSError as e:
+            left_out.append((d, _os_reason(e, "unreadable folder")))
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            left_out.append((d, "symbolic link loop (folder already listed)"))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            left_out.append((d, _os_reason(e, "unreadable folder")))
+            continue
+        files = []
+        for e in entries:
+            try:
+                is_dir, is_file = e.is_dir(), e.is_file()
+            except OSError as err:
+                left_out.append((e.path, _os_reason(err, "unreadable")))
+                continue
+            if is_dir:
+                pending.append(e.path)
+            elif is_file:
+                if os.path.splitext(e.name)[1].lower() in IMG_EXTENSIONS:
+                    files.append(e.path)
+                else:
+                    ext = os.path.splitext(e.name)[1] or "no extension"
+                    left_out.append((e.path, f"unsupported type ({ext})"))
+            elif e.is_symlink():
+                left_out.append((e.path, _broken_link_reason(e.path)))
+            else:
+                left_out.append((e.path, "not a regular file"))
+        found.append((d, files))
+    found.sort(key=lambda t: t[0])
+    return [f for _, files in found for f in files], left_out
+
+
+def _os_reason(e: OSError, what: str) -> str:
+    if e.errno == errno.ELOOP:
+        return "symbolic link loop"
+    return f"{what}: {e.strerror or e}"
+
+
+def _broken_link_reason(path: str) -> str:
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"broken symbolic link (to {os.readlink(path)})"
+    return "not a regular file"
+
+
 def find_images(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    return walk_images(folder)[0]
+
+
+def report_left_out(images: ImageList, log=print, limit: int = 50) -> None:
+    """Name every left-out file once: up to ``limit`` lines, then a count by reason (rank 0 only)."""
+    if not images.left_out or os.environ.get("RANK", "0") != "0":
+        return
+    for path, reason in images.left_out[:limit]:
+        log(f"warning: left out {path}: {reason}")
+    rest = images.left_out[limit:]
+    if rest:
+        by_reason: dict[str, int] = {}
+        for _, reason in rest:
+            key = reason.split(" (")[0].split(":")[0]
+            by_reason[key] = by_reason.get(key, 0) + 1
+        log(f"warning: left out {len(rest)} more files: " + ", ".join(f"{n} {r}" for r, n in sorted(by_reason.items())))
 
 
 def image_list(data_path: Optional[str], split: str, labelled: bool) -> ImageList:
     """The images of one split, in whichever layout ``data_path`` uses."""
     if data_path is None:
-        files = find_images(SAMPLE_IMAGES)
+        files = walk_images(SAMPLE_IMAGES)[0]  # (its ATTRIBUTION.md is not worth a warning)
         if not files:
             raise DataError(f"the bundled sample images are missing from {SAMPLE_IMAGES}")
         return ImageList([(f, 0) for f in files])
@@ -95,18 +226,36 @@ def image_list(data_path: Optional[str], split: str, labelled: bool) -> ImageLis
         return listed
     split_dir = root / split
     if split_dir.is_dir():
-        try:
-            folder = datasets.ImageFolder(str(split_dir), allow_empty=False)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise DataError(f"--data_path {root}: {split}/ holds no class folders with images ({e})") from None
-        return ImageList(folder.samples, folder.classes)
+        return _class_folders(root, split_dir, split)
     if labelled:
         raise DataError(f"--data_path {root} has no '{split}' split: expected {split}/<class>/<image> "
                         f"or a {split}.txt list")
-    files = find_images(root)
+    files, left_out = walk_images(root)
     if not files:
         raise DataError(f"--data_path {root} contains no images ({', '.join(IMG_EXTENSIONS)})")
-    return ImageList([(f, 0) for f in files])
+    return ImageList([(f, 0) for f in files], left_out=left_out)
+
+
+def _class_folders(root: Path, split_dir: Path, split: str) -> ImageList:
+    """ImageNet layout: one folder per class (sorted names are labels, as in torchvision's ImageFolder)."""
+    classes, samples, left_out = [], [], []
+    for e in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        if e.is_dir():
+            classes.append(e.name)
+        elif not e.is_symlink() or os.path.exists(e.path):
+            left_out.append((e.path, "not in a class folder"))
+        else:
+            left_out.append((e.path, _broken_link_reason(e.path)))
+    if not classes:
+        raise DataError(f"--data_path {root}: {split}/ holds no class folders with images")
+    for label, name in enumerate(classes):
+        files, lost = walk_images(split_dir / name)
+        left_out += lost
+        if not files:
+            raise DataError(f"--data_path {root}: class folder {split}/{name} holds no images "
+                            f"({', '.join(IMG_EXTENSIONS)})")
+        samples += [(f, label) for f in files]
+    return ImageList(samples, classes, left_out)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -205,7 +354,15 @@ def build_pretrain_dataset(args) -> SeededImageDataset:
     if args.data_path is None:
         world = getattr(args, "world_size", 1)
         repeats = max(1, math.ceil(16 * args.batch_size * world / len(images)))
+    images.min_side = needed_side(args.input_size, PRETRAIN_SCALE[0])
     return SeededImageDataset(images, pretrain_transform(args.input_size), repeats=repeats)
+
+
+def needed_side(input_size: int, min_scale: float, min_ratio: float = 3 / 4) -> int:
+    """Shortest image side whose smallest RandomResizedCrop (area fraction ``min_scale``, aspect
+    ``min_ratio``) is still >= ``input_size`` pixels on its shorter side: above it, nothing is lost
+    by decoding at a reduced scale."""
+    return math.ceil(input_size / math.sqrt(min_scale * min_ratio))
 
 
 
@@ -239,6 +396,10 @@ def num_classes_of(images: ImageList) -> int:
 def build_finetune_dataset(args, split: str, transform: Optional[Callable] = None) -> SeededImageDataset:
     """``split`` in {'train', 'val'}: ImageNet layout or the reference's list files (labelled)."""
     images = image_list(args.data_path, split, labelled=True)
-    if transform is None:
-        transform = finetune_train_transform(args) if split == "train" else eval_transform(args.input_size)
+    if transform is None and split == "train":
+        transform = finetune_train_transform(args)
+        images.min_side = needed_side(args.input_size, 0.08)  # timm's RandomResizedCrop scale (0.08, 1)
+    else:  # the evaluation transform resizes the shorter side to input / crop_pct
+        transform = transform or eval_transform(args.input_size)
+        images.min_side = math.ceil(args.input_size / (224 / 256 if args.input_size <= 224 else 1.0))
     return SeededImageDataset(images, transform)

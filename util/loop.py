@@ -215,6 +215,10 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     mean_loss = all_reduce_mean((loss_sum / max(seen, 1)).float()).item()
     stats = {"loss": mean_loss, "lr": lr, "images_per_sec": images / max(elapsed, 1e-9),
              "peak_mem_mb": peak_memory_mb(device), "epoch_time_s": elapsed}
+    if world > 1 and extra_sums:  # counts such as skipped images: summed over ranks, not rank 0's alone
+        sums = torch.tensor([float(extra_sums[k]) for k in sorted(extra_sums)], device=device, dtype=torch.float64)
+        torch.distributed.all_reduce(sums)
+        extra_sums = {k: int(v) if float(v).is_integer() else float(v) for k, v in zip(sorted(extra_sums), sums.tolist())}
     stats.update(extra_sums)
     if math.isnan(mean_loss):
         raise NonFiniteLossError(epoch, steps - 1, mean_loss)

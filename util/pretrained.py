@@ -77,6 +77,8 @@ def guess_architecture(sd: dict) -> str:
 
 def load_pretrained(model: nn.Module, path: str | Path, head_init_std: float = 2e-5) -> LoadReport:
     """Load ``path`` into ``model`` (a classifier) and return what happened; raise CheckpointError on mismatch."""
+    from .safe_archive import expect_model
+    expect_model(model)  # the file may hold a decoder and optimizer moments too: its limit scales with the model
     sd = unwrap_state_dict(_read_weights(path))
     if hasattr(model, "checkpoint_filter"):  # a model's explicit mapping of foreign key layouts
         sd = model.checkpoint_filter(sd)

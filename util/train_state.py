@@ -52,6 +52,8 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
     Returns (start_epoch, start_step, checkpoint or None). No RNG state is needed: the
     training loop reseeds the global RNGs at every optimizer step (util.loop.seed_rngs).
     """
+    from .safe_archive import check_optimizer_state, expect_model
+    expect_model(model)  # checkpoint size limits scale with this model
     found = None
     if args.resume:
         found = (Path(args.resume), ckpt_util.safe_load(args.resume))
@@ -65,6 +67,7 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
                                         f"from its weights use --finetune (finetuning) or --load_from (pretraining)")
     model.load_state_dict(ckpt["model"], strict=True)
     if optimizer is not None and ckpt.get("optimizer"):
+        check_optimizer_state(ckpt["optimizer"], optimizer, path)
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
