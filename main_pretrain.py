@@ -182,7 +182,8 @@ def write_figure(args, model, device, epoch: int, log_writer=None) -> Path:
     imgs = torch.stack(picked).to(device)
     from models.masking import draw_masks, secondary_mask
     gen = torch.Generator(device=device).manual_seed(12345)  # the same masks in every figure of a run
-    mask = draw_masks(len(imgs), args.token_size, args.mask_ratio, args.mask_regular, generator=gen, device=device)
+    mask = draw_masks(len(imgs), args.token_size, args.mask_ratio, args.mask_regular, generator=gen, device=device,
+                      rounding=getattr(model, "mask_rounding", "keep"))
     sm = secondary_mask(mask, args.vis_mask_ratio, generator=gen) if args.vis_mask_ratio > 0 else None
     was_training = model.training
     model.eval()
@@ -240,7 +241,7 @@ def main(args) -> int:
     if args.compile:
         train_model = torch.compile(train_model)
     masks = MaskSampler(args.token_size, args.mask_ratio, args.mask_regular, args.vis_mask_ratio,
-                        seed=args.seed, device=device)
+                        seed=args.seed, device=device, rounding=getattr(model, "mask_rounding", "keep"))
 
     log_writer = None
     if is_main_process():

@@ -13,6 +13,8 @@ from models.greenmim import GreenMIMSwin, group_window_attention, make_grouping
 from models.grouping import bin_lower_bound, count_bins_bfd, group_cost, pack_exact, plan_groups
 from models.masking import random_mask
 
+from grad_rules import silent_parameters
+
 PICO = "greenmim_swin_pico_patch4_win6_dec64b1"
 
 
@@ -226,8 +228,7 @@ def test_pico_forward_backward_reaches_every_parameter(shared):
     else:
         assert torch.equal(used, mask)
     loss.backward()
-    silent = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
-    assert silent == []
+    assert silent_parameters(model) == []   # exemptions (none apply to GreenMIM) in tests/grad_rules.py
 
 
 def test_bad_configurations_fail_clearly():
@@ -302,3 +303,24 @@ def test_short_pretraining_run_loss_falls(tmp_path):
     losses = [json.loads(line)["train_loss"] for line in (out / "log.txt").read_text().splitlines()]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
     assert (out / "reconstruction-3.png").is_file()
+
+
+def test_initialisation_and_norm_eps_follow_the_original():
+    """GreenMIM's init pass covers the encoder too: Linear and Conv2d xavier-uniform (conv on its
+    (out, in*k*k) view), zero Linear bias; every LayerNorm of encoder and decoder has eps 1e-6."""
+    import math
+    torch.manual_seed(0)
+    model = models.create_model(PICO)
+    norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert any(n.startswith("layers.") for n in norms) and "patch_embed.norm" in norms and "norm" in norms
+    assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            w = m.weight.detach().flatten(1)
+            bound = math.sqrt(6.0 / (w.shape[0] + w.shape[1]))
+            # xavier-uniform fills [-bound, bound]; timm's trunc-normal(0.02) would stay inside +-0.04
+            assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound, name
+            if isinstance(m, torch.nn.Linear):
+                assert m.bias is None or not m.bias.any(), name
+    tables = [p for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")]
+    assert tables and all(0 < t.abs().max() <= 0.04 for t in tables)
