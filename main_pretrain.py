@@ -171,14 +171,16 @@ def write_figure(args, model, device, epoch: int, log_writer=None) -> Path:
     tf = transforms.Compose([transforms.Resize(args.input_size, interpolation=InterpolationMode.BICUBIC),
                              transforms.CenterCrop(args.input_size), transforms.ToTensor(),
                              transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    from util.visualize import spread_indices
     picked = []
-    for i in range(len(images)):
-        try:
-            picked.append(tf(images.load(i)[0]))
-        except Exception:
-            continue
-        if len(picked) == 4:
-            break
+    # spread over the (class-sorted) list; unreadable picks are replaced by the next readable image
+    for start in spread_indices(len(images), 4):
+        for i in range(start, len(images)):
+            try:
+                picked.append(tf(images.load(i)[0]))
+                break
+            except Exception:
+                continue
     imgs = torch.stack(picked).to(device)
     from models.masking import draw_masks, secondary_mask
     gen = torch.Generator(device=device).manual_seed(12345)  # the same masks in every figure of a run

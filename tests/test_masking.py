@@ -97,8 +97,9 @@ def test_bad_mask_arguments_fail_clearly():
 
 def test_random_mask_count_is_maes_len_keep_rule():
     """MAE keeps len_keep = int(L * (1 - r)) units; MixMAE sets int(L * r). They differ whenever L * r
-    is fractional: 49 units at 0.75 -> MAE/GreenMIM remove 37 (keep 12), int(0.75 * 49) would be 36."""
-    cases = [(49, 0.75, 37), (49, 0.5, 25), (196, 0.75, 147), (36, 0.75, 27), (64, 0.6, 39), (50, 0.9, 45)]
+    is fractional: 49 units at 0.75 -> MAE/GreenMIM remove 37 (keep 12), int(0.75 * 49) would be 36.
+    Float arithmetic as MAE's: 50 * (1 - 0.9) = 4.999... keeps 4, so 46 of 50 are removed."""
+    cases = [(49, 0.75, 37), (49, 0.5, 25), (196, 0.75, 147), (36, 0.75, 27), (64, 0.6, 39), (50, 0.9, 46)]
     for length, ratio, removed in cases:
         assert num_removed(length, ratio) == length - int(length * (1 - ratio)) == removed
         masks = random_mask(3, length, ratio, generator=torch.Generator().manual_seed(0))
