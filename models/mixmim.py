@@ -371,7 +371,7 @@ class MixMIMPretrain(MixMIMEncoder):
     """
 
     mask_kind = "random"
-    mask_note = "black = hidden: taken from the partner image in this image's mixed input"
+    mask_note = "grey = hidden: taken from the partner image in this image's mixed input"
     mask_rounding = "remove"   # int(L * r) units come from the partner, as the original (24 of 49 at 0.5)
     default_mask_ratio = 0.5
     supports_secondary_mask = False

@@ -133,7 +133,7 @@ def spread_indices(total: int, n: int) -> list[int]:
 def mask_legend(model) -> str:
     """What the figure's hidden units are, in the model's own words: its ``mask_note`` if it has one,
     and the red outline only for models that use secondary masking."""
-    parts = [getattr(model, "mask_note", "black = removed by the mask")]
+    parts = [getattr(model, "mask_note", "grey = removed by the mask")]
     if getattr(model, "supports_secondary_mask", True) and getattr(model, "vis_mask_ratio", 0) > 0:
         parts.append("red outline = secondary-masked (kept by sampling, replaced by the mask token)")
     return "; ".join(parts)
