@@ -20,8 +20,9 @@ class MaskSampler:
     """
 
     def __init__(self, token_size: int, mask_ratio: float, regular: bool, vis_mask_ratio: float,
-                 seed: int, device: torch.device) -> None:
+                 seed: int, device: torch.device, rounding: str = "keep") -> None:
         self.token_size, self.mask_ratio, self.regular = token_size, mask_ratio, regular
+        self.rounding = rounding   # the model's mask_rounding (models.masking.num_removed)
         self.vis_mask_ratio = vis_mask_ratio
         self.seed = seed
         self.generator = torch.Generator(device=device)
@@ -35,7 +36,7 @@ class MaskSampler:
     def __call__(self, batch: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         world, rank = get_world_size(), get_rank()
         mask = draw_masks(batch * world, self.token_size, self.mask_ratio, self.regular,
-                          generator=self.generator, device=self.device)
+                          generator=self.generator, device=self.device, rounding=self.rounding)
         sm = None
         if self.vis_mask_ratio > 0:
             sm = secondary_mask(mask, self.vis_mask_ratio, generator=self.generator)[rank::world]

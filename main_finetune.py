@@ -218,9 +218,9 @@ def build_model(args, device):
 
 
 def make_optimizer(args, model, device):
-    if args.linprobe:
-        from timm.optim import Lars
-        return Lars([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    if args.linprobe:  # MAE's probe optimizer: momentum 0.9, trust 0.001, 1-D tensors not decayed or adapted
+        from util.lars import LARS
+        return LARS([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     groups = param_groups_lrd(model, args.weight_decay, args.layer_decay)
     for g in groups:
         g.pop("param_names", None)

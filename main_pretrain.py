@@ -181,18 +181,21 @@ def write_figure(args, model, device, epoch: int, log_writer=None) -> Path:
     tf = transforms.Compose([transforms.Resize(args.input_size, interpolation=InterpolationMode.BICUBIC),
                              transforms.CenterCrop(args.input_size), transforms.ToTensor(),
                              transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    from util.visualize import spread_indices
     picked = []
-    for i in range(len(images)):
-        try:
-            picked.append(tf(images.load(i)[0]))
-        except Exception:
-            continue
-        if len(picked) == 4:
-            break
+    # spread over the (class-sorted) list; unreadable picks are replaced by the next readable image
+    for start in spread_indices(len(images), 4):
+        for i in range(start, len(images)):
+            try:
+                picked.append(tf(images.load(i)[0]))
+                break
+            except Exception:
+                continue
     imgs = torch.stack(picked).to(device)
     from models.masking import draw_masks, secondary_mask
     gen = torch.Generator(device=device).manual_seed(12345)  # the same masks in every figure of a run
-    mask = draw_masks(len(imgs), args.token_size, args.mask_ratio, args.mask_regular, generator=gen, device=device)
+    mask = draw_masks(len(imgs), args.token_size, args.mask_ratio, args.mask_regular, generator=gen, device=device,
+                      rounding=getattr(model, "mask_rounding", "keep"))
     sm = secondary_mask(mask, args.vis_mask_ratio, generator=gen) if args.vis_mask_ratio > 0 else None
     was_training = model.training
     model.eval()
@@ -255,7 +258,7 @@ def main(args) -> int:
     if args.compile:
         train_model = torch.compile(train_model)
     masks = MaskSampler(args.token_size, args.mask_ratio, args.mask_regular, args.vis_mask_ratio,
-                        seed=args.seed, device=device)
+                        seed=args.seed, device=device, rounding=getattr(model, "mask_rounding", "keep"))
 
     log_writer = None
     if is_main_process():

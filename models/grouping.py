@@ -313,7 +313,9 @@ class GroupPlan:
 
 def plan_groups(hist: Sequence[int], slot_cost: float = 0.0, exact_items: int = 12,
                 node_limit: int = 2_000, max_group_size: Optional[int] = None) -> GroupPlan:
-    """The group size and packing of least ``group_cost`` for windows with this size histogram.
+    """A group size and packing for windows with this size histogram: the least ``group_cost`` when
+    the returned plan is ``certified``; otherwise (more than ``exact_items`` windows and BFD above
+    the lower bound for some competitive g) the best BFD packing found, a heuristic.
 
     hist: ``hist[s]`` = number of windows holding ``s`` visible tokens (``hist[0]`` ignored).
     exact_items: run the exact search when BFD misses the lower bound and there are at most

@@ -342,7 +342,7 @@ class MaskedAutoencoderViT(nn.Module, _MAEDecoder):
 
     def _num_keep(self) -> int:
         n_units = self.token_size ** 2
-        return n_units - int(self.mask_ratio * n_units)
+        return int(n_units * (1 - self.mask_ratio))   # MAE's len_keep
 
     def forward_encoder(self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = None,
                         return_intermediates: bool = False):
@@ -358,7 +358,7 @@ class MaskedAutoencoderViT(nn.Module, _MAEDecoder):
                 raise ValueError(f"every mask must remove exactly {length - num_keep} of {length} units "
                                  f"(mask_ratio {self.mask_ratio})")
         else:
-            torch._assert_async(ok, "mask does not remove int(mask_ratio * L) units")
+            torch._assert_async(ok, "mask does not keep int(L * (1 - mask_ratio)) units")
         x = self.patch_embed(imgs)
         pos = self.pos_embed[:, 1:].to(x.dtype)
         x = x + pos

@@ -20,7 +20,23 @@ __all__ = [
     "secondary_mask",
     "kept_index_per_group",
     "draw_masks",
+    "num_removed",
 ]
+
+
+def num_removed(num_units: int, mask_ratio: float, rounding: str = "keep") -> int:
+    """How many of ``num_units`` a random mask removes.
+
+    ``"keep"`` (MAE, SimMIM, GreenMIM): ``len_keep = int(L * (1 - r))`` units stay, so
+    ``L - int(L * (1 - r))`` are removed (37 of 49 at r = 0.75). ``"remove"`` (MixMAE):
+    ``int(L * r)`` units are set (24 of 49 at r = 0.5). The two differ whenever ``L * r`` is
+    not an integer; both are written with Python floats exactly as the originals compute them.
+    """
+    if rounding == "keep":
+        return num_units - int(num_units * (1 - mask_ratio))
+    if rounding == "remove":
+        return int(num_units * mask_ratio)
+    raise ValueError(f"rounding must be 'keep' or 'remove' (got {rounding!r})")
 
 
 def _check_token_size(token_size: int) -> None:
@@ -49,16 +65,16 @@ def uniform_mask(batch: int, token_size: int, *, generator: Optional[torch.Gener
 
 def random_mask(batch: int, num_units: int, mask_ratio: float, *,
                 generator: Optional[torch.Generator] = None,
-                device: Optional[torch.device | str] = None) -> Tensor:
-    """Random Sampling: exactly ``int(mask_ratio * num_units)`` units removed,
-    uniformly at random per sample (MAE / SimMIM baselines).
+                device: Optional[torch.device | str] = None, rounding: str = "keep") -> Tensor:
+    """Random Sampling: exactly ``num_removed(num_units, mask_ratio, rounding)`` units removed
+    (MAE's ``L - int(L * (1 - r))`` by default), uniformly at random per sample.
 
     Returns: mask (batch, num_units) bool, True = removed.
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1) (got {mask_ratio})")
     device = generator.device if (device is None and generator is not None) else device
-    num_masked = int(mask_ratio * num_units)
+    num_masked = num_removed(num_units, mask_ratio, rounding)
     noise = torch.rand(batch, num_units, generator=generator, device=device)
     rank = noise.argsort(dim=1).argsort(dim=1)
     return rank < num_masked
@@ -114,10 +130,12 @@ def check_uniform_mask(mask: Tensor, token_size: int) -> None:
 
 def draw_masks(batch: int, token_size: int, mask_ratio: float, regular: bool, *,
                generator: Optional[torch.Generator] = None,
-               device: Optional[torch.device | str] = None) -> Tensor:
-    """The masks of one training batch, as the pretraining flags describe them."""
+               device: Optional[torch.device | str] = None, rounding: str = "keep") -> Tensor:
+    """The masks of one training batch, as the pretraining flags describe them (``rounding``: the
+    model's ``mask_rounding``, see ``num_removed``)."""
     if regular:
         if mask_ratio != 0.75:
             raise ValueError(f"--mask_regular (uniform sampling) needs --mask_ratio 0.75, got {mask_ratio}")
         return uniform_mask(batch, token_size, generator=generator, device=device)
-    return random_mask(batch, token_size * token_size, mask_ratio, generator=generator, device=device)
+    return random_mask(batch, token_size * token_size, mask_ratio, generator=generator, device=device,
+                       rounding=rounding)

@@ -81,9 +81,13 @@ relative-position tables are decayed too), warmup 40 epochs + cosine to 0,
 mask ratio 0.5, ``--norm_pix_loss``, RandomResizedCrop(0.2-1, bicubic) + flip, AMP.
 Targets: 85.1 (B/W14, 600 ep), 85.9 (L/W14), 84.6 (B, 300 ep).
 
-Initialisation (not specified by the spec): timm-Swin style, Linear trunc-normal
-std 0.02 and zero bias, LayerNorm 1/0, relative-position tables trunc-normal
-0.02, ``mask_token`` normal 0.02.
+Initialisation (the original's, pretraining and finetuning models alike): every
+Linear xavier-uniform with zero bias (encoder included), LayerNorm 1/0, the
+patch-embedding convolution PyTorch's default, relative-position tables
+trunc-normal 0.02, ``mask_token`` normal 0.02. Every LayerNorm has PyTorch's
+eps 1e-5, the decoder blocks' included (timm's ``Block`` would default to 1e-6).
+Finetuning decays the relative-position tables (the original's
+``no_weight_decay()`` is empty; only 1-D tensors are exempt).
 """
 from __future__ import annotations
 
@@ -327,7 +331,7 @@ class MixMIMEncoder(nn.Module):
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
+                nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -367,6 +371,8 @@ class MixMIMPretrain(MixMIMEncoder):
     """
 
     mask_kind = "random"
+    mask_note = "grey = hidden: taken from the partner image in this image's mixed input"
+    mask_rounding = "remove"   # int(L * r) units come from the partner, as the original (24 of 49 at 0.5)
     default_mask_ratio = 0.5
     supports_secondary_mask = False
     images_per_sample = 1  # N source images in, N reconstructed images out (each mixed input also reconstructs its partner)
@@ -387,7 +393,7 @@ class MixMIMPretrain(MixMIMEncoder):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(sincos_2d(decoder_embed_dim, self.token_size), requires_grad=False)
         self.decoder_blocks = nn.ModuleList([
-            Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, qkv_bias=True)
+            Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
             for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, UNIT * UNIT * in_chans)
@@ -488,8 +494,9 @@ class MixMIMClassifier(MixMIMEncoder):
         return self.forward_head(self.forward_features(imgs))
 
     def no_weight_decay(self) -> set[str]:
-        """The frozen position table and every relative-position table (Swin's convention)."""
-        return {"pos_embed"} | {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
+        """Only the frozen position table: the original decays the relative-position tables in
+        finetuning (its ``no_weight_decay()`` is empty; 1-D tensors are exempt by their shape)."""
+        return {"pos_embed"}
 
     # layer-wise lr decay, the original's rule (see the module docstring)
     def lrd_num_layers(self) -> int:

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from models.masking import (check_uniform_mask, draw_masks, kept_index_per_group, random_mask, secondary_mask,
-                            uniform_mask)
+from models.masking import (check_uniform_mask, draw_masks, kept_index_per_group, num_removed, random_mask,
+                            secondary_mask, uniform_mask)
 
 
 def chi2_pvalue(counts: torch.Tensor, expected: torch.Tensor, dof: int) -> float:
@@ -93,3 +93,30 @@ def test_bad_mask_arguments_fail_clearly():
         draw_masks(2, 16, 0.6, True)
     with pytest.raises(ValueError, match="uniform masks"):
         check_uniform_mask(random_mask(4, 256, 0.75, generator=torch.Generator().manual_seed(0)), 16)
+
+
+def test_random_mask_count_is_maes_len_keep_rule():
+    """MAE keeps len_keep = int(L * (1 - r)) units; MixMAE sets int(L * r). They differ whenever L * r
+    is fractional: 49 units at 0.75 -> MAE/GreenMIM remove 37 (keep 12), int(0.75 * 49) would be 36.
+    Float arithmetic as MAE's: 50 * (1 - 0.9) = 4.999... keeps 4, so 46 of 50 are removed."""
+    cases = [(49, 0.75, 37), (49, 0.5, 25), (196, 0.75, 147), (36, 0.75, 27), (64, 0.6, 39), (50, 0.9, 46)]
+    for length, ratio, removed in cases:
+        assert num_removed(length, ratio) == length - int(length * (1 - ratio)) == removed
+        masks = random_mask(3, length, ratio, generator=torch.Generator().manual_seed(0))
+        assert (masks.sum(1) == removed).all()
+    assert num_removed(49, 0.5, "remove") == 24 and num_removed(49, 0.75, "remove") == 36
+    assert (draw_masks(2, 7, 0.5, False, rounding="remove").sum(1) == 24).all()
+    with pytest.raises(ValueError, match="rounding"):
+        num_removed(49, 0.5, "round")
+
+
+def test_models_declare_the_originals_mask_counts():
+    import models
+    green = models.create_model("greenmim_swin_pico_patch4_win6_dec64b1")   # 3x3 units at 96 px
+    assert green.num_visible == int(9 * 0.25) == 2
+    assert getattr(green, "mask_rounding", "keep") == "keep"
+    with torch.device("meta"):
+        base = models.create_model("greenmim_swin_base_patch4_dec512b1")   # 224 px, 7x7 units
+    assert base.num_visible == 12                                            # the original's len_keep
+    mix = models.create_model("mixmim_pico")
+    assert mix.mask_rounding == "remove"

@@ -1,4 +1,5 @@
 """MixMAE: image isolation in the mixed encoder, unmixing, gradients, a short run, finetune loading."""
+import math
 import json
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 import main_pretrain
 import models
+from util.lr_decay import param_groups_lrd
 from models.loss import patchify
 from models.masking import random_mask
 from models.mixmim import (MixMIMClassifier, MixMIMPretrain, merge_reconstructions, pair_masks, unit_labels,
@@ -162,8 +164,41 @@ def test_classifier_layer_decay_follows_the_original_rule():
     assert ids["layers.2.downsample.norm.weight"] == ids["layers.3.blocks.0.attn.proj.weight"] == 23
     assert ids["layers.3.blocks.1.mlp.fc1.weight"] == ids["norm.weight"] == ids["head.weight"] == 24
     assert 0.7 ** (n - ids["head.bias"]) == pytest.approx(0.7)             # the head at 0.7x lr (quirk)
-    nwd = cls.no_weight_decay()
-    assert "pos_embed" in nwd and "layers.2.blocks.5.attn.relative_position_bias_table" in nwd
+    # the original's finetuning decays the relative-position tables (its no_weight_decay() is empty)
+    assert cls.no_weight_decay() == {"pos_embed"}
+
+
+def test_classifier_decays_relative_position_tables_like_the_original():
+    cls = models.create_model("mixmim_pico_cls", num_classes=3)
+    groups = param_groups_lrd(cls, 0.05, 0.7)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    for name, p in cls.named_parameters():
+        if not p.requires_grad:
+            continue
+        expected = 0.0 if p.ndim == 1 else 0.05
+        assert decay[id(p)] == expected, name
+    assert any(n.endswith("relative_position_bias_table") for n, _ in cls.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["mixmim_pico", "mixmim_pico_cls"])
+def test_initialisation_and_norm_eps_follow_the_original(name):
+    """Every Linear xavier-uniform (encoder too) with zero bias, every LayerNorm eps 1e-5 (the decoder
+    blocks' too), tables trunc-normal 0.02: the original's init pass, checked on the tensors."""
+    torch.manual_seed(0)
+    model = models.create_model(name)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.eps == 1e-5 for m in norms)
+    for mod_name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            fan_out, fan_in = m.weight.shape
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            w = m.weight.detach()
+            # xavier-uniform fills [-bound, bound]; trunc-normal(0.02) would stay inside +-0.04
+            assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound, mod_name
+            assert m.bias is None or not m.bias.any(), mod_name
+    tables = [p for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")]
+    std = torch.cat([t.detach().flatten() for t in tables]).std()
+    assert tables and 0.015 < std < 0.025                 # trunc-normal 0.02 (cut at +-2: effectively normal)
 
 
 def test_classifier_forward_backward_and_pyramid():

@@ -75,21 +75,40 @@ def reconstruct(model, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = N
     return panels
 
 
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
+    """Split ``text`` into lines no wider than ``width`` pixels (a single long word gets its own line)."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + ([line] if line else [])
+
+
 def save_figure(panels: dict[str, Tensor], path: str | Path, caption: str, unit: int) -> Path:
-    """Write the panels as a PNG grid (one row per image); secondary-masked units are outlined."""
+    """Write the panels as a PNG grid (one row per image); secondary-masked units are outlined.
+    Panel names wrap to their column and the caption to the figure, so the header always fits."""
     names = [k for k in panels if not k.startswith("_")]
     rows = [_to_uint8(panels[k]).permute(0, 2, 3, 1).cpu() for k in names]
     n, h, w, _ = rows[0].shape
     pad = 4
     width = len(names) * (w + pad) + pad
-    lines = _wrap(caption, max(20, width // 6))
-    header = 16 + 12 * len(lines) + 4
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = int(measure.textbbox((0, 0), "Ag")[3]) + 3
+    name_lines = [_fit(measure, name, w) for name in names]
+    caption_lines = _fit(measure, caption, width - 2 * pad)
+    names_h = line_h * max(len(x) for x in name_lines)
+    header = 2 + names_h + 4 + line_h * len(caption_lines) + 2
     fig = Image.new("RGB", (width, n * (h + pad) + pad + header), "white")
     draw = ImageDraw.Draw(fig)
-    for c, name in enumerate(names):
-        draw.text((pad + c * (w + pad), 2), name, fill="black")
-    for i, line in enumerate(lines):
-        draw.text((pad, 16 + 12 * i), line, fill="black")
+    for c, lines in enumerate(name_lines):
+        for i, line in enumerate(lines):
+            draw.text((pad + c * (w + pad), 2 + line_h * i), line, fill="black")
+    for i, line in enumerate(caption_lines):
+        draw.text((pad, 2 + names_h + 4 + line_h * i), line, fill="black")
     sm = panels["_sm"]
     for r in range(n):
         for c, imgs in enumerate(rows):
@@ -106,20 +125,30 @@ def save_figure(panels: dict[str, Tensor], path: str | Path, caption: str, unit:
     return path
 
 
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + ([line] if line else [])
+def spread_indices(total: int, n: int) -> list[int]:
+    """``n`` indices spread evenly over ``range(total)`` (first and last included): over a class-sorted
+    image list they cover the classes instead of taking the first class's images."""
+    if total <= n:
+        return list(range(total))
+    if n == 1:
+        return [0]
+    return sorted({round(j * (total - 1) / (n - 1)) for j in range(n)})
+
+
+def mask_legend(model) -> str:
+    """What the figure's hidden units are, in the model's own words: its ``mask_note`` if it has one,
+    and the red outline only for models that use secondary masking."""
+    parts = [getattr(model, "mask_note", "grey = removed by the mask")]
+    if getattr(model, "supports_secondary_mask", True) and getattr(model, "vis_mask_ratio", 0) > 0:
+        parts.append("red outline = secondary-masked (kept by sampling, replaced by the mask token)")
+    return "; ".join(parts)
 
 
 def caption_for(model, denorm: str) -> str:
     if not getattr(model, "norm_pix_loss", False):
-        return "pixel targets: predictions shown as they are"
-    if denorm == "true":
-        return "norm-pix: de-normalised with each unit's TRUE mean/std (leaks hidden statistics)"
-    return "norm-pix: de-normalised with the nearest seen unit's mean/std (no leak); red = secondary-masked"
+        targets = "pixel targets: predictions shown as they are"
+    elif denorm == "true":
+        targets = "norm-pix: de-normalised with each unit's TRUE mean/std (leaks hidden statistics)"
+    else:
+        targets = "norm-pix: de-normalised with the nearest seen unit's mean/std (no leak)"
+    return f"{targets}; {mask_legend(model)}"

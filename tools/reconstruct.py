@@ -1,0 +1,131 @@
+"""Reconstructions of chosen images from a pretraining checkpoint (the training figure, on your images).
+
+    python tools/reconstruct.py --checkpoint out/checkpoint-last.pth --images a.jpg b.png dir/ --output rec.png
+    python tools/reconstruct.py --checkpoint mae_swin_tiny_256.pth --model mae_swin_tiny_256 \\
+        --reference_decoder_order --norm_pix_loss --vis_mask_ratio 0.25 --images data/sample_images
+
+Works for every pretraining model (UM-MAE, MAE, SimMIM, GreenMIM, MixMAE). Our checkpoints carry
+the model name and its flags; the reference's released full checkpoints (encoder + decoder) need
+``--model`` and the flags they were trained with, and ``--reference_decoder_order`` for the
+reference's decoder position order. Masks are the model's kind (uniform for pyramid UM-MAE,
+random otherwise), drawn from ``--seed``; ``--denorm`` as in main_pretrain.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+from util.checkpoint import safe_load, unwrap_state_dict  # noqa: E402
+from util.cli import UsageError, run_main  # noqa: E402
+
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="pretraining checkpoint (ours or the reference's full one)")
+    p.add_argument("--images", nargs="+", required=True, help="image files and/or folders (searched recursively)")
+    p.add_argument("--output", default="reconstruction.png", help="PNG to write")
+    p.add_argument("--model", default=None, help="pretraining model; default: the name stored in the checkpoint")
+    p.add_argument("--input_size", type=int, default=None, help="default: the checkpoint's, else the model's")
+    p.add_argument("--mask_ratio", type=float, default=None, help="default: the checkpoint's, else the model's")
+    p.add_argument("--vis_mask_ratio", type=float, default=None,
+                   help="secondary masking ratio; default: the checkpoint's, else 0")
+    p.add_argument("--norm_pix_loss", action="store_true", default=None,
+                   help="the model predicts norm-pix targets; default: the checkpoint's")
+    p.add_argument("--reference_decoder_order", action="store_true", default=None,
+                   help="the reference's decoder position order (its released UM-MAE checkpoints)")
+    p.add_argument("--denorm", default="neighbour", choices=["neighbour", "true"],
+                   help="norm-pix de-normalisation: nearest seen unit's statistics, or the true (leaking) ones")
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    p.add_argument("--max_images", type=int, default=16, help="at most this many images (one row each)")
+    return p
+
+
+def find_images(paths: list[str], limit: int) -> list[Path]:
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXT)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise UsageError(f"--images: {p} is neither a file nor a folder")
+    if not found:
+        raise UsageError(f"--images: no images ({', '.join(IMAGE_EXT)}) in {' '.join(paths)}")
+    return found[:limit]
+
+
+def build(args) -> tuple[torch.nn.Module, argparse.Namespace]:
+    """The model the checkpoint holds, its flags merged with the command line's."""
+    import main_pretrain
+    ckpt = safe_load(args.checkpoint)
+    saved = vars(ckpt.get("args", argparse.Namespace())) if isinstance(ckpt, dict) else {}
+    name = args.model or (ckpt.get("model_name") if isinstance(ckpt, dict) else None) or saved.get("model")
+    if name is None:
+        raise UsageError(f"{args.checkpoint} does not name its model (a reference checkpoint?): pass --model; "
+                         f"valid: {', '.join(models.list_models(task='pretrain'))}")
+    if name not in models.list_models(task="pretrain"):
+        raise UsageError(f"--model {name!r} is not a pretraining model; valid: "
+                         f"{', '.join(models.list_models(task='pretrain'))}")
+    flags = argparse.Namespace(model=name)
+    for key, default in (("input_size", None), ("mask_ratio", None), ("vis_mask_ratio", 0.0),
+                         ("norm_pix_loss", False), ("reference_decoder_order", False)):
+        value = getattr(args, key)
+        setattr(flags, key, value if value is not None else saved.get(key, default))
+    model = models.create_model(name, **main_pretrain.model_kwargs(flags))
+    state = unwrap_state_dict(ckpt)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UsageError(f"{args.checkpoint} does not fit {name} (built with {main_pretrain.model_kwargs(flags)}): "
+                         f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+    flags.input_size = model.token_size * model.stride
+    if flags.mask_ratio is None:
+        flags.mask_ratio = getattr(model, "default_mask_ratio", 0.75)
+    return model.eval(), flags
+
+
+def main(args) -> int:
+    from PIL import Image
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    from models.masking import draw_masks, secondary_mask
+    from util.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from util.visualize import caption_for, reconstruct, save_figure
+    files = find_images(args.images, args.max_images)
+    model, flags = build(args)
+    tf = transforms.Compose([transforms.Resize(flags.input_size, interpolation=InterpolationMode.BICUBIC),
+                             transforms.CenterCrop(flags.input_size), transforms.ToTensor(),
+                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    imgs = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                imgs.append(tf(im.convert("RGB")))
+        except Exception as e:  # a file that is not an image is named, not fatal
+            print(f"skipped {f}: {type(e).__name__}: {e}", file=sys.stderr)
+    if not imgs:
+        raise UsageError("none of the --images could be read")
+    imgs = torch.stack(imgs)
+    regular = getattr(model, "mask_kind", "any") == "uniform"
+    gen = torch.Generator().manual_seed(args.seed)
+    mask = draw_masks(len(imgs), model.token_size, 0.75 if regular else flags.mask_ratio, regular, generator=gen,
+                      rounding=getattr(model, "mask_rounding", "keep"))
+    sm = secondary_mask(mask, flags.vis_mask_ratio, generator=gen) if flags.vis_mask_ratio > 0 else None
+    panels = reconstruct(model, imgs, mask, sm, denorm=args.denorm)
+    caption = f"{flags.model} from {Path(args.checkpoint).name}; {caption_for(model, args.denorm)}"
+    path = save_figure(panels, args.output, caption, model.stride)
+    print(f"wrote {path} ({len(imgs)} images, {flags.model}, {flags.input_size} px, denorm {args.denorm})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(get_args_parser().parse_args()))
