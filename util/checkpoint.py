@@ -92,8 +92,14 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _entries(side: dict) -> list[dict]:
+    prev = side.get("previous") or []
+    prev = [prev] if isinstance(prev, dict) else prev
+    return [e for e in [side.get("current"), *prev] if isinstance(e, dict)]
+
+
 def read_sidecar(path: str | os.PathLike) -> Optional[dict]:
-    """The sidecar of ``path`` ({'current': meta, 'previous': meta or None}), or None if absent or unreadable."""
+    """The sidecar of ``path`` ({'current': meta, 'previous': [meta, ...]}), or None if absent or unreadable."""
     try:
         data = json.loads(sidecar_path(path).read_text())
     except (OSError, ValueError):
@@ -120,15 +126,16 @@ def save_atomic(obj: Any, path: str | os.PathLike, meta: Optional[dict] = None) 
             f.flush()
             os.fsync(f.fileno())
         if meta is not None:
+            # 'previous': what the file on disk may be. The old sidecar's entries (its 'current' may never
+            # have landed if a kill came between its sidecar and its rename, so keep its 'previous' too).
             old = read_sidecar(path)
-            previous = old["current"] if old else None
-            if previous is not None and path.is_file() and previous.get("bytes") != path.stat().st_size:
-                previous = None
-            if previous is None and path.is_file():  # a file from before sidecars: record what it is
-                previous = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+            previous = _entries(old) if old else []
+            size = path.stat().st_size if path.is_file() else None
+            if size is not None and not any(e.get("bytes") == size for e in previous):
+                previous = [{"sha256": file_sha256(path), "bytes": size}]  # a file from before sidecars
             _write_json_atomic({"format": SIDECAR_FORMAT, "file": path.name,
                                 "current": {**meta, "sha256": w.sha.hexdigest(), "bytes": w.size},
-                                "previous": previous}, side)
+                                "previous": previous[:2]}, side)
         os.replace(tmp, path)
         if meta is None and side.exists():
             side.unlink()
@@ -152,7 +159,7 @@ def verify(path: str | os.PathLike) -> Optional[dict]:
         size = path.stat().st_size
     except OSError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
-    entries = [e for e in (side.get("current"), side.get("previous")) if isinstance(e, dict)]
+    entries = _entries(side)
     if any(e.get("bytes") == size for e in entries):
         digest = file_sha256(path)
         for e in entries:
