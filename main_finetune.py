@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 
 import models
 from engine_finetune import evaluate, finetune_one_epoch
-from util.cli import HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args, run_main, \
-    setup_stop_signals
+from util.cli import HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args, \
+    ignore_stop_signals, run_main, setup_stop_signals
 from util.cpu_perf import setup_cpu_training
 from util.datasets import (DataError, SeededSampler, ShardSampler, build_finetune_dataset, image_list,
                            num_classes_of, report_left_out)
@@ -238,10 +238,12 @@ def make_loader(dataset, args, train: bool, world: int, rank: int, shard: bool =
         sampler = None
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, shuffle=False,
                       num_workers=args.num_workers, pin_memory=args.pin_mem and args.device.startswith("cuda"),
-                      drop_last=train, persistent_workers=train and args.num_workers > 0), sampler
+                      drop_last=train, persistent_workers=train and args.num_workers > 0,
+                      worker_init_fn=ignore_stop_signals), sampler
 
 
 def main(args) -> int:
+    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))  # first: a stop during start-up counts
     init_distributed(args)
     device = torch.device(args.device)
     rank, world = get_rank(), get_world_size()
@@ -339,7 +341,6 @@ def main(args) -> int:
         if args.log_dir:
             from torch.utils.tensorboard import SummaryWriter
             log_writer = SummaryWriter(log_dir=args.log_dir)
-    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))
     run_record.note(start={"epoch": start_epoch, "step": start_step}, lr=args.lr, num_train=len(train_set),
                 num_val=len(val_set), nb_classes=args.nb_classes, cpu=cpu_note or None)
     clock = RunClock(start_epoch, args.epochs)
@@ -355,11 +356,9 @@ def main(args) -> int:
             if not (last or (epoch + 1) % args.eval_freq == 0):
                 save_training_state(args, epoch, model, optimizer, scaler,
                                     numbered=args.save_freq > 0 and (epoch + 1) % args.save_freq == 0,
-                                    extra={"best_acc1": best_acc})
+                                    extra={"best_acc1": best_acc},
+                                    log_record={"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}})
                 if is_main_process():
-                    with open(Path(args.output_dir) / "log.txt", "a") as f:
-                        f.write(json.dumps({"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}})
-                                + "\n")
                     print(clock.line(epoch), flush=True)
                 if epoch == args.exit_after_epoch:
                     _finish(args, run_record, "exited after epoch", start_time, start_epoch, epoch, train_stats,
@@ -372,19 +371,17 @@ def main(args) -> int:
             best_acc = max(best_acc, test_stats["acc1"])
             best_epoch = epoch if improved else best_epoch
             numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
+            record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                      **{f"test_{k}": v for k, v in test_stats.items()}}
             save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered,
                                 extra_names=("checkpoint-best.pth",) if improved else (),
-                                extra={"best_acc1": best_acc, "val_acc1": test_stats["acc1"]})
+                                extra={"best_acc1": best_acc, "val_acc1": test_stats["acc1"]}, log_record=record)
             if is_main_process():
                 print(f"epoch {epoch}: val top-1 {test_stats['acc1']:.2f}%  top-5 {test_stats['acc5']:.2f}%  "
                       f"(best {best_acc:.2f}%)", flush=True)
                 if train_stats.get("skipped_images"):
                     print(f"warning: {train_stats['skipped_images']} unreadable images skipped in epoch {epoch} "
                           f"(all ranks)", flush=True)
-                record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                          **{f"test_{k}": v for k, v in test_stats.items()}}
-                with open(Path(args.output_dir) / "log.txt", "a") as f:
-                    f.write(json.dumps(record) + "\n")
                 if log_writer is not None:
                     for k in ("acc1", "acc5", "loss"):
                         log_writer.add_scalar(f"val/{k}", test_stats[k], epoch)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from torch.utils.data import DataLoader
 import models
 from engine_pretrain import MaskSampler, pretrain_one_epoch
 from util import checkpoint as ckpt_util
-from util.cli import (HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args, run_main,
-                      setup_stop_signals)
+from util.cli import (HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args,
+                      ignore_stop_signals, run_main, setup_stop_signals)
 from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, build_pretrain_dataset, image_list, report_left_out
 from util.flag_checks import TRAINING_RULES, at_least, check_existing, check_ranges
@@ -212,6 +211,7 @@ def write_figure(args, model, device, epoch: int, log_writer=None) -> Path:
 
 
 def main(args) -> int:
+    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))  # first: a stop during start-up counts
     init_distributed(args)
     device = torch.device(args.device)
     rank, world = get_rank(), get_world_size()
@@ -228,7 +228,7 @@ def main(args) -> int:
     sampler = SeededSampler(dataset, world, rank, seed=args.seed)
     workers = args.num_workers
     loader_kwargs = dict(batch_size=args.batch_size, num_workers=workers, pin_memory=args.pin_mem and device.type == "cuda",
-                         drop_last=True, persistent_workers=workers > 0)
+                         drop_last=True, persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals)
     loader = DataLoader(dataset, sampler=sampler, **loader_kwargs)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -271,7 +271,6 @@ def main(args) -> int:
         if args.log_dir:
             from torch.utils.tensorboard import SummaryWriter
             log_writer = SummaryWriter(log_dir=args.log_dir)
-    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))
 
     start_time = time.time()
     clock = RunClock(start_epoch, args.epochs)
@@ -287,11 +286,9 @@ def main(args) -> int:
                                        log_writer=log_writer, stop_flag=stop, start_step=step0)
             last = epoch + 1 == args.epochs
             numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
-            save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered)
+            record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
+            save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered, log_record=record)
             if is_main_process():
-                record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
-                with open(Path(args.output_dir) / "log.txt", "a") as f:
-                    f.write(json.dumps(record) + "\n")
                 if log_writer is not None:
                     log_writer.add_scalar("epoch/loss", stats["loss"], epoch)
                     log_writer.add_scalar("epoch/images_per_sec", stats["images_per_sec"], epoch)

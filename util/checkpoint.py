@@ -3,6 +3,13 @@
 * A checkpoint is written to a temporary file in the same folder, flushed and
   fsync-ed, then renamed: a crash mid-write never leaves a half-written file
   under a checkpoint name.
+* A training checkpoint gets a small JSON sidecar, ``<name>.json``: the SHA-256 and size of
+  the file, and the progress it records (epoch, samples consumed, timeline, model name). Auto-resume
+  ranks candidates by reading only the sidecars and verifies the checksum of the one it loads, so
+  a flipped byte is reported by name and the file skipped. The sidecar is written *before* the
+  checkpoint is renamed into place and keeps the digest of the file it replaces too, so a kill
+  between the two renames leaves a pair that still verifies. Files without a sidecar (older runs,
+  the reference's) are read with ``mmap`` (the pickle only, no tensor data) to rank them.
 * Every load is ``torch.load(weights_only=True)``. The reference's files pickle
   an ``argparse.Namespace`` (under ``args``); exactly that type is allowed, and
   any other pickled object is refused with a message saying why.
@@ -10,6 +17,9 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import heapq
+import json
 import os
 import pickle
 import re
@@ -17,7 +27,7 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -42,27 +52,151 @@ def _umask() -> int:
     return mask
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+SIDECAR_FORMAT = 1
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(path.name + ".json")
+
+
+class _HashingWriter:
+    """What torch.save writes to: the file, with the SHA-256 and size computed on the way."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_json_atomic(obj: dict, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the usual 0644 (umask 022)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; files get the usual 0644 (umask 022)
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _entries(side: dict) -> list[dict]:
+    prev = side.get("previous") or []
+    prev = [prev] if isinstance(prev, dict) else prev
+    return [e for e in [side.get("current"), *prev] if isinstance(e, dict)]
+
+
+def read_sidecar(path: str | os.PathLike) -> Optional[dict]:
+    """The sidecar of ``path`` ({'current': meta, 'previous': [meta, ...]}), or None if absent or unreadable."""
+    try:
+        data = json.loads(sidecar_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("current"), dict):
+        return None
+    return data
+
+
+def save_atomic(obj: Any, path: str | os.PathLike, meta: Optional[dict] = None) -> Path:
+    """Write ``obj`` to ``path`` through a fsync-ed temporary file and a rename.
+
+    With ``meta`` (a training checkpoint), the sidecar is written first: it records the new file's
+    digest and size with ``meta`` as 'current' and the replaced file's entry as 'previous'. Without
+    ``meta`` a stale sidecar of an earlier checkpoint at ``path`` is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    side = sidecar_path(path)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the usual 0644 (umask 022)
+        with os.fdopen(fd, "wb") as f:
+            w = _HashingWriter(f)
+            torch.save(obj, w)
+            f.flush()
+            os.fsync(f.fileno())
+        if meta is not None:
+            # 'previous': what the file on disk may be. The old sidecar's entries (its 'current' may never
+            # have landed if a kill came between its sidecar and its rename, so keep its 'previous' too).
+            old = read_sidecar(path)
+            previous = _entries(old) if old else []
+            size = path.stat().st_size if path.is_file() else None
+            if size is not None and not any(e.get("bytes") == size for e in previous):
+                previous = [{"sha256": file_sha256(path), "bytes": size}]  # a file from before sidecars
+            _write_json_atomic({"format": SIDECAR_FORMAT, "file": path.name,
+                                "current": {**meta, "sha256": w.sha.hexdigest(), "bytes": w.size},
+                                "previous": previous[:2]}, side)
+        os.replace(tmp, path)
+        if meta is None and side.exists():
+            side.unlink()
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def verify(path: str | os.PathLike) -> Optional[dict]:
+    """Check ``path`` against its sidecar; returns the entry it matches (None: no sidecar to check).
+
+    Raises CheckpointError naming the file when its digest matches neither entry."""
+    side = read_sidecar(path)
+    if side is None:
+        return None
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    entries = _entries(side)
+    if any(e.get("bytes") == size for e in entries):
+        digest = file_sha256(path)
+        for e in entries:
+            if e.get("sha256") == digest:
+                return e
+    raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match the one recorded in "
+                          f"{sidecar_path(path).name} when it was written")
+
+
+def remove_stale_temps(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of writes that a kill interrupted (``.checkpoint-*.tmp``)."""
+    out = Path(output_dir)
+    removed = []
+    if out.is_dir():
+        for p in out.iterdir():
+            if p.name.startswith(".checkpoint-") and p.name.endswith(".tmp") and p.is_file():
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+    return removed
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -113,23 +247,88 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return found
 
 
-def load_latest(output_dir: str | os.PathLike, log=print) -> Optional[tuple[Path, dict]]:
-    """The newest checkpoint in ``output_dir`` that loads; a damaged one is reported by name and skipped."""
-    candidates = list_checkpoints(output_dir)
-    best: Optional[tuple[int, Path, dict]] = None
-    for path in candidates:
+def progress_key(meta: dict) -> tuple:
+    """Order of recorded progress: timeline (it grows with every explicit --resume, so files of an
+    abandoned branch never win), then epoch, then samples consumed in it; a complete epoch e ranks as
+    the start of epoch e + 1."""
+    timeline = int(meta.get("timeline") or 0)
+    epoch = int(meta.get("epoch", -1))
+    if meta.get("next_step"):
+        return timeline, epoch, int(meta.get("samples") or meta["next_step"])
+    return timeline, epoch + 1, 0
+
+
+def peek(path: str | os.PathLike) -> dict:
+    """The progress a checkpoint records, read cheaply: from its sidecar, else from its pickle
+    through ``mmap`` (tensor data is not read). Raises CheckpointError for an unreadable file."""
+    side = read_sidecar(path)
+    if side is not None:
+        return side["current"]
+    return _peek_pickle(path)
+
+
+def _peek_pickle(path: str | os.PathLike) -> dict:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {type(e).__name__}") from None
+    if not isinstance(ckpt, dict):
+        return {}
+    meta = {k: ckpt[k] for k in ("epoch", "next_step", "samples", "timeline", "model_name")
+            if k in ckpt and isinstance(ckpt[k], (int, str))}
+    del ckpt
+    return meta
+
+
+def load_latest(output_dir: str | os.PathLike, log=print,
+                check: Optional[Callable[[Path, dict], Optional[str]]] = None) -> Optional[tuple[Path, dict]]:
+    """The checkpoint in ``output_dir`` with the most recorded progress that verifies, loads and fits.
+
+    Candidates are ranked by ``progress_key`` without loading them in full; each is then verified
+    against its checksum, loaded, and passed to ``check(path, ckpt)``, which returns why it does not
+    fit (or None) and may raise to stop the search. Every skipped file is logged with its reason."""
+    heap = []
+    for order, path in enumerate(list_checkpoints(output_dir)):
+        try:
+            meta = peek(path)
+        except CheckpointError as e:
+            log(f"warning: skipped {path.name}: {e}")
+            continue
+        heapq.heappush(heap, (tuple(-x for x in progress_key(meta)), order, str(path), False))
+    while heap:
+        neg_key, order, name, verified = heapq.heappop(heap)
+        path = Path(name)
+        if not verified:
+            try:
+                entry = verify(path)
+            except CheckpointError as e:
+                log(f"warning: skipped {path.name}: {e}")
+                continue
+            if entry is not None and "epoch" not in entry:  # the replaced file predates sidecars
+                try:
+                    entry = _peek_pickle(path)
+                except CheckpointError as e:
+                    log(f"warning: skipped {path.name}: {e}")
+                    continue
+            if entry is not None and tuple(-x for x in progress_key(entry)) != neg_key:
+                # a kill between sidecar and rename: the file is the previous one; rank it as what it is
+                heapq.heappush(heap, (tuple(-x for x in progress_key(entry)), order, name, True))
+                continue
         try:
             ckpt = safe_load(path)
         except CheckpointError as e:
-            log(f"warning: {e}; falling back to an older checkpoint")
+            log(f"warning: skipped {path.name}: {e}")
             continue
         if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
-            log(f"warning: {path} is not a training checkpoint; skipped")
+            log(f"warning: skipped {path.name}: not a training checkpoint (no 'model' and 'epoch')")
             continue
-        key = int(ckpt["epoch"]), ckpt.get("next_step") or (1 << 62)  # a complete epoch beats any part of it
-        if best is None or key > best[0]:
-            best = (key, path, ckpt)
-    return (best[1], best[2]) if best else None
+        reason = check(path, ckpt) if check is not None else None
+        if reason:
+            log(f"warning: skipped {path.name}: {reason}")
+            continue
+        return path, ckpt
+    return None
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> None:
@@ -140,6 +339,7 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> None:
     for p in numbered[keep_last:]:
         try:
             p.unlink()
+            sidecar_path(p).unlink(missing_ok=True)
         except OSError as e:  # another process may have removed it
             warnings.warn(f"could not remove old checkpoint {p}: {e}")
 

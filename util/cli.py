@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -26,6 +29,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# Minutes a collective waits for a hung rank. The ranks meet at every optimizer step; the longest
+# legitimate gap is rank 0 alone writing a checkpoint or a figure (seconds to a minute for Swin-B with
+# its optimizer on a network file system), so 3 minutes catches a hang 7 minutes sooner than the
+# 10 minutes it was, with room to spare.
+DIST_TIMEOUT_MIN = 3.0
+
+
 class UsageError(ValueError):
     """A flag combination or input that cannot work; reported as one line before any compute."""
 
@@ -41,6 +51,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="resume from the newest good checkpoint in --output_dir (default on)")
     p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume",
                    help="start from scratch even if --output_dir holds checkpoints")
+    p.add_argument("--allow_changed_args", action="store_true",
+                   help="auto-resume even though run-shaping flags (input size, effective batch, lr/blr, epochs, "
+                        "warmup, mask flags, --finetune) differ from the checkpoint's; the differences are listed")
     p.add_argument("--start_epoch", default=0, type=int, help="first epoch when not resuming")
     p.add_argument("--num_workers", default=None, type=int,
                    help="DataLoader worker processes per rank (default: the CPUs available to each rank, at most "
@@ -63,8 +76,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="accepted for torch.distributed.launch")
     p.add_argument("--dist_on_itp", action="store_true", help="read the rank from OpenMPI variables")
     p.add_argument("--dist_url", default="env://", help="rendezvous URL")
-    p.add_argument("--dist_timeout", default=10.0, type=float,
-                   help="minutes a collective waits before the run fails (bounds hangs when a rank dies)")
+    p.add_argument("--dist_timeout", default=DIST_TIMEOUT_MIN, type=float,
+                   help=f"minutes a collective waits for a hung rank before the run fails (default "
+                        f"{DIST_TIMEOUT_MIN:g}; raise it when ranks legitimately drift apart for longer, e.g. a slow "
+                        f"shared file system at start-up)")
     p.add_argument("--max_checkpoint_gb", default=None, type=float,
                    help="largest checkpoint file content loaded (default: 8x the model's fp32 weights, at least "
                         "256 MB); see FINETUNE.md 'Loading checkpoints safely'")
@@ -125,6 +140,9 @@ def run_main(fn: Callable[[], int]) -> None:
     except CheckpointError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:  # Ctrl-C before the stop handlers were installed: nothing trained yet
+        print(f"{prog}: interrupted before training started; nothing to save", file=sys.stderr)
+        code = 130
     except Exception:
         rank = os.environ.get("RANK")
         if rank is not None:  # a rank's failure reaches the log with its rank number
@@ -139,29 +157,76 @@ class StopFlag:
     def __init__(self) -> None:
         self.requested = False
         self.signum: int | None = None
+        self.at = 0.0  # time.monotonic() of the first signal
 
     def __call__(self) -> bool:
         return self.requested
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Each asks for a checkpoint at the next step boundary. SIGUSR2 is SLURM/submitit's preemption signal
+# (the submitit wrapper also requeues on it); SIGINT is Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+# The same signal again within this many seconds is the same request, not a second one: a signal sent
+# to a process group reaches a rank directly and again through its launcher, which forwards what it got
+# (torchrun's agent, submitit's local controller).
+REPEAT_WINDOW_S = 3.0
+
+
+def stop_exit_code(signum: int | None) -> int:
+    """Exit status after a stop that wrote its checkpoint: 0 (torchrun and SLURM read success), except
+    130 after Ctrl-C, so that a shell chain (``train && evaluate``) stops as a user who pressed it expects."""
+    return 130 if signum == signal.SIGINT else 0
 
 
 def setup_stop_signals(extra: tuple = ()) -> StopFlag:
-    """SIGTERM / SIGUSR1 (and ``extra``) ask for a checkpoint at the next step boundary;
-    a second signal exits at once."""
+    """SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT (and ``extra``) ask for a checkpoint at the next step boundary;
+    a second signal exits at once with 128 + its number."""
     state = StopFlag()
+    owner = os.getpid()
 
     def handler(signum, frame):
+        if os.getpid() != owner:  # a forked DataLoader worker before its worker_init_fn ignored the signals
+            return
+        name = signal.Signals(signum).name
         if state.requested:
-            print(f"second signal {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
-            os._exit(143)
-        state.requested, state.signum = True, signum
-        print(f"received {signal.Signals(signum).name}: checkpointing at the next step boundary", flush=True)
+            if signum == state.signum and time.monotonic() - state.at < REPEAT_WINDOW_S:
+                return
+            # os.write, not print: a handler may interrupt a print of the main thread (reentrant call)
+            os.write(2, f"second signal {name}: exiting now\n".encode())
+            os._exit(128 + signum)
+        state.requested, state.signum, state.at = True, signum, time.monotonic()
+        os.write(2, f"received {name}: checkpointing at the next step boundary\n".encode())
 
     for sig in STOP_SIGNALS + tuple(extra):
         try:
             signal.signal(sig, handler)
         except ValueError:  # not the main thread (e.g. inside some launchers)
             warnings.warn("stop signals not installed: not in the main thread")
+            break
     return state
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore the stop signals, which the main process owns.
+
+    A signal sent to the process group (``kill -- -PGID``, torchrun, scancel, SLURM's preemption
+    signal) reaches every worker too; by default it would kill them, and the main process would fail
+    with 'DataLoader worker is killed by signal' instead of checkpointing."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Block the stop signals while DataLoader workers start: a worker starts with them blocked (under
+    any start method) until ``ignore_stop_signals`` ignores them; the main process receives any that
+    arrived meanwhile when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

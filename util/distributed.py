@@ -52,7 +52,7 @@ def init_distributed(args) -> None:
     if not args.distributed:
         return
     backend = "nccl" if use_cuda else "gloo"
-    timeout = datetime.timedelta(minutes=float(getattr(args, "dist_timeout", 10)))
+    timeout = datetime.timedelta(minutes=float(getattr(args, "dist_timeout", 3)))
     dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
                             rank=args.rank, timeout=timeout,
                             device_id=torch.device(args.device) if use_cuda else None)

@@ -31,7 +31,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopRequested(Exception):
-    """Raised at a step boundary after SIGTERM/SIGUSR1 asked the run to checkpoint and exit."""
+    """Raised at a step boundary after a stop signal asked the run to checkpoint and exit; ``step`` is
+    the next step to run (0: before the epoch's first step)."""
 
     def __init__(self, epoch: int, step: int) -> None:
         super().__init__(f"stop requested at epoch {epoch}, step {step}")
@@ -109,6 +110,15 @@ def _agreed_stop(stop_flag: Callable[[], bool], step: int, accum: int, steps: in
     return bool(flag.item())
 
 
+def _agreed_stop_now(stop_flag: Callable[[], bool], device: torch.device) -> bool:
+    """Whether any rank has a stop request (every rank calls this at the same point)."""
+    if get_world_size() == 1:
+        return stop_flag()
+    flag = torch.tensor([1.0 if stop_flag() else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
                     scaler: Optional[torch.amp.GradScaler], device: torch.device, epoch: int, args,
                     compute_loss: Callable[[object], tuple[Tensor, int]], log_writer=None,
@@ -146,7 +156,14 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         if step >= 0:
             raise NonFiniteLossError(epoch, step, float(bad_value.item()))
 
-    for it, batch in enumerate(loader):
+    # A stop requested during the last steps of the previous epoch (or during start-up) is honoured
+    # here, after that epoch's normal checkpoint and log line: nothing of it is lost.
+    if stop_flag is not None and _agreed_stop_now(stop_flag, device):
+        raise StopRequested(epoch, start_step)
+    from .cli import stop_signals_held
+    with stop_signals_held():  # DataLoader workers start with the stop signals blocked (util.cli)
+        batches = iter(loader)
+    for it, batch in enumerate(batches):
         step = start_step + it
         if step % accum == 0:
             lr = adjust_learning_rate(optimizer, step / steps + epoch, args)
@@ -204,10 +221,10 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                     x = int((step / steps + epoch) * 1000)
                     log_writer.add_scalar("train/loss", loss_d.item(), x)
                     log_writer.add_scalar("train/lr", lr, x)
-        if stop_flag is not None and boundary and _agreed_stop(stop_flag, step, accum, steps, device):
+        # (not on the last step: the epoch then ends normally and the next one stops before its first step)
+        if stop_flag is not None and boundary and step + 1 < steps and \
+                _agreed_stop(stop_flag, step, accum, steps, device):
             check_finite()
-            if step + 1 == steps:  # the epoch is complete: resume at the next one
-                raise StopRequested(epoch + 1, 0)
             raise StopRequested(epoch, step + 1)
 
     check_finite()

@@ -9,7 +9,9 @@
   ``Trainer.checkpoint`` (a requeue that resumes from that file through the normal
   auto-resume path) and requeues the job. Nothing since the last step is lost, and an
   uninterrupted and a preempted-and-requeued run end with the same weights.
-* SIGTERM / SIGUSR1 checkpoint and exit without requeueing (as outside SLURM).
+* SIGTERM / SIGUSR1 / SIGINT checkpoint and exit without requeueing (as outside SLURM).
+  SLURM delivers its signals to every process of the job step, DataLoader workers
+  included; those ignore them (util.cli.ignore_stop_signals), so only the ranks act.
 * MAE's wrapper requeued with ``--resume checkpoint.pth``, a file it never wrote, so a
   requeued job silently restarted from epoch 0; here resumption never depends on a name.
 """
