@@ -47,7 +47,8 @@ def test_perfect_prediction_gives_ap_one_for_boxes_and_masks(tiny_coco):
     stats = coco_evaluate(coco, results, ["bbox", "segm"])
     for t in ("bbox", "segm"):
         assert list(stats[t]) == list(STAT_NAMES)
-        assert stats[t]["AP"] == stats[t]["AP50"] == stats[t]["AP75"] == stats[t]["AR100"] == 1.0
+        for k in ("AP", "AP50", "AP75", "AR100"):
+            assert stats[t][k] == pytest.approx(1.0, abs=1e-12), (t, k)
 
 
 def test_shifted_box_gives_the_hand_computed_ap(tmp_path):
@@ -57,7 +58,8 @@ def test_shifted_box_gives_the_hand_computed_ap(tmp_path):
     stats = coco_evaluate(coco, [{"image_id": 1, "category_id": 1, "bbox": [73, 50, 100, 100], "score": 0.9}],
                           ["bbox"])["bbox"]
     assert stats["AP"] == pytest.approx(0.3, abs=1e-12) and stats["AR100"] == pytest.approx(0.3, abs=1e-12)
-    assert stats["AP50"] == 1.0 and stats["AP75"] == 0.0 and stats["APl"] == pytest.approx(0.3, abs=1e-12)
+    assert stats["AP50"] == pytest.approx(1.0, abs=1e-12) and stats["AP75"] == 0.0
+    assert stats["APl"] == pytest.approx(0.3, abs=1e-12)
     assert stats["APs"] == stats["APm"] == -1.0  # no small / medium ground truth
 
 
@@ -105,6 +107,7 @@ def test_missing_layout_is_one_line_naming_what_is_missing(tmp_path):
 
 def test_invalid_boxes_and_unknown_categories_are_named_skipped_and_counted(tmp_path, tiny_coco):
     root = tmp_path / "coco"
+    root.mkdir()
     (root / "train2017").symlink_to(tiny_coco / "train2017")
     gt = json.loads((tiny_coco / "annotations" / "instances_train2017.json").read_text())
     n = len(gt["annotations"])
