@@ -152,7 +152,7 @@ def _loader(dataset, args, train: bool, world: int, rank: int, divisor: int):
 
 def _log(*a, **k) -> None:
     if is_main_process():
-        print(*a, **k, flush=True)
+        print(*a, **{"flush": True, **k})
 
 
 def _summary(stats: dict) -> str:

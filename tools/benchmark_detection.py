@@ -92,11 +92,11 @@ def main() -> int:
         r = rows[-1]
         print(f"{d:10s} {m:15s} {r['params_m']:7.1f}M  step {r['step_ms_median']:8.0f} ms  "
               f"peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
-    meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.processor() or
-            platform.machine(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
-            "torch": __import__("torch").__version__, "rows": rows}
-    if a.out:
-        Path(a.out).write_text(json.dumps(meta, indent=1))
+        meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.processor() or
+                platform.machine(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+                "torch": __import__("torch").__version__, "rows": rows}
+        if a.out:  # after every row: a long run cut short keeps what it measured
+            Path(a.out).write_text(json.dumps(meta, indent=1))
     return 0
 
 
