@@ -1,0 +1,303 @@
+"""Object detection / instance segmentation finetuning on COCO, under torchrun (DETECTION.md).
+
+    torchrun --nproc_per_node=8 main_detection.py --detector gfl --model swin_tiny_256 \
+        --finetune work_dirs/finetune_mae_swin_tiny_256/checkpoint-99.pth \
+        --data_path /path/to/coco --output_dir work_dirs/gfl_swin_tiny --log_dir work_dirs/gfl_swin_tiny
+
+The reference's recipe (spec §8.1) is the default: GFL (ATSS, QFL, DFL, GIoU) on LN + Linear
+adapters and FPN 256 from stride 8 with 5 levels; 1024-px crops of a 0.1-2.0x resize, flip;
+AdamW lr 1e-4, wd 0.05 (none for pos_embed, norms, biases), 2,000 warmup iterations, cosine
+to 0.01x, 25 epochs, 2 images per GPU. ``--detector mask_rcnn``: torchvision's Mask R-CNN on
+the same backbone and adapters (box and mask AP). Evaluation: the 12 COCO numbers by
+pycocotools after every ``--eval_freq`` epochs, as JSON (``eval_epoch{E}.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+import models
+from dense.backbone import build_backbone, dense_param_groups, has_pyramid
+from dense.coco import CocoDetection, check_layout, coco_evaluate, collate, to_coco_results
+from dense.detector import DETECTORS, build_detector
+from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, run_main, \
+    setup_stop_signals
+from util.cpu_perf import setup_cpu_training
+from util.datasets import DataError, SeededSampler, ShardSampler
+from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_dist, is_main_process
+from util.loop import (NonFiniteLossError, StopRequested, autocast, fused_optimizer_ok, make_scaler, resolve_amp,
+                       seed_rngs, train_one_epoch)
+from util.train_state import finish_interrupted, resume_training_state, save_training_state
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("UM-MAE detection finetuning (GFL / Mask R-CNN, COCO)", add_help=add_help)
+    p.add_argument("--detector", default="gfl", choices=DETECTORS,
+                   help="gfl: the reference's GFL head; mask_rcnn: torchvision's Mask R-CNN (box + mask AP)")
+    p.add_argument("--batch_size", default=2, type=int, help="images per GPU")
+    p.add_argument("--epochs", default=25, type=int)
+    p.add_argument("--accum_iter", default=1, type=int)
+    p.add_argument("--model", default="swin_tiny_256", type=str,
+                   help="backbone: a classifier name (Swin, PVT, ViT); built at its native size")
+    p.add_argument("--finetune", default="", help="backbone weights: a pretraining or finetuning checkpoint")
+    p.add_argument("--input_size", default=1024, type=int, help="training crop (and pad) size")
+    p.add_argument("--ratio_range", default=(0.1, 2.0), type=float, nargs=2,
+                   help="training resize: long side = input_size x U(ratio_range)")
+    p.add_argument("--test_size", default=(1333, 800), type=int, nargs=2, help="test resize: fit long x short")
+    p.add_argument("--drop_path", type=float, default=0.1)
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (absolute; the recipe's is for "
+                                                          "16 images per step)")
+    p.add_argument("--layer_decay", type=float, default=1.0, help="layer-wise lr decay of the backbone (1: none)")
+    p.add_argument("--min_lr_ratio", type=float, default=0.01, help="cosine floor as a fraction of --lr")
+    p.add_argument("--warmup_iters", type=int, default=2000, help="linear warmup, in optimizer steps")
+    p.add_argument("--adapter_dim", type=int, default=768, help="LN + Linear adapter width (the reference's 768)")
+    p.add_argument("--fpn_dim", type=int, default=256)
+    p.add_argument("--neck_norm", default="bn", choices=["bn", "gn", "none"],
+                   help="FPN normalisation: bn (SyncBatchNorm under DDP on CUDA, as the reference), gn, none")
+    p.add_argument("--score_thr", type=float, default=0.05, help="test: minimum class score")
+    p.add_argument("--max_dets", type=int, default=100, help="test: detections per image")
+    p.add_argument("--data_path", default=None, type=str, help="COCO layout: annotations/, train2017/, val2017/")
+    p.add_argument("--eval", action="store_true", help="evaluate only")
+    p.add_argument("--eval_freq", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    add_common_args(p)
+    p.set_defaults(save_freq=5, print_freq=50)
+    return p
+
+
+def _validate(args) -> None:
+    classifiers = models.list_models(task="classify")
+    if args.model not in classifiers:
+        raise UsageError(f"unknown --model {args.model!r}; valid backbones are classifiers: {', '.join(classifiers)}")
+    with torch.device("meta"):
+        meta = models.create_model(args.model, num_classes=0)
+    if not has_pyramid(meta):
+        raise UsageError(f"--model {args.model} has no feature pyramid for dense prediction (Swin, PVT and ViT "
+                         f"classifiers have one)")
+    for flag in ("batch_size", "epochs", "accum_iter", "input_size", "fpn_dim", "adapter_dim", "eval_freq"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    lo, hi = args.ratio_range
+    if not 0 < lo <= hi:
+        raise UsageError(f"--ratio_range needs 0 < low <= high, got {lo} {hi}")
+    if min(args.test_size) < 1:
+        raise UsageError(f"--test_size must be positive, got {args.test_size}")
+    if args.fpn_dim % 32 and args.neck_norm == "gn":
+        raise UsageError(f"--neck_norm gn needs --fpn_dim divisible by 32, got {args.fpn_dim}")
+    if args.finetune and not Path(args.finetune).is_file():
+        raise UsageError(f"--finetune checkpoint {args.finetune} does not exist")
+    if args.resume and not Path(args.resume).is_file():
+        raise UsageError(f"--resume checkpoint {args.resume} does not exist")
+    if args.eval and args.finetune:
+        args.auto_resume = False
+    if args.data_path is None:
+        raise UsageError("--data_path is required: a COCO folder with annotations/instances_{train,val}2017.json, "
+                         "train2017/ and val2017/")
+    try:
+        check_layout(args.data_path, ["val"] if args.eval else ["train", "val"])
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    check_output_dir(args.output_dir)
+    if args.log_dir:
+        check_output_dir(args.log_dir)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = get_args_parser().parse_args(argv)
+    finalize_common_args(args)
+    _validate(args)
+    return args
+
+
+def _to(t: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in t.items()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, dataset: CocoDetection, amp: str = "none", with_masks: bool = False) -> dict:
+    """COCO box (and mask) AP of ``loader``'s images; each rank predicts its shard, rank 0 gathers
+    the results and runs pycocotools. Returns {"bbox": {AP, ...}, ["segm": ...]} on rank 0, {} elsewhere."""
+    model.eval()
+    results = []
+    for imgs, _, metas in loader:
+        with autocast(amp, device):
+            dets = model(imgs.to(device, non_blocking=True), [m["size"] for m in metas])
+        for det, meta in zip(dets, metas):
+            results += to_coco_results(det, meta, dataset.cat_ids, with_masks)
+    if is_dist():
+        parts = [None] * get_world_size()
+        dist.all_gather_object(parts, results)
+        results = [r for p in parts for r in p]
+    if not is_main_process():
+        return {}
+    return coco_evaluate(dataset.coco, results, ["bbox", "segm"] if with_masks else ["bbox"], dataset.ids)
+
+
+def _loader(dataset, args, train: bool, world: int, rank: int, divisor: int):
+    sampler = (SeededSampler(dataset, world, rank, seed=args.seed, shuffle=True, drop_last=True) if train
+               else ShardSampler(len(dataset), world, rank))
+    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, shuffle=False,
+                      num_workers=args.num_workers, collate_fn=functools.partial(collate, size_divisor=divisor),
+                      pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=train,
+                      persistent_workers=train and args.num_workers > 0), sampler
+
+
+def _log(*a, **k) -> None:
+    if is_main_process():
+        print(*a, **{"flush": True, **k})
+
+
+def _summary(stats: dict) -> str:
+    return "  ".join(f"{t} AP {s['AP'] * 100:.1f} AP50 {s['AP50'] * 100:.1f} AP75 {s['AP75'] * 100:.1f}"
+                     for t, s in stats.items())
+
+
+def main(args) -> int:
+    init_distributed(args)
+    device = torch.device(args.device)
+    rank, world = get_rank(), get_world_size()
+    args.amp = resolve_amp(args.amp, device)
+    seed_rngs(args.seed, rank)
+    with_masks = args.detector == "mask_rcnn"
+
+    kw = dict(input_size=args.input_size, ratio_range=args.ratio_range, test_size=args.test_size,
+              with_masks=with_masks)
+    try:
+        train_set = None if args.eval else CocoDetection(args.data_path, "train", train=True, **kw)
+        cats = train_set.cat_ids if train_set is not None else None
+        val_set = CocoDetection(args.data_path, "val", train=False, categories=cats, **kw)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    for ds in (train_set, val_set):
+        if ds is not None and ds.skipped_summary():
+            _log(ds.skipped_summary())
+    if train_set is not None and len(train_set) == 0:
+        raise UsageError(f"{args.data_path}: no training image has a usable box")
+    num_classes = len(val_set.cat_ids)
+
+    backbone = build_backbone(args.model, args.finetune, drop_path=args.drop_path, log=_log)
+    model = build_detector(args.detector, backbone, num_classes, adapter_dim=args.adapter_dim, fpn_dim=args.fpn_dim,
+                           neck_norm=args.neck_norm, score_thr=args.score_thr, max_per_img=args.max_dets)
+    if args.distributed and device.type == "cuda" and args.neck_norm == "bn":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    cpu_note = setup_cpu_training(model, device, args.cpu_matmul, compiled=args.compile and not args.eval)
+    if cpu_note:
+        _log(cpu_note)
+
+    divisor = backbone.size_divisor
+    val_loader, _ = _loader(val_set, args, False, world, rank, divisor)
+    groups = dense_param_groups(model, backbone, args.weight_decay, args.layer_decay)
+    for g in groups:
+        g.pop("param_names", None)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=fused_optimizer_ok(device) or None)
+    scaler = make_scaler(args.amp, device)
+    start_epoch, start_step, ckpt = resume_training_state(args, model, optimizer, scaler, log=_log)
+    best_ap = float(ckpt.get("best_ap", 0.0)) if ckpt else 0.0
+    out = Path(args.output_dir)
+
+    if args.eval:
+        stats = evaluate(model, val_loader, device, val_set, args.amp, with_masks)
+        if is_main_process():
+            _log(f"evaluation of {len(val_set)} images: {_summary(stats)}")
+            (out / "eval.json").write_text(json.dumps({"weights": args.resume or args.finetune, **stats}, indent=1))
+        cleanup()
+        return 0
+
+    train_loader, sampler = _loader(train_set, args, True, world, rank, divisor)
+    if len(train_loader) == 0:
+        raise UsageError(f"{len(train_set)} training images are fewer than one global batch "
+                         f"({args.batch_size} x {world}): lower --batch_size")
+    # the shared loop's schedule is in epochs: warmup iterations and the cosine floor converted
+    steps_per_epoch = len(train_loader) / args.accum_iter
+    args.warmup_epochs = args.warmup_iters / steps_per_epoch
+    args.min_lr = args.lr * args.min_lr_ratio
+
+    train_model = model
+    if args.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    def compute_loss(batch):
+        imgs, targets, metas = batch
+        losses = train_model(imgs.to(device, non_blocking=True), [m["size"] for m in metas],
+                             [_to(t, device) for t in targets])
+        loss = sum(losses.values())
+        return loss, imgs.shape[0], {k: float(v.detach()) for k, v in losses.items()}
+
+    log_writer = None
+    if is_main_process():
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{args.detector} on {args.model}: {n_params / 1e6:.2f}M parameters; {num_classes} classes; "
+              f"{len(train_set)} train / {len(val_set)} val images; lr {args.lr:.3e}; amp {args.amp}; "
+              f"world {world}", flush=True)
+        if args.log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            log_writer = SummaryWriter(log_dir=args.log_dir)
+    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))
+    start_time = time.time()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            step0 = start_step if epoch == start_epoch else 0
+            sampler.set_epoch(epoch)
+            sampler.skip = step0 * args.batch_size
+            model.train()
+            train_stats = train_one_epoch(train_model, train_loader, optimizer, scaler, device, epoch, args,
+                                          compute_loss, log_writer=log_writer, header=f"Epoch [{epoch}]",
+                                          stop_flag=stop, start_step=step0)
+            n_steps = max(len(train_loader), 1)
+            for k in [k for k in train_stats if k.startswith("loss_")]:
+                train_stats[k] /= n_steps
+            last = epoch + 1 == args.epochs
+            stats = {}
+            if last or (epoch + 1) % args.eval_freq == 0:
+                stats = evaluate(model, val_loader, device, val_set, args.amp, with_masks)
+            improved = bool(stats) and stats["bbox"]["AP"] > best_ap
+            if stats:
+                best_ap = max(best_ap, stats["bbox"]["AP"])
+            numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
+            save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered,
+                                extra_names=("checkpoint-best.pth",) if improved else (),
+                                extra={"best_ap": best_ap})
+            if is_main_process():
+                if stats:
+                    print(f"epoch {epoch}: {_summary(stats)} (best box AP {best_ap * 100:.1f})", flush=True)
+                    (out / f"eval_epoch{epoch}.json").write_text(json.dumps({"epoch": epoch, **stats}, indent=1))
+                record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                          **{f"test_{t}_{k}": v for t, s in stats.items() for k, v in s.items()}}
+                with open(out / "log.txt", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if log_writer is not None:
+                    for t, s in stats.items():
+                        for k in ("AP", "AP50", "AP75"):
+                            log_writer.add_scalar(f"val/{t}_{k}", s[k], epoch)
+                    for k in [k for k in train_stats if k.startswith("loss_")]:
+                        log_writer.add_scalar(f"epoch/{k}", train_stats[k], epoch)
+                    log_writer.add_scalar("epoch/images_per_sec", train_stats["images_per_sec"], epoch)
+                    log_writer.add_scalar("epoch/peak_mem_mb", train_stats["peak_mem_mb"], epoch)
+                    log_writer.flush()
+            if epoch == args.exit_after_epoch and not last:
+                cleanup()
+                return 0
+    except (StopRequested, NonFiniteLossError) as e:
+        return finish_interrupted(e, args, model, optimizer, scaler, stop, extra={"best_ap": best_ap})
+    _log(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}; best box AP "
+         f"{best_ap * 100:.1f}")
+    if log_writer is not None:
+        log_writer.close()
+    cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(parse_args()))
