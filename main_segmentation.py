@@ -210,6 +210,8 @@ def main(args) -> int:
     val_loader = DataLoader(val_set, batch_size=1, sampler=ShardSampler(len(val_set), world, rank),
                             num_workers=args.num_workers)
     model = build_model(args, device)
+    if args.distributed and device.type == "cuda":  # statistics over the global batch (the reference's SyncBN)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     cpu_note = setup_cpu_training(model, device, args.cpu_matmul, compiled=args.compile and not args.eval)
     if cpu_note and is_main_process():
         print(cpu_note, flush=True)
@@ -245,12 +247,7 @@ def main(args) -> int:
     train_model = model
     sync_note = ""
     if args.distributed:
-        if device.type == "cuda":
-            train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model = train_model
-            sync_note = "; SyncBatchNorm"
-        else:
-            sync_note = "; BatchNorm per rank (SyncBatchNorm needs CUDA)"
+        sync_note = "; SyncBatchNorm" if device.type == "cuda" else "; BatchNorm per rank (SyncBatchNorm needs CUDA)"
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
