@@ -232,6 +232,10 @@ def main(args) -> int:
         cleanup()
         return 0
 
+    per_norm = args.batch_size * (world if args.distributed and device.type == "cuda" else 1)
+    if per_norm < 2:
+        raise UsageError(f"--batch_size {args.batch_size}: the BatchNorm after UperNet's 1x1 pooling needs at least "
+                         f"2 images per batch statistic (SyncBatchNorm only on CUDA); use --batch_size 2 or more")
     train_pairs = getattr(args, "train_pairs", None) or find_pairs(args.data_path, "train")
     report_skipped("training", train_pairs)
     transform = TrainTransform(args.input_size, tuple(args.img_scale), tuple(args.ratio_range), args.cat_max_ratio,
@@ -294,7 +298,8 @@ def main(args) -> int:
                     for m, r in results.items():
                         for k in ("mIoU", "mAcc", "aAcc"):
                             if r[k] is not None:
-                                log_writer.add_scalar(f"val_{m}/{k}", r[k], done_iters)
+                                # the step loop's x axis: (chunk + fraction) x 1000
+                                log_writer.add_scalar(f"val_{m}/{k}", r[k], (chunk + 1) * 1000)
                     log_writer.flush()
             if chunk == args.exit_after_epoch and not last:
                 cleanup()

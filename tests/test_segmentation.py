@@ -228,3 +228,22 @@ def test_bad_flags_fail_before_work(toy, tmp_path):
         main_segmentation.parse_args(base + ["--model", "swin_pico_128", "--input_size", "100"])
     with pytest.raises(UsageError, match="--test_stride"):
         main_segmentation.parse_args(base + ["--model", "swin_pico_128", "--input_size", "64", "--test_stride", "65"])
+
+
+def test_pvt_pyramid_shapes_and_layer_decay_groups():
+    from util.lr_decay import param_groups_lrd
+    backbone, _ = build_backbone("pvt_pico_128", 64, 0.0)
+    seg = SegmentationModel(backbone, 5, 16, 16, aux_channels=8)
+    feats = backbone(torch.randn(1, 3, 48, 64))  # padded to the 64-px position grid, cut back
+    assert [tuple(f.shape[-2:]) for f in feats] == [(12, 16), (6, 8), (3, 4), (2, 2)]
+    assert seg.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 5, 64, 64)
+    groups = param_groups_lrd(seg, 0.05, 0.5)
+    n = len(backbone.body.blocks) + 1
+    by_name = {name: g for g in groups for name in g["param_names"]}
+    assert by_name["backbone.body.patch_embed.proj.weight"]["lr_scale"] == 0.5 ** n
+    assert by_name["backbone.body.blocks.0.attn.qkv.weight"]["lr_scale"] == 0.5 ** (n - 1)
+    assert by_name["decode_head.fuse.0.weight"]["lr_scale"] == 1.0
+    assert by_name["backbone.body.pos_embed"]["weight_decay"] == 0.0
+    assert by_name["decode_head.fuse.1.weight"]["weight_decay"] == 0.0  # a norm
+    assert by_name["adapters.0.weight"]["weight_decay"] == 0.05
+    assert not any(k.startswith(("backbone.body.head", "backbone.body.fc_norm")) for k in by_name)
