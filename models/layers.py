@@ -5,6 +5,7 @@ import math
 from functools import partial
 from typing import Callable, Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # The reference builds every "outer" norm with eps 1e-6 (patch embedding, patch
@@ -46,6 +47,12 @@ class PatchMerge(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         return self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def pad_to_multiple(imgs: Tensor, multiple: int) -> Tensor:
+    """Zero-pad (N, C, H, W) right / bottom so that H and W are multiples of ``multiple``."""
+    ph, pw = (-imgs.shape[-2]) % multiple, (-imgs.shape[-1]) % multiple
+    return F.pad(imgs, (0, pw, 0, ph)) if ph or pw else imgs
 
 
 def drop_path_rates(depths: Sequence[int], rate: float) -> list[float]:

@@ -12,6 +12,7 @@ Differences from the official PVT, kept for checkpoint compatibility:
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
 from .layers import (BlockNorm, OuterNorm, PatchEmbed, PatchMerge, drop_path_rates,
-                     init_reference_weights, valid_sizes_message)
+                     init_reference_weights, pad_to_multiple, valid_sizes_message)
 from .pos_embed import sincos_2d
 from .registry import register_model
 
@@ -150,9 +151,39 @@ class PVT(PVTEncoder):
             raise ValueError(f"PVT built for {self.img_size}-px inputs got {imgs.shape[-2]}x{imgs.shape[-1]}")
         return x + self.pos_embed.view(1, h, w, c)
 
+    @property
+    def pyramid_channels(self) -> list[int]:
+        """Channels of the ``forward_pyramid`` maps."""
+        return list(self.stage_dims)
+
+    @property
+    def pyramid_strides(self) -> list[int]:
+        """Strides (input pixels per map pixel) of the ``forward_pyramid`` maps."""
+        return [self.patch_size * 2 ** s for s in range(len(self.stage_dims))]
+
+    @property
+    def pyramid_divisor(self) -> int:
+        """``forward_pyramid`` pads its input to a multiple of this: every stage's map divides
+        by its spatial reduction."""
+        return math.lcm(*(self.patch_size * 2 ** s * sr for s, sr in enumerate(self.sr_ratios)))
+
     def forward_pyramid(self, imgs: Tensor) -> list[Tensor]:
-        """The four stage feature maps for dense prediction: [(N, C_s, H/4/2**s, W/4/2**s)]."""
-        return [o.permute(0, 3, 1, 2).contiguous() for o in self.run_blocks(self._embed(imgs))]
+        """The four stage feature maps for dense prediction: [(N, C_s, ceil(H/32)*8/2**s, ...)].
+
+        Any H, W: the input is zero-padded right / bottom to ``pyramid_divisor``, and the
+        stage-1 position embedding is resized (bicubic) to the token grid on every call, as
+        the reference's PVTDet does; at the built size it is used as it is.
+        """
+        x = self.patch_embed(pad_to_multiple(imgs, self.pyramid_divisor))
+        b, h, w, c = x.shape
+        pos = self.pos_embed
+        g = math.isqrt(pos.shape[1])
+        if (h, w) == (g, g):
+            pos = pos.view(1, h, w, c)
+        else:
+            pos = F.interpolate(pos.reshape(1, g, g, c).permute(0, 3, 1, 2), size=(h, w), mode="bicubic",
+                                align_corners=False).permute(0, 2, 3, 1)
+        return [o.permute(0, 3, 1, 2).contiguous() for o in self.run_blocks(x + pos)]
 
     def forward_features(self, imgs: Tensor) -> Tensor:
         return self.run_blocks(self._embed(imgs))[-1].flatten(1, 2)

@@ -26,7 +26,7 @@ from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
 from .layers import (BlockNorm, OuterNorm, PatchEmbed, PatchMerge, drop_path_rates,
-                     init_reference_weights, valid_sizes_message)
+                     init_reference_weights, pad_to_multiple, valid_sizes_message)
 from .registry import register_model
 
 __all__ = ["SwinEncoder", "Swin", "window_geometry", "swin_grid_ok"]
@@ -70,6 +70,19 @@ class Positions:
     def downsample(self) -> "Positions":
         scale = self.scale * 2
         return Positions(self.pos[:, ::2, ::2], self.extent, scale, min(scale, self.max_step), self.max_step)
+
+    def padded(self, h: int, w: int) -> "Positions":
+        """This stage's regular grid extended to ``h x w`` (right / bottom padding for windows).
+
+        Only for the dense (unmasked) path, where the positions are one shared regular grid:
+        padded tokens continue the lattice, so real tokens keep their true offsets.
+        """
+        if self.pos.shape[0] != 1:
+            raise ValueError("window padding needs the shared regular grid of an unmasked image")
+        s, dev = self.scale, self.pos.device
+        rows = torch.arange(h, device=dev).view(h, 1).expand(h, w) * s
+        cols = torch.arange(w, device=dev).view(1, w).expand(h, w) * s
+        return Positions(torch.stack([rows, cols], dim=-1).unsqueeze(0), (h * s, w * s), s, self.step, self.max_step)
 
     @staticmethod
     def grid(h: int, w: int, device: torch.device) -> "Positions":
@@ -194,20 +207,28 @@ class SwinBlock(nn.Module):
         """x: (B, H, W, C) -> (B, H, W, C)"""
         b, h, w, c = x.shape
         wh, ww, shift = window_geometry(h, w, self.window_size, self.shifted)
+        # dense inputs of any size: pad the normalised map to window multiples (right / bottom),
+        # attend over the padded windows and crop; window-multiple maps take no padding
+        hp, wp = h + (-h) % wh, w + (-w) % ww
         key = (h, w, wh, ww, shift)
         if key not in positions.cache:
-            idx, _ = _offset_index(positions, h, w, wh, ww, shift)
-            mask = _shift_mask(h, w, wh, ww, shift, x.device) if shift else None
-            positions.cache[key] = (idx, mask)
-        idx, mask = positions.cache[key]
+            pos = positions if (hp, wp) == (h, w) else positions.padded(hp, wp)
+            idx, _ = _offset_index(pos, hp, wp, wh, ww, shift)
+            mask = _shift_mask(hp, wp, wh, ww, shift, x.device) if shift else None
+            positions.cache[key] = (idx, mask, pos)
+        idx, mask, pos = positions.cache[key]
 
         y = self.norm1(x)
+        if (hp, wp) != (h, w):
+            y = F.pad(y, (0, 0, 0, wp - w, 0, hp - h))
         if shift:
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-        y = self.attn(_windows(y, wh, ww), idx, positions, mask)
-        y = _unwindows(y, wh, ww, b, h, w)
+        y = self.attn(_windows(y, wh, ww), idx, pos, mask)
+        y = _unwindows(y, wh, ww, b, hp, wp)
         if shift:
             y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+        if (hp, wp) != (h, w):
+            y = y[:, :h, :w]
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -280,9 +301,28 @@ class Swin(SwinEncoder):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         init_reference_weights(self)
 
+    @property
+    def pyramid_channels(self) -> list[int]:
+        """Channels of the ``forward_pyramid`` maps."""
+        return list(self.stage_dims)
+
+    @property
+    def pyramid_strides(self) -> list[int]:
+        """Strides (input pixels per map pixel) of the ``forward_pyramid`` maps."""
+        return [self.patch_size * 2 ** s for s in range(len(self.stage_dims))]
+
+    @property
+    def pyramid_divisor(self) -> int:
+        """``forward_pyramid`` pads its input (right / bottom) to a multiple of this."""
+        return self.patch_size * 2 ** (len(self.stage_dims) - 1)
+
     def forward_pyramid(self, imgs: Tensor) -> list[Tensor]:
-        """The four stage feature maps for dense prediction: [(N, C_s, H/4/2**s, W/4/2**s)]."""
-        x = self.patch_embed(imgs)
+        """The four stage feature maps for dense prediction: [(N, C_s, ceil(H/32)*8/2**s, ...)].
+
+        Any H, W: the input is zero-padded right / bottom to ``pyramid_divisor`` and every block
+        pads its map to window multiples, so 800 x 1333 works as well as the pretraining size.
+        """
+        x = self.patch_embed(pad_to_multiple(imgs, self.pyramid_divisor))
         outs = self.run_blocks(x, Positions.grid(x.shape[1], x.shape[2], x.device))
         return [o.permute(0, 3, 1, 2).contiguous() for o in outs]
 
