@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 import models
 from engine_segmentation import evaluate, train_chunk
-from segmentation.backbone import build_backbone
+from dense.backbone import build_backbone, dense_models, dense_param_groups, has_pyramid
 from segmentation.data import IterationSampler, SegmentationDataset, TrainTransform, find_pairs, num_chunks
 from segmentation.heads import SegmentationModel
 from segmentation.metrics import class_names_for
@@ -34,7 +34,6 @@ from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, ShardSampler
 from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
 from util.loop import NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp, seed_rngs
-from util.lr_decay import param_groups_lrd
 from util.lr_sched import poly_lr_at
 from util.train_state import finish_interrupted, resume_training_state, save_training_state
 
@@ -92,12 +91,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def _validate(args) -> None:
-    classifiers = models.list_models(task="classify")
-    if args.model not in classifiers:
-        raise UsageError(f"unknown --model {args.model!r}; valid backbones: {', '.join(classifiers)}")
-    if args.model.startswith("vit_"):
-        raise UsageError(f"--model {args.model}: ViT backbones need the simple feature pyramid, not available "
-                         f"here yet; valid: the swin_* and pvt_* classifiers")
+    if not models.is_model(args.model) or models.model_task(args.model) != "classify":
+        raise UsageError(f"unknown --model {args.model!r}; valid backbones: {', '.join(dense_models())}")
     for flag in ("batch_size", "iters", "accum_iter", "eval_interval", "nb_classes", "input_size", "test_stride"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -112,9 +107,11 @@ def _validate(args) -> None:
         raise UsageError(f"--warmup_iters {args.warmup_iters} must be in [0, --iters {args.iters})")
     try:
         with torch.device("meta"):
-            models.create_model(args.model, num_classes=0, img_size=args.input_size)
+            meta = models.create_model(args.model, num_classes=0, img_size=args.input_size)
     except ValueError as e:
         raise UsageError(f"--input_size {args.input_size}: {e}") from None
+    if not has_pyramid(meta):
+        raise UsageError(f"--model {args.model} has no feature pyramid; valid backbones: {', '.join(dense_models())}")
     if args.eval and args.finetune:
         args.auto_resume = False
     for flag in ("finetune", "resume"):
@@ -152,10 +149,11 @@ def report_skipped(split: str, pairs, limit: int = 10) -> None:
 
 
 def build_model(args, device) -> SegmentationModel:
-    backbone, report = build_backbone(args.model, args.input_size, args.drop_path,
-                                      args.finetune if args.finetune and not args.resume else None)
-    if report is not None and is_main_process():
-        print(report.summary(), flush=True)
+    # built at the crop size, as the reference: PVT's / ViT's position grid is resized once at loading
+    # (PVT-S: 64x64 -> 128x128), then learnt at that size; other input sizes resize it on the fly
+    backbone = build_backbone(args.model, args.finetune if args.finetune and not args.resume else "",
+                              args.drop_path, img_size=args.input_size,
+                              log=lambda m: print(m, flush=True) if is_main_process() else None)
     model = SegmentationModel(backbone, args.nb_classes, adapter_dim=args.channels, channels=args.channels,
                               dropout=args.dropout, aux_channels=args.aux_channels, aux_weight=args.aux_weight,
                               avg_non_ignore=args.avg_non_ignore)
@@ -163,7 +161,7 @@ def build_model(args, device) -> SegmentationModel:
 
 
 def make_optimizer(args, model, device):
-    groups = param_groups_lrd(model, args.weight_decay, args.layer_decay)
+    groups = dense_param_groups(model, model.backbone, args.weight_decay, args.layer_decay)
     for g in groups:
         g.pop("param_names", None)
     return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.opt_betas),

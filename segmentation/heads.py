@@ -99,8 +99,10 @@ def seg_cross_entropy(logits: Tensor, labels: Tensor, avg_non_ignore: bool = Fal
 class SegmentationModel(nn.Module):
     """Backbone + Conv1x1 adapters + UperNet (+ FCN auxiliary head).
 
-    ``backbone(imgs)`` returns four maps (N, C_s, H_s, W_s), finest first, and
-    ``backbone.out_channels`` their widths. ``forward(imgs)`` -> logits (N, K, H, W) at the input
+    ``backbone`` is a ``dense.backbone.DenseBackbone``: ``backbone(imgs)`` returns four maps, finest
+    first, computed on the input padded right / bottom; ``out_channels`` and ``strides`` describe
+    them. Each map is cut back to the image (ceil(H / stride) x ceil(W / stride)), so the heads
+    see the image's own extent and the logits align with it. ``forward(imgs)`` -> logits (N, K, H, W) at the input
     size; ``forward(imgs, labels)`` -> (total loss, {"loss_decode", "loss_aux"}) so that the
     training step runs through one (DDP-wrapped) forward.
     """
@@ -119,7 +121,10 @@ class SegmentationModel(nn.Module):
         self.avg_non_ignore = avg_non_ignore
 
     def features(self, imgs: Tensor) -> list[Tensor]:
-        return [adapt(f) for adapt, f in zip(self.adapters, self.backbone(imgs))]
+        h, w = imgs.shape[-2:]
+        feats = self.backbone(imgs)
+        return [adapt(f[..., :-(-h // s), :-(-w // s)])
+                for adapt, f, s in zip(self.adapters, feats, self.backbone.strides)]
 
     def forward(self, imgs: Tensor, labels: Optional[Tensor] = None):
         """imgs: (N, 3, H, W); labels: (N, H, W) int64 with 255 = ignore."""
@@ -133,19 +138,3 @@ class SegmentationModel(nn.Module):
             parts["loss_aux"] = seg_cross_entropy(self.aux_head(feats[self.aux_index]), labels, self.avg_non_ignore)
             total = total + self.aux_weight * parts["loss_aux"]
         return total, parts
-
-    # layer-wise lr decay (util/lr_decay.py): the backbone's own ids, every head after its last layer
-    def lrd_num_layers(self) -> int:
-        from util.lr_decay import num_layers_for_decay
-        return num_layers_for_decay(self.backbone)
-
-    def lrd_layer_id(self, name: str) -> int:
-        from util.lr_decay import layer_id
-        n = self.lrd_num_layers()
-        if name.startswith("backbone."):
-            return min(layer_id(self.backbone, name[len("backbone."):], n), n)
-        return n
-
-    def no_weight_decay(self) -> set[str]:
-        inner = self.backbone.no_weight_decay() if hasattr(self.backbone, "no_weight_decay") else set()
-        return {f"backbone.{k}" for k in inner}

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import main_segmentation
-from segmentation.backbone import build_backbone
+from dense.backbone import build_backbone, dense_param_groups
 from segmentation.data import IterationSampler, SegmentationDataset, TrainTransform, find_pairs, load_pair
 from segmentation.heads import SegmentationModel
 from segmentation.inference import predict, slide_logits, whole_logits, window_starts
@@ -152,7 +152,7 @@ def test_slide_equals_whole_where_it_must():
     img = torch.randn(1, 3, 50, 70)
     assert torch.allclose(slide_logits(model, img, 4, 32, 21), whole_logits(model, img), atol=1e-5)
     # the real model on an image of the window size: one window, the same logits
-    backbone, _ = build_backbone("swin_pico_128", 64, 0.0)
+    backbone = build_backbone("swin_pico_128", drop_path=0.0, img_size=64)
     seg = SegmentationModel(backbone, 4, 32, 32, aux_channels=16).eval()
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(slide_logits(seg, x, 4, 64, 43), whole_logits(seg, x))
@@ -231,17 +231,16 @@ def test_bad_flags_fail_before_work(toy, tmp_path):
 
 
 def test_pvt_pyramid_shapes_and_layer_decay_groups():
-    from util.lr_decay import param_groups_lrd
-    backbone, _ = build_backbone("pvt_pico_128", 64, 0.0)
-    seg = SegmentationModel(backbone, 5, 16, 16, aux_channels=8)
-    feats = backbone(torch.randn(1, 3, 48, 64))  # padded to the 64-px position grid, cut back
-    assert [tuple(f.shape[-2:]) for f in feats] == [(12, 16), (6, 8), (3, 4), (2, 2)]
-    assert seg.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 5, 64, 64)
-    groups = param_groups_lrd(seg, 0.05, 0.5)
+    backbone = build_backbone("pvt_pico_128", drop_path=0.0, img_size=64)
+    seg = SegmentationModel(backbone, 5, 16, 16, aux_channels=8).eval()
+    feats = seg.features(torch.randn(1, 3, 40, 72))  # the backbone pads; the maps are cut back to the image
+    assert [tuple(f.shape[-2:]) for f in feats] == [(10, 18), (5, 9), (3, 5), (2, 3)]
+    assert seg(torch.randn(1, 3, 40, 72)).shape == (1, 5, 40, 72)
+    groups = dense_param_groups(seg, backbone, 0.05, 0.5)
     n = len(backbone.body.blocks) + 1
     by_name = {name: g for g in groups for name in g["param_names"]}
     assert by_name["backbone.body.patch_embed.proj.weight"]["lr_scale"] == 0.5 ** n
-    assert by_name["backbone.body.blocks.0.attn.qkv.weight"]["lr_scale"] == 0.5 ** (n - 1)
+    assert by_name["backbone.body.blocks.0.attn.q.weight"]["lr_scale"] == 0.5 ** (n - 1)
     assert by_name["decode_head.fuse.0.weight"]["lr_scale"] == 1.0
     assert by_name["backbone.body.pos_embed"]["weight_decay"] == 0.0
     assert by_name["decode_head.fuse.1.weight"]["weight_decay"] == 0.0  # a norm

@@ -49,13 +49,13 @@ def saved_activation_bytes(model, imgs, labels) -> int:
 
 
 def child(args) -> dict:
-    from segmentation.backbone import build_backbone
+    from dense.backbone import build_backbone
     from segmentation.heads import SegmentationModel
     from util.cpu_perf import setup_cpu_training
     from util.loop import autocast, fused_optimizer_ok
     device = torch.device(args.device)
     torch.manual_seed(0)
-    backbone, _ = build_backbone(args.model, args.input_size, 0.1)
+    backbone = build_backbone(args.model, drop_path=0.1, img_size=args.input_size)
     model = SegmentationModel(backbone, 150).to(device).train()
     note = setup_cpu_training(model, device, args.cpu_matmul, compiled=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05,
