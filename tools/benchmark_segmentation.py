@@ -5,7 +5,8 @@
 
 Each model runs in its own child process (so that the CPU peak resident memory is its own), on
 synthetic images and labels (150 classes, 5% ignored), with the programs' settings: AdamW (fused),
-``setup_cpu_training`` on CPU, the reference head sizes. ``--warmup`` untimed steps, then the
+oneDNN linear layers on CPU (``setup_cpu_training``, but the malloc setting left alone, so that
+the peak is not the retained heap), the reference head sizes. ``--warmup`` untimed steps, then the
 median of ``--steps`` timed full training steps (forward, backward, optimizer step).
 
 Memory: CPU, the child's peak resident set (``ru_maxrss``, everything: weights, optimizer state,
@@ -57,7 +58,8 @@ def child(args) -> dict:
     torch.manual_seed(0)
     backbone = build_backbone(args.model, drop_path=0.1, img_size=args.input_size)
     model = SegmentationModel(backbone, 150).to(device).train()
-    note = setup_cpu_training(model, device, args.cpu_matmul, compiled=False)
+    # malloc left alone: on a shared machine the retained heap would inflate the peak it measures
+    note = setup_cpu_training(model, device, args.cpu_matmul, compiled=False, malloc=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05,
                             fused=fused_optimizer_ok(device) or None)
     n = args.batch_size
@@ -108,27 +110,29 @@ def main() -> int:
         print(json.dumps(child(args)))
         return 0
     rows = []
+    record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "rows": rows,
+              "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "cpu_model": _cpu_model()}
+    out_json = Path(args.json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         cmd = [sys.executable, __file__, "--model", name] + [
             a for a in sys.argv[1:] if a not in args.models and a != "--models"]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         if out.returncode:
-            print(out.stderr, file=sys.stderr)
+            print(f"{name}: child failed with status {out.returncode}" + (" (killed: out of memory?)"
+                  if out.returncode < 0 else "") + f"\n{out.stderr}", file=sys.stderr)
             return 1
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        record["load_average"] = os.getloadavg()
+        out_json.write_text(json.dumps(record, indent=1))  # after every model: a long run keeps what it measured
     print(f"UperNet + FCN, {args.input_size} px, batch {args.batch_size}, {args.device}, amp {args.amp}, "
           f"median of {args.steps} steps")
     print(f"{'backbone':16s} {'params M':>9s} {'step s':>8s} {'img/s':>7s} {'peak MB':>9s} {'saved act MB':>13s}")
     for r in rows:
         print(f"{r['model']:16s} {r['params_m']:9.2f} {r['step_s_median']:8.3f} {r['images_per_s']:7.2f} "
               f"{r['peak_mem_mb']:9.0f} {r['saved_activations_mb']:13.0f}")
-    record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "rows": rows,
-              "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-              "cpu_model": _cpu_model()}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(record, indent=1))
-    print(f"wrote {args.json}")
+    print(f"wrote {out_json}")
     return 0
 
 
