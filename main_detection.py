@@ -28,11 +28,11 @@ import models
 from dense.backbone import build_backbone, dense_param_groups, has_pyramid
 from dense.coco import CocoDetection, check_layout, coco_evaluate, collate, to_coco_results
 from dense.detector import DETECTORS, build_detector
-from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, run_main, \
-    setup_stop_signals
+from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, ignore_stop_signals, \
+    run_main, setup_stop_signals
 from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, SeededSampler, ShardSampler
-from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_dist, is_main_process
+from util.distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_dist, is_main_process
 from util.loop import (NonFiniteLossError, StopRequested, autocast, fused_optimizer_ok, make_scaler, resolve_amp,
                        seed_rngs, train_one_epoch)
 from util.train_state import finish_interrupted, resume_training_state, save_training_state
@@ -147,7 +147,7 @@ def _loader(dataset, args, train: bool, world: int, rank: int, divisor: int):
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, shuffle=False,
                       num_workers=args.num_workers, collate_fn=functools.partial(collate, size_divisor=divisor),
                       pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=train,
-                      persistent_workers=train and args.num_workers > 0), sampler
+                      persistent_workers=train and args.num_workers > 0, worker_init_fn=ignore_stop_signals), sampler
 
 
 def _log(*a, **k) -> None:
@@ -161,9 +161,12 @@ def _summary(stats: dict) -> str:
 
 
 def main(args) -> int:
+    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))  # first: a stop during start-up counts
     init_distributed(args)
     device = torch.device(args.device)
     rank, world = get_rank(), get_world_size()
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(device)
     args.amp = resolve_amp(args.amp, device)
     seed_rngs(args.seed, rank)
     with_masks = args.detector == "mask_rcnn"
@@ -244,7 +247,6 @@ def main(args) -> int:
         if args.log_dir:
             from torch.utils.tensorboard import SummaryWriter
             log_writer = SummaryWriter(log_dir=args.log_dir)
-    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))
     start_time = time.time()
     try:
         for epoch in range(start_epoch, args.epochs):

@@ -28,8 +28,8 @@ from dense.backbone import build_backbone, dense_models, dense_param_groups, has
 from segmentation.data import IterationSampler, SegmentationDataset, TrainTransform, find_pairs, num_chunks
 from segmentation.heads import SegmentationModel
 from segmentation.metrics import class_names_for
-from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, run_main, \
-    setup_stop_signals
+from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, ignore_stop_signals, \
+    run_main, setup_stop_signals
 from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, ShardSampler
 from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
@@ -195,18 +195,20 @@ def write_json(path: Path, obj) -> None:
 
 
 def main(args) -> int:
+    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))  # first: a stop during start-up counts
     init_distributed(args)
     device = torch.device(args.device)
     rank, world = get_rank(), get_world_size()
     args.amp = resolve_amp(args.amp, device)
     seed_rngs(args.seed, rank)
+    args.epochs = num_chunks(args.iters, args.eval_interval)  # one 'epoch' of the shared loop = one interval
     names = class_names_for(args.nb_classes)
     val_pairs = getattr(args, "val_pairs", None) or find_pairs(args.data_path, "val")
     report_skipped("validation", val_pairs)
     val_set = SegmentationDataset(val_pairs, train=False, reduce_zero_label=args.reduce_zero_label,
                                   test_scale=tuple(args.img_scale))
     val_loader = DataLoader(val_set, batch_size=1, sampler=ShardSampler(len(val_set), world, rank),
-                            num_workers=args.num_workers)
+                            num_workers=args.num_workers, worker_init_fn=ignore_stop_signals)
     model = build_model(args, device)
     if args.distributed and device.type == "cuda":  # statistics over the global batch (the reference's SyncBN)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -243,7 +245,7 @@ def main(args) -> int:
     sampler = IterationSampler(len(train_set), world, rank, args.seed, args.batch_size, args.iters, args.eval_interval)
     train_loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size, drop_last=True,
                               num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
-                              persistent_workers=args.num_workers > 0)
+                              persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals)
     chunks = num_chunks(args.iters, args.eval_interval)
 
     train_model = model
@@ -265,7 +267,6 @@ def main(args) -> int:
         if args.log_dir:
             from torch.utils.tensorboard import SummaryWriter
             log_writer = SummaryWriter(log_dir=args.log_dir)
-    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))
     start_time = time.time()
     try:
         for chunk in range(start_chunk, chunks):

@@ -72,9 +72,9 @@ def test_num_workers_default_follows_the_cpus_of_each_rank(monkeypatch):
 def test_run_records_eta_summary_and_tensorboard_inside_output_dir(tmp_path, capsys):
     from test_pretrain import make_images
     data, out = make_images(tmp_path / "data", n=4, size=64), tmp_path / "out"   # one step per epoch
-    for epochs in ("1", "2"):          # the second start resumes in the same folder
+    for epochs, extra in (("1", []), ("2", ["--allow_changed_args"])):  # the second start extends the run in place
         args = main_pretrain.parse_args(PICO + ["--epochs", epochs, "--output_dir", str(out), "--data_path", str(data),
-                                                "--vis_freq", "0"])
+                                                "--vis_freq", "0"] + extra)
         assert args.log_dir == str(out / "tensorboard")
         assert main_pretrain.main(args) == 0
     text = capsys.readouterr().out

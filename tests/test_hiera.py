@@ -143,7 +143,7 @@ def test_key_manifests_equal_timm_and_parameter_counts_match_the_paper(size):
     assert pre.decoder_pred.out_features == 16 * 16 * 3 and pre.q_pool == 2 and cls.q_pool == 3
     convs = [m for m in pre.multi_scale_fusion_heads if isinstance(m, torch.nn.Conv2d)]
     assert [c.kernel_size for c in convs] == [(4, 4), (2, 2)]
-    assert (pre.token_size, pre.stride, pre.num_visible, pre.default_mask_ratio) == (7, 32, 49 - int(0.6 * 49), 0.6)
+    assert (pre.token_size, pre.stride, pre.num_visible, pre.default_mask_ratio) == (7, 32, int(49 * (1 - 0.6)), 0.6)
 
 
 def test_pico_trains_every_parameter_and_rejects_bad_input():
