@@ -241,16 +241,7 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder):
         """GreenMIM's init pass over the whole model, encoder included: every Linear xavier-uniform with
         zero bias, every convolution xavier-uniform on its (out, in*k*k) view, LayerNorm 1/0,
         ``mask_token`` normal 0.02; the relative-position tables keep timm's trunc-normal 0.02."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight.data.view(m.weight.shape[0], -1))
+        init_modules(self.modules(), conv="xavier")
         nn.init.normal_(self.mask_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:

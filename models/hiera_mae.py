@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from timm.models.hiera import Hiera, HieraBlock
 from torch import Tensor, nn
 
-from .layers import check_images_and_mask, valid_sizes_message
+from .layers import check_images_and_mask, init_modules, valid_sizes_message
 from .loss import mae_loss, patchify, unpatchify
 from .masking import random_mask
 from .registry import register_named
@@ -168,14 +168,7 @@ class MaskedAutoencoderHiera(Hiera):
         embedding initialised like a Linear layer, tokens and decoder positions N(0, 0.02) truncated."""
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_modules(self.modules(), conv="keep")
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
 

@@ -70,8 +70,12 @@ def init_reference_weights(model: nn.Module) -> None:
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
 
-def init_modules(modules) -> None:
-    """Linear: xavier-uniform, bias 0; LayerNorm: 1, 0; Conv2d: normal(0, sqrt(2 / fan_out)), bias 0."""
+def init_modules(modules, conv: str = "fan_out") -> None:
+    """Linear: xavier-uniform, bias 0; LayerNorm: 1, 0. Conv2d by ``conv``: "fan_out" normal(0,
+    sqrt(2 / fan_out)) with bias 0 (the reference's Swin / PVT), "xavier" xavier-uniform on the
+    (out, in*k*k) view (GreenMIM), "keep" left as built (MixMAE, Hiera MAE)."""
+    if conv not in ("fan_out", "xavier", "keep"):
+        raise ValueError(f"conv init must be fan_out, xavier or keep (got {conv!r})")
     for m in modules:
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -80,11 +84,13 @@ def init_modules(modules) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
+        elif isinstance(m, nn.Conv2d) and conv == "fan_out":
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
             m.weight.data.normal_(0.0, math.sqrt(2.0 / fan_out))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d) and conv == "xavier":
+            nn.init.xavier_uniform_(m.weight.data.view(m.weight.shape[0], -1))
 
 
 def valid_sizes_message(size: int, is_valid: Callable[[int], bool], step: int, what: str) -> str:

@@ -100,7 +100,7 @@ from timm.models.swin_transformer import PatchMerging
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .layers import drop_path_rates, valid_sizes_message
+from .layers import drop_path_rates, init_modules, valid_sizes_message
 from .loss import patchify, unit_stats
 from .pos_embed import sincos_2d
 from .registry import register_model, register_pretrain_model
@@ -329,14 +329,7 @@ class MixMIMEncoder(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_modules(self.modules(), conv="keep")
 
     def _check_imgs(self, imgs: Tensor) -> None:
         if imgs.dim() != 4 or tuple(imgs.shape[-2:]) != (self.img_size, self.img_size):
