@@ -61,6 +61,21 @@ def drop_path_rates(depths: Sequence[int], rate: float) -> list[float]:
     return [rate * i / max(total - 1, 1) for i in range(total)]
 
 
+class StagePyramid:
+    """What dense-prediction programs ask of a stage-wise classifier (``stage_dims``, ``patch_size``):
+    the channels and strides of its ``forward_pyramid`` maps. Each model adds ``pyramid_divisor``."""
+
+    @property
+    def pyramid_channels(self) -> list[int]:
+        """Channels of the ``forward_pyramid`` maps."""
+        return list(self.stage_dims)
+
+    @property
+    def pyramid_strides(self) -> list[int]:
+        """Strides (input pixels per map pixel) of the ``forward_pyramid`` maps."""
+        return [self.patch_size * 2 ** s for s in range(len(self.stage_dims))]
+
+
 def init_reference_weights(model: nn.Module) -> None:
     """The reference initialisation of the Swin / PVT models (spec §3.6)."""
     init_modules(model.modules())

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from .layers import (BlockNorm, OuterNorm, PatchEmbed, PatchMerge, drop_path_rates,
+from .layers import (BlockNorm, OuterNorm, PatchEmbed, PatchMerge, StagePyramid, drop_path_rates,
                      init_reference_weights, pad_to_multiple, valid_sizes_message)
 from .pos_embed import sincos_2d
 from .registry import register_model
@@ -125,7 +125,7 @@ class PVTEncoder(nn.Module):
         return {"pos_embed"}
 
 
-class PVT(PVTEncoder):
+class PVT(StagePyramid, PVTEncoder):
     """PVT classifier for finetuning: global average pool -> ``fc_norm`` -> ``head``.
 
     imgs: (N, 3, H, W) -> logits (N, num_classes).
@@ -150,16 +150,6 @@ class PVT(PVTEncoder):
         if h * w != self.pos_embed.shape[1]:
             raise ValueError(f"PVT built for {self.img_size}-px inputs got {imgs.shape[-2]}x{imgs.shape[-1]}")
         return x + self.pos_embed.view(1, h, w, c)
-
-    @property
-    def pyramid_channels(self) -> list[int]:
-        """Channels of the ``forward_pyramid`` maps."""
-        return list(self.stage_dims)
-
-    @property
-    def pyramid_strides(self) -> list[int]:
-        """Strides (input pixels per map pixel) of the ``forward_pyramid`` maps."""
-        return [self.patch_size * 2 ** s for s in range(len(self.stage_dims))]
 
     @property
     def pyramid_divisor(self) -> int:

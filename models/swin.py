@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from .layers import (BlockNorm, OuterNorm, PatchEmbed, PatchMerge, drop_path_rates,
+from .layers import (BlockNorm, OuterNorm, PatchEmbed, PatchMerge, StagePyramid, drop_path_rates,
                      init_reference_weights, pad_to_multiple, valid_sizes_message)
 from .registry import register_model
 
@@ -281,7 +281,7 @@ class SwinEncoder(nn.Module):
         return {"pos_embed"}
 
 
-class Swin(SwinEncoder):
+class Swin(StagePyramid, SwinEncoder):
     """Swin classifier for finetuning: global average pool -> ``fc_norm`` -> ``head``.
 
     imgs: (N, 3, H, W) -> logits (N, num_classes). Any square input whose token
@@ -300,16 +300,6 @@ class Swin(SwinEncoder):
         self.fc_norm = OuterNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         init_reference_weights(self)
-
-    @property
-    def pyramid_channels(self) -> list[int]:
-        """Channels of the ``forward_pyramid`` maps."""
-        return list(self.stage_dims)
-
-    @property
-    def pyramid_strides(self) -> list[int]:
-        """Strides (input pixels per map pixel) of the ``forward_pyramid`` maps."""
-        return [self.patch_size * 2 ** s for s in range(len(self.stage_dims))]
 
     @property
     def pyramid_divisor(self) -> int:
