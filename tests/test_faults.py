@@ -99,9 +99,13 @@ def test_signal_to_the_process_group_checkpoints_and_resume_is_exact(sig, code, 
 
 
 def test_second_signal_exits_at_once(tmp_path):
-    # a long accumulation keeps the next step boundary (where the first signal is honoured) far enough away
-    proc = launch([ROOT / "main_pretrain.py", *TINY, "--epochs", "50", "--log_dir", "", "--accum_iter", "64",
-                   "--output_dir", tmp_path / "o"], until="Epoch [0]")
+    # The first signal is honoured at the next optimizer step or at the epoch's end, whichever comes first.
+    # 400 images at batch 2 and an accumulation longer than the epoch put that boundary 200 micro-steps
+    # away (seconds even on an idle machine), so the second signal always lands before it.
+    from test_pretrain import make_images
+    data = make_images(tmp_path / "data", n=400, size=32)
+    proc = launch([ROOT / "main_pretrain.py", *TINY, "--epochs", "50", "--log_dir", "", "--accum_iter", "1000",
+                   "--data_path", data, "--output_dir", tmp_path / "o"], until="Epoch [0]")
     proc.send_signal(signal.SIGUSR1)
     read_until(proc, "received SIGUSR1")
     proc.send_signal(signal.SIGUSR1)   # the same signal again at once: a launcher forwarding it, the same request

@@ -59,6 +59,7 @@ def _rank(rank, world, port, out):
             (bank[40:], labels[40:], queries, qlabels))
     res.append(knn_accuracy(*part, num_classes=4, k=20, chunk=8, bank_chunk=16))
     (out / f"rank{rank}.json").write_text(json.dumps(res))
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (abort at exit otherwise)
     dist.destroy_process_group()
 
 

@@ -59,7 +59,14 @@ def init_distributed(args) -> None:
 
 
 def cleanup() -> None:
+    """End of the process group. Every caller is a point all ranks reach together (end of run, an
+    agreed stop); they meet once more so that no rank tears gloo down while another still talks to it,
+    which aborts the other at exit ('terminate called without an active exception') after a good run."""
     if is_dist():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer already gone: nothing left to wait for
+            pass
         dist.destroy_process_group()
 
 
