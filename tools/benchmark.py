@@ -58,6 +58,7 @@ from models.masking import random_mask, secondary_mask, uniform_mask
 from util.cpu_perf import (add_cpu_tuning_args, onednn_linear_available, resolve_cpu_matmul, retain_freed_memory,
                            setup_cpu_training)
 from util.loop import autocast, make_scaler
+from util.run_record import cpu_name
 
 MIB = 2 ** 20
 
@@ -245,15 +246,7 @@ def build_entry(name: str, args, device: torch.device) -> Entry:
 def hardware(device: torch.device) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "device": str(device)}
-    cpu = platform.processor() or None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info["cpu"] = cpu
+    info["cpu"] = cpu_name()
     info["logical_cpus"] = os.cpu_count()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

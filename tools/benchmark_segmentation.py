@@ -32,6 +32,8 @@ if __package__ in (None, ""):
 
 import torch
 
+from util.run_record import cpu_name
+
 
 def saved_activation_bytes(model, imgs, labels) -> int:
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -112,7 +114,7 @@ def main() -> int:
     rows = []
     record = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "rows": rows,
               "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "cpu_model": _cpu_model()}
+              "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "cpu_model": cpu_name() or ""}
     out_json = Path(args.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models:
@@ -134,16 +136,6 @@ def main() -> int:
               f"{r['peak_mem_mb']:9.0f} {r['saved_activations_mb']:13.0f}")
     print(f"wrote {out_json}")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 if __name__ == "__main__":
