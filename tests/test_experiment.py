@@ -87,13 +87,27 @@ def test_experiment_smoke_end_to_end(tmp_path):
     for name, row in res["arms"].items():
         for metric in ("knn", "linprobe"):
             assert np.isfinite(row[metric]) and 0 <= row[metric] <= 100, (name, metric)
-        assert set(row["finetune"]) == {"l2", "l4"}
+        assert set(row["finetune"]) == ({"l2", "l4", "l6"} if name in ("scratch_swin", "ummae_swin") else {"l4"})
         assert all(np.isfinite(v["mean"]) for v in row["finetune"].values())
     pre = res["arms"]["ummae_swin"]
     assert pre["pretrain_cpu_s"] > 0 and pre["pretrain_wall_s"] > 0 and np.isfinite(pre["pretrain_loss"]).all()
     assert "loaded" in (out / "eval" / "ummae_swin" / "finetune_l4_seed0" / "stdout.txt").read_text()
     for png in ("top1_vs_labels.png", "top1_vs_pretrain_time.png"):
         assert (out / png).stat().st_size > 1000
+
+    # the dev phase reuses the pretraining, validates on dev/val (carved out of labelled training
+    # images) and appends one record per recipe variant
+    pre_time = (out / "pretrain" / "ummae_swin" / "time.json").read_text()
+    proc = subprocess.run([sys.executable, "tools/experiment.py", "--smoke", "--out", str(out), "--phase", "dev",
+                           "--arms", "ummae_swin", "--tag", "t1", "--blr", "1e-3"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (out / "pretrain" / "ummae_swin" / "time.json").read_text() == pre_time  # reused, not rerun
+    rec = json.loads((out / "dev_results.jsonl").read_text().splitlines()[-1])
+    assert rec["tag"] == "t1" and rec["recipe"]["blr"] == 1e-3
+    assert np.isfinite(rec["arms"]["ummae_swin"]["finetune_dev"]["mean"])
+    cmd = json.loads((out / "eval" / "ummae_swin" / "finetune_dev_t1_seed0" / "time.json").read_text())["command"]
+    assert f"--data_path {out / 'data' / 'dev'} " in cmd and "--blr 0.001" in cmd
 
 
 @pytest.mark.parametrize("flags, message", [(["--eval_freq", "0"], "--eval_freq"),
