@@ -257,9 +257,10 @@ def main(args) -> int:
             train_stats = train_one_epoch(train_model, train_loader, optimizer, scaler, device, epoch, args,
                                           compute_loss, log_writer=log_writer, header=f"Epoch [{epoch}]",
                                           stop_flag=stop, start_step=step0)
+            # the loop sums extras over steps and over ranks (right for counts): loss terms are means of both
             n_steps = max(len(train_loader), 1)
             for k in [k for k in train_stats if k.startswith("loss_")]:
-                train_stats[k] /= n_steps
+                train_stats[k] /= n_steps * world
             last = epoch + 1 == args.epochs
             stats = {}
             if last or (epoch + 1) % args.eval_freq == 0:
