@@ -206,10 +206,15 @@ class LinearProbeHead(nn.Sequential):
 def build_model(args, device):
     model = models.create_model(args.model, **model_kwargs(args))
     if args.linprobe:  # swap the head first, so a linear-probe checkpoint loads its head and BN statistics
-        nn.init.trunc_normal_(model.head.weight, std=0.01)
-        model.head = LinearProbeHead(model.head)
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("head.")
+        # timm heads that normalise before their Linear (Hiera's norm -> fc) keep the norm, frozen
+        owner, attr = (model.head, "fc") if isinstance(getattr(model.head, "fc", None), nn.Linear) else (model, "head")
+        linear = getattr(owner, attr)
+        nn.init.trunc_normal_(linear.weight, std=0.01)
+        setattr(owner, attr, LinearProbeHead(linear))
+        probe = getattr(owner, attr)
+        trainable = {id(p) for p in probe.parameters()}
+        for p in model.parameters():
+            p.requires_grad = id(p) in trainable
     if args.finetune and not args.resume:
         report = load_pretrained(model, args.finetune)
         if is_main_process():

@@ -342,3 +342,14 @@ register_named("mae_hiera_pico_128", _pretrain_builder(_PICO, img_size=128, deco
 register_named("hiera_pico_128", _classifier_builder(_PICO, img_size=128),
                "Tiny timm Hiera classifier (tests; loads the pico Hiera MAE encoder).", task="classify",
                namespace=globals())
+# 32-px variants for the animal-mnist experiment (FINETUNE.md): patch stride 1, three stages, 4x4-token
+# mask units = 4-px units, 8x8 of them per image (the other methods' 32-px arms have the same grid).
+_PICO_32 = dict(embed_dim=16, num_heads=1, stages=(1, 1, 1), q_pool=2, mask_unit_size=(4, 4),
+                mask_unit_attn=(True, True, False), patch_kernel=(3, 3), patch_stride=(1, 1), patch_padding=(1, 1))
+register_named("mae_hiera_pico_p1_32", _pretrain_builder(_PICO_32, img_size=32, decoder_embed_dim=32, decoder_depth=1,
+                                                         decoder_num_heads=2),
+               "Tiny Hiera MAE for 32-px images: patch stride 1, 4-px mask units (8x8); finetunes into "
+               "hiera_pico_p1_32.", task="pretrain", namespace=globals())
+register_named("hiera_pico_p1_32", _classifier_builder(_PICO_32, img_size=32),
+               "Tiny timm Hiera classifier for 32-px images (loads mae_hiera_pico_p1_32).", task="classify",
+               namespace=globals())

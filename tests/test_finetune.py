@@ -205,6 +205,18 @@ def test_linear_probe_and_knn_run(labelled, pretrained_ckpt, tmp_path, capsys):
     assert res["count"] == 9 and 0 <= res["acc1"] <= 100
 
 
+def test_linear_probe_of_a_normalising_timm_head_trains_only_the_probe(labelled):
+    """Hiera's timm head is norm -> fc: the probe (BatchNorm without affine + Linear) replaces fc, and
+    nothing else trains (the head's LayerNorm stays as loaded)."""
+    args = main_finetune.parse_args(["--model", "hiera_pico_p1_32", "--nb_classes", "3", "--linprobe",
+                                     "--device", "cpu", "--data_path", str(labelled), "--output_dir", "/tmp/unused"])
+    model = main_finetune.build_model(args, torch.device("cpu"))
+    assert isinstance(model.head.fc, main_finetune.LinearProbeHead)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["head.fc.1.bias", "head.fc.1.weight"]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
 def test_knn_vote_is_weighted_by_similarity():
     from engine_finetune import knn_classify
     train = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=1)
