@@ -119,9 +119,10 @@ def test_corrupt_image_in_a_shard_is_named_and_replaced(shards, tmp_path):
 
 
 def test_pretraining_and_finetuning_train_on_shards(shards, tmp_path):
+    """Pretraining with --decode fast (simplejpeg + torch's resize in the workers), finetuning with PIL."""
     out = tmp_path / "pre"
     args = main_pretrain.parse_args(PICO + ["--data_path", str(shards), "--batch_size", "4", "--epochs", "1",
-                                            "--num_workers", "2", "--output_dir", str(out)])
+                                            "--num_workers", "2", "--output_dir", str(out), "--decode", "fast"])
     assert args.num_images == 18
     assert main_pretrain.main(args) == 0
     log = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
@@ -136,3 +137,17 @@ def test_pretraining_and_finetuning_train_on_shards(shards, tmp_path):
     log = [json.loads(l) for l in (ft / "log.txt").read_text().splitlines()]
     assert log[-1]["test_count"] == 9 if "test_count" in log[-1] else True
     assert "train_loss" in log[-1]
+
+
+def test_decode_gpu_without_cuda_fails_before_any_work(shards, tmp_path):
+    from util.cli import UsageError
+    with pytest.raises(UsageError, match="--decode gpu decodes on a CUDA device"):
+        main_pretrain.parse_args(PICO + ["--data_path", str(shards), "--output_dir", str(tmp_path), "--decode", "gpu"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU decoder)")
+def test_pretraining_with_gpu_decoding_on_shards(shards, tmp_path):
+    args = main_pretrain.parse_args([a if a != "cpu" else "cuda" for a in PICO] +
+                                    ["--data_path", str(shards), "--batch_size", "4", "--epochs", "1",
+                                     "--num_workers", "1", "--output_dir", str(tmp_path), "--decode", "gpu"])
+    assert main_pretrain.main(args) == 0

@@ -95,12 +95,17 @@ class ImageList(Dataset):
         self.left_out = list(left_out)
         self.min_side: Optional[int] = None
         self._warned_huge: set[str] = set()
+        self.raw = False  # load gives the file's bytes (util.decode.Encoded): --decode fast / gpu
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
+        if self.raw:
+            from .decode import Encoded
+            with open(path, "rb") as f:
+                return Encoded(f.read(), path), label
         with open(path, "rb") as f:
             return decode_rgb(f, path, self.min_side, self._warned_huge), label
 
@@ -296,6 +301,8 @@ class SeededImageDataset(Dataset):
             i = (index + attempt) % n
             try:
                 img, label = self.images.load(i)
+                if self.images.raw:  # --decode fast/gpu: the transform decodes, so its failure is the file's
+                    return seeded_apply(self.transform, img, seed), label, ok
                 break
             except Exception as e:  # a corrupt or unreadable file must not kill the run
                 ok = 0

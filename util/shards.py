@@ -51,6 +51,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .decode import Encoded
 from .datasets import DataError, IMG_EXTENSIONS, decode_rgb, sample_seed, seeded_apply
 
 SHUFFLE_BUFFER = 1000  # samples held per worker for the within-worker shuffle (~100 MB of ImageNet JPEGs)
@@ -246,12 +247,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, images: ShardImages, transform: Callable, batch_size: int, seed: int, train: bool,
                  world: int = 1, rank: int = 0, shard_ranks: bool = True, buffer: int = SHUFFLE_BUFFER,
-                 decoder: Optional[Callable] = None) -> None:
+                 raw: bool = False) -> None:
         self.images, self.transform = images, transform
         self.batch_size, self.seed, self.train = batch_size, seed, train
         self.world, self.rank = (world, rank) if shard_ranks else (1, 0)
         self.buffer = buffer if train else 0
-        self.decoder = decoder  # None: PIL (decode_sample); else f(sample, min_side, warned) -> (img, label)
+        self.raw = raw  # the transform takes the file's bytes (util.decode.Encoded): --decode fast / gpu
         self.epoch = 0
         self.skip = 0  # images of this epoch already consumed by this rank (mid-epoch resume)
         self.dataset = self  # what the programs ask a DataLoader's sampler for
@@ -336,32 +337,36 @@ class ShardStream(IterableDataset):
             yield self.collate(raw)
 
     def collate(self, raw: list[tuple[dict, int]]):
-        imgs, labels, ok = [], [], []
-        decode = self.decoder or decode_sample
+        outs, labels, ok = [], [], []
         for sample, pos in raw:
             try:
-                img, label = decode(sample, self.images.min_side, self._warned)
+                if self.raw:  # --decode fast / gpu: the transform decodes the bytes
+                    _, data = image_bytes(sample)
+                    img, label = Encoded(data, f"{sample.get('__key__')} in {sample.get('__url__')}"), label_of(sample)
+                else:
+                    img, label = decode_sample(sample, self.images.min_side, self._warned)
+                outs.append(seeded_apply(self.transform, img, sample_seed(self.seed, self.epoch, pos)))
             except Exception as e:  # a corrupt image must not kill the run: name it, replace it below
                 name = f"{sample.get('__key__')} in {sample.get('__url__')}"
                 if name not in self._warned:
                     self._warned.add(name)
                     warnings.warn(f"skipping unreadable image {name}: {type(e).__name__}: {e}")
-                imgs.append(None)
-                labels.append(label_of(sample) if "cls" in sample else 0)
+                outs.append(None)
+                labels.append(0)
                 ok.append(0)
                 continue
-            imgs.append(seeded_apply(self.transform, img, sample_seed(self.seed, self.epoch, pos)))
             labels.append(label)
             ok.append(1)
-        good = [i for i, x in enumerate(imgs) if x is not None]
+        good = [i for i, x in enumerate(outs) if x is not None]
         if not good:
             raise DataError(f"no image of a batch could be read (first: {raw[0][0].get('__key__')} in "
                             f"{raw[0][0].get('__url__')})")
-        for i, x in enumerate(imgs):
+        for i, x in enumerate(outs):
             if x is None:  # replaced by a readable image of the same batch, as an image folder does
                 donor = good[i % len(good)]
-                imgs[i], labels[i] = imgs[donor], labels[donor]
-        return torch.stack(imgs), torch.tensor(labels, dtype=torch.long), torch.tensor(ok, dtype=torch.long)
+                outs[i], labels[i] = outs[donor], labels[donor]
+        labels, ok = torch.tensor(labels, dtype=torch.long), torch.tensor(ok, dtype=torch.long)
+        return (torch.stack(outs) if isinstance(outs[0], torch.Tensor) else outs), labels, ok
 
 
 def shard_loader(stream: ShardStream, num_workers: int, pin_memory: bool, worker_init_fn=None) -> DataLoader:
