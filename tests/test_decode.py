@@ -118,3 +118,16 @@ def test_image_folder_with_fast_decoding_replaces_a_corrupt_file(tmp_path):
         img, _, ok = ds[(1, 5)]
     assert ok == 0 and img.shape == (3, 32, 32)
     assert torch.equal(ds[(0, 5)][0], img)  # a.jpg with the same draws
+
+
+def test_loader_benchmark_writes_a_table_and_json(tmp_path, capsys):
+    import json
+    from tools import loader_benchmark
+    out = tmp_path / "bench.json"
+    report = loader_benchmark.main(["--images", "8", "--size", "120", "90", "--input_size", "32", "--batch_size", "4",
+                                    "--rounds", "1", "--workers", "0", "--json", str(out)])
+    assert json.loads(out.read_text())["results"] == json.loads(json.dumps(report["results"]))
+    paths = [r["path"] for r in report["results"]]
+    assert paths[:4] == ["folder+pil", "shards+pil", "shards+fast", "folder+fast"]
+    assert all(r["per_worker"] > 0 and r["total"] > 0 for r in report["results"])
+    assert "| shards+fast |" in capsys.readouterr().out
