@@ -111,13 +111,15 @@ def resized_crop(img: torch.Tensor, box: tuple[int, int, int, int], size: int, f
         h = max(1, min(int(round(h * sy)), img.shape[1] - t0))
         w = max(1, min(int(round(w * sx)), img.shape[2] - l0))
     crop = img[:, top:top + h, left:left + w].unsqueeze(0)
-    if not (img.device.type != "cpu" if float_kernel is None else float_kernel):  # torch's uint8 kernel (channels-last): rounds and clamps as PIL
+    if not (img.device.type != "cpu" if float_kernel is None else float_kernel):
+        # torch's uint8 kernel (channels-last): rounds and clamps as PIL; flip and lay out as (3, H, W)
+        # while still uint8 (the float ops after it are then on contiguous memory)
         out = F.interpolate(crop.contiguous(memory_format=torch.channels_last), size=(size, size),
-                            mode="bicubic", antialias=True).float()
-    else:  # float kernels only on the GPU: round and clamp to what a uint8 image would hold
-        out = F.interpolate(crop.float(), size=(size, size), mode="bicubic", antialias=True,
-                            align_corners=False).round_().clamp_(0, 255)
-    out = out[0]
+                            mode="bicubic", antialias=True)[0]
+        return (out.flip(-1) if flip else out).contiguous().float()
+    # float kernels only on the GPU: round and clamp to what a uint8 image would hold
+    out = F.interpolate(crop.float(), size=(size, size), mode="bicubic", antialias=True,
+                        align_corners=False).round_().clamp_(0, 255)[0]
     return out.flip(-1) if flip else out
 
 
@@ -127,12 +129,14 @@ _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """x: (..., 3, H, W) in [0, 255] -> ToTensor + Normalize's values (the same operations, in order)."""
-    mean, std = _MEAN.to(x.device), _STD.to(x.device)
-    return x.div(255).sub_(mean).div_(std)
+    mean, std = (_MEAN, _STD) if x.device.type == "cpu" else (_MEAN.to(x.device), _STD.to(x.device))
+    return x.div_(255).sub_(mean).div_(std)
 
 
 class FastPretrainTransform:
     """``--decode fast``: Encoded (or a PIL image) -> (3, size, size), the PIL path's draws."""
+
+    torch_rng_only = True  # (util.datasets.seeded_apply)
 
     def __init__(self, size: int, scale: Sequence[float] = PRETRAIN_SCALE) -> None:
         self.size, self.scale = size, tuple(scale)
@@ -160,6 +164,8 @@ class Planned:
 
 class PlanTransform:
     """Worker side of ``--decode gpu``: Encoded -> Planned (reads the header, draws crop and flip)."""
+
+    torch_rng_only = True  # (util.datasets.seeded_apply)
 
     def __init__(self, size: int, scale: Sequence[float] = PRETRAIN_SCALE) -> None:
         self.size, self.scale = size, tuple(scale)
