@@ -151,3 +151,20 @@ def test_pretraining_with_gpu_decoding_on_shards(shards, tmp_path):
                                     ["--data_path", str(shards), "--batch_size", "4", "--epochs", "1",
                                      "--num_workers", "1", "--output_dir", str(tmp_path), "--decode", "gpu"])
     assert main_pretrain.main(args) == 0
+
+
+def test_list_files_convert_with_their_labels_and_stray_archives_do_not_hide_a_layout(tmp_path, shards):
+    from tools import make_shards
+    src = tmp_path / "listed"
+    (src / "train" / "x").mkdir(parents=True)
+    for i, png in enumerate(sorted((shards.parent / "src" / "train" / "class_0").glob("*.png"))[:3]):
+        (src / "train" / "x" / f"{i}.png").write_bytes(png.read_bytes())
+    (src / "train.txt").write_text("x/0.png 4\nx/1.png 7\nx/2.png 4\n")
+    (src / "ILSVRC2012_img_train.tar").write_bytes(b"")  # an original archive kept beside the layout
+    assert len(image_list(str(src), "train", labelled=True)) == 3  # the list, not the archive
+    assert make_shards.main(["--data_path", str(src), "--output_dir", str(tmp_path / "out"), "--no_shuffle"]) == 0
+    from util.shards import read_shard
+    labels = [int(s["cls"]) for s in read_shard(str(tmp_path / "out" / "train-000000.tar"))]
+    assert labels == [4, 7, 4]
+    images = image_list(str(tmp_path / "out"), "train", labelled=True)
+    assert len(images) == 3 and len(images.classes) == 8

@@ -64,4 +64,5 @@ def warning(stats: dict, epoch: int, num_workers) -> str | None:
     if share <= WARN_SHARE:
         return None
     return (f"warning: epoch {epoch} waited {share:.0%} of its time for data ({stats['data_wait_s']:.1f} s; "
-            f"--num_workers {num_workers}): add workers, use tar shards, or see PRETRAIN.md (data loading)")
+            f"--num_workers {num_workers}): raise --num_workers, try --decode fast or gpu, or tar shards "
+            f"(PRETRAIN.md, data loading)")

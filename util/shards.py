@@ -2,7 +2,8 @@
 
 ``--data_path`` names shards in one of two ways:
 
-* a folder holding ``.tar`` files: ``<split>-*.tar`` (or ``<split>_*.tar``) are the split's shards;
+* a folder holding ``.tar`` files (and no ``train/``, ``val/``, list files or images beside them,
+  which keep their meaning): ``<split>-*.tar`` (or ``<split>_*.tar``) are the split's shards;
   for pretraining, when no ``train-*.tar`` exist, every ``.tar`` in the folder;
 * a pattern ending in ``.tar`` with brace ranges, ``/data/in1k/train-{000000..000146}.tar``; a
   literal ``{split}`` in it is replaced by ``train`` / ``val`` (finetuning needs it for ``val``).
@@ -17,7 +18,7 @@ Order and splitting (``ShardStream.plan``), per epoch:
 1. training shards are shuffled with a generator seeded by (seed, epoch) and concatenated;
 2. rank r takes the contiguous range [r * M, r * M + S * B) of that sequence (M = N // world,
    S = M // B steps of B images: every rank runs the same number of steps, each sample is read by
-   one rank, at most world * (B + 1) images a epoch are left out, a different few every epoch);
+   one rank, at most world * (B + 1) images an epoch are left out, a different few every epoch);
 3. the rank's steps go to DataLoader workers round-robin (step i to worker i % W, the order in which
    a DataLoader returns them; after a resume at step k, DataLoader worker d reads stream (d + k) % W);
    each worker reads one contiguous part of the rank's range (a shard
@@ -66,7 +67,14 @@ def is_shard_spec(data_path: Optional[str]) -> bool:
     if data_path.endswith(".tar"):
         return True
     p = Path(data_path)
-    return p.is_dir() and any(e.name.endswith(".tar") and e.is_file() for e in os.scandir(p))
+    if not p.is_dir():
+        return False
+    # an ImageNet folder often keeps its original archives (ILSVRC2012_img_train.tar) beside train/ and
+    # val/: the layout or list files win, and so do images at the top level
+    names = [e.name for e in os.scandir(p)]
+    if any(n in ("train", "val", "train.txt", "val.txt") or n.lower().endswith(IMG_EXTENSIONS) for n in names):
+        return False
+    return any(n.endswith(".tar") and (p / n).is_file() for n in names)
 
 
 def _expand(pattern: str) -> list[str]:
