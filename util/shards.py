@@ -79,18 +79,20 @@ def is_shard_spec(data_path: Optional[str]) -> bool:
 
 def _expand(pattern: str) -> list[str]:
     import braceexpand
-    return [u for part in braceexpand.braceexpand(pattern) for u in ([part] if "://" in part or part.startswith("pipe:")
-                                                                       else sorted(glob.glob(part)) or [part])]
+    return [u for part in braceexpand.braceexpand(pattern) for u in (sorted(glob.glob(part)) or [part])]
 
 
 def shard_urls(data_path: str, split: str, labelled: bool) -> list[str]:
     """The shards of ``split``; raises DataError naming what was expected."""
     if data_path.endswith(".tar"):
+        if "://" in data_path or data_path.startswith("pipe:"):
+            raise DataError(f"--data_path {data_path}: shards must be files (a mounted shared file system "
+                            f"works); URLs and pipe: streams are not supported")
         if "{split}" not in data_path and split != "train":
             raise DataError(f"--data_path {data_path}: a shard pattern needs '{{split}}' in it for the "
                             f"'{split}' split (e.g. /data/in1k/{{split}}-{{000000..000146}}.tar)")
         urls = _expand(data_path.replace("{split}", split))
-        missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
+        missing = [u for u in urls if not os.path.isfile(u)]
         if missing:
             raise DataError(f"--data_path {data_path}: shard {missing[0]} does not exist"
                             + (f" ({len(missing)} missing)" if len(missing) > 1 else ""))
@@ -159,7 +161,7 @@ class ShardImages:
 def _read_index(urls: list[str], split: str) -> Optional[dict]:
     folder = Path(urls[0]).parent
     path = folder / f"{split}.json"
-    if "://" in urls[0] or urls[0].startswith("pipe:") or not path.is_file():
+    if not path.is_file():
         return None
     try:
         index = json.loads(path.read_text())
@@ -180,10 +182,6 @@ def shard_images(data_path: str, split: str, labelled: bool) -> ShardImages:
             raise DataError(f"shard index {Path(urls[0]).parent / (split + '.json')} has no classes: "
                             f"the shards are unlabelled (tools/make_shards.py writes labels for class folders)")
     else:
-        remote = [u for u in urls if "://" in u or u.startswith("pipe:")]
-        if remote:
-            raise DataError(f"shards {remote[0]} ... are not local: put a {split}.json index beside them "
-                            f"(tools/make_shards.py writes one)")
         t0 = time.time()
         scans = [scan_shard(u, labelled) for u in urls]
         counts = [n for n, _ in scans]
@@ -313,6 +311,7 @@ class ShardStream(IterableDataset):
     def _raw(self, parts) -> Iterator[tuple[dict, int]]:
         for s, first, end, pos in parts:
             url = self.images.urls[s]
+            i = -1
             for i, sample in enumerate(read_shard(url)):
                 if i >= end:
                     break
