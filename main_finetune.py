@@ -81,8 +81,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cls_token", action="store_false", dest="global_pool", help="ViT: classify the cls token")
     p.add_argument("--nb_classes", default=None, type=int,
                    help="classes of the head (default: inferred from the data; a value given is checked against it)")
-    p.add_argument("--data_path", default=None, type=str, help="train/ and val/ in ImageNet layout, or lists, or tar shards (a folder of "
-                   "train-*.tar and val-*.tar, or a pattern with {split})")
+    p.add_argument("--data_path", default=None, type=str,
+                   help="train/ and val/ in ImageNet layout, or lists, or tar shards (a folder of train-*.tar and "
+                        "val-*.tar, or a .tar pattern with {split})")
     p.add_argument("--eval", action="store_true", help="evaluate only")
     p.add_argument("--dist_eval", action="store_true", default=False, help="shard the val set across ranks")
     p.add_argument("--linprobe", action="store_true", help="linear probing: frozen encoder, BN + linear head")
