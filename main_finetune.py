@@ -30,6 +30,7 @@ from util.datasets import (DataError, SeededSampler, ShardSampler, build_finetun
                            num_classes_of, report_left_out)
 from util.flag_checks import (DECAY, NON_NEGATIVE, POSITIVE, TRAINING_RULES, UNIT, UNIT_RIGHT_OPEN, at_least,
                               check_auto_augment, check_existing, check_ranges)
+from util.shards import ShardStream, shard_loader
 from util.distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
 from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
                        seed_rngs)
@@ -80,7 +81,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cls_token", action="store_false", dest="global_pool", help="ViT: classify the cls token")
     p.add_argument("--nb_classes", default=None, type=int,
                    help="classes of the head (default: inferred from the data; a value given is checked against it)")
-    p.add_argument("--data_path", default=None, type=str, help="train/ and val/ in ImageNet layout, or lists")
+    p.add_argument("--data_path", default=None, type=str,
+                   help="train/ and val/ in ImageNet layout, or lists, or tar shards (a folder of train-*.tar and "
+                        "val-*.tar, or a .tar pattern with {split})")
     p.add_argument("--eval", action="store_true", help="evaluate only")
     p.add_argument("--dist_eval", action="store_true", default=False, help="shard the val set across ranks")
     p.add_argument("--linprobe", action="store_true", help="linear probing: frozen encoder, BN + linear head")
@@ -120,7 +123,8 @@ RANDOM_ERASING_MODES = ("pixel", "rand", "const")
 
 def _validate(args) -> None:
     check_existing(args, ["finetune"])
-    check_existing(args, ["data_path"], kind="dir")
+    if not (args.data_path or "").endswith(".tar"):  # (a shard pattern is checked by image_list below)
+        check_existing(args, ["data_path"], kind="dir")
     check_ranges(args, FINETUNE_RULES)
     if args.remode not in RANDOM_ERASING_MODES:
         raise UsageError(f"--remode {args.remode!r}: valid choices are {', '.join(RANDOM_ERASING_MODES)}")
@@ -235,6 +239,10 @@ def make_optimizer(args, model, device):
 def make_loader(dataset, args, train: bool, world: int, rank: int, shard: bool = False):
     """Training: shuffled and seeded per sample. Evaluation: sharded over ranks (each image once) when
     ``shard``, else every rank reads the whole set."""
+    if isinstance(dataset, ShardStream):  # tar shards: the stream splits, shuffles and batches (util/shards.py)
+        dataset.world, dataset.rank = (world, rank) if (train or shard) else (1, 0)
+        return shard_loader(dataset, args.num_workers, args.pin_mem and args.device.startswith("cuda"),
+                            ignore_stop_signals), dataset
     if train:
         sampler = SeededSampler(dataset, world, rank, seed=args.seed, shuffle=True, drop_last=True)
     elif shard and world > 1:

@@ -25,6 +25,8 @@ from util.cli import (HelpFormatter, UsageError, add_common_args, check_output_d
                       ignore_stop_signals, run_main, setup_stop_signals)
 from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, build_pretrain_dataset, image_list, report_left_out
+from util.decode import DECODERS, GpuDecodeLoader, use_decoder
+from util.shards import ShardStream, shard_loader
 from util.flag_checks import TRAINING_RULES, at_least, check_existing, check_ranges
 from util.distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
 from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
@@ -55,14 +57,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--min_lr", type=float, default=0.0, help="lr at the end of the cosine schedule")
     p.add_argument("--warmup_epochs", type=int, default=40, help="epochs of linear lr warm-up")
     p.add_argument("--data_path", default=None, type=str,
-                   help="ImageNet layout (train/<class>/*), a train.txt list, or a folder of images; "
-                        "default: the bundled sample photos")
+                   help="ImageNet layout (train/<class>/*), a train.txt list, a folder of images, or tar shards "
+                        "(a folder of .tar files or a .tar pattern); default: the bundled sample photos")
     p.add_argument("--load_from", default="", help="initialise the model from these weights (strict)")
     p.add_argument("--vis_freq", default=20, type=int,
                    help="also write a reconstruction figure (and TensorBoard image) every N epochs (0: end only)")
     p.add_argument("--denorm", default="neighbour", choices=["neighbour", "true"],
                    help="how figures undo norm-pix targets (see util/visualize.py)")
     p.add_argument("--channels_last", action="store_true", help="feed images in channels-last memory format")
+    p.add_argument("--decode", default="pil", choices=DECODERS,
+                   help="pil: PIL in the workers; fast: simplejpeg + torch's uint8 resize in the workers; gpu: "
+                        "workers read bytes, the main process decodes and crops on the GPU (util/decode.py)")
     add_common_args(p)
     return p
 
@@ -71,6 +76,8 @@ def _validate(args) -> None:
     """Every flag combination that cannot work fails here, before any compute."""
     check_existing(args, ["load_from"])
     check_ranges(args, TRAINING_RULES + [("vis_freq", at_least(0))])
+    if args.decode == "gpu" and not str(args.device).startswith("cuda"):
+        raise UsageError(f"--decode gpu decodes on a CUDA device, not --device {args.device}: use --decode fast or pil")
     pretrain_models = models.list_models(task="pretrain")
     if args.model not in pretrain_models:
         raise UsageError(f"unknown --model {args.model!r}; valid pretraining models: {', '.join(pretrain_models)}")
@@ -224,12 +231,19 @@ def main(args) -> int:
     run_record = RunRecord.start(args, "main_pretrain", device)
 
     dataset = build_pretrain_dataset(args)
+    collate = use_decoder(dataset, args.decode, args.input_size)  # --decode fast / gpu (util/decode.py)
     from util.datasets import SeededSampler
-    sampler = SeededSampler(dataset, world, rank, seed=args.seed)
     workers = args.num_workers
     loader_kwargs = dict(batch_size=args.batch_size, num_workers=workers, pin_memory=args.pin_mem and device.type == "cuda",
-                         drop_last=True, persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals)
-    loader = DataLoader(dataset, sampler=sampler, **loader_kwargs)
+                         drop_last=True, persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
+                         collate_fn=collate)
+    if isinstance(dataset, ShardStream):  # tar shards: the stream splits, shuffles and batches (util/shards.py)
+        sampler, loader = dataset, shard_loader(dataset, workers, loader_kwargs["pin_memory"], ignore_stop_signals)
+    else:
+        sampler = SeededSampler(dataset, world, rank, seed=args.seed)
+        loader = DataLoader(dataset, sampler=sampler, **loader_kwargs)
+    if args.decode == "gpu":
+        loader = GpuDecodeLoader(loader, args.input_size, device)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise UsageError(f"{len(dataset)} training images are fewer than one global batch "

@@ -4,6 +4,7 @@
   order of torchvision's ``ImageFolder``); or the reference's ``train.txt`` / ``val.txt`` lists
   ("relative/path label" lines under ``train/`` / ``val/``) when present; or, for
   pretraining, a plain folder of images (searched recursively).
+* Tar shards (webdataset format; a folder of ``.tar`` files or a ``.tar`` pattern): ``util/shards.py``.
 * No ``--data_path``: the bundled sample photographs (``data/sample_images``).
 * An unreadable image is skipped with a warning that names it, and counted (summed over ranks).
   Files left out when listing (unsupported type, broken link, link loop, unreadable folder)
@@ -45,13 +46,15 @@ PRETRAIN_SCALE = (0.2, 1.0)
 
 
 def pretrain_transform(input_size: int) -> Callable:
-    """The reference's pretraining augmentation."""
-    return transforms.Compose([
+    """The reference's pretraining augmentation (its randomness: torch's generator only)."""
+    tf = transforms.Compose([
         transforms.RandomResizedCrop(input_size, scale=PRETRAIN_SCALE, interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+    tf.torch_rng_only = True
+    return tf
 
 
 HUGE_PIXELS = 50_000_000  # decoded in full, such an image costs > 150 MB per worker and seconds per epoch
@@ -94,23 +97,34 @@ class ImageList(Dataset):
         self.left_out = list(left_out)
         self.min_side: Optional[int] = None
         self._warned_huge: set[str] = set()
+        self.raw = False  # load gives the file's bytes (util.decode.Encoded): --decode fast / gpu
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
+        if self.raw:
+            from .decode import Encoded
+            with open(path, "rb") as f:
+                return Encoded(f.read(), path), label
         with open(path, "rb") as f:
-            img = Image.open(f)
-            w, h = img.size
-            if self.min_side and img.format == "JPEG" and min(w, h) >= 2 * self.min_side:
-                img.draft("RGB", (self.min_side, self.min_side))
-            elif w * h > HUGE_PIXELS and path not in self._warned_huge:
-                self._warned_huge.add(path)
-                warnings.warn(f"image {path} is {w}x{h} ({w * h / 1e6:.0f} MP, {img.format}): decoded at full size "
-                              f"every epoch (only JPEG can be decoded at a reduced scale); resizing the data set "
-                              f"once saves memory and time")
-            return to_rgb8(img), label
+            return decode_rgb(f, path, self.min_side, self._warned_huge), label
+
+
+def decode_rgb(f, name: str, min_side: Optional[int], warned_huge: set) -> Image.Image:
+    """Decode an image file object to 8-bit RGB; a JPEG whose sides are both >= 2 * min_side at a
+    reduced DCT scale (PIL ``draft``), a huge image of another format in full, named once."""
+    img = Image.open(f)
+    w, h = img.size
+    if min_side and img.format == "JPEG" and min(w, h) >= 2 * min_side:
+        img.draft("RGB", (min_side, min_side))
+    elif w * h > HUGE_PIXELS and name not in warned_huge:
+        warned_huge.add(name)
+        warnings.warn(f"image {name} is {w}x{h} ({w * h / 1e6:.0f} MP, {img.format}): decoded at full size "
+                      f"every epoch (only JPEG can be decoded at a reduced scale); resizing the data set "
+                      f"once saves memory and time")
+    return to_rgb8(img)
 
 
 def _list_file(root: Path, split: str) -> Optional[ImageList]:
@@ -216,6 +230,9 @@ def image_list(data_path: Optional[str], split: str, labelled: bool) -> ImageLis
         if not files:
             raise DataError(f"the bundled sample images are missing from {SAMPLE_IMAGES}")
         return ImageList([(f, 0) for f in files])
+    from .shards import is_shard_spec, shard_images
+    if is_shard_spec(data_path):  # tar shards (util/shards.py)
+        return shard_images(data_path, split, labelled)
     root = Path(data_path)
     if not root.is_dir():
         raise DataError(f"--data_path {root} does not exist or is not a folder")
@@ -286,6 +303,8 @@ class SeededImageDataset(Dataset):
             i = (index + attempt) % n
             try:
                 img, label = self.images.load(i)
+                if self.images.raw:  # --decode fast/gpu: the transform decodes, so its failure is the file's
+                    return seeded_apply(self.transform, img, seed), label, ok
                 break
             except Exception as e:  # a corrupt or unreadable file must not kill the run
                 ok = 0
@@ -296,17 +315,29 @@ class SeededImageDataset(Dataset):
         else:
             raise DataError(f"none of {min(n, 50)} consecutive images starting at "
                             f"{self.images.samples[index % n][0]} could be read")
-        # timm's RandAugment / RandomErasing also draw from `random` and NumPy: seed all three, then restore.
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed % 2 ** 32)
-                return self.transform(img), label, ok
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        return seeded_apply(self.transform, img, seed), label, ok
+
+
+def seeded_apply(transform: Callable, img, seed: int):
+    """``transform(img)`` with torch's CPU generator, ``random`` and NumPy seeded from ``seed``; the
+    global states are restored. A transform marked ``torch_rng_only`` (torchvision's crops and flips
+    draw from torch alone) skips ``random`` and NumPy, whose state round trip costs ~0.15 ms."""
+    # (default_generator.manual_seed: torch.manual_seed also reseeds every device, ~0.2 ms a call)
+    if getattr(transform, "torch_rng_only", False):
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return transform(img)
+    # timm's RandAugment / RandomErasing also draw from `random` and NumPy: seed all three, then restore.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2 ** 32)
+            return transform(img)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 class SeededSampler(Sampler):
@@ -355,7 +386,16 @@ def build_pretrain_dataset(args) -> SeededImageDataset:
         world = getattr(args, "world_size", 1)
         repeats = max(1, math.ceil(16 * args.batch_size * world / len(images)))
     images.min_side = needed_side(args.input_size, PRETRAIN_SCALE[0])
+    if not isinstance(images, ImageList):
+        return _shard_stream(images, pretrain_transform(args.input_size), args, train=True)
     return SeededImageDataset(images, pretrain_transform(args.input_size), repeats=repeats)
+
+
+def _shard_stream(images, transform: Callable, args, train: bool):
+    from .distributed import get_rank, get_world_size
+    from .shards import ShardStream
+    return ShardStream(images, transform, args.batch_size, args.seed, train=train, world=get_world_size(),
+                       rank=get_rank())
 
 
 def needed_side(input_size: int, min_scale: float, min_ratio: float = 3 / 4) -> int:
@@ -394,12 +434,15 @@ def num_classes_of(images: ImageList) -> int:
 
 
 def build_finetune_dataset(args, split: str, transform: Optional[Callable] = None) -> SeededImageDataset:
-    """``split`` in {'train', 'val'}: ImageNet layout or the reference's list files (labelled)."""
+    """``split`` in {'train', 'val'}: ImageNet layout, the reference's list files or tar shards (labelled)."""
     images = image_list(args.data_path, split, labelled=True)
-    if transform is None and split == "train":
+    training = transform is None and split == "train"
+    if training:
         transform = finetune_train_transform(args)
         images.min_side = needed_side(args.input_size, 0.08)  # timm's RandomResizedCrop scale (0.08, 1)
     else:  # the evaluation transform resizes the shorter side to input / crop_pct
         transform = transform or eval_transform(args.input_size)
         images.min_side = math.ceil(args.input_size / (224 / 256 if args.input_size <= 224 else 1.0))
+    if not isinstance(images, ImageList):  # training shards are shuffled; evaluation shards read in order
+        return _shard_stream(images, transform, args, train=split == "train" and training)
     return SeededImageDataset(images, transform)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .data_wait import DataWait, warning as data_wait_warning
 from .distributed import all_reduce_mean, get_rank, get_world_size, is_main_process
 from .lr_sched import adjust_learning_rate
 
@@ -163,6 +164,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     from .cli import stop_signals_held
     with stop_signals_held():  # DataLoader workers start with the stop signals blocked (util.cli)
         batches = iter(loader)
+    waited = DataWait()  # time spent waiting for each batch (util/data_wait.py)
+    batches = waited.wrap(batches)
     for it, batch in enumerate(batches):
         step = start_step + it
         if step % accum == 0:
@@ -210,17 +213,19 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                 rate = (images - last_images) / max(now - last_log, 1e-9)
                 last_log, last_images = now, images
                 avg = loss_sum.item() / seen
+                wait_share = waited.interval_share()
                 per_step = (now - start) / (it + 1)
                 eta = per_step * (steps - it - 1)
                 # the whole run at this epoch's step rate (the end-of-epoch line adds evaluation and checkpoints)
                 run_eta = eta + per_step * steps * max(getattr(args, "epochs", epoch + 1) - epoch - 1, 0)
                 print(f"{header} [{it + 1}/{steps}] eta {_fmt_eta(eta)} (run {_fmt_eta(run_eta)}) loss {loss_d.item():.4f} "
-                      f"(avg {avg:.4f}) lr {lr:.3e} img/s {rate:.1f} mem {peak_memory_mb(device):.0f}MB",
-                      flush=True)
+                      f"(avg {avg:.4f}) lr {lr:.3e} img/s {rate:.1f} data {wait_share:.0%} "
+                      f"mem {peak_memory_mb(device):.0f}MB", flush=True)
                 if log_writer is not None:
                     x = int((step / steps + epoch) * 1000)
                     log_writer.add_scalar("train/loss", loss_d.item(), x)
                     log_writer.add_scalar("train/lr", lr, x)
+                    log_writer.add_scalar("train/data_wait_share", wait_share, x)
         # (not on the last step: the epoch then ends normally and the next one stops before its first step)
         if stop_flag is not None and boundary and step + 1 < steps and \
                 _agreed_stop(stop_flag, step, accum, steps, device):
@@ -237,6 +242,13 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         torch.distributed.all_reduce(sums)
         extra_sums = {k: int(v) if float(v).is_integer() else float(v) for k, v in zip(sorted(extra_sums), sums.tolist())}
     stats.update(extra_sums)
+    stats.update(waited.epoch_stats(device))
+    if is_main_process():
+        note = data_wait_warning(stats, epoch, getattr(args, "num_workers", None))
+        if note:
+            print(note, flush=True)
+        if log_writer is not None:
+            log_writer.add_scalar("epoch/data_wait_share", stats["data_wait_share"], epoch)
     if math.isnan(mean_loss):
         raise NonFiniteLossError(epoch, steps - 1, mean_loss)
     return stats
