@@ -46,11 +46,12 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
+from .contract import Classifier, PretrainModel
 from .grouping import GroupPlan, plan_groups
 from .layers import check_images_and_mask, init_modules, valid_sizes_message
 from .loss import mae_loss
 from .mae import _MAEDecoder
-from .registry import register_model, register_pretrain_model
+from .registry import register_named
 
 __all__ = ["GreenMIMSwin", "SwinClassifier", "WindowGrouping", "build_grouping", "group_window_attention",
            "make_grouping", "swin_size_ok", "window_keys"]
@@ -184,7 +185,7 @@ def group_window_attention(attn: nn.Module, x: Tensor, grouping: WindowGrouping)
     return attn.proj_drop(attn.proj(out))
 
 
-class GreenMIMSwin(SwinTransformer, _MAEDecoder):
+class GreenMIMSwin(SwinTransformer, _MAEDecoder, PretrainModel):
     """GreenMIM masked autoencoder with a timm Swin encoder run on visible tokens only.
 
     forward(imgs (N, 3, H, W), mask (N, L) bool True = masked) -> (loss, pred (N, L, 32*32*3)
@@ -199,9 +200,11 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder):
     GreenMIM pretraining.
     """
 
+    family = "greenmim"
     mask_kind = "random"
     default_mask_ratio = 0.75
     supports_secondary_mask = False
+    build_options = ("mask_ratio",)
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 128,
                  depths: Sequence[int] = (2, 2, 18, 2), num_heads: Sequence[int] = (4, 8, 16, 32),
@@ -249,7 +252,7 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder):
         return set(super().no_weight_decay()) | {"mask_token"}
 
     def no_weight_decay_pretrain(self) -> set[str]:
-        """main_pretrain.py asks this: GreenMIM excludes these from weight decay in pretraining."""
+        """The contract's ``no_weight_decay``: GreenMIM excludes these from weight decay in pretraining."""
         return self.no_weight_decay()
 
     # ------------------------------------------------------------------ planning
@@ -396,7 +399,7 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder):
         return rows
 
 
-class SwinClassifier(SwinTransformer):
+class SwinClassifier(SwinTransformer, Classifier):
     """timm ``SwinTransformer`` with the layer ids of the layer-wise lr decay.
 
     Layer ids follow the SimMIM fine-tuning code that GreenMIM's checkpoints were fine-tuned
@@ -410,6 +413,11 @@ class SwinClassifier(SwinTransformer):
       * ``num_layers = sum(depths) + 1``: the final ``norm`` and the ``head``.
     ``no_weight_decay()`` (timm's): every relative position bias table.
     """
+
+    family = "swin-timm"
+
+    def native_size(self) -> int:
+        return int(self.patch_embed.img_size[0])
 
     def lrd_num_layers(self) -> int:
         return sum(len(stage.blocks) for stage in self.layers) + 1
@@ -439,23 +447,17 @@ _SIZES = {
 
 
 def _register_pretrain(name: str, size: str, window: int, img_size: int, doc: str, **extra) -> None:
-    def factory(**kwargs) -> GreenMIMSwin:
-        cfg = dict(_SIZES[size], window_size=window, img_size=img_size, **extra)
-        cfg.update(kwargs)
-        return GreenMIMSwin(**cfg)
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc
-    globals()[name] = register_pretrain_model(factory)
+    def build(**kwargs) -> GreenMIMSwin:
+        return GreenMIMSwin(**{**_SIZES[size], "window_size": window, "img_size": img_size, **extra, **kwargs})
+    classifier = f"swin_{size}_patch4_window{window}_{img_size}"
+    register_named(name, build, doc, task="pretrain", namespace=globals(), classifier=classifier)
 
 
 def _register_classifier(name: str, size: str, window: int, img_size: int, doc: str) -> None:
-    def factory(**kwargs) -> SwinClassifier:
-        cfg = dict(_SIZES[size], window_size=window, img_size=img_size, patch_size=4)
-        cfg.update(kwargs)
-        return SwinClassifier(**cfg)
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc
-    globals()[name] = register_model(factory)
+    def build(**kwargs) -> SwinClassifier:
+        return SwinClassifier(**{**_SIZES[size], "window_size": window, "img_size": img_size, "patch_size": 4,
+                                 **kwargs})
+    register_named(name, build, doc, task="classify", namespace=globals())
 
 
 _register_pretrain("greenmim_swin_tiny_patch4_dec512b1", "tiny", 7, 224, "GreenMIM Swin-T, window 7, 224 px.")

@@ -100,6 +100,7 @@ from timm.models.swin_transformer import PatchMerging
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from .contract import Classifier, PretrainModel
 from .layers import drop_path_rates, init_modules, valid_sizes_message
 from .loss import patchify, unit_stats
 from .pos_embed import sincos_2d
@@ -357,12 +358,13 @@ class MixMIMEncoder(nn.Module):
 
 # ------------------------------------------------------------------ pretraining
 
-class MixMIMPretrain(MixMIMEncoder):
+class MixMIMPretrain(MixMIMEncoder, PretrainModel):
     """MixMAE autoencoder (see the module docstring). Pretraining contract of main_pretrain.py.
 
     forward(imgs (N, 3, H, W), mask (N, L) bool, sm_mask=None) -> (loss, pred (N, L, 32*32*3), mask_used (N, L)).
     """
 
+    family = "mixmae"
     mask_kind = "random"
     mask_note = "grey = hidden: taken from the partner image in this image's mixed input"
     mask_rounding = "remove"   # int(L * r) units come from the partner, as the original (24 of 49 at 0.5)
@@ -446,11 +448,13 @@ class MixMIMPretrain(MixMIMEncoder):
 
 # ------------------------------------------------------------------ finetuning
 
-class MixMIMClassifier(MixMIMEncoder):
+class MixMIMClassifier(MixMIMEncoder, Classifier):
     """The finetuning model: MixMIM encoder (no mixing) -> token-wise ``norm`` -> average pool -> ``head``.
 
     imgs: (N, 3, H, W) -> logits (N, num_classes). Encoder keys equal the pretraining model's.
     """
+
+    family = "mixmim"
 
     def __init__(self, img_size: int = 224, num_classes: int = 1000, global_pool: bool = True,
                  **kwargs) -> None:
@@ -534,25 +538,25 @@ def _classifier(size: str, **kwargs) -> MixMIMClassifier:
     return MixMIMClassifier(**cfg)
 
 
-@register_pretrain_model
+@register_pretrain_model("mixmim_base_cls")
 def mixmim_base(**kwargs) -> MixMIMPretrain:
     """MixMAE Swin-B/W14 (embed 128, depths 2/2/18/2), 224 px, 8-block 512-d decoder."""
     return _pretrain("base", **kwargs)
 
 
-@register_pretrain_model
+@register_pretrain_model("mixmim_large_cls")
 def mixmim_large(**kwargs) -> MixMIMPretrain:
     """MixMAE Swin-L/W14 (embed 192), 224 px, 8-block 512-d decoder."""
     return _pretrain("large", **kwargs)
 
 
-@register_pretrain_model
+@register_pretrain_model("mixmim_huge_cls")
 def mixmim_huge(**kwargs) -> MixMIMPretrain:
     """MixMAE Swin-H/W14 (embed 352, heads 11/22/44/88), 224 px, 8-block 512-d decoder."""
     return _pretrain("huge", **kwargs)
 
 
-@register_pretrain_model
+@register_pretrain_model("mixmim_pico_cls")
 def mixmim_pico(**kwargs) -> MixMIMPretrain:
     """Tiny MixMAE for tests and demos: 128 px, windows 8/8/8/4, 1-block 64-d decoder."""
     return _pretrain("pico", **kwargs)

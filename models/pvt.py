@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
+from .contract import Classifier
 from .layers import (BlockNorm, OuterNorm, PatchEmbed, PatchMerge, StagePyramid, drop_path_rates,
                      init_reference_weights, pad_to_multiple, valid_sizes_message)
 from .pos_embed import sincos_2d
@@ -125,11 +126,13 @@ class PVTEncoder(nn.Module):
         return {"pos_embed"}
 
 
-class PVT(StagePyramid, PVTEncoder):
+class PVT(StagePyramid, PVTEncoder, Classifier):
     """PVT classifier for finetuning: global average pool -> ``fc_norm`` -> ``head``.
 
     imgs: (N, 3, H, W) -> logits (N, num_classes).
     """
+
+    family = "pvt"
 
     def __init__(self, img_size: int = 256, num_classes: int = 1000, global_pool: bool = True,
                  **kwargs) -> None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
+from .contract import Classifier
 from .layers import (BlockNorm, OuterNorm, PatchEmbed, PatchMerge, StagePyramid, drop_path_rates,
                      init_reference_weights, pad_to_multiple, valid_sizes_message)
 from .registry import register_model
@@ -281,12 +282,14 @@ class SwinEncoder(nn.Module):
         return {"pos_embed"}
 
 
-class Swin(StagePyramid, SwinEncoder):
+class Swin(StagePyramid, SwinEncoder, Classifier):
     """Swin classifier for finetuning: global average pool -> ``fc_norm`` -> ``head``.
 
     imgs: (N, 3, H, W) -> logits (N, num_classes). Any square input whose token
     grid fits the windows at every stage works (256 and 512 for window 16).
     """
+
+    family = "swin"
 
     def __init__(self, img_size: int = 256, num_classes: int = 1000, global_pool: bool = True,
                  **kwargs) -> None:
@@ -362,6 +365,14 @@ def swin_base_256(**kwargs) -> Swin:
 
 @register_model
 def swin_large_256(**kwargs) -> Swin:
+    return _swin("large", kwargs.pop("img_size", 256), kwargs.pop("window_size", 16), **kwargs)
+
+
+@register_model
+def swin_large_256_pm32(**kwargs) -> Swin:
+    """Swin-L with a 32-wide position MLP: the classifier of ``mae_swin_large_256_dec512d2b``
+    (the reference's 2-block-decoder Swin-L keeps Swin-T's posmlp width)."""
+    kwargs.setdefault("posmlp_dim", 32)
     return _swin("large", kwargs.pop("img_size", 256), kwargs.pop("window_size", 16), **kwargs)
 
 

@@ -9,22 +9,29 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
 from torch import Tensor
 
+from .contract import Classifier
 from .layers import pad_to_multiple
 from .registry import register_model
 
 __all__ = ["VisionTransformer"]
 
 
-class VisionTransformer(_TimmViT):
+class VisionTransformer(_TimmViT, Classifier):
     """timm ViT with MAE's head: mean of the patch tokens (cls excluded) -> ``fc_norm`` -> ``head``.
 
     imgs: (N, 3, H, W) -> logits (N, num_classes). ``global_pool=False`` uses the
     cls token after the final ``norm`` instead (MAE's linear-probing layout).
     """
 
+    family = "vit"
+    build_options = ("global_pool",)   # MAE's --global_pool / --cls_token choice
+
     def __init__(self, global_pool: bool = True, **kwargs) -> None:
         kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
         super().__init__(global_pool="avg" if global_pool else "token", fc_norm=global_pool, **kwargs)
+
+    def native_size(self) -> int:
+        return int(self.patch_embed.img_size[0])
 
     @property
     def pyramid_channels(self) -> list[int]:
