@@ -247,7 +247,6 @@ def main(args) -> int:
     mode = "knn" if args.knn else "eval" if args.eval else "linprobe" if args.linprobe else "finetune"
     run = start_run(args, f"main_finetune ({mode})")
     device, rank, world = run.device, run.rank, run.world
-    from util.datasets import eval_transform
     val_set = build_finetune_dataset(args, "val")
     shard_eval = args.dist_eval or args.knn
     val_loader, _ = make_loader(val_set, args, False, world, rank, shard=shard_eval)
@@ -258,23 +257,7 @@ def main(args) -> int:
         print(cpu_note, flush=True)
 
     if args.knn:
-        from engine_finetune import knn_evaluate
-        train_set = build_finetune_dataset(args, "train", transform=eval_transform(args.input_size))
-        train_loader, _ = make_loader(train_set, args, False, world, rank, shard=True)
-        stats = knn_evaluate(model, train_loader, val_loader, device, args.nb_classes, args.knn_k, args.knn_t,
-                             args.amp)
-        if is_main_process():
-            print(f"k-NN (k={args.knn_k}, T={args.knn_t}) on {stats['count']} val images: "
-                  f"top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%", flush=True)
-            with open(Path(args.output_dir) / "knn.json", "w") as f:
-                json.dump({**stats, "k": args.knn_k, "t": args.knn_t, "model": args.model,
-                           "weights": args.finetune}, f)
-            print(summary_line(f"{args.model} k-NN", "completed", time.time() - run.start_time,
-                               [f"top-1 {stats['acc1']:.2f}% on {stats['count']} val images"], args.output_dir),
-                  flush=True)
-            run.record.finish("completed", metrics=stats)
-        cleanup()
-        return 0
+        return knn_only(run, model, val_loader)
 
     args.lr = effective_lr(args, world)
     optimizer = make_optimizer(args, model, device)
@@ -284,17 +267,7 @@ def main(args) -> int:
     best_acc = float(ckpt.get("best_acc1", 0.0)) if ckpt else 0.0
 
     if args.eval:
-        stats = evaluate(model, val_loader, device, args.amp, sharded=shard_eval)
-        if is_main_process():
-            print(f"evaluation of {stats['count']} images: top-1 {stats['acc1']:.3f}%  top-5 {stats['acc5']:.3f}%  "
-                  f"loss {stats['loss']:.4f}", flush=True)
-            write_eval_json(args, stats, ckpt)
-            print(summary_line(f"{args.model} evaluation", "completed", time.time() - run.start_time,
-                               [f"top-1 {stats['acc1']:.2f}%, top-5 {stats['acc5']:.2f}% on {stats['count']} images"],
-                               args.output_dir), flush=True)
-            run.record.finish("completed", metrics=stats)
-        cleanup()
-        return 0
+        return evaluate_only(run, model, val_loader, shard_eval, ckpt)
 
     train_set = build_finetune_dataset(args, "train")
     train_loader, sampler = make_loader(train_set, args, True, world, rank)
@@ -314,6 +287,44 @@ def main(args) -> int:
     epochs = FinetuneEpochs(run, model, train_model, criterion, train_loader, val_loader, optimizer, scaler,
                             mixup_fn, shard_eval, start_epoch, best_acc)
     return run_epochs(run, epochs, model, optimizer, scaler, sampler, start_epoch, start_step)
+
+
+def knn_only(run, model, val_loader) -> int:
+    """--knn: k-NN accuracy of the frozen features (train split as the memory bank); knn.json."""
+    from engine_finetune import knn_evaluate
+    from util.datasets import eval_transform
+    args = run.args
+    train_set = build_finetune_dataset(args, "train", transform=eval_transform(args.input_size))
+    train_loader, _ = make_loader(train_set, args, False, run.world, run.rank, shard=True)
+    stats = knn_evaluate(model, train_loader, val_loader, run.device, args.nb_classes, args.knn_k, args.knn_t,
+                         args.amp)
+    if is_main_process():
+        print(f"k-NN (k={args.knn_k}, T={args.knn_t}) on {stats['count']} val images: "
+              f"top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%", flush=True)
+        with open(Path(args.output_dir) / "knn.json", "w") as f:
+            json.dump({**stats, "k": args.knn_k, "t": args.knn_t, "model": args.model, "weights": args.finetune}, f)
+        print(summary_line(f"{args.model} k-NN", "completed", time.time() - run.start_time,
+                           [f"top-1 {stats['acc1']:.2f}% on {stats['count']} val images"], args.output_dir),
+              flush=True)
+        run.record.finish("completed", metrics=stats)
+    cleanup()
+    return 0
+
+
+def evaluate_only(run, model, val_loader, shard_eval: bool, ckpt) -> int:
+    """--eval: top-1/top-5 of the loaded weights on val/; eval.json."""
+    args = run.args
+    stats = evaluate(model, val_loader, run.device, args.amp, sharded=shard_eval)
+    if is_main_process():
+        print(f"evaluation of {stats['count']} images: top-1 {stats['acc1']:.3f}%  top-5 {stats['acc5']:.3f}%  "
+              f"loss {stats['loss']:.4f}", flush=True)
+        write_eval_json(args, stats, ckpt)
+        print(summary_line(f"{args.model} evaluation", "completed", time.time() - run.start_time,
+                           [f"top-1 {stats['acc1']:.2f}%, top-5 {stats['acc5']:.2f}% on {stats['count']} images"],
+                           args.output_dir), flush=True)
+        run.record.finish("completed", metrics=stats)
+    cleanup()
+    return 0
 
 
 def make_criterion(args):

@@ -33,7 +33,7 @@ time does not grow with the batch size.
 
 The encoder state dict has exactly timm's keys (``patch_embed.*``, ``layers.*``, ``norm.*``), so a
 pretrained checkpoint loads into ``timm.models.swin_transformer.SwinTransformer`` (and the
-classifiers registered here) with only ``head.fc.*`` missing.
+classifiers of models/swin_timm.py) with only ``head.fc.*`` missing.
 """
 from __future__ import annotations
 
@@ -46,14 +46,15 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
-from .contract import Classifier, PretrainModel
+from .contract import PretrainModel
 from .grouping import GroupPlan, plan_groups
 from .layers import check_images_and_mask, init_modules, valid_sizes_message
 from .loss import mae_loss
 from .mae import _MAEDecoder
 from .registry import register_named
+from .swin_timm import TIMM_SWIN_SIZES
 
-__all__ = ["GreenMIMSwin", "SwinClassifier", "WindowGrouping", "build_grouping", "group_window_attention",
+__all__ = ["GreenMIMSwin", "WindowGrouping", "build_grouping", "group_window_attention",
            "make_grouping", "swin_size_ok", "window_keys"]
 
 
@@ -399,51 +400,9 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder, PretrainModel):
         return rows
 
 
-class SwinClassifier(SwinTransformer, Classifier):
-    """timm ``SwinTransformer`` with the layer ids of the layer-wise lr decay.
-
-    Layer ids follow the SimMIM fine-tuning code that GreenMIM's checkpoints were fine-tuned
-    with (spec A10), translated to timm's layout:
-      * 0: ``patch_embed.*`` (and an absolute position embedding, if any);
-      * ``b + 1`` for the b-th block counted over all stages (``layers.s.blocks.j``:
-        ``b = depths[0] + ... + depths[s-1] + j``);
-      * ``layers.s.downsample.*`` (timm puts the patch merging at the start of stage s; the
-        Microsoft/SimMIM layout at the end of stage s-1) shares the id of the block it
-        follows, the last block of stage s-1, i.e. ``depths[0] + ... + depths[s-1]``;
-      * ``num_layers = sum(depths) + 1``: the final ``norm`` and the ``head``.
-    ``no_weight_decay()`` (timm's): every relative position bias table.
-    """
-
-    family = "swin-timm"
-
-    def native_size(self) -> int:
-        return int(self.patch_embed.img_size[0])
-
-    def lrd_num_layers(self) -> int:
-        return sum(len(stage.blocks) for stage in self.layers) + 1
-
-    def lrd_layer_id(self, param_name: str) -> int:
-        if param_name.startswith(("patch_embed.", "absolute_pos_embed", "pos_embed", "mask_token")):
-            return 0
-        if param_name.startswith("layers."):
-            parts = param_name.split(".")
-            s = int(parts[1])
-            before = sum(len(self.layers[i].blocks) for i in range(s))
-            if parts[2] == "blocks":
-                return before + int(parts[3]) + 1
-            if parts[2] == "downsample":
-                return before
-        return self.lrd_num_layers()
-
-
 # ---------------------------------------------------------------- factories
 
-_SIZES = {
-    "pico": dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
-    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
-}
+_SIZES = TIMM_SWIN_SIZES  # GreenMIM's encoders are timm Swins (models/swin_timm.py)
 
 
 def _register_pretrain(name: str, size: str, window: int, img_size: int, doc: str, **extra) -> None:
@@ -451,13 +410,6 @@ def _register_pretrain(name: str, size: str, window: int, img_size: int, doc: st
         return GreenMIMSwin(**{**_SIZES[size], "window_size": window, "img_size": img_size, **extra, **kwargs})
     classifier = f"swin_{size}_patch4_window{window}_{img_size}"
     register_named(name, build, doc, task="pretrain", namespace=globals(), classifier=classifier)
-
-
-def _register_classifier(name: str, size: str, window: int, img_size: int, doc: str) -> None:
-    def build(**kwargs) -> SwinClassifier:
-        return SwinClassifier(**{**_SIZES[size], "window_size": window, "img_size": img_size, "patch_size": 4,
-                                 **kwargs})
-    register_named(name, build, doc, task="classify", namespace=globals())
 
 
 _register_pretrain("greenmim_swin_tiny_patch4_dec512b1", "tiny", 7, 224, "GreenMIM Swin-T, window 7, 224 px.")
@@ -469,11 +421,3 @@ _register_pretrain("greenmim_swin_large_patch4_win14_dec512b1", "large", 14, 224
 _register_pretrain("greenmim_swin_pico_patch4_win6_dec64b1", "pico", 6, 96,
                    "Tiny GreenMIM Swin for tests and demos (96 px, 3x3 units, window 6).",
                    decoder_embed_dim=64, decoder_num_heads=4)
-
-_register_classifier("swin_tiny_patch4_window7_224", "tiny", 7, 224, "timm Swin-T, window 7 (GreenMIM fine-tuning).")
-_register_classifier("swin_base_patch4_window7_224", "base", 7, 224, "timm Swin-B, window 7 (GreenMIM fine-tuning).")
-_register_classifier("swin_base_patch4_window14_224", "base", 14, 224, "timm Swin-B, window 14 (GreenMIM fine-tuning).")
-_register_classifier("swin_large_patch4_window14_224", "large", 14, 224,
-                     "timm Swin-L, window 14 (GreenMIM fine-tuning).")
-_register_classifier("swin_pico_patch4_window6_96", "pico", 6, 96,
-                     "Tiny timm Swin (tests; loads the pico GreenMIM encoder).")

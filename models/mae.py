@@ -37,9 +37,10 @@ from .layers import check_images_and_mask, OuterNorm, init_reference_weights, va
 from .loss import mae_loss
 from .masking import check_uniform_mask, kept_index_per_group, secondary_mask
 from .pos_embed import sincos_2d
-from .pvt import PVTEncoder, pvt_grid_ok
-from .registry import register_named, register_pretrain_model
-from .swin import Positions, SwinEncoder, swin_grid_ok
+from .pvt import _PVT_SIZES, PVTEncoder, pvt_grid_ok
+from .registry import register_named
+from .swin import _SWIN_SIZES, Positions, SwinEncoder, swin_grid_ok
+from .vit import VIT_SIZES
 
 __all__ = ["MaskedAutoencoderSwin", "MaskedAutoencoderPVT", "MaskedAutoencoderViT", "compact_map"]
 
@@ -413,24 +414,10 @@ class MaskedAutoencoderViT(nn.Module, _MAEDecoder, PretrainModel):
 
 # ---------------------------------------------------------------- factories
 
-_SWIN = {
-    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
-}
-_PVT = {
-    "tiny": dict(depths=(2, 2, 2, 2)),
-    "small": dict(depths=(3, 4, 6, 3)),
-    "medium": dict(depths=(3, 4, 18, 3)),
-    "large": dict(depths=(3, 8, 27, 3)),
-}
-_VIT = {
-    "base_patch16": dict(embed_dim=768, depth=12, num_heads=12, patch_size=16),
-    "large_patch16": dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16),
-    "huge_patch16": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=16),
-    "huge_patch14": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
-}
+# The encoders' size tables are the backbones' own (models/swin.py, models/pvt.py, models/vit.py).
+_FULL = ("tiny", "small", "base", "large")
+_PVT_FULL = ("tiny", "small", "medium", "large")
+_VIT_FULL = ("base_patch16", "large_patch16", "huge_patch16", "huge_patch14")
 
 
 def _register(name: str, build, doc: str, classifier: str) -> None:
@@ -439,7 +426,7 @@ def _register(name: str, build, doc: str, classifier: str) -> None:
 
 def _swin_builder(size: str, depth: int, posmlp: int):
     def build(**kwargs):
-        cfg = dict(_SWIN[size], posmlp_dim=posmlp, decoder_embed_dim=512, decoder_depth=depth,
+        cfg = dict(_SWIN_SIZES[size], posmlp_dim=posmlp, decoder_embed_dim=512, decoder_depth=depth,
                    decoder_num_heads=16)
         cfg.update(kwargs)
         return MaskedAutoencoderSwin(**cfg)
@@ -448,7 +435,7 @@ def _swin_builder(size: str, depth: int, posmlp: int):
 
 def _pvt_builder(size: str, depth: int):
     def build(**kwargs):
-        cfg = dict(_PVT[size], decoder_embed_dim=512, decoder_depth=depth, decoder_num_heads=16)
+        cfg = dict(_PVT_SIZES[size], decoder_embed_dim=512, decoder_depth=depth, decoder_num_heads=16)
         cfg.update(kwargs)
         return MaskedAutoencoderPVT(**cfg)
     return build
@@ -456,13 +443,13 @@ def _pvt_builder(size: str, depth: int):
 
 def _vit_builder(size: str, depth: int):
     def build(**kwargs):
-        cfg = dict(_VIT[size], decoder_embed_dim=512, decoder_depth=depth, decoder_num_heads=16)
+        cfg = dict(VIT_SIZES[size], decoder_embed_dim=512, decoder_depth=depth, decoder_num_heads=16)
         cfg.update(kwargs)
         return MaskedAutoencoderViT(**cfg)
     return build
 
 
-for _size in _SWIN:
+for _size in _FULL:
     # Swin-L: the reference's recommended model has an 8-block decoder and a 64-wide position MLP.
     _default = 8 if _size == "large" else 2
     _pm = 64 if _size == "large" else 32
@@ -474,14 +461,14 @@ for _size in _SWIN:
               f"UM-MAE Swin-{_size}, 8-block 512-d decoder.", _cls)
 _register("mae_swin_large_256_dec512d8b64pmd", _swin_builder("large", 8, 64), "The reference's name of Swin-L.",
           "swin_large_256")
-for _size in _PVT:
+for _size in _PVT_FULL:
     _cls = f"pvt_{_size}_256"
     _register(f"mae_pvt_{_size}_256", _pvt_builder(_size, 2), f"UM-MAE PVT-{_size}, 256 px.", _cls)
     _register(f"mae_pvt_{_size}_256_dec512d2b", _pvt_builder(_size, 2), f"UM-MAE PVT-{_size}, 2-block decoder.",
               _cls)
     _register(f"mae_pvt_{_size}_256_dec512d8b", _pvt_builder(_size, 8), f"UM-MAE PVT-{_size}, 8-block decoder.",
               _cls)
-for _size in _VIT:
+for _size in _VIT_FULL:
     _cls = f"vit_{_size}"
     _register(f"mae_vit_{_size}", _vit_builder(_size, 8), f"MAE ViT-{_size} (MAE's standard 8-block decoder).",
               _cls)
@@ -490,58 +477,29 @@ for _size in _VIT:
     _register(f"mae_vit_{_size}_dec512d8b", _vit_builder(_size, 8), f"MAE ViT-{_size}, 8-block decoder.", _cls)
 
 
-@register_pretrain_model("swin_pico_128")
-def mae_swin_pico_128(**kwargs) -> MaskedAutoencoderSwin:
-    """Tiny UM-MAE Swin for tests and demos (128 px, window 4 on the 16x16 compact grid)."""
-    cfg = dict(img_size=128, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4,
-               posmlp_dim=16, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
-    cfg.update(kwargs)
-    return MaskedAutoencoderSwin(**cfg)
+def _tiny(cls, **cfg):
+    def build(**kwargs):
+        return cls(**{**cfg, **kwargs})
+    return build
 
 
-@register_pretrain_model("pvt_pico_128")
-def mae_pvt_pico_128(**kwargs) -> MaskedAutoencoderPVT:
-    """Tiny UM-MAE PVT for tests and demos (128 px)."""
-    cfg = dict(img_size=128, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
-               sr_ratios=(4, 2, 1, 1), decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
-    cfg.update(kwargs)
-    return MaskedAutoencoderPVT(**cfg)
-
-
-@register_pretrain_model("vit_pico_patch16")
-def mae_vit_pico_patch16(**kwargs) -> MaskedAutoencoderViT:
-    """Tiny MAE ViT for tests and demos (96 px, 6x6 units)."""
-    cfg = dict(img_size=96, patch_size=16, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
-               decoder_depth=1, decoder_num_heads=4)
-    cfg.update(kwargs)
-    return MaskedAutoencoderViT(**cfg)
-
-
-@register_pretrain_model("swin_pico_p1_32")
-def mae_swin_pico_p1_32(**kwargs) -> MaskedAutoencoderSwin:
-    """Tiny UM-MAE Swin for 32-px images: patch 1, 4-px mask units (8x8), window 4 on the 16x16
-    compact grid; finetunes into ``swin_pico_p1_32``."""
-    cfg = dict(img_size=32, patch_size=1, stride=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-               window_size=4, posmlp_dim=16, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
-    cfg.update(kwargs)
-    return MaskedAutoencoderSwin(**cfg)
-
-
-@register_pretrain_model("pvt_pico_p1_32")
-def mae_pvt_pico_p1_32(**kwargs) -> MaskedAutoencoderPVT:
-    """Tiny UM-MAE PVT for 32-px images: patch 1, 4-px mask units (8x8); finetunes into ``pvt_pico_p1_32``."""
-    cfg = dict(img_size=32, patch_size=1, stride=4, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1),
-               num_heads=(1, 2, 3, 4), sr_ratios=(4, 2, 1, 1), decoder_embed_dim=64, decoder_depth=1,
-               decoder_num_heads=4)
-    cfg.update(kwargs)
-    return MaskedAutoencoderPVT(**cfg)
-
-
-@register_pretrain_model("vit_pico_patch4_32")
-def mae_vit_pico_patch4_32(**kwargs) -> MaskedAutoencoderViT:
-    """Tiny MAE ViT for 32-px images (patch 4 = the 4-px mask unit, 8x8 units); finetunes into
-    ``vit_pico_patch4_32``."""
-    cfg = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, decoder_embed_dim=64,
-               decoder_depth=1, decoder_num_heads=4)
-    cfg.update(kwargs)
-    return MaskedAutoencoderViT(**cfg)
+# tests and demos
+_PICO_DECODER = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
+_register("mae_swin_pico_128", _tiny(MaskedAutoencoderSwin, **_SWIN_SIZES["pico"], img_size=128, window_size=4,
+                                     **_PICO_DECODER),
+          "Tiny UM-MAE Swin (128 px, window 4 on the 16x16 compact grid).", "swin_pico_128")
+_register("mae_pvt_pico_128", _tiny(MaskedAutoencoderPVT, **_PVT_SIZES["pico"], img_size=128, sr_ratios=(4, 2, 1, 1),
+                                    **_PICO_DECODER),
+          "Tiny UM-MAE PVT (128 px).", "pvt_pico_128")
+_register("mae_vit_pico_patch16", _tiny(MaskedAutoencoderViT, **VIT_SIZES["pico_patch16"], decoder_embed_dim=32,
+                                        decoder_depth=1, decoder_num_heads=4),
+          "Tiny MAE ViT (96 px, 6x6 units).", "vit_pico_patch16")
+_register("mae_swin_pico_p1_32", _tiny(MaskedAutoencoderSwin, **_SWIN_SIZES["pico"], img_size=32, patch_size=1, stride=4,
+                                       window_size=4, **_PICO_DECODER),
+          "Tiny UM-MAE Swin for 32-px images: patch 1, 4-px mask units (8x8), window 4 on the 16x16 compact grid.",
+          "swin_pico_p1_32")
+_register("mae_pvt_pico_p1_32", _tiny(MaskedAutoencoderPVT, **_PVT_SIZES["pico"], img_size=32, patch_size=1, stride=4,
+                                      sr_ratios=(4, 2, 1, 1), **_PICO_DECODER),
+          "Tiny UM-MAE PVT for 32-px images: patch 1, 4-px mask units (8x8).", "pvt_pico_p1_32")
+_register("mae_vit_pico_patch4_32", _tiny(MaskedAutoencoderViT, **VIT_SIZES["pico_patch4_32"], **_PICO_DECODER),
+          "Tiny MAE ViT for 32-px images (patch 4 = the 4-px mask unit, 8x8 units).", "vit_pico_patch4_32")

@@ -28,22 +28,12 @@ def _register(fn: Callable[..., nn.Module], task: str, classifier: Optional[str]
     return fn
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a classifier / backbone factory under its function name."""
-    return _register(fn, "classify")
-
-
-def register_pretrain_model(classifier: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Register a pretraining (masked image modeling) factory under its function name, with the
-    registered classifier its checkpoints finetune into: ``@register_pretrain_model("swin_pico_128")``."""
-    return lambda fn: _register(fn, "pretrain", classifier)
-
-
 def register_named(name: str, build: Callable[..., nn.Module], doc: str, task: str = "pretrain",
                    namespace: Optional[dict] = None, classifier: Optional[str] = None) -> Callable[..., nn.Module]:
-    """Register ``build`` under a generated ``name`` (factories created in a loop; pretraining ones
-    name their ``classifier``); optionally also bind it in a module's ``namespace`` so
-    ``module.name(**kwargs)`` works."""
+    """The one way to register a model: ``build(**kwargs)`` under ``name`` for ``task``
+    ("pretrain" or "classify"); a pretraining model names the registered ``classifier`` its
+    checkpoints finetune into. ``namespace`` (a module's ``globals()``) also binds the factory
+    there, so ``module.name(**kwargs)`` works."""
     def factory(**kwargs):
         return build(**kwargs)
     factory.__name__ = factory.__qualname__ = name
@@ -56,10 +46,6 @@ def register_named(name: str, build: Callable[..., nn.Module], doc: str, task: s
 
 def list_models(pattern: str = "*", task: Optional[str] = None) -> list[str]:
     return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern) and (task is None or _TASKS[n] == task))
-
-
-def model_task(name: str) -> str:
-    return _TASKS[name]
 
 
 def classifier_for(name: str) -> str:
