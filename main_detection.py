@@ -302,5 +302,8 @@ def main(args) -> int:
     return 0
 
 
+validate_args = _validate  # the public name util/slurm.py calls
+
+
 if __name__ == "__main__":
     run_main(lambda: main(parse_args()))

@@ -24,20 +24,20 @@ from torch.utils.data import DataLoader
 import models
 from engine_finetune import evaluate, finetune_one_epoch
 from util.cli import HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args, \
-    ignore_stop_signals, run_main, setup_stop_signals
+    ignore_stop_signals, run_main
 from util.cpu_perf import setup_cpu_training
 from util.datasets import (DataError, SeededSampler, ShardSampler, build_finetune_dataset, image_list,
                            num_classes_of, report_left_out)
 from util.flag_checks import (DECAY, NON_NEGATIVE, POSITIVE, TRAINING_RULES, UNIT, UNIT_RIGHT_OPEN, at_least,
                               check_auto_augment, check_existing, check_ranges)
 from util.shards import ShardStream, shard_loader
-from util.distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
-from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
-                       seed_rngs)
+from util.distributed import cleanup, is_main_process
+from util.loop import fused_optimizer_ok, make_scaler
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_pretrained
-from util.run_record import RunClock, RunRecord, summary_line
-from util.train_state import finish_interrupted, resume_training_state, save_training_state
+from util.run import EpochSave, Epochs, effective_lr, run_epochs, start_run, wrap_for_training
+from util.run_record import summary_line
+from util.train_state import resume_training_state
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -96,20 +96,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def native_input_size(model: nn.Module) -> int:
-    size = getattr(model, "img_size", None)
-    if size is None and hasattr(model, "patch_embed"):
-        size = model.patch_embed.img_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
-def model_kwargs(args) -> dict:
+def model_kwargs(args, contract: models.ClassifierContract) -> dict:
+    """The factory keywords of --model: the ones every classifier takes, and the options its contract names."""
     kwargs = dict(num_classes=args.nb_classes, drop_path_rate=0.0 if (args.linprobe or args.knn) else args.drop_path)
     if args.input_size is not None:
         kwargs["img_size"] = args.input_size
-    if args.model.startswith("vit_"):
+    if "global_pool" in contract.options:
         kwargs["global_pool"] = args.global_pool
     return kwargs
+
+
+def _describe(args) -> models.ClassifierContract:
+    """--model's contract, built on the meta device at --input_size; a size it cannot take is a usage error."""
+    kwargs = {"num_classes": 0} if args.input_size is None else {"num_classes": 0, "img_size": args.input_size}
+    try:
+        return models.describe(args.model, **kwargs)
+    except ValueError as e:
+        raise UsageError(f"--input_size {args.input_size}: {e}") from None
 
 
 FINETUNE_RULES = TRAINING_RULES + [
@@ -121,7 +124,9 @@ FINETUNE_RULES = TRAINING_RULES + [
 RANDOM_ERASING_MODES = ("pixel", "rand", "const")
 
 
-def _validate(args) -> None:
+def validate_args(args) -> None:
+    """Every flag combination that cannot work fails here, before any compute (util/slurm.py calls it
+    before submitting); resolved defaults (input size, classes, split sizes) are written into ``args``."""
     check_existing(args, ["finetune"])
     if not (args.data_path or "").endswith(".tar"):  # (a shard pattern is checked by image_list below)
         check_existing(args, ["data_path"], kind="dir")
@@ -147,13 +152,9 @@ def _validate(args) -> None:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if not 0.0 < args.min_crop_scale <= 1.0:
         raise UsageError(f"--min_crop_scale must be in (0, 1], got {args.min_crop_scale}")
-    try:
-        with torch.device("meta"):
-            meta = models.create_model(args.model, **{**model_kwargs(args), "num_classes": 0})  # classes: below
-    except ValueError as e:
-        raise UsageError(f"--input_size {args.input_size}: {e}") from None
+    contract = _describe(args)
     if args.input_size is None:
-        args.input_size = native_input_size(meta)
+        args.input_size = contract.input_size
     mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if args.cutmix_minmax is not None and len(args.cutmix_minmax) != 2:
         raise UsageError(f"--cutmix_minmax takes two numbers (min max), got {args.cutmix_minmax}")
@@ -196,7 +197,7 @@ def parse_args(argv=None, defaults: dict | None = None) -> argparse.Namespace:
     finalize_common_args(args)
     if args.data_path is None:
         raise UsageError("--data_path is required: a folder with train/ and val/ (ImageNet layout or lists)")
-    _validate(args)
+    validate_args(args)
     return args
 
 
@@ -208,7 +209,7 @@ class LinearProbeHead(nn.Sequential):
 
 
 def build_model(args, device):
-    model = models.create_model(args.model, **model_kwargs(args))
+    model = models.create_model(args.model, **model_kwargs(args, models.describe(args.model, num_classes=0)))
     if args.linprobe:  # swap the head first, so a linear-probe checkpoint loads its head and BN statistics
         # timm heads that normalise before their Linear (Hiera's norm -> fc) keep the norm, frozen
         owner, attr = (model.head, "fc") if isinstance(getattr(model.head, "fc", None), nn.Linear) else (model, "head")
@@ -256,19 +257,9 @@ def make_loader(dataset, args, train: bool, world: int, rank: int, shard: bool =
 
 
 def main(args) -> int:
-    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))  # first: a stop during start-up counts
-    init_distributed(args)
-    device = torch.device(args.device)
-    rank, world = get_rank(), get_world_size()
-    args.amp = resolve_amp(args.amp, device)
-    seed_rngs(args.seed, rank)
-    if args.num_workers is None:
-        args.num_workers = default_num_workers(device)
     mode = "knn" if args.knn else "eval" if args.eval else "linprobe" if args.linprobe else "finetune"
-    run_record = RunRecord.start(args, f"main_finetune ({mode})", device)
-    start_time = time.time()
-
-    from util.datasets import eval_transform
+    run = start_run(args, f"main_finetune ({mode})")
+    device, rank, world = run.device, run.rank, run.world
     val_set = build_finetune_dataset(args, "val")
     shard_eval = args.dist_eval or args.knn
     val_loader, _ = make_loader(val_set, args, False, world, rank, shard=shard_eval)
@@ -279,26 +270,9 @@ def main(args) -> int:
         print(cpu_note, flush=True)
 
     if args.knn:
-        from engine_finetune import knn_evaluate
-        train_set = build_finetune_dataset(args, "train", transform=eval_transform(args.input_size))
-        train_loader, _ = make_loader(train_set, args, False, world, rank, shard=True)
-        stats = knn_evaluate(model, train_loader, val_loader, device, args.nb_classes, args.knn_k, args.knn_t,
-                             args.amp)
-        if is_main_process():
-            print(f"k-NN (k={args.knn_k}, T={args.knn_t}) on {stats['count']} val images: "
-                  f"top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%", flush=True)
-            with open(Path(args.output_dir) / "knn.json", "w") as f:
-                json.dump({**stats, "k": args.knn_k, "t": args.knn_t, "model": args.model,
-                           "weights": args.finetune}, f)
-            print(summary_line(f"{args.model} k-NN", "completed", time.time() - start_time,
-                               [f"top-1 {stats['acc1']:.2f}% on {stats['count']} val images"], args.output_dir),
-                  flush=True)
-            run_record.finish("completed", metrics=stats)
-        cleanup()
-        return 0
+        return knn_only(run, model, val_loader)
 
-    if args.lr is None:
-        args.lr = args.blr * args.batch_size * args.accum_iter * world / 256
+    args.lr = effective_lr(args, world)
     optimizer = make_optimizer(args, model, device)
     scaler = make_scaler(args.amp, device)
     start_epoch, start_step, ckpt = resume_training_state(args, model, optimizer, scaler,
@@ -306,23 +280,68 @@ def main(args) -> int:
     best_acc = float(ckpt.get("best_acc1", 0.0)) if ckpt else 0.0
 
     if args.eval:
-        stats = evaluate(model, val_loader, device, args.amp, sharded=shard_eval)
-        if is_main_process():
-            print(f"evaluation of {stats['count']} images: top-1 {stats['acc1']:.3f}%  top-5 {stats['acc5']:.3f}%  "
-                  f"loss {stats['loss']:.4f}", flush=True)
-            write_eval_json(args, stats, ckpt)
-            print(summary_line(f"{args.model} evaluation", "completed", time.time() - start_time,
-                               [f"top-1 {stats['acc1']:.2f}%, top-5 {stats['acc5']:.2f}% on {stats['count']} images"],
-                               args.output_dir), flush=True)
-            run_record.finish("completed", metrics=stats)
-        cleanup()
-        return 0
+        return evaluate_only(run, model, val_loader, shard_eval, ckpt)
 
     train_set = build_finetune_dataset(args, "train")
     train_loader, sampler = make_loader(train_set, args, True, world, rank)
     if len(train_loader) == 0:
         raise UsageError(f"{len(train_set)} training images are fewer than one global batch "
                          f"({args.batch_size} x {world}): lower --batch_size")
+    mixup_fn, criterion = make_criterion(args)
+    train_model = wrap_for_training(model, args, device)
+    if is_main_process():
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{args.model}: {n_train / 1e6:.2f}M trainable parameters; {len(train_set)} train / "
+              f"{len(val_set)} val images; lr {args.lr:.3e}; amp {args.amp}; mode "
+              f"{'linear probe' if args.linprobe else 'finetune'}; world {world}", flush=True)
+    run.open_log_writer()
+    run.record.note(start={"epoch": start_epoch, "step": start_step}, lr=args.lr, num_train=len(train_set),
+                    num_val=len(val_set), nb_classes=args.nb_classes, cpu=cpu_note or None)
+    epochs = FinetuneEpochs(run, model, train_model, criterion, train_loader, val_loader, optimizer, scaler,
+                            mixup_fn, shard_eval, start_epoch, best_acc)
+    return run_epochs(run, epochs, model, optimizer, scaler, sampler, start_epoch, start_step)
+
+
+def knn_only(run, model, val_loader) -> int:
+    """--knn: k-NN accuracy of the frozen features (train split as the memory bank); knn.json."""
+    from engine_finetune import knn_evaluate
+    from util.datasets import eval_transform
+    args = run.args
+    train_set = build_finetune_dataset(args, "train", transform=eval_transform(args.input_size))
+    train_loader, _ = make_loader(train_set, args, False, run.world, run.rank, shard=True)
+    stats = knn_evaluate(model, train_loader, val_loader, run.device, args.nb_classes, args.knn_k, args.knn_t,
+                         args.amp)
+    if is_main_process():
+        print(f"k-NN (k={args.knn_k}, T={args.knn_t}) on {stats['count']} val images: "
+              f"top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%", flush=True)
+        with open(Path(args.output_dir) / "knn.json", "w") as f:
+            json.dump({**stats, "k": args.knn_k, "t": args.knn_t, "model": args.model, "weights": args.finetune}, f)
+        print(summary_line(f"{args.model} k-NN", "completed", time.time() - run.start_time,
+                           [f"top-1 {stats['acc1']:.2f}% on {stats['count']} val images"], args.output_dir),
+              flush=True)
+        run.record.finish("completed", metrics=stats)
+    cleanup()
+    return 0
+
+
+def evaluate_only(run, model, val_loader, shard_eval: bool, ckpt) -> int:
+    """--eval: top-1/top-5 of the loaded weights on val/; eval.json."""
+    args = run.args
+    stats = evaluate(model, val_loader, run.device, args.amp, sharded=shard_eval)
+    if is_main_process():
+        print(f"evaluation of {stats['count']} images: top-1 {stats['acc1']:.3f}%  top-5 {stats['acc5']:.3f}%  "
+              f"loss {stats['loss']:.4f}", flush=True)
+        write_eval_json(args, stats, ckpt)
+        print(summary_line(f"{args.model} evaluation", "completed", time.time() - run.start_time,
+                           [f"top-1 {stats['acc1']:.2f}%, top-5 {stats['acc5']:.2f}% on {stats['count']} images"],
+                           args.output_dir), flush=True)
+        run.record.finish("completed", metrics=stats)
+    cleanup()
+    return 0
+
+
+def make_criterion(args):
+    """Mixup/CutMix (timm) and the loss that fits it: soft targets, label smoothing, or plain CE."""
     mixup_fn = None
     if not args.linprobe and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
         from timm.data import Mixup
@@ -331,96 +350,81 @@ def main(args) -> int:
                          label_smoothing=args.smoothing, num_classes=args.nb_classes)
     if mixup_fn is not None:
         from timm.loss import SoftTargetCrossEntropy
-        criterion = SoftTargetCrossEntropy()
-    elif args.smoothing > 0 and not args.linprobe:
+        return mixup_fn, SoftTargetCrossEntropy()
+    if args.smoothing > 0 and not args.linprobe:
         from timm.loss import LabelSmoothingCrossEntropy
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
+        return None, LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return None, nn.CrossEntropyLoss()
 
-    train_model = model
-    if args.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
 
-    log_writer = None
-    if is_main_process():
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{args.model}: {n_train / 1e6:.2f}M trainable parameters; {len(train_set)} train / "
-              f"{len(val_set)} val images; lr {args.lr:.3e}; amp {args.amp}; mode "
-              f"{'linear probe' if args.linprobe else 'finetune'}; world {world}", flush=True)
-        if args.log_dir:
-            from torch.utils.tensorboard import SummaryWriter
-            log_writer = SummaryWriter(log_dir=args.log_dir)
-    run_record.note(start={"epoch": start_epoch, "step": start_step}, lr=args.lr, num_train=len(train_set),
-                num_val=len(val_set), nb_classes=args.nb_classes, cpu=cpu_note or None)
-    clock = RunClock(start_epoch, args.epochs)
-    train_stats, test_stats, best_epoch = {}, {}, None
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            step0 = start_step if epoch == start_epoch else 0
-            sampler.set_epoch(epoch)
-            sampler.skip = step0 * args.batch_size
-            train_stats = finetune_one_epoch(train_model, criterion, train_loader, optimizer, scaler, device,
-                                             epoch, args, mixup_fn, log_writer, stop_flag=stop, start_step=step0)
-            last = epoch + 1 == args.epochs
-            if not (last or (epoch + 1) % args.eval_freq == 0):
-                save_training_state(args, epoch, model, optimizer, scaler,
-                                    numbered=args.save_freq > 0 and (epoch + 1) % args.save_freq == 0,
-                                    extra={"best_acc1": best_acc},
-                                    log_record={"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}})
-                if is_main_process():
-                    print(clock.line(epoch), flush=True)
-                if epoch == args.exit_after_epoch:
-                    _finish(args, run_record, "exited after epoch", start_time, start_epoch, epoch, train_stats,
-                            test_stats, best_acc, best_epoch)
-                    cleanup()
-                    return 0
-                continue
-            test_stats = evaluate(model, val_loader, device, args.amp, sharded=shard_eval)
-            improved = test_stats["acc1"] > best_acc
-            best_acc = max(best_acc, test_stats["acc1"])
-            best_epoch = epoch if improved else best_epoch
-            numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
-            record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                      **{f"test_{k}": v for k, v in test_stats.items()}}
-            save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered,
-                                extra_names=("checkpoint-best.pth",) if improved else (),
-                                extra={"best_acc1": best_acc, "val_acc1": test_stats["acc1"]}, log_record=record)
-            if is_main_process():
-                print(f"epoch {epoch}: val top-1 {test_stats['acc1']:.2f}%  top-5 {test_stats['acc5']:.2f}%  "
-                      f"(best {best_acc:.2f}%)", flush=True)
-                if train_stats.get("skipped_images"):
-                    print(f"warning: {train_stats['skipped_images']} unreadable images skipped in epoch {epoch} "
-                          f"(all ranks)", flush=True)
-                if log_writer is not None:
-                    for k in ("acc1", "acc5", "loss"):
-                        log_writer.add_scalar(f"val/{k}", test_stats[k], epoch)
-                    log_writer.add_scalar("epoch/images_per_sec", train_stats["images_per_sec"], epoch)
-                    log_writer.add_scalar("epoch/peak_mem_mb", train_stats["peak_mem_mb"], epoch)
-                    log_writer.flush()
-                print(clock.line(epoch), flush=True)
-            if epoch == args.exit_after_epoch and not last:
-                _finish(args, run_record, "exited after epoch", start_time, start_epoch, epoch, train_stats, test_stats,
-                        best_acc, best_epoch)
-                cleanup()
-                return 0
-    except (StopRequested, NonFiniteLossError) as e:
-        code = finish_interrupted(e, args, model, optimizer, scaler, stop, extra={"best_acc1": best_acc})
-        _finish(args, run_record, "stopped" if isinstance(e, StopRequested) else "failed", start_time, start_epoch,
-                e.epoch - 1, train_stats, test_stats, best_acc, best_epoch, reason=str(e))
-        return code
-    if is_main_process():
-        print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}; best top-1 "
-              f"{best_acc:.2f}%", flush=True)
-        if log_writer is not None:
-            log_writer.close()
-    _finish(args, run_record, "completed", start_time, start_epoch, args.epochs - 1, train_stats, test_stats, best_acc,
-            best_epoch)
-    cleanup()
-    return 0
+class FinetuneEpochs(Epochs):
+    """Finetuning's part of the epoch loop (util.run): the supervised epoch, evaluation every
+    --eval_freq epochs and after the last, the best checkpoint and the summary."""
+
+    def __init__(self, run, model, train_model, criterion, train_loader, val_loader, optimizer, scaler, mixup_fn,
+                 shard_eval: bool, start_epoch: int, best_acc: float) -> None:
+        self.run, self.args, self.model, self.train_model, self.criterion = run, run.args, model, train_model, criterion
+        self.train_loader, self.val_loader, self.optimizer, self.scaler = train_loader, val_loader, optimizer, scaler
+        self.mixup_fn, self.shard_eval, self.start_epoch = mixup_fn, shard_eval, start_epoch
+        self.best_acc, self.best_epoch, self.train_stats, self.test_stats = best_acc, None, {}, {}
+        self.evaluated = False
+
+    def train(self, epoch: int, start_step: int) -> dict:
+        self.train_stats = finetune_one_epoch(self.train_model, self.criterion, self.train_loader, self.optimizer,
+                                              self.scaler, self.run.device, epoch, self.args, self.mixup_fn,
+                                              self.run.log_writer, stop_flag=self.run.stop, start_step=start_step)
+        return self.train_stats
+
+    def evaluate(self, epoch: int, stats: dict, last: bool) -> EpochSave:
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
+        self.evaluated = last or (epoch + 1) % self.args.eval_freq == 0
+        if not self.evaluated:
+            return EpochSave(record, extra={"best_acc1": self.best_acc})
+        test = self.test_stats = evaluate(self.model, self.val_loader, self.run.device, self.args.amp,
+                                          sharded=self.shard_eval)
+        improved = test["acc1"] > self.best_acc
+        self.best_acc = max(self.best_acc, test["acc1"])
+        self.best_epoch = epoch if improved else self.best_epoch
+        return EpochSave({**record, **{f"test_{k}": v for k, v in test.items()}},
+                         extra={"best_acc1": self.best_acc, "val_acc1": test["acc1"]},
+                         extra_names=("checkpoint-best.pth",) if improved else ())
+
+    def log(self, epoch: int, stats: dict, last: bool) -> None:
+        if not self.evaluated:
+            return
+        test, writer = self.test_stats, self.run.log_writer
+        print(f"epoch {epoch}: val top-1 {test['acc1']:.2f}%  top-5 {test['acc5']:.2f}%  "
+              f"(best {self.best_acc:.2f}%)", flush=True)
+        if stats.get("skipped_images"):
+            print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {epoch} "
+                  f"(all ranks)", flush=True)
+        if writer is not None:
+            for k in ("acc1", "acc5", "loss"):
+                writer.add_scalar(f"val/{k}", test[k], epoch)
+            writer.add_scalar("epoch/images_per_sec", stats["images_per_sec"], epoch)
+            writer.add_scalar("epoch/peak_mem_mb", stats["peak_mem_mb"], epoch)
+            writer.flush()
+
+    def interrupted_extra(self) -> dict:
+        return {"best_acc1": self.best_acc}
+
+    def complete(self) -> None:
+        if is_main_process():
+            print(f"training time {datetime.timedelta(seconds=int(time.time() - self.run.start_time))}; best top-1 "
+                  f"{self.best_acc:.2f}%", flush=True)
+            self.run.close_log_writer()
+        self.finish("completed", self.args.epochs - 1)
+
+    def finish(self, status: str, last_epoch: int, **extra) -> None:
+        parts = [f"last val top-1 {self.test_stats['acc1']:.2f}%"] if self.test_stats else []
+        parts.append(f"best val top-1 {self.best_acc:.2f}%" +
+                     (f" (epoch {self.best_epoch})" if self.best_epoch is not None else ""))
+        if self.train_stats:
+            parts.append(f"final train loss {self.train_stats['loss']:.4f}")
+        what = f"{self.args.model} {'linear probe' if self.args.linprobe else 'finetuning'}"
+        self.run.finish(what, status, self.start_epoch, last_epoch, parts, best_acc1=self.best_acc,
+                        best_epoch=self.best_epoch, final_train=self.train_stats or None,
+                        final_val=self.test_stats or None, **extra)
 
 
 def write_eval_json(args, stats: dict, ckpt) -> Path:
@@ -437,23 +441,7 @@ def write_eval_json(args, stats: dict, ckpt) -> Path:
     return path
 
 
-def _finish(args, record: RunRecord, status: str, start_time: float, start_epoch: int, last_epoch: int,
-            train_stats: dict, test_stats: dict, best_acc: float, best_epoch, **extra) -> None:
-    """The run record's end and the one-line summary (rank 0)."""
-    if not is_main_process():
-        return
-    ran = max(0, last_epoch + 1 - start_epoch)
-    parts = [f"epochs {start_epoch}-{last_epoch} of {args.epochs} ({ran} in this run)" if ran else
-             f"no epoch to run ({args.epochs} done)"]
-    if test_stats:
-        parts.append(f"last val top-1 {test_stats['acc1']:.2f}%")
-    parts.append(f"best val top-1 {best_acc:.2f}%" + (f" (epoch {best_epoch})" if best_epoch is not None else ""))
-    if train_stats:
-        parts.append(f"final train loss {train_stats['loss']:.4f}")
-    what = f"{args.model} {'linear probe' if args.linprobe else 'finetuning'}"
-    print(summary_line(what, status, time.time() - start_time, parts, args.output_dir), flush=True)
-    record.finish(status, epochs_run=ran, last_epoch=last_epoch, best_acc1=best_acc, best_epoch=best_epoch,
-                  final_train=train_stats or None, final_val=test_stats or None, **extra)
+_validate = validate_args  # the former private name
 
 
 if __name__ == "__main__":

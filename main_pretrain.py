@@ -22,17 +22,16 @@ import models
 from engine_pretrain import MaskSampler, pretrain_one_epoch
 from util import checkpoint as ckpt_util
 from util.cli import (HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args,
-                      ignore_stop_signals, run_main, setup_stop_signals)
+                      ignore_stop_signals, run_main)
 from util.cpu_perf import setup_cpu_training
-from util.datasets import DataError, build_pretrain_dataset, image_list, report_left_out
+from util.datasets import DataError, SeededSampler, build_pretrain_dataset, image_list, report_left_out
 from util.decode import DECODERS, GpuDecodeLoader, use_decoder
+from util.distributed import is_main_process
 from util.shards import ShardStream, shard_loader
 from util.flag_checks import TRAINING_RULES, at_least, check_existing, check_ranges
-from util.distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
-from util.loop import (NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp,
-                       seed_rngs)
-from util.run_record import RunClock, RunRecord, summary_line
-from util.train_state import finish_interrupted, resume_training_state, save_training_state
+from util.loop import fused_optimizer_ok, make_scaler
+from util.run import Epochs, effective_lr, run_epochs, start_run, wrap_for_training
+from util.train_state import resume_training_state
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -72,8 +71,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _validate(args) -> None:
-    """Every flag combination that cannot work fails here, before any compute."""
+def validate_args(args) -> None:
+    """Every flag combination that cannot work fails here, before any compute (util/slurm.py calls it
+    before submitting). Resolved defaults (mask ratio, sizes, image count) are written into ``args``,
+    which checkpoints and run records keep."""
     check_existing(args, ["load_from"])
     check_ranges(args, TRAINING_RULES + [("vis_freq", at_least(0))])
     if args.decode == "gpu" and not str(args.device).startswith("cuda"):
@@ -86,25 +87,20 @@ def _validate(args) -> None:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if not 0.0 <= args.vis_mask_ratio < 1.0:
         raise UsageError(f"--vis_mask_ratio must be in [0, 1), got {args.vis_mask_ratio}")
-    kwargs = model_kwargs(args)
-    try:
-        with torch.device("meta"):
-            meta = models.create_model(args.model, **{**kwargs, "vis_mask_ratio": 0.0})
-    except ValueError as e:
-        raise UsageError(f"--input_size {args.input_size}: {e}") from None
-    if args.vis_mask_ratio > 0 and not getattr(meta, "supports_secondary_mask", True):
+    contract = _describe(args, {})
+    if args.vis_mask_ratio > 0 and not contract.secondary_mask:
         raise UsageError(f"{args.model} has no secondary masking: use --vis_mask_ratio 0")
     if args.mask_ratio is None:
-        args.mask_ratio = getattr(meta, "default_mask_ratio", 0.75)
+        args.mask_ratio = contract.default_mask_ratio
     if args.input_size is None:
-        args.input_size = meta.token_size * meta.stride
-    expected = args.input_size // meta.stride
+        args.input_size = contract.input_size
+    expected = contract.grid(args.input_size)
     if args.token_size is None:
         args.token_size = expected
     elif args.token_size != expected:
         raise UsageError(f"--token_size {args.token_size} does not match --input_size {args.input_size} with "
-                         f"{meta.stride}-px mask units: use --token_size {expected}")
-    mask_kind = getattr(meta, "mask_kind", "any")
+                         f"{contract.stride}-px mask units: use --token_size {expected}")
+    mask_kind = contract.mask_kind
     if mask_kind == "uniform" and not args.mask_regular:
         raise UsageError(f"{args.model} needs uniform masks: add --mask_regular (valid: --mask_regular "
                          f"--mask_ratio 0.75)")
@@ -118,6 +114,7 @@ def _validate(args) -> None:
             raise UsageError(f"--mask_regular needs an even --token_size (got {args.token_size})")
     elif not 0.0 < args.mask_ratio < 1.0:
         raise UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    _describe(args, model_kwargs(args, contract))  # the method's own options (e.g. mask_ratio) accepted too
     try:
         images = image_list(args.data_path, "train", labelled=False)
     except DataError as e:
@@ -129,25 +126,27 @@ def _validate(args) -> None:
         check_output_dir(args.log_dir)
 
 
-def model_kwargs(args) -> dict:
+def _describe(args, kwargs: dict) -> models.PretrainContract:
+    """--model's contract, built on the meta device at --input_size; a size it cannot take is a usage error."""
+    base = dict(norm_pix_loss=args.norm_pix_loss) if args.input_size is None else \
+        dict(norm_pix_loss=args.norm_pix_loss, img_size=args.input_size)
+    try:
+        return models.describe(args.model, **{**base, **kwargs, "vis_mask_ratio": 0.0})
+    except ValueError as e:
+        raise UsageError(f"--input_size {args.input_size}: {e}") from None
+
+
+def model_kwargs(args, contract: models.PretrainContract) -> dict:
+    """The factory keywords of --model: the ones every pretraining model takes, and the options its
+    contract names (``mask_ratio``: the method's default until --mask_ratio is resolved)."""
     kwargs = dict(norm_pix_loss=args.norm_pix_loss, vis_mask_ratio=args.vis_mask_ratio)
     if args.input_size is not None:
         kwargs["img_size"] = args.input_size
-    if args.model.startswith("mae_hiera_"):  # Hiera MAE: the model's own default (0.6) until _validate sets it
-        if args.mask_ratio is not None:
-            kwargs["mask_ratio"] = args.mask_ratio
-    elif args.model.startswith(("mae_vit", "greenmim_")):
-        kwargs["mask_ratio"] = args.mask_ratio if args.mask_ratio is not None else 0.75
-    elif args.model.startswith("mae_"):
+    if "mask_ratio" in contract.options:
+        kwargs["mask_ratio"] = args.mask_ratio if args.mask_ratio is not None else contract.default_mask_ratio
+    if "reference_decoder_order" in contract.options:
         kwargs["reference_decoder_order"] = args.reference_decoder_order
     return kwargs
-
-
-def effective_lr(args, world_size: int) -> float:
-    """lr = blr * batch_size * accum_iter * world_size / 256 unless --lr is given."""
-    if args.lr is not None:
-        return args.lr
-    return args.blr * args.batch_size * args.accum_iter * world_size / 256
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -156,7 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if argv is not None:  # called in-process (tools, tests): the run record shows these flags
         args.launch_command = [Path(__file__).name, *argv]
     finalize_common_args(args)
-    _validate(args)
+    validate_args(args)
     return args
 
 
@@ -201,14 +200,14 @@ def write_figure(args, model, device, epoch: int, log_writer=None) -> Path:
     from models.masking import draw_masks, secondary_mask
     gen = torch.Generator(device=device).manual_seed(12345)  # the same masks in every figure of a run
     mask = draw_masks(len(imgs), args.token_size, args.mask_ratio, args.mask_regular, generator=gen, device=device,
-                      rounding=getattr(model, "mask_rounding", "keep"))
+                      rounding=model.contract.mask_rounding)
     sm = secondary_mask(mask, args.vis_mask_ratio, generator=gen) if args.vis_mask_ratio > 0 else None
     was_training = model.training
     model.eval()
     panels = reconstruct(model, imgs, mask, sm, denorm=args.denorm)
     model.train(was_training)
     path = save_figure(panels, Path(args.output_dir) / f"reconstruction-{epoch}.png",
-                       f"{args.model}, epoch {epoch}; {caption_for(model, args.denorm)}", model.stride)
+                       f"{args.model}, epoch {epoch}; {caption_for(model, args.denorm)}", model.contract.stride)
     if log_writer is not None:
         import numpy as np
         from PIL import Image
@@ -218,21 +217,10 @@ def write_figure(args, model, device, epoch: int, log_writer=None) -> Path:
 
 
 def main(args) -> int:
-    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))  # first: a stop during start-up counts
-    init_distributed(args)
-    device = torch.device(args.device)
-    rank, world = get_rank(), get_world_size()
-    args.amp = resolve_amp(args.amp, device)
-    seed_rngs(args.seed, rank)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    if args.num_workers is None:
-        args.num_workers = default_num_workers(device)
-    run_record = RunRecord.start(args, "main_pretrain", device)
-
+    run = start_run(args, "main_pretrain", tf32=True)
+    device, world = run.device, run.world
     dataset = build_pretrain_dataset(args)
     collate = use_decoder(dataset, args.decode, args.input_size)  # --decode fast / gpu (util/decode.py)
-    from util.datasets import SeededSampler
     workers = args.num_workers
     loader_kwargs = dict(batch_size=args.batch_size, num_workers=workers, pin_memory=args.pin_mem and device.type == "cuda",
                          drop_last=True, persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
@@ -240,7 +228,7 @@ def main(args) -> int:
     if isinstance(dataset, ShardStream):  # tar shards: the stream splits, shuffles and batches (util/shards.py)
         sampler, loader = dataset, shard_loader(dataset, workers, loader_kwargs["pin_memory"], ignore_stop_signals)
     else:
-        sampler = SeededSampler(dataset, world, rank, seed=args.seed)
+        sampler = SeededSampler(dataset, world, run.rank, seed=args.seed)
         loader = DataLoader(dataset, sampler=sampler, **loader_kwargs)
     if args.decode == "gpu":
         loader = GpuDecodeLoader(loader, args.input_size, device)
@@ -249,7 +237,8 @@ def main(args) -> int:
         raise UsageError(f"{len(dataset)} training images are fewer than one global batch "
                          f"({args.batch_size} x {world} GPUs): lower --batch_size")
 
-    model = models.create_model(args.model, **model_kwargs(args)).to(device)
+    model = models.create_model(args.model, **model_kwargs(args, models.describe(args.model))).to(device)
+    contract = model.contract
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     cpu_note = setup_cpu_training(model, device, args.cpu_matmul, compiled=args.compile, malloc=args.cpu_tuning)
@@ -257,24 +246,15 @@ def main(args) -> int:
     args.lr = effective_lr(args, world)
     from timm.optim import param_groups_weight_decay
     # The reference decays every >1-D tensor in pretraining (tokens included); a method may say otherwise.
-    no_decay = model.no_weight_decay_pretrain() if hasattr(model, "no_weight_decay_pretrain") else ()
-    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=no_decay)
+    groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=contract.no_weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused_optimizer_ok(device) or None)
     scaler = make_scaler(args.amp, device)
     start_epoch, start_step = resume(args, model, optimizer, scaler)
-    run_record.note(start={"epoch": start_epoch, "step": start_step}, lr=args.lr, effective_batch=eff_batch,
-                steps_per_epoch=steps_per_epoch, num_images=len(dataset), cpu=cpu_note or None)
-
-    train_model = model
-    if args.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
+    run.record.note(start={"epoch": start_epoch, "step": start_step}, lr=args.lr, effective_batch=eff_batch,
+                    steps_per_epoch=steps_per_epoch, num_images=len(dataset), cpu=cpu_note or None)
+    train_model = wrap_for_training(model, args, device)
     masks = MaskSampler(args.token_size, args.mask_ratio, args.mask_regular, args.vis_mask_ratio,
-                        seed=args.seed, device=device, rounding=getattr(model, "mask_rounding", "keep"))
-
-    log_writer = None
+                        seed=args.seed, device=device, rounding=contract.mask_rounding)
     if is_main_process():
         print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
               f"{args.num_images} images, {steps_per_epoch} steps/epoch; effective batch {eff_batch}, "
@@ -282,81 +262,61 @@ def main(args) -> int:
               f"world {world}", flush=True)
         if cpu_note:
             print(cpu_note, flush=True)
-        if args.log_dir:
-            from torch.utils.tensorboard import SummaryWriter
-            log_writer = SummaryWriter(log_dir=args.log_dir)
+    run.open_log_writer()
+    epochs = PretrainEpochs(run, model, train_model, loader, optimizer, scaler, masks, start_epoch)
+    return run_epochs(run, epochs, model, optimizer, scaler, sampler, start_epoch, start_step)
 
-    start_time = time.time()
-    clock = RunClock(start_epoch, args.epochs)
-    epoch = start_epoch
-    stats = {}
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            step0 = start_step if epoch == start_epoch else 0
-            sampler.set_epoch(epoch)
-            sampler.skip = step0 * args.batch_size
-            masks.set_epoch(epoch, step0, args.batch_size)
-            stats = pretrain_one_epoch(train_model, loader, optimizer, scaler, device, epoch, args, masks,
-                                       log_writer=log_writer, stop_flag=stop, start_step=step0)
-            last = epoch + 1 == args.epochs
-            numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
-            record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
-            save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered, log_record=record)
-            if is_main_process():
-                if log_writer is not None:
-                    log_writer.add_scalar("epoch/loss", stats["loss"], epoch)
-                    log_writer.add_scalar("epoch/images_per_sec", stats["images_per_sec"], epoch)
-                    log_writer.add_scalar("epoch/peak_mem_mb", stats["peak_mem_mb"], epoch)
-                    log_writer.flush()
-                if stats.get("skipped_images"):
-                    print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {epoch} "
-                          f"(all ranks)")
-                if args.vis_freq > 0 and (epoch + 1) % args.vis_freq == 0 and not last:
-                    write_figure(args, model, device, epoch, log_writer)
-                print(clock.line(epoch), flush=True)
-            if epoch == args.exit_after_epoch and not last:
-                if is_main_process():
-                    print(f"--exit_after_epoch {epoch}: checkpoint written; exiting", flush=True)
-                _finish(args, run_record, "exited after epoch", start_time, start_epoch, epoch, stats)
-                cleanup()
-                return 0
-    except (StopRequested, NonFiniteLossError) as e:
-        code = finish_interrupted(e, args, model, optimizer, scaler, stop, extra=None)
-        _finish(args, run_record, "stopped" if isinstance(e, StopRequested) else "failed", start_time, start_epoch,
-                e.epoch - 1, stats, reason=str(e))
-        return code
 
-    print(f"rank {rank}: final weights digest {weights_digest(model)}", flush=True)
-    if is_main_process():
-        total = datetime.timedelta(seconds=int(time.time() - start_time))
-        print(f"training time {total}", flush=True)
+class PretrainEpochs(Epochs):
+    """Pretraining's part of the epoch loop (util.run): the masked-image-modeling epoch, its
+    TensorBoard scalars, reconstruction figures and summary."""
+
+    def __init__(self, run, model, train_model, loader, optimizer, scaler, masks, start_epoch: int) -> None:
+        self.run, self.args, self.model, self.train_model = run, run.args, model, train_model
+        self.loader, self.optimizer, self.scaler, self.masks = loader, optimizer, scaler, masks
+        self.start_epoch, self.stats = start_epoch, {}
+
+    def train(self, epoch: int, start_step: int) -> dict:
+        self.masks.set_epoch(epoch, start_step, self.args.batch_size)
+        self.stats = pretrain_one_epoch(self.train_model, self.loader, self.optimizer, self.scaler, self.run.device,
+                                        epoch, self.args, self.masks, log_writer=self.run.log_writer,
+                                        stop_flag=self.run.stop, start_step=start_step)
+        return self.stats
+
+    def log(self, epoch: int, stats: dict, last: bool) -> None:
+        writer, args = self.run.log_writer, self.args
+        if writer is not None:
+            for key in ("loss", "images_per_sec", "peak_mem_mb"):
+                writer.add_scalar(f"epoch/{key}", stats[key], epoch)
+            writer.flush()
+        if stats.get("skipped_images"):
+            print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {epoch} (all ranks)")
+        if args.vis_freq > 0 and (epoch + 1) % args.vis_freq == 0 and not last:
+            write_figure(args, self.model, self.run.device, epoch, writer)
+
+    def complete(self) -> None:
+        args = self.args
+        print(f"rank {self.run.rank}: final weights digest {weights_digest(self.model)}", flush=True)
+        if not is_main_process():
+            return
+        print(f"training time {datetime.timedelta(seconds=int(time.time() - self.run.start_time))}", flush=True)
         figure = None
-        if start_epoch < args.epochs or not (Path(args.output_dir) / f"reconstruction-{args.epochs - 1}.png").exists():
-            figure = write_figure(args, model, device, args.epochs - 1, log_writer)
+        if self.start_epoch < args.epochs or not (Path(args.output_dir) / f"reconstruction-{args.epochs - 1}.png").exists():
+            figure = write_figure(args, self.model, self.run.device, args.epochs - 1, self.run.log_writer)
             print(f"reconstruction figure: {figure.resolve()}", flush=True)
-        if log_writer is not None:
-            log_writer.close()
-        _finish(args, run_record, "completed", start_time, start_epoch, args.epochs - 1, stats,
-                figure=str(figure.resolve()) if figure else None)
-    cleanup()
-    return 0
+        self.run.close_log_writer()
+        self.finish("completed", args.epochs - 1, figure=str(figure.resolve()) if figure else None)
+
+    def finish(self, status: str, last_epoch: int, **extra) -> None:
+        stats, parts = self.stats, []
+        if stats:
+            parts.append(f"final loss {stats['loss']:.4f}, {stats['images_per_sec']:.1f} img/s, "
+                         f"peak mem {stats['peak_mem_mb']:.0f} MB")
+        self.run.finish(self.args.model + " pretraining", status, self.start_epoch, last_epoch, parts,
+                        final=stats or None, **{k: v for k, v in extra.items() if v is not None})
 
 
-def _finish(args, record: RunRecord, status: str, start_time: float, start_epoch: int, last_epoch: int,
-            stats: dict, **extra) -> None:
-    """The run record's end and the one-line summary (rank 0)."""
-    if not is_main_process():
-        return
-    wall = time.time() - start_time
-    ran = max(0, last_epoch + 1 - start_epoch)
-    parts = [f"epochs {start_epoch}-{last_epoch} of {args.epochs} ({ran} in this run)" if ran else
-             f"no epoch to run ({args.epochs} done)"]
-    if stats:
-        parts.append(f"final loss {stats['loss']:.4f}, {stats['images_per_sec']:.1f} img/s, "
-                     f"peak mem {stats['peak_mem_mb']:.0f} MB")
-    print(summary_line(args.model + " pretraining", status, wall, parts, args.output_dir), flush=True)
-    record.finish(status, epochs_run=ran, last_epoch=last_epoch, final=stats or None,
-                  **{k: v for k, v in extra.items() if v is not None})
+_validate = validate_args  # the former private name
 
 
 if __name__ == "__main__":

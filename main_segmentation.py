@@ -91,7 +91,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def _validate(args) -> None:
-    if not models.is_model(args.model) or models.model_task(args.model) != "classify":
+    if args.model not in models.list_models(task="classify"):
         raise UsageError(f"unknown --model {args.model!r}; valid backbones: {', '.join(dense_models())}")
     for flag in ("batch_size", "iters", "accum_iter", "eval_interval", "nb_classes", "input_size", "test_stride"):
         if getattr(args, flag) < 1:
@@ -312,6 +312,9 @@ def main(args) -> int:
             log_writer.close()
     cleanup()
     return 0
+
+
+validate_args = _validate  # the public name util/slurm.py calls
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Models of the framework; ``create_model(name, **kwargs)`` builds any of them by name."""
+"""Models of the framework; ``create_model(name, **kwargs)`` builds any of them by name, and every
+model says what it is through its ``contract`` (models.contract)."""
 # importing the model files registers their factories
-from . import greenmim, hiera_mae, mae, mixmim, pvt, simmim, swin, vit  # noqa: F401
-from .registry import create_model, is_model, list_models, model_task, register_model, register_pretrain_model
+from . import greenmim, hiera_mae, mae, mixmim, pvt, simmim, swin, swin_timm, vit  # noqa: F401
+from .contract import ClassifierContract, PretrainContract
+from .registry import classifier_for, create_model, describe, is_model, list_models, register_named
 
-__all__ = ["create_model", "is_model", "list_models", "model_task", "register_model", "register_pretrain_model"]
+__all__ = ["ClassifierContract", "PretrainContract", "classifier_for", "create_model", "describe", "is_model",
+           "list_models", "register_named"]

@@ -33,7 +33,7 @@ time does not grow with the batch size.
 
 The encoder state dict has exactly timm's keys (``patch_embed.*``, ``layers.*``, ``norm.*``), so a
 pretrained checkpoint loads into ``timm.models.swin_transformer.SwinTransformer`` (and the
-classifiers registered here) with only ``head.fc.*`` missing.
+classifiers of models/swin_timm.py) with only ``head.fc.*`` missing.
 """
 from __future__ import annotations
 
@@ -46,13 +46,15 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
+from .contract import PretrainModel
 from .grouping import GroupPlan, plan_groups
 from .layers import check_images_and_mask, init_modules, valid_sizes_message
 from .loss import mae_loss
 from .mae import _MAEDecoder
-from .registry import register_model, register_pretrain_model
+from .registry import register_named
+from .swin_timm import TIMM_SWIN_SIZES
 
-__all__ = ["GreenMIMSwin", "SwinClassifier", "WindowGrouping", "build_grouping", "group_window_attention",
+__all__ = ["GreenMIMSwin", "WindowGrouping", "build_grouping", "group_window_attention",
            "make_grouping", "swin_size_ok", "window_keys"]
 
 
@@ -184,7 +186,7 @@ def group_window_attention(attn: nn.Module, x: Tensor, grouping: WindowGrouping)
     return attn.proj_drop(attn.proj(out))
 
 
-class GreenMIMSwin(SwinTransformer, _MAEDecoder):
+class GreenMIMSwin(SwinTransformer, _MAEDecoder, PretrainModel):
     """GreenMIM masked autoencoder with a timm Swin encoder run on visible tokens only.
 
     forward(imgs (N, 3, H, W), mask (N, L) bool True = masked) -> (loss, pred (N, L, 32*32*3)
@@ -199,9 +201,11 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder):
     GreenMIM pretraining.
     """
 
+    family = "greenmim"
     mask_kind = "random"
     default_mask_ratio = 0.75
     supports_secondary_mask = False
+    build_options = ("mask_ratio",)
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 128,
                  depths: Sequence[int] = (2, 2, 18, 2), num_heads: Sequence[int] = (4, 8, 16, 32),
@@ -249,7 +253,7 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder):
         return set(super().no_weight_decay()) | {"mask_token"}
 
     def no_weight_decay_pretrain(self) -> set[str]:
-        """main_pretrain.py asks this: GreenMIM excludes these from weight decay in pretraining."""
+        """The contract's ``no_weight_decay``: GreenMIM excludes these from weight decay in pretraining."""
         return self.no_weight_decay()
 
     # ------------------------------------------------------------------ planning
@@ -396,66 +400,16 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder):
         return rows
 
 
-class SwinClassifier(SwinTransformer):
-    """timm ``SwinTransformer`` with the layer ids of the layer-wise lr decay.
-
-    Layer ids follow the SimMIM fine-tuning code that GreenMIM's checkpoints were fine-tuned
-    with (spec A10), translated to timm's layout:
-      * 0: ``patch_embed.*`` (and an absolute position embedding, if any);
-      * ``b + 1`` for the b-th block counted over all stages (``layers.s.blocks.j``:
-        ``b = depths[0] + ... + depths[s-1] + j``);
-      * ``layers.s.downsample.*`` (timm puts the patch merging at the start of stage s; the
-        Microsoft/SimMIM layout at the end of stage s-1) shares the id of the block it
-        follows, the last block of stage s-1, i.e. ``depths[0] + ... + depths[s-1]``;
-      * ``num_layers = sum(depths) + 1``: the final ``norm`` and the ``head``.
-    ``no_weight_decay()`` (timm's): every relative position bias table.
-    """
-
-    def lrd_num_layers(self) -> int:
-        return sum(len(stage.blocks) for stage in self.layers) + 1
-
-    def lrd_layer_id(self, param_name: str) -> int:
-        if param_name.startswith(("patch_embed.", "absolute_pos_embed", "pos_embed", "mask_token")):
-            return 0
-        if param_name.startswith("layers."):
-            parts = param_name.split(".")
-            s = int(parts[1])
-            before = sum(len(self.layers[i].blocks) for i in range(s))
-            if parts[2] == "blocks":
-                return before + int(parts[3]) + 1
-            if parts[2] == "downsample":
-                return before
-        return self.lrd_num_layers()
-
-
 # ---------------------------------------------------------------- factories
 
-_SIZES = {
-    "pico": dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
-    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
-}
+_SIZES = TIMM_SWIN_SIZES  # GreenMIM's encoders are timm Swins (models/swin_timm.py)
 
 
 def _register_pretrain(name: str, size: str, window: int, img_size: int, doc: str, **extra) -> None:
-    def factory(**kwargs) -> GreenMIMSwin:
-        cfg = dict(_SIZES[size], window_size=window, img_size=img_size, **extra)
-        cfg.update(kwargs)
-        return GreenMIMSwin(**cfg)
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc
-    globals()[name] = register_pretrain_model(factory)
-
-
-def _register_classifier(name: str, size: str, window: int, img_size: int, doc: str) -> None:
-    def factory(**kwargs) -> SwinClassifier:
-        cfg = dict(_SIZES[size], window_size=window, img_size=img_size, patch_size=4)
-        cfg.update(kwargs)
-        return SwinClassifier(**cfg)
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc
-    globals()[name] = register_model(factory)
+    def build(**kwargs) -> GreenMIMSwin:
+        return GreenMIMSwin(**{**_SIZES[size], "window_size": window, "img_size": img_size, **extra, **kwargs})
+    classifier = f"swin_{size}_patch4_window{window}_{img_size}"
+    register_named(name, build, doc, task="pretrain", namespace=globals(), classifier=classifier)
 
 
 _register_pretrain("greenmim_swin_tiny_patch4_dec512b1", "tiny", 7, 224, "GreenMIM Swin-T, window 7, 224 px.")
@@ -467,11 +421,3 @@ _register_pretrain("greenmim_swin_large_patch4_win14_dec512b1", "large", 14, 224
 _register_pretrain("greenmim_swin_pico_patch4_win6_dec64b1", "pico", 6, 96,
                    "Tiny GreenMIM Swin for tests and demos (96 px, 3x3 units, window 6).",
                    decoder_embed_dim=64, decoder_num_heads=4)
-
-_register_classifier("swin_tiny_patch4_window7_224", "tiny", 7, 224, "timm Swin-T, window 7 (GreenMIM fine-tuning).")
-_register_classifier("swin_base_patch4_window7_224", "base", 7, 224, "timm Swin-B, window 7 (GreenMIM fine-tuning).")
-_register_classifier("swin_base_patch4_window14_224", "base", 14, 224, "timm Swin-B, window 14 (GreenMIM fine-tuning).")
-_register_classifier("swin_large_patch4_window14_224", "large", 14, 224,
-                     "timm Swin-L, window 14 (GreenMIM fine-tuning).")
-_register_classifier("swin_pico_patch4_window6_96", "pico", 6, 96,
-                     "Tiny timm Swin (tests; loads the pico GreenMIM encoder).")

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from timm.models.hiera import Hiera, HieraBlock
 from torch import Tensor, nn
 
+from .contract import Classifier, PretrainModel
 from .layers import check_images_and_mask, init_modules, valid_sizes_message
 from .loss import mae_loss, patchify, unpatchify
 from .masking import random_mask
@@ -95,7 +96,7 @@ def _check_layout(img_size: int, stages: Sequence[int], q_pool: int, q_stride: S
     return unit
 
 
-class MaskedAutoencoderHiera(Hiera):
+class MaskedAutoencoderHiera(Hiera, PretrainModel):
     """Hiera MAE: forward(imgs (N, 3, H, W), mask (N, L) bool True = removed) -> (loss, pred, mask).
 
     L = (H/32)**2 mask units; every row of ``mask`` must remove ``L - K`` units, K fixed by
@@ -104,9 +105,11 @@ class MaskedAutoencoderHiera(Hiera):
     ``norm_pix_loss``, ``mask_ratio``; ``vis_mask_ratio`` must be 0 (no secondary masking).
     """
 
+    family = "hiera-mae"
     mask_kind = "random"
     default_mask_ratio = 0.6
     supports_secondary_mask = False
+    build_options = ("mask_ratio",)
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, embed_dim: int = 96, num_heads: int = 1,
                  stages: Sequence[int] = (2, 3, 16, 3), q_pool: int = 2, q_stride: Sequence[int] = (2, 2),
@@ -277,7 +280,7 @@ class MaskedAutoencoderHiera(Hiera):
         return loss, patchify(unpatchify(pred, p, c), self.stride), mask
 
 
-class HieraClassifier(Hiera):
+class HieraClassifier(Hiera, Classifier):
     """timm ``Hiera`` with the layer ids of the layer-wise lr decay: 0 for ``patch_embed.*`` and
     ``pos_embed``, i + 1 for ``blocks.i.*``, ``len(blocks) + 1`` for the head (norm and fc)."""
 
@@ -287,6 +290,8 @@ class HieraClassifier(Hiera):
                       kwargs.get("mask_unit_size", (8, 8)), kwargs.get("patch_stride", (4, 4)), "Hiera")
         super().__init__(img_size=(img_size, img_size), **kwargs)
         self.img_size = img_size
+
+    family = "hiera"
 
     def lrd_num_layers(self) -> int:
         return len(self.blocks) + 1
@@ -332,13 +337,14 @@ def _classifier_builder(cfg: dict, **defaults):
 for _size, _cfg in _SIZES.items():
     register_named(f"mae_hiera_{_size}_224", _pretrain_builder(_cfg),
                    f"Hiera-{_size} MAE, 224 px, 32-px mask units, 8-block 512-d decoder.",
-                   task="pretrain", namespace=globals())
+                   task="pretrain", namespace=globals(), classifier=f"hiera_{_size}_224")
     register_named(f"hiera_{_size}_224", _classifier_builder(_cfg),
                    f"timm Hiera-{_size} classifier, 224 px (Hiera MAE fine-tuning).",
                    task="classify", namespace=globals())
 register_named("mae_hiera_pico_128", _pretrain_builder(_PICO, img_size=128, decoder_embed_dim=32, decoder_depth=1,
                                                        decoder_num_heads=2),
-               "Tiny Hiera MAE for tests and demos (128 px, 4x4 mask units).", task="pretrain", namespace=globals())
+               "Tiny Hiera MAE for tests and demos (128 px, 4x4 mask units).", task="pretrain", namespace=globals(),
+               classifier="hiera_pico_128")
 register_named("hiera_pico_128", _classifier_builder(_PICO, img_size=128),
                "Tiny timm Hiera classifier (tests; loads the pico Hiera MAE encoder).", task="classify",
                namespace=globals())

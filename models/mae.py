@@ -32,13 +32,15 @@ from timm.layers import PatchEmbed as TimmPatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from .contract import PretrainModel
 from .layers import check_images_and_mask, OuterNorm, init_reference_weights, valid_sizes_message
 from .loss import mae_loss
 from .masking import check_uniform_mask, kept_index_per_group, secondary_mask
 from .pos_embed import sincos_2d
-from .pvt import PVTEncoder, pvt_grid_ok
-from .registry import register_named, register_pretrain_model
-from .swin import Positions, SwinEncoder, swin_grid_ok
+from .pvt import _PVT_SIZES, PVTEncoder, pvt_grid_ok
+from .registry import register_named
+from .swin import _SWIN_SIZES, Positions, SwinEncoder, swin_grid_ok
+from .vit import VIT_SIZES
 
 __all__ = ["MaskedAutoencoderSwin", "MaskedAutoencoderPVT", "MaskedAutoencoderViT", "compact_map"]
 
@@ -116,13 +118,15 @@ def _masked_rows(mask: Tensor, num_masked: int) -> Tensor:
     return torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :num_masked]
 
 
-class _PyramidMAE(_MAEDecoder):
+class _PyramidMAE(_MAEDecoder, PretrainModel):
     """UM-MAE logic shared by the Swin and PVT autoencoders (mixin).
 
     Subclasses provide ``_sm_token()`` and ``_encode_compact(x, kept) -> stage outputs``.
     """
 
+    family = "um-mae"
     mask_kind = "uniform"  # compaction needs exactly one kept unit per 2x2 group
+    build_options = ("reference_decoder_order",)
 
     def _setup(self, img_size: int, patch_size: int, stride: int, in_chans: int, decoder_embed_dim: int,
                decoder_depth: int, decoder_num_heads: int, decoder_mlp_ratio: float, norm_pix_loss: bool,
@@ -296,14 +300,16 @@ class MaskedAutoencoderPVT(_PyramidMAE, PVTEncoder):
         return self.run_blocks(x)
 
 
-class MaskedAutoencoderViT(nn.Module, _MAEDecoder):
+class MaskedAutoencoderViT(nn.Module, _MAEDecoder, PretrainModel):
     """MAE ViT with optional secondary masking (MAE random sampling or UM uniform sampling).
 
     The encoder sees the visible units in raster order (plus cls); ``mask_ratio``
     fixes how many units every mask removes, so no host sync is needed to count them.
     """
 
+    family = "mae"
     mask_kind = "any"  # random sampling (MAE) or uniform sampling (UM)
+    build_options = ("mask_ratio",)
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
                  depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 512, decoder_depth: int = 8,
@@ -408,33 +414,19 @@ class MaskedAutoencoderViT(nn.Module, _MAEDecoder):
 
 # ---------------------------------------------------------------- factories
 
-_SWIN = {
-    "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
-}
-_PVT = {
-    "tiny": dict(depths=(2, 2, 2, 2)),
-    "small": dict(depths=(3, 4, 6, 3)),
-    "medium": dict(depths=(3, 4, 18, 3)),
-    "large": dict(depths=(3, 8, 27, 3)),
-}
-_VIT = {
-    "base_patch16": dict(embed_dim=768, depth=12, num_heads=12, patch_size=16),
-    "large_patch16": dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16),
-    "huge_patch16": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=16),
-    "huge_patch14": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
-}
+# The encoders' size tables are the backbones' own (models/swin.py, models/pvt.py, models/vit.py).
+_FULL = ("tiny", "small", "base", "large")
+_PVT_FULL = ("tiny", "small", "medium", "large")
+_VIT_FULL = ("base_patch16", "large_patch16", "huge_patch16", "huge_patch14")
 
 
-def _register(name: str, build, doc: str) -> None:
-    register_named(name, build, doc, task="pretrain", namespace=globals())
+def _register(name: str, build, doc: str, classifier: str) -> None:
+    register_named(name, build, doc, task="pretrain", namespace=globals(), classifier=classifier)
 
 
 def _swin_builder(size: str, depth: int, posmlp: int):
     def build(**kwargs):
-        cfg = dict(_SWIN[size], posmlp_dim=posmlp, decoder_embed_dim=512, decoder_depth=depth,
+        cfg = dict(_SWIN_SIZES[size], posmlp_dim=posmlp, decoder_embed_dim=512, decoder_depth=depth,
                    decoder_num_heads=16)
         cfg.update(kwargs)
         return MaskedAutoencoderSwin(**cfg)
@@ -443,7 +435,7 @@ def _swin_builder(size: str, depth: int, posmlp: int):
 
 def _pvt_builder(size: str, depth: int):
     def build(**kwargs):
-        cfg = dict(_PVT[size], decoder_embed_dim=512, decoder_depth=depth, decoder_num_heads=16)
+        cfg = dict(_PVT_SIZES[size], decoder_embed_dim=512, decoder_depth=depth, decoder_num_heads=16)
         cfg.update(kwargs)
         return MaskedAutoencoderPVT(**cfg)
     return build
@@ -451,84 +443,63 @@ def _pvt_builder(size: str, depth: int):
 
 def _vit_builder(size: str, depth: int):
     def build(**kwargs):
-        cfg = dict(_VIT[size], decoder_embed_dim=512, decoder_depth=depth, decoder_num_heads=16)
+        cfg = dict(VIT_SIZES[size], decoder_embed_dim=512, decoder_depth=depth, decoder_num_heads=16)
         cfg.update(kwargs)
         return MaskedAutoencoderViT(**cfg)
     return build
 
 
-for _size in _SWIN:
+for _size in _FULL:
     # Swin-L: the reference's recommended model has an 8-block decoder and a 64-wide position MLP.
     _default = 8 if _size == "large" else 2
     _pm = 64 if _size == "large" else 32
-    _register(f"mae_swin_{_size}_256", _swin_builder(_size, _default, _pm), f"UM-MAE Swin-{_size}, 256 px.")
+    _cls = f"swin_{_size}_256"
+    _register(f"mae_swin_{_size}_256", _swin_builder(_size, _default, _pm), f"UM-MAE Swin-{_size}, 256 px.", _cls)
     _register(f"mae_swin_{_size}_256_dec512d2b", _swin_builder(_size, 2, 32),
-              f"UM-MAE Swin-{_size}, 2-block 512-d decoder.")
+              f"UM-MAE Swin-{_size}, 2-block 512-d decoder.", _cls if _pm == 32 else f"{_cls}_pm32")
     _register(f"mae_swin_{_size}_256_dec512d8b", _swin_builder(_size, 8, _pm),
-              f"UM-MAE Swin-{_size}, 8-block 512-d decoder.")
-_register("mae_swin_large_256_dec512d8b64pmd", _swin_builder("large", 8, 64), "The reference's name of Swin-L.")
-for _size in _PVT:
-    _register(f"mae_pvt_{_size}_256", _pvt_builder(_size, 2), f"UM-MAE PVT-{_size}, 256 px.")
-    _register(f"mae_pvt_{_size}_256_dec512d2b", _pvt_builder(_size, 2), f"UM-MAE PVT-{_size}, 2-block decoder.")
-    _register(f"mae_pvt_{_size}_256_dec512d8b", _pvt_builder(_size, 8), f"UM-MAE PVT-{_size}, 8-block decoder.")
-for _size in _VIT:
-    _register(f"mae_vit_{_size}", _vit_builder(_size, 8), f"MAE ViT-{_size} (MAE's standard 8-block decoder).")
-    _register(f"mae_vit_{_size}_dec512d2b", _vit_builder(_size, 2), f"MAE ViT-{_size}, 2-block decoder (UM-MAE).")
-    _register(f"mae_vit_{_size}_dec512d8b", _vit_builder(_size, 8), f"MAE ViT-{_size}, 8-block decoder.")
+              f"UM-MAE Swin-{_size}, 8-block 512-d decoder.", _cls)
+_register("mae_swin_large_256_dec512d8b64pmd", _swin_builder("large", 8, 64), "The reference's name of Swin-L.",
+          "swin_large_256")
+for _size in _PVT_FULL:
+    _cls = f"pvt_{_size}_256"
+    _register(f"mae_pvt_{_size}_256", _pvt_builder(_size, 2), f"UM-MAE PVT-{_size}, 256 px.", _cls)
+    _register(f"mae_pvt_{_size}_256_dec512d2b", _pvt_builder(_size, 2), f"UM-MAE PVT-{_size}, 2-block decoder.",
+              _cls)
+    _register(f"mae_pvt_{_size}_256_dec512d8b", _pvt_builder(_size, 8), f"UM-MAE PVT-{_size}, 8-block decoder.",
+              _cls)
+for _size in _VIT_FULL:
+    _cls = f"vit_{_size}"
+    _register(f"mae_vit_{_size}", _vit_builder(_size, 8), f"MAE ViT-{_size} (MAE's standard 8-block decoder).",
+              _cls)
+    _register(f"mae_vit_{_size}_dec512d2b", _vit_builder(_size, 2), f"MAE ViT-{_size}, 2-block decoder (UM-MAE).",
+              _cls)
+    _register(f"mae_vit_{_size}_dec512d8b", _vit_builder(_size, 8), f"MAE ViT-{_size}, 8-block decoder.", _cls)
 
 
-@register_pretrain_model
-def mae_swin_pico_128(**kwargs) -> MaskedAutoencoderSwin:
-    """Tiny UM-MAE Swin for tests and demos (128 px, window 4 on the 16x16 compact grid)."""
-    cfg = dict(img_size=128, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4,
-               posmlp_dim=16, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
-    cfg.update(kwargs)
-    return MaskedAutoencoderSwin(**cfg)
+def _tiny(cls, **cfg):
+    def build(**kwargs):
+        return cls(**{**cfg, **kwargs})
+    return build
 
 
-@register_pretrain_model
-def mae_pvt_pico_128(**kwargs) -> MaskedAutoencoderPVT:
-    """Tiny UM-MAE PVT for tests and demos (128 px)."""
-    cfg = dict(img_size=128, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
-               sr_ratios=(4, 2, 1, 1), decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
-    cfg.update(kwargs)
-    return MaskedAutoencoderPVT(**cfg)
-
-
-@register_pretrain_model
-def mae_vit_pico_patch16(**kwargs) -> MaskedAutoencoderViT:
-    """Tiny MAE ViT for tests and demos (96 px, 6x6 units)."""
-    cfg = dict(img_size=96, patch_size=16, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
-               decoder_depth=1, decoder_num_heads=4)
-    cfg.update(kwargs)
-    return MaskedAutoencoderViT(**cfg)
-
-
-@register_pretrain_model
-def mae_swin_pico_p1_32(**kwargs) -> MaskedAutoencoderSwin:
-    """Tiny UM-MAE Swin for 32-px images: patch 1, 4-px mask units (8x8), window 4 on the 16x16
-    compact grid; finetunes into ``swin_pico_p1_32``."""
-    cfg = dict(img_size=32, patch_size=1, stride=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-               window_size=4, posmlp_dim=16, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
-    cfg.update(kwargs)
-    return MaskedAutoencoderSwin(**cfg)
-
-
-@register_pretrain_model
-def mae_pvt_pico_p1_32(**kwargs) -> MaskedAutoencoderPVT:
-    """Tiny UM-MAE PVT for 32-px images: patch 1, 4-px mask units (8x8); finetunes into ``pvt_pico_p1_32``."""
-    cfg = dict(img_size=32, patch_size=1, stride=4, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1),
-               num_heads=(1, 2, 3, 4), sr_ratios=(4, 2, 1, 1), decoder_embed_dim=64, decoder_depth=1,
-               decoder_num_heads=4)
-    cfg.update(kwargs)
-    return MaskedAutoencoderPVT(**cfg)
-
-
-@register_pretrain_model
-def mae_vit_pico_patch4_32(**kwargs) -> MaskedAutoencoderViT:
-    """Tiny MAE ViT for 32-px images (patch 4 = the 4-px mask unit, 8x8 units); finetunes into
-    ``vit_pico_patch4_32``."""
-    cfg = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, decoder_embed_dim=64,
-               decoder_depth=1, decoder_num_heads=4)
-    cfg.update(kwargs)
-    return MaskedAutoencoderViT(**cfg)
+# tests and demos
+_PICO_DECODER = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
+_register("mae_swin_pico_128", _tiny(MaskedAutoencoderSwin, **_SWIN_SIZES["pico"], img_size=128, window_size=4,
+                                     **_PICO_DECODER),
+          "Tiny UM-MAE Swin (128 px, window 4 on the 16x16 compact grid).", "swin_pico_128")
+_register("mae_pvt_pico_128", _tiny(MaskedAutoencoderPVT, **_PVT_SIZES["pico"], img_size=128, sr_ratios=(4, 2, 1, 1),
+                                    **_PICO_DECODER),
+          "Tiny UM-MAE PVT (128 px).", "pvt_pico_128")
+_register("mae_vit_pico_patch16", _tiny(MaskedAutoencoderViT, **VIT_SIZES["pico_patch16"], decoder_embed_dim=32,
+                                        decoder_depth=1, decoder_num_heads=4),
+          "Tiny MAE ViT (96 px, 6x6 units).", "vit_pico_patch16")
+_register("mae_swin_pico_p1_32", _tiny(MaskedAutoencoderSwin, **_SWIN_SIZES["pico"], img_size=32, patch_size=1, stride=4,
+                                       window_size=4, **_PICO_DECODER),
+          "Tiny UM-MAE Swin for 32-px images: patch 1, 4-px mask units (8x8), window 4 on the 16x16 compact grid.",
+          "swin_pico_p1_32")
+_register("mae_pvt_pico_p1_32", _tiny(MaskedAutoencoderPVT, **_PVT_SIZES["pico"], img_size=32, patch_size=1, stride=4,
+                                      sr_ratios=(4, 2, 1, 1), **_PICO_DECODER),
+          "Tiny UM-MAE PVT for 32-px images: patch 1, 4-px mask units (8x8).", "pvt_pico_p1_32")
+_register("mae_vit_pico_patch4_32", _tiny(MaskedAutoencoderViT, **VIT_SIZES["pico_patch4_32"], **_PICO_DECODER),
+          "Tiny MAE ViT for 32-px images (patch 4 = the 4-px mask unit, 8x8 units).", "vit_pico_patch4_32")

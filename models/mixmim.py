@@ -100,10 +100,11 @@ from timm.models.swin_transformer import PatchMerging
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from .contract import Classifier, PretrainModel
 from .layers import drop_path_rates, init_modules, valid_sizes_message
 from .loss import patchify, unit_stats
 from .pos_embed import sincos_2d
-from .registry import register_model, register_pretrain_model
+from .registry import register_named
 
 __all__ = ["MixMIMEncoder", "MixMIMPretrain", "MixMIMClassifier", "pair_masks", "unit_labels",
            "unmix_tokens", "merge_reconstructions", "mixmim_loss", "mixmim_sizes_ok"]
@@ -357,12 +358,13 @@ class MixMIMEncoder(nn.Module):
 
 # ------------------------------------------------------------------ pretraining
 
-class MixMIMPretrain(MixMIMEncoder):
+class MixMIMPretrain(MixMIMEncoder, PretrainModel):
     """MixMAE autoencoder (see the module docstring). Pretraining contract of main_pretrain.py.
 
     forward(imgs (N, 3, H, W), mask (N, L) bool, sm_mask=None) -> (loss, pred (N, L, 32*32*3), mask_used (N, L)).
     """
 
+    family = "mixmae"
     mask_kind = "random"
     mask_note = "grey = hidden: taken from the partner image in this image's mixed input"
     mask_rounding = "remove"   # int(L * r) units come from the partner, as the original (24 of 49 at 0.5)
@@ -446,16 +448,15 @@ class MixMIMPretrain(MixMIMEncoder):
 
 # ------------------------------------------------------------------ finetuning
 
-class MixMIMClassifier(MixMIMEncoder):
+class MixMIMClassifier(MixMIMEncoder, Classifier):
     """The finetuning model: MixMIM encoder (no mixing) -> token-wise ``norm`` -> average pool -> ``head``.
 
     imgs: (N, 3, H, W) -> logits (N, num_classes). Encoder keys equal the pretraining model's.
     """
 
-    def __init__(self, img_size: int = 224, num_classes: int = 1000, global_pool: bool = True,
-                 **kwargs) -> None:
-        if not global_pool:
-            raise ValueError("MixMIM classifiers use global average pooling (global_pool=True)")
+    family = "mixmim"
+
+    def __init__(self, img_size: int = 224, num_classes: int = 1000, **kwargs) -> None:
         super().__init__(img_size=img_size, **kwargs)
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -522,77 +523,27 @@ _SIZES = {
 _PICO_DECODER = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
 
 
-def _pretrain(size: str, **kwargs) -> MixMIMPretrain:
-    cfg = dict(_SIZES[size], **(_PICO_DECODER if size == "pico" else {}))
-    cfg.update(kwargs)
-    return MixMIMPretrain(**cfg)
+def _register_pretrain(size: str, doc: str) -> None:
+    def build(**kwargs) -> MixMIMPretrain:
+        return MixMIMPretrain(**{**_SIZES[size], **(_PICO_DECODER if size == "pico" else {}), **kwargs})
+    register_named(f"mixmim_{size}", build, doc, task="pretrain", namespace=globals(),
+                   classifier=f"mixmim_{size}_cls")
 
 
-def _classifier(size: str, **kwargs) -> MixMIMClassifier:
-    cfg = dict(_SIZES[size])
-    cfg.update(kwargs)
-    return MixMIMClassifier(**cfg)
+def _register_classifier(name: str, size: str, doc: str, **extra) -> None:
+    def build(**kwargs) -> MixMIMClassifier:
+        return MixMIMClassifier(**{**_SIZES[size], **extra, **kwargs})
+    register_named(name, build, doc, task="classify", namespace=globals())
 
 
-@register_pretrain_model
-def mixmim_base(**kwargs) -> MixMIMPretrain:
-    """MixMAE Swin-B/W14 (embed 128, depths 2/2/18/2), 224 px, 8-block 512-d decoder."""
-    return _pretrain("base", **kwargs)
-
-
-@register_pretrain_model
-def mixmim_large(**kwargs) -> MixMIMPretrain:
-    """MixMAE Swin-L/W14 (embed 192), 224 px, 8-block 512-d decoder."""
-    return _pretrain("large", **kwargs)
-
-
-@register_pretrain_model
-def mixmim_huge(**kwargs) -> MixMIMPretrain:
-    """MixMAE Swin-H/W14 (embed 352, heads 11/22/44/88), 224 px, 8-block 512-d decoder."""
-    return _pretrain("huge", **kwargs)
-
-
-@register_pretrain_model
-def mixmim_pico(**kwargs) -> MixMIMPretrain:
-    """Tiny MixMAE for tests and demos: 128 px, windows 8/8/8/4, 1-block 64-d decoder."""
-    return _pretrain("pico", **kwargs)
-
-
-@register_model
-def mixmim_base_cls(**kwargs) -> MixMIMClassifier:
-    """MixMIM-B classifier (finetunes ``mixmim_base``), 224 px, windows 14/14/14/7."""
-    return _classifier("base", **kwargs)
-
-
-@register_model
-def mixmim_base_384_cls(**kwargs) -> MixMIMClassifier:
-    """MixMIM-B classifier at 384 px, windows 16/16/24/12 (resize the tables when loading a 224 checkpoint)."""
-    kwargs.setdefault("img_size", 384)
-    kwargs.setdefault("window_sizes", (16, 16, 24, 12))
-    return _classifier("base", **kwargs)
-
-
-@register_model
-def mixmim_large_cls(**kwargs) -> MixMIMClassifier:
-    """MixMIM-L classifier (finetunes ``mixmim_large``), 224 px."""
-    return _classifier("large", **kwargs)
-
-
-@register_model
-def mixmim_large_384_cls(**kwargs) -> MixMIMClassifier:
-    """MixMIM-L classifier at 384 px, windows 16/16/24/12."""
-    kwargs.setdefault("img_size", 384)
-    kwargs.setdefault("window_sizes", (16, 16, 24, 12))
-    return _classifier("large", **kwargs)
-
-
-@register_model
-def mixmim_huge_cls(**kwargs) -> MixMIMClassifier:
-    """MixMIM-H classifier (finetunes ``mixmim_huge``), 224 px."""
-    return _classifier("huge", **kwargs)
-
-
-@register_model
-def mixmim_pico_cls(**kwargs) -> MixMIMClassifier:
-    """Tiny classifier that finetunes ``mixmim_pico`` (128 px, windows 8/8/8/4)."""
-    return _classifier("pico", **kwargs)
+_AT_384 = dict(img_size=384, window_sizes=(16, 16, 24, 12))   # resize the tables when loading a 224 checkpoint
+_register_pretrain("base", "MixMAE Swin-B/W14 (embed 128, depths 2/2/18/2), 224 px, 8-block 512-d decoder.")
+_register_pretrain("large", "MixMAE Swin-L/W14 (embed 192), 224 px, 8-block 512-d decoder.")
+_register_pretrain("huge", "MixMAE Swin-H/W14 (embed 352, heads 11/22/44/88), 224 px, 8-block 512-d decoder.")
+_register_pretrain("pico", "Tiny MixMAE for tests and demos: 128 px, windows 8/8/8/4, 1-block 64-d decoder.")
+_register_classifier("mixmim_base_cls", "base", "MixMIM-B classifier (finetunes mixmim_base), 224 px, windows 14/14/14/7.")
+_register_classifier("mixmim_base_384_cls", "base", "MixMIM-B classifier at 384 px, windows 16/16/24/12.", **_AT_384)
+_register_classifier("mixmim_large_cls", "large", "MixMIM-L classifier (finetunes mixmim_large), 224 px.")
+_register_classifier("mixmim_large_384_cls", "large", "MixMIM-L classifier at 384 px, windows 16/16/24/12.", **_AT_384)
+_register_classifier("mixmim_huge_cls", "huge", "MixMIM-H classifier (finetunes mixmim_huge), 224 px.")
+_register_classifier("mixmim_pico_cls", "pico", "Tiny classifier that finetunes mixmim_pico (128 px, windows 8/8/8/4).")

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
+from .contract import Classifier
 from .layers import (BlockNorm, OuterNorm, PatchEmbed, PatchMerge, StagePyramid, drop_path_rates,
                      init_reference_weights, pad_to_multiple, valid_sizes_message)
 from .pos_embed import sincos_2d
-from .registry import register_model
+from .registry import register_named
 
 __all__ = ["PVTEncoder", "PVT", "pvt_grid_ok"]
 
@@ -125,21 +126,21 @@ class PVTEncoder(nn.Module):
         return {"pos_embed"}
 
 
-class PVT(StagePyramid, PVTEncoder):
+class PVT(StagePyramid, PVTEncoder, Classifier):
     """PVT classifier for finetuning: global average pool -> ``fc_norm`` -> ``head``.
 
     imgs: (N, 3, H, W) -> logits (N, num_classes).
     """
 
-    def __init__(self, img_size: int = 256, num_classes: int = 1000, global_pool: bool = True,
-                 **kwargs) -> None:
+    family = "pvt"
+
+    def __init__(self, img_size: int = 256, num_classes: int = 1000, **kwargs) -> None:
         super().__init__(img_size=img_size, learnable_pos=True, **kwargs)
         grid_ok = lambda s: s % self.patch_size == 0 and pvt_grid_ok(s // self.patch_size, self.sr_ratios)
         if not grid_ok(img_size):
             raise ValueError(valid_sizes_message(img_size, grid_ok, self.patch_size * 8,
                                                  f"PVT (patch {self.patch_size}, sr {list(self.sr_ratios)})"))
         self.num_classes = num_classes
-        self.global_pool = global_pool
         self.fc_norm = OuterNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         init_reference_weights(self)
@@ -195,40 +196,15 @@ _PVT_SIZES = {
 }
 
 
-def _pvt(size: str, img_size: int, **kwargs) -> PVT:
-    cfg = {**_PVT_SIZES[size], "mlp_ratios": (8, 8, 4, 4), "sr_ratios": (8, 4, 2, 1), **kwargs}
-    return PVT(img_size=img_size, **cfg)
+def _register(name: str, size: str, img_size: int, doc: str, **extra) -> None:
+    def build(**kwargs) -> PVT:
+        return PVT(**{**_PVT_SIZES[size], "img_size": img_size, "mlp_ratios": (8, 8, 4, 4), "sr_ratios": (8, 4, 2, 1),
+                      **extra, **kwargs})
+    register_named(name, build, doc, task="classify", namespace=globals())
 
 
-@register_model
-def pvt_tiny_256(**kwargs) -> PVT:
-    return _pvt("tiny", kwargs.pop("img_size", 256), **kwargs)
-
-
-@register_model
-def pvt_small_256(**kwargs) -> PVT:
-    return _pvt("small", kwargs.pop("img_size", 256), **kwargs)
-
-
-@register_model
-def pvt_medium_256(**kwargs) -> PVT:
-    return _pvt("medium", kwargs.pop("img_size", 256), **kwargs)
-
-
-@register_model
-def pvt_large_256(**kwargs) -> PVT:
-    return _pvt("large", kwargs.pop("img_size", 256), **kwargs)
-
-
-@register_model
-def pvt_pico_128(**kwargs) -> PVT:
-    """Tiny test/demo classifier: finetunes ``mae_pvt_pico_128``."""
-    return _pvt("pico", kwargs.pop("img_size", 128), **kwargs)
-
-
-@register_model
-def pvt_pico_p1_32(**kwargs) -> PVT:
-    """Tiny classifier for 32-px images (patch 1, sr 8,4,2,1 on the 32x32 token grid); finetunes
-    ``mae_pvt_pico_p1_32`` / ``simmim_pvt_pico_p1_32``."""
-    kwargs.setdefault("patch_size", 1)
-    return _pvt("pico", kwargs.pop("img_size", 32), **kwargs)
+for _size in ("tiny", "small", "medium", "large"):
+    _register(f"pvt_{_size}_256", _size, 256, f"PVT-{_size} classifier, 256 px, sr 8,4,2,1.")
+_register("pvt_pico_128", "pico", 128, "Tiny test/demo classifier: finetunes mae_pvt_pico_128.")
+_register("pvt_pico_p1_32", "pico", 32, "Tiny classifier for 32-px images (patch 1, sr 8,4,2,1 on the 32x32 token "
+          "grid); finetunes mae_pvt_pico_p1_32 / simmim_pvt_pico_p1_32.", patch_size=1)

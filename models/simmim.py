@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .contract import PretrainModel
 from .layers import check_images_and_mask, OuterNorm, init_reference_weights, valid_sizes_message
 from .loss import patchify, simmim_loss, unit_stats, unpatchify
 from .pvt import _PVT_SIZES, PVTEncoder, pvt_grid_ok
@@ -50,13 +51,15 @@ def unit_mask_to_tokens(mask: Tensor, token_size: int, unit_tokens: int) -> Tens
     return m.reshape(n, t * k, t * k, 1)
 
 
-class _SimMIM:
+class _SimMIM(PretrainModel):
     """SimMIM logic shared by the Swin and PVT models (mixin).
 
     Subclasses provide ``_encode(x) -> stage outputs`` for first-stage tokens
     ``x`` (N, H/4, W/4, C1) in which the mask token is already in place.
     """
 
+    family = "simmim"
+    raw_pixel_recipe = True            # the reference trained the SimMIM baselines on raw pixels
     mask_kind = "random"               # no compaction: any mask works, the baseline uses random ones
     default_mask_ratio = 0.75
     supports_secondary_mask = False    # every token is in the encoder; there is nothing to mask twice
@@ -184,8 +187,8 @@ class SimMIMPVT(_SimMIM, PVTEncoder):
 # shapes of a SimMIM encoder are those of the model it finetunes into.
 
 
-def _register(name: str, build, doc: str) -> None:
-    register_named(name, build, doc, task="pretrain", namespace=globals())
+def _register(name: str, build, doc: str, classifier: str) -> None:
+    register_named(name, build, doc, task="pretrain", namespace=globals(), classifier=classifier)
 
 
 def _swin_builder(size: str, img_size: int, window_size: int, **extra):
@@ -206,15 +209,15 @@ def _pvt_builder(size: str, img_size: int, **extra):
 
 for _size in ("tiny", "small", "base", "large"):
     _register(f"simmim_swin_{_size}_256", _swin_builder(_size, 256, 16),
-              f"SimMIM Swin-{_size}, 256 px, window 16 (finetunes into swin_{_size}_256).")
+              f"SimMIM Swin-{_size}, 256 px, window 16.", f"swin_{_size}_256")
 for _size in ("tiny", "small", "medium", "large"):
     _register(f"simmim_pvt_{_size}_256", _pvt_builder(_size, 256),
-              f"SimMIM PVT-{_size}, 256 px, sr 8,4,2,1 (finetunes into pvt_{_size}_256).")
+              f"SimMIM PVT-{_size}, 256 px, sr 8,4,2,1.", f"pvt_{_size}_256")
 _register("simmim_swin_pico_128", _swin_builder("pico", 128, 8),
-          "Tiny SimMIM Swin for tests and demos (128 px, window 8; finetunes into swin_pico_128).")
+          "Tiny SimMIM Swin for tests and demos (128 px, window 8).", "swin_pico_128")
 _register("simmim_pvt_pico_128", _pvt_builder("pico", 128),
-          "Tiny SimMIM PVT for tests and demos (128 px; finetunes into pvt_pico_128).")
+          "Tiny SimMIM PVT for tests and demos (128 px).", "pvt_pico_128")
 _register("simmim_swin_pico_p1_32", _swin_builder("pico", 32, 8, patch_size=1, stride=4),
-          "Tiny SimMIM Swin for 32-px images: patch 1, 4-px mask units (finetunes into swin_pico_p1_32).")
+          "Tiny SimMIM Swin for 32-px images: patch 1, 4-px mask units.", "swin_pico_p1_32")
 _register("simmim_pvt_pico_p1_32", _pvt_builder("pico", 32, patch_size=1, stride=4),
-          "Tiny SimMIM PVT for 32-px images: patch 1, 4-px mask units (finetunes into pvt_pico_p1_32).")
+          "Tiny SimMIM PVT for 32-px images: patch 1, 4-px mask units.", "pvt_pico_p1_32")

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
+from .contract import Classifier
 from .layers import (BlockNorm, OuterNorm, PatchEmbed, PatchMerge, StagePyramid, drop_path_rates,
                      init_reference_weights, pad_to_multiple, valid_sizes_message)
-from .registry import register_model
+from .registry import register_named
 
 __all__ = ["SwinEncoder", "Swin", "window_geometry", "swin_grid_ok"]
 
@@ -281,22 +282,22 @@ class SwinEncoder(nn.Module):
         return {"pos_embed"}
 
 
-class Swin(StagePyramid, SwinEncoder):
+class Swin(StagePyramid, SwinEncoder, Classifier):
     """Swin classifier for finetuning: global average pool -> ``fc_norm`` -> ``head``.
 
     imgs: (N, 3, H, W) -> logits (N, num_classes). Any square input whose token
     grid fits the windows at every stage works (256 and 512 for window 16).
     """
 
-    def __init__(self, img_size: int = 256, num_classes: int = 1000, global_pool: bool = True,
-                 **kwargs) -> None:
+    family = "swin"
+
+    def __init__(self, img_size: int = 256, num_classes: int = 1000, **kwargs) -> None:
         super().__init__(img_size=img_size, **kwargs)
         grid_ok = lambda s: s % self.patch_size == 0 and swin_grid_ok(s // self.patch_size, self.window_size)
         if not grid_ok(img_size):
             raise ValueError(valid_sizes_message(img_size, grid_ok, self.patch_size * 8,
                                                  f"Swin (patch {self.patch_size}, window {self.window_size})"))
         self.num_classes = num_classes
-        self.global_pool = global_pool
         self.fc_norm = OuterNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         init_reference_weights(self)
@@ -340,40 +341,17 @@ _SWIN_SIZES = {
 }
 
 
-def _swin(size: str, img_size: int, window_size: int, **kwargs) -> Swin:
-    cfg = {**_SWIN_SIZES[size], "window_size": window_size, **kwargs}
-    return Swin(img_size=img_size, **cfg)
+def _register(name: str, size: str, img_size: int, window_size: int, doc: str, **extra) -> None:
+    def build(**kwargs) -> Swin:
+        return Swin(**{**_SWIN_SIZES[size], "img_size": img_size, "window_size": window_size, **extra, **kwargs})
+    register_named(name, build, doc, task="classify", namespace=globals())
 
 
-@register_model
-def swin_tiny_256(**kwargs) -> Swin:
-    return _swin("tiny", kwargs.pop("img_size", 256), kwargs.pop("window_size", 16), **kwargs)
-
-
-@register_model
-def swin_small_256(**kwargs) -> Swin:
-    return _swin("small", kwargs.pop("img_size", 256), kwargs.pop("window_size", 16), **kwargs)
-
-
-@register_model
-def swin_base_256(**kwargs) -> Swin:
-    return _swin("base", kwargs.pop("img_size", 256), kwargs.pop("window_size", 16), **kwargs)
-
-
-@register_model
-def swin_large_256(**kwargs) -> Swin:
-    return _swin("large", kwargs.pop("img_size", 256), kwargs.pop("window_size", 16), **kwargs)
-
-
-@register_model
-def swin_pico_128(**kwargs) -> Swin:
-    """Tiny test/demo classifier: finetunes ``mae_swin_pico_128`` (window 8 at 128 px = window 4 pretraining)."""
-    return _swin("pico", kwargs.pop("img_size", 128), kwargs.pop("window_size", 8), **kwargs)
-
-
-@register_model
-def swin_pico_p1_32(**kwargs) -> Swin:
-    """Tiny classifier for 32-px images: patch 1, window 8 on the 32x32 token grid; finetunes
-    ``mae_swin_pico_p1_32`` / ``simmim_swin_pico_p1_32`` (4-px mask units, 8x8 of them)."""
-    kwargs.setdefault("patch_size", 1)
-    return _swin("pico", kwargs.pop("img_size", 32), kwargs.pop("window_size", 8), **kwargs)
+for _size in ("tiny", "small", "base", "large"):
+    _register(f"swin_{_size}_256", _size, 256, 16, f"Swin-{_size} classifier, 256 px, window 16.")
+_register("swin_large_256_pm32", "large", 256, 16, "Swin-L with a 32-wide position MLP: the classifier of "
+          "mae_swin_large_256_dec512d2b (the reference's 2-block-decoder Swin-L keeps Swin-T's width).", posmlp_dim=32)
+_register("swin_pico_128", "pico", 128, 8,
+          "Tiny test/demo classifier: finetunes mae_swin_pico_128 (window 8 at 128 px = window 4 pretraining).")
+_register("swin_pico_p1_32", "pico", 32, 8, "Tiny classifier for 32-px images: patch 1, window 8 on the 32x32 "
+          "token grid; finetunes mae_swin_pico_p1_32 / simmim_swin_pico_p1_32.", patch_size=1)

@@ -9,22 +9,29 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
 from torch import Tensor
 
+from .contract import Classifier
 from .layers import pad_to_multiple
-from .registry import register_model
+from .registry import register_named
 
 __all__ = ["VisionTransformer"]
 
 
-class VisionTransformer(_TimmViT):
+class VisionTransformer(_TimmViT, Classifier):
     """timm ViT with MAE's head: mean of the patch tokens (cls excluded) -> ``fc_norm`` -> ``head``.
 
     imgs: (N, 3, H, W) -> logits (N, num_classes). ``global_pool=False`` uses the
     cls token after the final ``norm`` instead (MAE's linear-probing layout).
     """
 
+    family = "vit"
+    build_options = ("global_pool",)   # MAE's --global_pool / --cls_token choice
+
     def __init__(self, global_pool: bool = True, **kwargs) -> None:
         kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
         super().__init__(global_pool="avg" if global_pool else "token", fc_norm=global_pool, **kwargs)
+
+    def native_size(self) -> int:
+        return int(self.patch_embed.img_size[0])
 
     @property
     def pyramid_channels(self) -> list[int]:
@@ -68,42 +75,24 @@ class VisionTransformer(_TimmViT):
         return [every[max(i, 0)] for i in (d // 4 - 1, d // 2 - 1, 3 * d // 4 - 1, d - 1)]
 
 
-def _vit(embed_dim: int, depth: int, num_heads: int, patch_size: int, **kwargs) -> VisionTransformer:
-    kwargs.setdefault("img_size", 224)
-    return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                             mlp_ratio=4.0, qkv_bias=True, **kwargs)
+# The ViT sizes, shared with the MAE autoencoders (models/mae.py): name -> encoder configuration.
+VIT_SIZES = {
+    "base_patch16": dict(embed_dim=768, depth=12, num_heads=12, patch_size=16, img_size=224),
+    "large_patch16": dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16, img_size=224),
+    "huge_patch16": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=16, img_size=224),
+    "huge_patch14": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14, img_size=224),  # MAE's released ViT-H
+    # tests and demos: 64-d, 2 blocks at 96 px; 4 blocks with patch 4 (8x8 tokens) at 32 px
+    "pico_patch16": dict(embed_dim=64, depth=2, num_heads=4, patch_size=16, img_size=96),
+    "pico_patch4_32": dict(embed_dim=64, depth=4, num_heads=4, patch_size=4, img_size=32),
+}
 
 
-@register_model
-def vit_base_patch16(**kwargs) -> VisionTransformer:
-    return _vit(768, 12, 12, 16, **kwargs)
+def _vit_builder(size: str):
+    def build(**kwargs) -> VisionTransformer:
+        return VisionTransformer(**{**VIT_SIZES[size], "mlp_ratio": 4.0, "qkv_bias": True, **kwargs})
+    return build
 
 
-@register_model
-def vit_large_patch16(**kwargs) -> VisionTransformer:
-    return _vit(1024, 24, 16, 16, **kwargs)
-
-
-@register_model
-def vit_huge_patch16(**kwargs) -> VisionTransformer:
-    return _vit(1280, 32, 16, 16, **kwargs)
-
-
-@register_model
-def vit_huge_patch14(**kwargs) -> VisionTransformer:
-    """MAE's released ViT-H is patch 14."""
-    return _vit(1280, 32, 16, 14, **kwargs)
-
-
-@register_model
-def vit_pico_patch16(**kwargs) -> VisionTransformer:
-    """Tiny test/demo classifier (64-d, 2 blocks) at 96 px: finetunes ``mae_vit_pico_patch16``."""
-    kwargs.setdefault("img_size", 96)
-    return _vit(64, 2, 4, 16, **kwargs)
-
-
-@register_model
-def vit_pico_patch4_32(**kwargs) -> VisionTransformer:
-    """Tiny ViT for 32-px images (64-d, 4 blocks, patch 4 = 8x8 tokens): finetunes ``mae_vit_pico_patch4_32``."""
-    kwargs.setdefault("img_size", 32)
-    return _vit(64, 4, 4, 4, **kwargs)
+for _size, _cfg in VIT_SIZES.items():
+    register_named(f"vit_{_size}", _vit_builder(_size), f"ViT {_size} at {_cfg['img_size']} px (MAE finetuning).",
+                   task="classify", namespace=globals())

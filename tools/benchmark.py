@@ -8,12 +8,12 @@ steps (forward, backward, optimizer step). The models take turns step by step
 (A, B, A, B, ...), so slow drift of the machine (clocks, heat, neighbours) hits
 every model alike; the reported time is the median step.
 
-Masks follow each model's recipe: uniform sampling when ``model.mask_kind ==
-'uniform'`` (or with ``--mask_regular`` for models that accept any mask), else
-random masks at ``model.default_mask_ratio``. Models fed uniform masks that
-support secondary masking get ``--vis_mask_ratio`` (0.25, as the UM-MAE recipes);
-``--norm_pix_loss recipe`` turns norm-pix targets on for every model but the
-SimMIM baselines, which the reference trained on raw pixels.
+Masks follow each model's recipe, read from its contract (models.contract): uniform
+sampling when ``mask_kind == 'uniform'`` (or with ``--mask_regular`` for models that
+accept any mask), else random masks at ``default_mask_ratio``. Models fed uniform masks
+that take a secondary mask get ``--vis_mask_ratio`` (0.25, as the UM-MAE recipes);
+``--norm_pix_loss recipe`` turns norm-pix targets on for every model whose recipe is not
+``raw_pixel_recipe`` (the SimMIM baselines, which the reference trained on raw pixels).
 
 Memory:
   * GPU: the peak allocated during a step, as if the model were alone on the
@@ -75,7 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model before timing")
     p.add_argument("--baseline", default=None,
-                   help="model the ratios compare to (default: the first simmim_* in --models, if any)")
+                   help="model the ratios compare to (default: the first SimMIM model in --models, if any)")
     p.add_argument("--vis_mask_ratio", type=float, default=0.25,
                    help="secondary masking ratio for models fed uniform masks (UM-MAE recipe: 0.25)")
     p.add_argument("--norm_pix_loss", default="recipe", choices=["recipe", "on", "off"],
@@ -180,7 +180,7 @@ class Entry:
 
     @property
     def images_per_sample(self) -> int:
-        return int(getattr(self.model, "images_per_sample", 1))
+        return self.model.contract.images_per_sample
 
     def draw(self) -> tuple[Tensor, Optional[Tensor]]:
         n, t = self.imgs.shape[0], self.model.token_size
@@ -214,15 +214,13 @@ class Entry:
 
 def build_entry(name: str, args, device: torch.device) -> Entry:
     base = {} if args.input_size is None else {"img_size": args.input_size}
-    with torch.device("meta"):
-        probe = models.create_model(name, **base)
-    mask_kind = getattr(probe, "mask_kind", "any")
-    uniform = mask_kind == "uniform" or (args.mask_regular and mask_kind == "any")
+    probe = models.describe(name, **base)
+    uniform = probe.mask_kind == "uniform" or (args.mask_regular and probe.mask_kind == "any")
     kwargs = dict(base)
-    vmr = args.vis_mask_ratio if uniform and getattr(probe, "supports_secondary_mask", True) else 0.0
+    vmr = args.vis_mask_ratio if uniform and probe.secondary_mask else 0.0
     if vmr > 0:
         kwargs["vis_mask_ratio"] = vmr
-    norm_pix = args.norm_pix_loss == "on" or (args.norm_pix_loss == "recipe" and not name.startswith("simmim_"))
+    norm_pix = args.norm_pix_loss == "on" or (args.norm_pix_loss == "recipe" and not probe.raw_pixel_recipe)
     kwargs["norm_pix_loss"] = norm_pix
     model = models.create_model(name, **kwargs).to(device)
     model.train()
@@ -230,10 +228,10 @@ def build_entry(name: str, args, device: torch.device) -> Entry:
     # the same optimizer as main_pretrain.py (fused AdamW on CPU and CUDA)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05,
                                   fused=device.type in ("cpu", "cuda") or None)
-    size = model.token_size * model.stride
+    size = probe.input_size
     gen = torch.Generator(device=device).manual_seed(args.seed)
     imgs = torch.randn(args.batch_size, 3, size, size, generator=gen, device=device)
-    ratio = float(getattr(model, "default_mask_ratio", getattr(model, "mask_ratio", 0.75)))
+    ratio = probe.default_mask_ratio
     setup_cpu_training(model, device, args.cpu_matmul, compiled=args.compile, malloc=False)
     runner = torch.compile(model) if args.compile else model
     return Entry(name, model, runner, optimizer, make_scaler(args.amp, device), imgs, uniform, ratio, vmr,
@@ -327,7 +325,7 @@ def run(args, argv: list[str]) -> dict:
             "final_loss": loss if math.isfinite(loss) else None,
         })
 
-    baseline = args.baseline or next((n for n in args.models if n.startswith("simmim_")), None)
+    baseline = args.baseline or next((n for n in args.models if models.describe(n).family == "simmim"), None)
     base = next((r for r in rows if r["model"] == baseline), None)
     for r in rows:
         if base is None:

@@ -34,7 +34,7 @@ def export_backbone(checkpoint: str, model_name: str, output: str, input_size: i
     model = models.create_model(model_name, **kwargs).eval()
     report = load_pretrained(model, checkpoint)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("head.", "fc_norm."))}
-    size = input_size or getattr(model, "img_size", None) or model.patch_embed.img_size[0]
+    size = input_size or model.contract.input_size
     with torch.no_grad():
         feats = model.forward_pyramid(torch.zeros(1, 3, size, size))
     meta = {"model": model_name, "input_size": int(size), "num_tensors": len(sd),

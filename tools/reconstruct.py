@@ -80,15 +80,16 @@ def build(args) -> tuple[torch.nn.Module, argparse.Namespace]:
                          ("norm_pix_loss", False), ("reference_decoder_order", False)):
         value = getattr(args, key)
         setattr(flags, key, value if value is not None else saved.get(key, default))
-    model = models.create_model(name, **main_pretrain.model_kwargs(flags))
+    kwargs = main_pretrain.model_kwargs(flags, models.describe(name))
+    model = models.create_model(name, **kwargs)
     state = unwrap_state_dict(ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise UsageError(f"{args.checkpoint} does not fit {name} (built with {main_pretrain.model_kwargs(flags)}): "
+        raise UsageError(f"{args.checkpoint} does not fit {name} (built with {kwargs}): "
                          f"missing {missing[:4]}, unexpected {unexpected[:4]}")
-    flags.input_size = model.token_size * model.stride
+    flags.input_size = model.contract.input_size
     if flags.mask_ratio is None:
-        flags.mask_ratio = getattr(model, "default_mask_ratio", 0.75)
+        flags.mask_ratio = model.contract.default_mask_ratio
     return model.eval(), flags
 
 
@@ -115,14 +116,15 @@ def main(args) -> int:
     if not imgs:
         raise UsageError("none of the --images could be read")
     imgs = torch.stack(imgs)
-    regular = getattr(model, "mask_kind", "any") == "uniform"
+    contract = model.contract
+    regular = contract.mask_kind == "uniform"
     gen = torch.Generator().manual_seed(args.seed)
-    mask = draw_masks(len(imgs), model.token_size, 0.75 if regular else flags.mask_ratio, regular, generator=gen,
-                      rounding=getattr(model, "mask_rounding", "keep"))
+    mask = draw_masks(len(imgs), contract.token_size, 0.75 if regular else flags.mask_ratio, regular, generator=gen,
+                      rounding=contract.mask_rounding)
     sm = secondary_mask(mask, flags.vis_mask_ratio, generator=gen) if flags.vis_mask_ratio > 0 else None
     panels = reconstruct(model, imgs, mask, sm, denorm=args.denorm)
     caption = f"{flags.model} from {Path(args.checkpoint).name}; {caption_for(model, args.denorm)}"
-    path = save_figure(panels, args.output, caption, model.stride)
+    path = save_figure(panels, args.output, caption, contract.stride)
     print(f"wrote {path} ({len(imgs)} images, {flags.model}, {flags.input_size} px, denorm {args.denorm})")
     return 0
 

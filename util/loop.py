@@ -122,10 +122,11 @@ def _agreed_stop_now(stop_flag: Callable[[], bool], device: torch.device) -> boo
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
                     scaler: Optional[torch.amp.GradScaler], device: torch.device, epoch: int, args,
-                    compute_loss: Callable[[object], tuple[Tensor, int]], log_writer=None,
+                    compute_loss: Callable[[object], tuple[Tensor, int, dict[str, float]]], log_writer=None,
                     header: str = "", stop_flag: Optional[Callable[[], bool]] = None,
                     start_step: int = 0) -> dict:
-    """Train one epoch; ``compute_loss(batch) -> (loss, batch_size)`` runs under autocast.
+    """Train one epoch; ``compute_loss(batch) -> (loss, batch_size, extras)`` runs under autocast
+    (``extras``: per-step counts summed over the epoch, e.g. ``skipped_images``).
 
     Returns averaged statistics; raises NonFiniteLossError (on a logging step or at
     the end of the epoch, before anything is saved) and StopRequested.

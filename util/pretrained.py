@@ -79,10 +79,15 @@ def load_pretrained(model: nn.Module, path: str | Path, head_init_std: float = 2
     """Load ``path`` into ``model`` (a classifier) and return what happened; raise CheckpointError on mismatch."""
     from .safe_archive import expect_model
     expect_model(model)  # the file may hold a decoder and optimizer moments too: its limit scales with the model
-    sd = unwrap_state_dict(_read_weights(path))
+    return load_state(model, unwrap_state_dict(_read_weights(path)), str(path), head_init_std)
+
+
+def load_state(model: nn.Module, sd: dict, path: str, head_init_std: float = 2e-5) -> LoadReport:
+    """``load_pretrained`` for a state dict already read (``path`` names it in messages); works on
+    the meta device too, so a test can check every registered pair without weights."""
     if hasattr(model, "checkpoint_filter"):  # a model's explicit mapping of foreign key layouts
         sd = model.checkpoint_filter(sd)
-    report = LoadReport(str(path))
+    report = LoadReport(path)
     own = model.state_dict()
     sd = dict(sd)
     for k in list(sd):

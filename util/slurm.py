@@ -182,11 +182,11 @@ def prepare(program: ModuleType, argv=None) -> argparse.Namespace:
         import tempfile
         args.output_dir = tempfile.mkdtemp(prefix="validate-")
         try:
-            program._validate(args)
+            program.validate_args(args)
         finally:
             shutil.rmtree(args.output_dir, ignore_errors=True)
     else:
-        program._validate(args)
+        program.validate_args(args)
     args.output_dir = output_dir
     return args
 

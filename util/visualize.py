@@ -44,27 +44,28 @@ def reconstruct(model, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = N
     """Run a pretraining model and return the four panels as (N, 3, H, W) normalised images."""
     if denorm not in ("neighbour", "true"):
         raise ValueError(f"denorm must be 'neighbour' or 'true', got {denorm!r}")
-    unit = model.stride
+    contract = model.contract
+    unit = contract.stride
     mask = mask.bool()
     sm = sm_mask.bool() if sm_mask is not None else torch.zeros_like(mask)
-    out = model(imgs, mask, sm) if getattr(model, "vis_mask_ratio", 0) > 0 else model(imgs, mask)
+    out = model(imgs, mask, sm) if contract.vis_mask_ratio > 0 else model(imgs, mask)
     mask = out[2].bool()  # the mask the model actually used (MixMAE pairs its samples' masks)
     pred = out[1].float()
     target = patchify(imgs.float(), unit)
-    if getattr(model, "norm_pix_loss", False):
+    if contract.norm_pix_loss:
         # Targets are normalised per ``norm_pix_unit`` patch: the mask unit, or a part of it (Hiera: 16 px of 32).
-        part = getattr(model, "norm_pix_unit", unit)
+        part = contract.norm_pix_unit
         f = unit // part
         fine = patchify(unpatchify(pred, unit), part)
         mean, std = unit_stats(patchify(imgs.float(), part))
         if denorm == "neighbour":
-            n, t = mask.shape[0], model.token_size
+            n, t = mask.shape[0], contract.token_size
             seen = (~mask & ~sm).view(n, t, 1, t, 1).expand(n, t, f, t, f).reshape(n, -1)
             src = _nearest_seen(seen, t * f)
             mean = mean.gather(1, src.unsqueeze(-1))
             std = std.gather(1, src.unsqueeze(-1))
         pred = patchify(unpatchify(fine * std + mean, part), unit)
-    grid = model.token_size
+    grid = contract.token_size
     hidden = (mask | sm).unsqueeze(-1)
     saw = torch.where(hidden, torch.zeros_like(target), target)
     pasted = torch.where(hidden, pred, target)
@@ -136,16 +137,17 @@ def spread_indices(total: int, n: int) -> list[int]:
 
 
 def mask_legend(model) -> str:
-    """What the figure's hidden units are, in the model's own words: its ``mask_note`` if it has one,
+    """What the figure's hidden units are, in the model's own words (its contract's ``mask_note``),
     and the red outline only for models that use secondary masking."""
-    parts = [getattr(model, "mask_note", "grey = removed by the mask")]
-    if getattr(model, "supports_secondary_mask", True) and getattr(model, "vis_mask_ratio", 0) > 0:
+    contract = model.contract
+    parts = [contract.mask_note]
+    if contract.secondary_mask and contract.vis_mask_ratio > 0:
         parts.append("red outline = secondary-masked (kept by sampling, replaced by the mask token)")
     return "; ".join(parts)
 
 
 def caption_for(model, denorm: str) -> str:
-    if not getattr(model, "norm_pix_loss", False):
+    if not model.contract.norm_pix_loss:
         targets = "pixel targets: predictions shown as they are"
     elif denorm == "true":
         targets = "norm-pix: de-normalised with each unit's TRUE mean/std (leaks hidden statistics)"

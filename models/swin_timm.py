@@ -1,0 +1,68 @@
+"""timm's Swin Transformer as a classifier: the finetuning models of GreenMIM checkpoints.
+
+GreenMIM pretrains a timm ``SwinTransformer`` encoder (models/greenmim.py), so its checkpoints
+finetune into timm's Swin with the same parameter names; ``SwinClassifier`` adds the layer ids
+of the layer-wise lr decay. ``TIMM_SWIN_SIZES`` is the size table of both (the Swin sizes of
+models/swin.py, without its position-MLP width: timm's Swin has relative-position tables).
+"""
+from __future__ import annotations
+
+from timm.models.swin_transformer import SwinTransformer
+
+from .contract import Classifier
+from .registry import register_named
+from .swin import _SWIN_SIZES
+
+TIMM_SWIN_SIZES = {size: {k: v for k, v in _SWIN_SIZES[size].items() if k != "posmlp_dim"}
+                   for size in ("pico", "tiny", "base", "large")}
+
+
+class SwinClassifier(SwinTransformer, Classifier):
+    """timm ``SwinTransformer`` with the layer ids of the layer-wise lr decay.
+
+    Layer ids follow the SimMIM fine-tuning code that GreenMIM's checkpoints were fine-tuned
+    with (spec A10), translated to timm's layout:
+      * 0: ``patch_embed.*`` (and an absolute position embedding, if any);
+      * ``b + 1`` for the b-th block counted over all stages (``layers.s.blocks.j``:
+        ``b = depths[0] + ... + depths[s-1] + j``);
+      * ``layers.s.downsample.*`` (timm puts the patch merging at the start of stage s; the
+        Microsoft/SimMIM layout at the end of stage s-1) shares the id of the block it
+        follows, the last block of stage s-1, i.e. ``depths[0] + ... + depths[s-1]``;
+      * ``num_layers = sum(depths) + 1``: the final ``norm`` and the ``head``.
+    ``no_weight_decay()`` (timm's): every relative position bias table.
+    """
+
+    family = "swin-timm"
+
+    def native_size(self) -> int:
+        return int(self.patch_embed.img_size[0])
+
+    def lrd_num_layers(self) -> int:
+        return sum(len(stage.blocks) for stage in self.layers) + 1
+
+    def lrd_layer_id(self, param_name: str) -> int:
+        if param_name.startswith(("patch_embed.", "absolute_pos_embed", "pos_embed", "mask_token")):
+            return 0
+        if param_name.startswith("layers."):
+            parts = param_name.split(".")
+            s = int(parts[1])
+            before = sum(len(self.layers[i].blocks) for i in range(s))
+            if parts[2] == "blocks":
+                return before + int(parts[3]) + 1
+            if parts[2] == "downsample":
+                return before
+        return self.lrd_num_layers()
+
+
+def _register(name: str, size: str, window: int, img_size: int, doc: str) -> None:
+    def build(**kwargs) -> SwinClassifier:
+        return SwinClassifier(**{**TIMM_SWIN_SIZES[size], "window_size": window, "img_size": img_size,
+                                 "patch_size": 4, **kwargs})
+    register_named(name, build, doc, task="classify", namespace=globals())
+
+
+_register("swin_tiny_patch4_window7_224", "tiny", 7, 224, "timm Swin-T, window 7 (GreenMIM fine-tuning).")
+_register("swin_base_patch4_window7_224", "base", 7, 224, "timm Swin-B, window 7 (GreenMIM fine-tuning).")
+_register("swin_base_patch4_window14_224", "base", 14, 224, "timm Swin-B, window 14 (GreenMIM fine-tuning).")
+_register("swin_large_patch4_window14_224", "large", 14, 224, "timm Swin-L, window 14 (GreenMIM fine-tuning).")
+_register("swin_pico_patch4_window6_96", "pico", 6, 96, "Tiny timm Swin (tests; loads the pico GreenMIM encoder).")
