@@ -355,7 +355,7 @@ _PICO_32 = dict(embed_dim=16, num_heads=1, stages=(1, 1, 1), q_pool=2, mask_unit
 register_named("mae_hiera_pico_p1_32", _pretrain_builder(_PICO_32, img_size=32, decoder_embed_dim=32, decoder_depth=1,
                                                          decoder_num_heads=2),
                "Tiny Hiera MAE for 32-px images: patch stride 1, 4-px mask units (8x8); finetunes into "
-               "hiera_pico_p1_32.", task="pretrain", namespace=globals())
+               "hiera_pico_p1_32.", task="pretrain", namespace=globals(), classifier="hiera_pico_p1_32")
 register_named("hiera_pico_p1_32", _classifier_builder(_PICO_32, img_size=32),
                "Tiny timm Hiera classifier for 32-px images (loads mae_hiera_pico_p1_32).", task="classify",
                namespace=globals())

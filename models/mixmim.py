@@ -456,7 +456,10 @@ class MixMIMClassifier(MixMIMEncoder, Classifier):
 
     family = "mixmim"
 
-    def __init__(self, img_size: int = 224, num_classes: int = 1000, **kwargs) -> None:
+    def __init__(self, img_size: int = 224, num_classes: int = 1000, global_pool: bool = True,
+                 **kwargs) -> None:
+        if not global_pool:  # the reference's constructors take the flag; average pooling is the only head
+            raise ValueError("MixMIM classifiers pool by averaging the last stage's tokens (global_pool=True)")
         super().__init__(img_size=img_size, **kwargs)
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

@@ -134,7 +134,10 @@ class PVT(StagePyramid, PVTEncoder, Classifier):
 
     family = "pvt"
 
-    def __init__(self, img_size: int = 256, num_classes: int = 1000, **kwargs) -> None:
+    def __init__(self, img_size: int = 256, num_classes: int = 1000, global_pool: bool = True,
+                 **kwargs) -> None:
+        if not global_pool:  # the reference's constructors take the flag; average pooling is the only head
+            raise ValueError("PVT classifiers pool by averaging the last stage's tokens (global_pool=True)")
         super().__init__(img_size=img_size, learnable_pos=True, **kwargs)
         grid_ok = lambda s: s % self.patch_size == 0 and pvt_grid_ok(s // self.patch_size, self.sr_ratios)
         if not grid_ok(img_size):

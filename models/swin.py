@@ -291,7 +291,10 @@ class Swin(StagePyramid, SwinEncoder, Classifier):
 
     family = "swin"
 
-    def __init__(self, img_size: int = 256, num_classes: int = 1000, **kwargs) -> None:
+    def __init__(self, img_size: int = 256, num_classes: int = 1000, global_pool: bool = True,
+                 **kwargs) -> None:
+        if not global_pool:  # the reference's constructors take the flag; average pooling is the only head
+            raise ValueError("Swin classifiers pool by averaging the last stage's tokens (global_pool=True)")
         super().__init__(img_size=img_size, **kwargs)
         grid_ok = lambda s: s % self.patch_size == 0 and swin_grid_ok(s // self.patch_size, self.window_size)
         if not grid_ok(img_size):
