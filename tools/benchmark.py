@@ -33,7 +33,6 @@ e.g. MixMAE) is reported per image. Ratios are baseline / row, per image: above
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -58,7 +57,7 @@ from models.masking import random_mask, secondary_mask, uniform_mask
 from util.cpu_perf import (add_cpu_tuning_args, onednn_linear_available, resolve_cpu_matmul, retain_freed_memory,
                            setup_cpu_training)
 from util.loop import autocast, make_scaler
-from util.run_record import cpu_name
+from util.run_record import cpu_name, write_report
 
 MIB = 2 ** 20
 
@@ -418,11 +417,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.compile and args.warmup < 1:
         print("warning: --compile with --warmup 0: the timed steps include compilation", file=sys.stderr)
     report = run(args, ["python", "tools/benchmark.py"] + argv)
-    print(markdown_table(report), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return write_report(report, markdown_table(report), args.json)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import shlex
@@ -45,10 +44,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from util.datasets import (ImageList, SeededImageDataset, SeededSampler, image_list, needed_side,  # noqa: E402
+from util.datasets import (SeededImageDataset, SeededSampler, image_list, needed_side,  # noqa: E402
                            pretrain_transform, PRETRAIN_SCALE)
 from util.decode import GpuDecodeLoader, use_decoder, decode_planned  # noqa: E402
-from util.run_record import cpu_name  # noqa: E402
+from util.run_record import cpu_name, write_report  # noqa: E402
 from util.shards import ShardStream, shard_images, shard_loader  # noqa: E402
 
 BASELINE = "folder+pil"
@@ -232,11 +231,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
               "workers": args.workers, "rounds": args.rounds, "interleaved": True, "baseline": BASELINE,
               "ratio_definition": f"row / {BASELINE}, images/s per worker (above 1: faster)",
               "gpu_main_process": gpu_rate, "results": rows}
-    print(markdown_table(report), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return write_report(report, markdown_table(report), args.json)
 
 
 if __name__ == "__main__":

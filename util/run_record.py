@@ -68,6 +68,15 @@ def cpu_name() -> Optional[str]:
     return platform.processor() or None
 
 
+def write_report(report: dict, table: str, json_path: Optional[str]) -> dict:
+    """A benchmark's ending: print its markdown ``table``, write ``report`` as JSON when asked."""
+    print(table, flush=True)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def this_device(device: torch.device) -> dict:
     """The device this rank trains on, in words."""
     info = {"rank": get_rank(), "host": socket.gethostname(), "device": str(device)}
