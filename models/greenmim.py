@@ -421,3 +421,11 @@ _register_pretrain("greenmim_swin_large_patch4_win14_dec512b1", "large", 14, 224
 _register_pretrain("greenmim_swin_pico_patch4_win6_dec64b1", "pico", 6, 96,
                    "Tiny GreenMIM Swin for tests and demos (96 px, 3x3 units, window 6).",
                    decoder_embed_dim=64, decoder_num_heads=4)
+# 32-px variant of the animal-mnist experiment (FINETUNE.md). The mask unit is the last stage's stride,
+# so three stages at patch 1 give 4-px units, 8x8 per image (four stages would give 4x4).
+register_named("greenmim_swin_pico3_p1_win8_32",
+               lambda **kw: GreenMIMSwin(**{"embed_dim": 16, "depths": (2, 2, 2), "num_heads": (1, 2, 4),
+                                            "window_size": 8, "img_size": 32, "patch_size": 1,
+                                            "decoder_embed_dim": 64, "decoder_num_heads": 4, **kw}),
+               "Tiny 3-stage GreenMIM Swin for 32-px images (patch 1, 4-px units, 8x8).", task="pretrain",
+               namespace=globals(), classifier="swin_pico3_patch1_window8_32")

@@ -66,3 +66,8 @@ _register("swin_base_patch4_window7_224", "base", 7, 224, "timm Swin-B, window 7
 _register("swin_base_patch4_window14_224", "base", 14, 224, "timm Swin-B, window 14 (GreenMIM fine-tuning).")
 _register("swin_large_patch4_window14_224", "large", 14, 224, "timm Swin-L, window 14 (GreenMIM fine-tuning).")
 _register("swin_pico_patch4_window6_96", "pico", 6, 96, "Tiny timm Swin (tests; loads the pico GreenMIM encoder).")
+# 32-px classifier of the animal-mnist experiment (FINETUNE.md): patch 1, three stages, window 8.
+_PICO3_P1_32 = dict(embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=8, img_size=32, patch_size=1)
+register_named("swin_pico3_patch1_window8_32", lambda **kw: SwinClassifier(**{**_PICO3_P1_32, **kw}),
+               "Tiny 3-stage timm Swin for 32-px images (loads greenmim_swin_pico3_p1_win8_32).", task="classify",
+               namespace=globals())
