@@ -215,8 +215,8 @@ def build_model(args, device):
         owner, attr = (model.head, "fc") if isinstance(getattr(model.head, "fc", None), nn.Linear) else (model, "head")
         linear = getattr(owner, attr)
         nn.init.trunc_normal_(linear.weight, std=0.01)
-        setattr(owner, attr, LinearProbeHead(linear))
-        probe = getattr(owner, attr)
+        probe = LinearProbeHead(linear)
+        setattr(owner, attr, probe)
         trainable = {id(p) for p in probe.parameters()}
         for p in model.parameters():
             p.requires_grad = id(p) in trainable
