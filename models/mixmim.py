@@ -5,8 +5,9 @@ units of another image and reconstructs *both* images from the one mixed input:
 
 1. **Pairing.** Image n is mixed with image ``N-1-n`` of the same batch (the
    batch flipped along dim 0).
-2. **Mixing.** On the 32-px unit grid (``token_size = img_size // 32`` per side,
-   the stride of the last Swin stage), the mask ``m`` says which units of mixed
+2. **Mixing.** On the mask-unit grid (32-px units, ``token_size = img_size // 32``
+   per side: the stride of the last Swin stage; other patch sizes and stage counts
+   give other units), the mask ``m`` says which units of mixed
    sample n come from the partner. The mixing is done on the patch embeddings
    (equivalent to mixing pixels: the 4x4 patch embedding is per patch); then a
    frozen 2-D sin-cos absolute position embedding (``pos_embed``) is added.
@@ -109,8 +110,7 @@ from .registry import register_named
 __all__ = ["MixMIMEncoder", "MixMIMPretrain", "MixMIMClassifier", "pair_masks", "unit_labels",
            "unmix_tokens", "merge_reconstructions", "mixmim_loss", "mixmim_sizes_ok"]
 
-PATCH = 4
-UNIT = 32  # mask unit in px = the stride of the last stage (patch 4 x 2**3)
+PATCH = 4  # the original's patch; with 4 stages its mask unit (the last stage's stride) is 32 px
 
 
 # ------------------------------------------------------------------ helpers
@@ -119,10 +119,15 @@ def mixmim_sizes_ok(img_size: int, window_sizes: Sequence[int], patch_size: int 
     """Whether a square input works: whole 32-px units, and at every stage the
     token map is either no larger than the window (one global window) or a
     multiple of it."""
-    if img_size <= 0 or img_size % (patch_size * 2 ** (len(window_sizes) - 1)):
+    if img_size <= 0 or img_size % unit_px(patch_size, len(window_sizes)):
         return False
     g = img_size // patch_size
     return all((g >> s) <= ws or (g >> s) % ws == 0 for s, ws in enumerate(window_sizes))
+
+
+def unit_px(patch_size: int, num_stages: int) -> int:
+    """The mask unit in px: the stride of the last stage (patch x 2**(stages-1))."""
+    return patch_size * 2 ** (num_stages - 1)
 
 
 def effective_windows(img_size: int, window_sizes: Sequence[int], patch_size: int = PATCH) -> list[int]:
@@ -294,39 +299,43 @@ class MixStage(nn.Module):
 
 
 class MixMIMEncoder(nn.Module):
-    """Patch embedding + frozen sin-cos position + 4 non-shifted Swin stages + final norm.
+    """Patch embedding + frozen sin-cos position + non-shifted Swin stages (4 in the original) + final norm.
 
     Keys: ``patch_embed.*``, ``pos_embed`` (frozen), ``layers.{s}.blocks.{i}.*``,
-    ``layers.{s}.downsample.*`` (s < 3), ``norm.*``.
+    ``layers.{s}.downsample.*`` (all but the last stage), ``norm.*``. The mask unit is the last
+    stage's stride, so a 32-px input with patch 1 and three stages has 8x8 units of 4 px.
     """
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, embed_dim: int = 128,
                  depths: Sequence[int] = (2, 2, 18, 2), num_heads: Sequence[int] = (4, 8, 16, 32),
                  window_sizes: Sequence[int] = (14, 14, 14, 7), mlp_ratio: float = 4.0,
-                 drop_path_rate: float = 0.0, what: str = "MixMIM Swin") -> None:
+                 drop_path_rate: float = 0.0, patch_size: int = PATCH, what: str = "MixMIM Swin") -> None:
         super().__init__()
-        if not (len(depths) == len(num_heads) == len(window_sizes) == 4):
-            raise ValueError("MixMIM Swin needs 4 stages (32-px units = the last stage's stride)")
-        ok = lambda s: mixmim_sizes_ok(s, window_sizes)  # noqa: E731
+        n_stages = len(depths)
+        if not (n_stages == len(num_heads) == len(window_sizes) >= 1):
+            raise ValueError(f"depths, num_heads and window_sizes need one entry per stage, got "
+                             f"{len(depths)}/{len(num_heads)}/{len(window_sizes)}")
+        unit = unit_px(patch_size, n_stages)
+        ok = lambda s: mixmim_sizes_ok(s, window_sizes, patch_size)  # noqa: E731
         if not ok(img_size):
-            raise ValueError(valid_sizes_message(img_size, ok, UNIT, f"{what} (windows {list(window_sizes)})"))
+            raise ValueError(valid_sizes_message(img_size, ok, unit, f"{what} (windows {list(window_sizes)})"))
         self.img_size = img_size
-        self.patch_size = PATCH
-        self.stride = UNIT
-        self.token_size = img_size // UNIT
+        self.patch_size = patch_size
+        self.stride = unit
+        self.token_size = img_size // unit
         self.depths = tuple(depths)
-        self.window_sizes = effective_windows(img_size, window_sizes)
-        self.stage_dims = [embed_dim * 2 ** s for s in range(4)]
+        self.window_sizes = effective_windows(img_size, window_sizes, patch_size)
+        self.stage_dims = [embed_dim * 2 ** s for s in range(n_stages)]
         self.num_features = self.stage_dims[-1]
-        grid = img_size // PATCH
-        self.patch_embed = PatchEmbed(img_size, PATCH, in_chans, embed_dim, norm_layer=nn.LayerNorm,
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm_layer=nn.LayerNorm,
                                       output_fmt="NHWC")
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid), requires_grad=False)   # (1, G*G, C)
         dpr = drop_path_rates(depths, drop_path_rate)
-        starts = [sum(depths[:s]) for s in range(4)]
+        starts = [sum(depths[:s]) for s in range(n_stages)]
         self.layers = nn.ModuleList([
             MixStage(self.stage_dims[s], depths[s], num_heads[s], self.window_sizes[s], mlp_ratio,
-                     dpr[starts[s]:starts[s] + depths[s]], downsample=s < 3) for s in range(4)])
+                     dpr[starts[s]:starts[s] + depths[s]], downsample=s < n_stages - 1) for s in range(n_stages)])
         self.norm = nn.LayerNorm(self.num_features)
 
     def _init_weights(self) -> None:
@@ -338,16 +347,16 @@ class MixMIMEncoder(nn.Module):
                              f"{tuple(imgs.shape)}")
 
     def embed(self, imgs: Tensor) -> Tensor:
-        """imgs (N, 3, H, W) -> patch tokens (N, H/4, W/4, C), before the position embedding."""
+        """imgs (N, 3, H, W) -> patch tokens (N, H/p, W/p, C), before the position embedding."""
         return self.patch_embed(imgs)
 
     def add_pos(self, x: Tensor) -> Tensor:
         return x + self.pos_embed.to(x.dtype).view(1, x.shape[1], x.shape[2], -1)
 
     def encode(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """x: (N, H/4, W/4, C) positioned tokens; mask: (N, T*T) bool source label per unit, or None.
+        """x: (N, H/p, W/p, C) positioned tokens; mask: (N, T*T) bool source label per unit, or None.
 
-        Returns the normalised final tokens (N, T*T, C_last), raster order (one per 32-px unit).
+        Returns the normalised final tokens (N, T*T, C_last), raster order (one per mask unit).
         """
         t = self.token_size
         for stage in self.layers:
@@ -361,7 +370,8 @@ class MixMIMEncoder(nn.Module):
 class MixMIMPretrain(MixMIMEncoder, PretrainModel):
     """MixMAE autoencoder (see the module docstring). Pretraining contract of main_pretrain.py.
 
-    forward(imgs (N, 3, H, W), mask (N, L) bool, sm_mask=None) -> (loss, pred (N, L, 32*32*3), mask_used (N, L)).
+    forward(imgs (N, 3, H, W), mask (N, L) bool, sm_mask=None) -> (loss, pred (N, L, u*u*3), mask_used (N, L)),
+    u = ``stride`` (32 px in the original).
     """
 
     family = "mixmae"
@@ -377,11 +387,11 @@ class MixMIMPretrain(MixMIMEncoder, PretrainModel):
                  window_sizes: Sequence[int] = (14, 14, 14, 7), mlp_ratio: float = 4.0,
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  decoder_mlp_ratio: float = 4.0, norm_pix_loss: bool = False, vis_mask_ratio: float = 0.0,
-                 drop_path_rate: float = 0.0) -> None:
+                 drop_path_rate: float = 0.0, patch_size: int = PATCH) -> None:
         if vis_mask_ratio > 0:
             raise ValueError(f"MixMAE has no secondary masking: vis_mask_ratio must be 0 (got {vis_mask_ratio})")
         super().__init__(img_size, in_chans, embed_dim, depths, num_heads, window_sizes, mlp_ratio,
-                         drop_path_rate, what="MixMAE Swin")
+                         drop_path_rate, patch_size, what="MixMAE Swin")
         self.norm_pix_loss = norm_pix_loss
         self.vis_mask_ratio = 0.0
         self.decoder_embed = nn.Linear(self.num_features, decoder_embed_dim)
@@ -391,7 +401,7 @@ class MixMIMPretrain(MixMIMEncoder, PretrainModel):
             Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
             for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, UNIT * UNIT * in_chans)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.stride ** 2 * in_chans)
         self._init_weights()
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -403,7 +413,7 @@ class MixMIMPretrain(MixMIMEncoder, PretrainModel):
         self._check_imgs(imgs)
         if mask.shape != (imgs.shape[0], self.token_size ** 2):
             raise ValueError(f"mask must be (N, {self.token_size ** 2}) for {self.token_size}x{self.token_size} "
-                             f"32-px units, got {tuple(mask.shape)}")
+                             f"{self.stride}-px units, got {tuple(mask.shape)}")
 
     def forward_encoder(self, imgs: Tensor, mask: Tensor) -> Tensor:
         """imgs: (N, 3, H, W); mask: (N, L) bool pair-shared (``pair_masks``), True = unit from the partner.
@@ -418,7 +428,7 @@ class MixMIMPretrain(MixMIMEncoder, PretrainModel):
     def forward_decoder(self, latent: Tensor, mask: Tensor, return_both: bool = False):
         """latent: (N, L, C_last); mask: (N, L) pair-shared.
 
-        Returns pred (N, L, 32*32*3): image n's reconstruction at every unit (and, with
+        Returns pred (N, L, u*u*3): image n's reconstruction at every unit (and, with
         ``return_both``, the raw (2N, L, P) outputs of the two unmixed sequences).
         """
         x = unmix_tokens(self.decoder_embed(latent), mask, self.mask_token)       # (2N, L, D)
@@ -432,7 +442,7 @@ class MixMIMPretrain(MixMIMEncoder, PretrainModel):
     def forward(self, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = None):
         """imgs: (N, 3, H, W); mask: (N, L) bool from ``random_mask`` (ratio 0.5).
 
-        The pair (n, N-1-n) uses mask row min(n, N-1-n). Returns (loss, pred (N, L, 3072)
+        The pair (n, N-1-n) uses mask row min(n, N-1-n). Returns (loss, pred (N, L, u*u*3)
         raster order, the pair-shared mask actually used (N, L): True = image n's unit
         was replaced by the partner's in image n's mixed input).
         """
@@ -442,7 +452,7 @@ class MixMIMPretrain(MixMIMEncoder, PretrainModel):
         m = pair_masks(mask.bool())
         latent = self.forward_encoder(imgs, m)
         pred = self.forward_decoder(latent, m)
-        loss = mixmim_loss(pred, imgs, UNIT, self.norm_pix_loss)
+        loss = mixmim_loss(pred, imgs, self.stride, self.norm_pix_loss)
         return loss, pred, m
 
 
@@ -471,7 +481,7 @@ class MixMIMClassifier(MixMIMEncoder, Classifier):
         return self.encode(self.add_pos(self.embed(imgs)))
 
     def forward_pyramid(self, imgs: Tensor) -> list[Tensor]:
-        """The four stage outputs for dense prediction: [(N, C_s, H/4/2**s, W/4/2**s)]."""
+        """The stage outputs for dense prediction: [(N, C_s, H/p/2**s, W/p/2**s)]."""
         self._check_imgs(imgs)
         x = self.add_pos(self.embed(imgs))
         outs = []
@@ -550,3 +560,14 @@ _register_classifier("mixmim_large_cls", "large", "MixMIM-L classifier (finetune
 _register_classifier("mixmim_large_384_cls", "large", "MixMIM-L classifier at 384 px, windows 16/16/24/12.", **_AT_384)
 _register_classifier("mixmim_huge_cls", "huge", "MixMIM-H classifier (finetunes mixmim_huge), 224 px.")
 _register_classifier("mixmim_pico_cls", "pico", "Tiny classifier that finetunes mixmim_pico (128 px, windows 8/8/8/4).")
+# 32-px variant of the animal-mnist experiment (FINETUNE.md). The mask unit is the last stage's stride,
+# so three stages at patch 1 give 4-px units, 8x8 per image (four stages would give 4x4); windows 8/8/8
+# are 16 and 4 windows at stages 1-2 and one global window at stage 3, as the pico's 8/8/8/4 at 128 px.
+_PICO3_P1_32 = dict(embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), window_sizes=(8, 8, 8), img_size=32,
+                    patch_size=1)
+register_named("mixmim_pico3_p1_32", lambda **kw: MixMIMPretrain(**{**_PICO3_P1_32, **_PICO_DECODER, **kw}),
+               "Tiny 3-stage MixMAE for 32-px images (patch 1, 4-px units, 8x8), 1-block 64-d decoder.",
+               task="pretrain", namespace=globals(), classifier="mixmim_pico3_p1_32_cls")
+register_named("mixmim_pico3_p1_32_cls", lambda **kw: MixMIMClassifier(**{**_PICO3_P1_32, **kw}),
+               "Tiny 3-stage MixMIM classifier for 32-px images (finetunes mixmim_pico3_p1_32).", task="classify",
+               namespace=globals())

@@ -96,16 +96,21 @@ def test_unmixing_puts_every_unit_back_at_its_image_and_position():
     assert torch.equal(pred, (idx * 100 + torch.arange(length)).double())  # no -5: every unit was hidden
 
 
-def test_every_unit_is_predicted_from_its_own_image_without_seeing_itself():
+@pytest.mark.parametrize("name", ["mixmim_pico", "mixmim_pico3_p1_32"])
+def test_every_unit_is_predicted_from_its_own_image_without_seeing_itself(name):
     """float64 gradients of the whole model (odd batch): pred[n, u] depends on image n only,
-    and never on image n's own unit u."""
-    model = pico().eval()
-    imgs, mask = batch(3, seed=1)
-    imgs.requires_grad_(True)
+    and never on image n's own unit u. Also for the 3-stage patch-1 variant (4-px units)."""
+    torch.manual_seed(0)
+    model = models.create_model(name).double().eval()
+    size, unit, length = model.img_size, model.stride, model.token_size ** 2
+    g0 = torch.Generator().manual_seed(1)
+    imgs = torch.randn(3, 3, size, size, generator=g0, dtype=torch.float64).requires_grad_(True)
+    mask = random_mask(3, length, 0.5, generator=g0)
     _, pred, m = model(imgs, mask)
-    for u in range(16):
+    assert pred.shape == (3, length, unit * unit * 3)
+    for u in range(length):
         g = torch.autograd.grad(pred[:, u].sum(), imgs, retain_graph=True)[0]
-        per_unit = patchify(g.abs(), 32).sum(-1)                            # (N, L)
+        per_unit = patchify(g.abs(), unit).sum(-1)                          # (N, L)
         assert per_unit[:, u].max() == 0, u
         assert (per_unit.sum(1) > 0).all()
     for i in range(3):
