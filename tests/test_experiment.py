@@ -110,6 +110,23 @@ def test_experiment_smoke_end_to_end(tmp_path):
     assert f"--data_path {out / 'data' / 'dev'} " in cmd and "--blr 0.001" in cmd
 
 
+def test_merge_adds_arms_and_refuses_another_recipe():
+    from tools.experiment import merge_results
+    setup = {"out": "/a", "jobs": 2, "blr": 0.016, "seeds": [0, 1, 2]}
+    prior = {"arms": {"scratch_swin": {"knn": 1.0}, "ummae_swin": {"knn": 2.0}}, "setup": setup,
+             "total_wall_s": 100.0, "command": "first"}
+    new = {"arms": {"mixmae_mixmim3": {"knn": 3.0}, "ummae_swin": {"knn": 9.0}}, "setup": {**setup, "out": "/b", "seeds": (0, 1, 2)},
+           "total_wall_s": 50.0, "command": "second", "hardware": {"cpus": 2}}
+    m = merge_results(prior, new)
+    assert m["arms"] == {"scratch_swin": {"knn": 1.0}, "ummae_swin": {"knn": 9.0}, "mixmae_mixmim3": {"knn": 3.0}}
+    assert m["total_wall_s"] == 150.0 and m["command"] == "first"
+    assert m["invocations"] == [{"command": "second", "arms": ["mixmae_mixmim3", "ummae_swin"], "wall_s": 50.0,
+                                 "hardware": {"cpus": 2}}]
+    assert prior["arms"]["ummae_swin"] == {"knn": 2.0}                        # the earlier table is not modified
+    with pytest.raises(SystemExit, match="blr"):
+        merge_results(prior, {**new, "setup": {**setup, "blr": 0.001}})
+
+
 @pytest.mark.parametrize("flags, message", [(["--eval_freq", "0"], "--eval_freq"),
                                             (["--min_crop_scale", "0"], "--min_crop_scale")])
 def test_new_finetune_flags_are_validated(tmp_path, flags, message):

@@ -15,6 +15,8 @@ ImageNet-layout folders by util/animal_mnist.py), real programs run as subproces
     python tools/experiment.py --out work_dirs/experiment                 # the table in FINETUNE.md
     python tools/experiment.py --out work_dirs/experiment --phase dev \
         --arms scratch_swin ummae_swin --seeds 0 --tag blr16 --blr 1.6e-2  # a recipe check on dev/
+    python tools/experiment.py --out work_dirs/experiment --merge \
+        --arms scratch_mixmim3 mixmae_mixmim3                              # add arms to results.json
     python tools/experiment.py --out /tmp/smoke --smoke                   # pipeline check, ~1 min
 
 Finished runs are reused (their result files are kept), so an interrupted run continues where it
@@ -72,9 +74,12 @@ ARMS = [
     Arm("scratch_hiera", None, "hiera_pico_p1_32", headline=False, family="hiera"),
     Arm("mae_hiera", "mae_hiera_pico_p1_32", "hiera_pico_p1_32", ("--mask_ratio", "0.6", "--norm_pix_loss"),
         headline=False, family="hiera"),
+    Arm("scratch_mixmim3", None, "mixmim_pico3_p1_32_cls", headline=False, family="mixmim3"),
+    Arm("mixmae_mixmim3", "mixmim_pico3_p1_32", "mixmim_pico3_p1_32_cls", ("--mask_ratio", "0.5", "--norm_pix_loss"),
+        headline=False, family="mixmim3"),
 ]
-# GreenMIM's mask unit is the stride of the last Swin stage, so its 32-px arm is a 3-stage patch-1
-# Swin (8x8 units), with a scratch arm of the same classifier. Not run: MixMAE (same constraint).
+# GreenMIM's and MixMAE's mask unit is the stride of the last Swin stage, so their 32-px arms are
+# 3-stage patch-1 Swins (8x8 units), each with a scratch arm of the same classifier.
 
 
 @dataclass
@@ -227,7 +232,7 @@ def mean_std(xs: list[float]) -> dict:
     return {"runs": xs, "mean": round(statistics.mean(xs), 2), "std": round(statistics.stdev(xs), 2) if len(xs) > 1 else 0.0}
 
 
-def run_experiment(cfg: Config, arms: list[Arm]) -> dict:
+def run_experiment(cfg: Config, arms: list[Arm], merge: bool = False) -> dict:
     t0 = time.time()
     write_split(cfg.out / "data", **cfg.data_kwargs)
     main = f"l{cfg.main_budget}"
@@ -273,10 +278,30 @@ def run_experiment(cfg: Config, arms: list[Arm]) -> dict:
         row["finetune"] = {b: mean_std(v) for b, v in sorted(ft.items())}
         table[arm.name] = row
     setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}
-    result = {"arms": table, "setup": setup, "total_wall_s": round(time.time() - t0, 1),
-              "hardware": hardware(), "command": " ".join([Path(sys.executable).name] + sys.argv)}
-    (cfg.out / "results.json").write_text(json.dumps(result, indent=2))
+    wall = round(time.time() - t0, 1)
+    command = " ".join([Path(sys.executable).name] + sys.argv)
+    result = {"arms": table, "setup": setup, "total_wall_s": wall, "hardware": hardware(), "command": command}
+    path = cfg.out / "results.json"
+    if merge and path.exists():
+        result = merge_results(json.loads(path.read_text()), result)
+    path.write_text(json.dumps(result, indent=2))
     return result
+
+
+def merge_results(prior: dict, new: dict) -> dict:
+    """Add ``new``'s arms to an earlier table made with the same recipe; its other rows are kept as
+    they were and the invocation is recorded. A different recipe is refused (rows would not compare)."""
+    new = json.loads(json.dumps(new))                  # tuples as lists, as the earlier table was read back
+    differ = {k: (prior["setup"].get(k), v) for k, v in new["setup"].items()
+              if k not in ("out", "jobs", "tag") and prior["setup"].get(k) != v}
+    if differ:
+        raise SystemExit(f"--merge: the recipe differs from the earlier table's (earlier, now): {differ}")
+    merged = json.loads(json.dumps(prior))
+    merged["arms"].update(new["arms"])
+    merged.setdefault("invocations", []).append({"command": new["command"], "arms": list(new["arms"]),
+                                                 "wall_s": new["total_wall_s"], "hardware": new["hardware"]})
+    merged["total_wall_s"] = round(prior["total_wall_s"] + new["total_wall_s"], 1)
+    return merged
 
 
 def run_dev(cfg: Config, arms: list[Arm]) -> dict:
@@ -372,6 +397,8 @@ def main(argv=None) -> int:
     p.add_argument("--ft_steps", type=int, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--plot_only", action="store_true", help="redraw the figures and the table from results.json")
+    p.add_argument("--merge", action="store_true",
+                   help="add the arms run now to OUT/results.json (same recipe), keeping its other rows")
     p.add_argument("--jobs", type=int, default=None, help="programs run side by side (default 2)")
     p.add_argument("--phase", choices=["main", "dev"], default="main",
                    help="main: the table on the test split; dev: a recipe check on dev/ (never the test split)")
@@ -396,7 +423,7 @@ def main(argv=None) -> int:
     if a.phase == "dev":
         run_dev(cfg, arms)
         return 0
-    result = run_experiment(cfg, arms)
+    result = run_experiment(cfg, arms, merge=a.merge)
     plot(result, out)
     print_table(result)
     print(f"total wall time {result['total_wall_s']:.0f} s; results in {out / 'results.json'}")
