@@ -28,14 +28,15 @@ import models
 from dense.backbone import build_backbone, dense_param_groups, has_pyramid
 from dense.coco import CocoDetection, check_layout, coco_evaluate, collate, to_coco_results
 from dense.detector import DETECTORS, build_detector
-from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, ignore_stop_signals, \
-    run_main, setup_stop_signals
+from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, run_main
 from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, SeededSampler, ShardSampler
-from util.distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_dist, is_main_process
-from util.loop import (NonFiniteLossError, StopRequested, autocast, fused_optimizer_ok, make_scaler, resolve_amp,
-                       seed_rngs, train_one_epoch)
-from util.train_state import finish_interrupted, resume_training_state, save_training_state
+from util.distributed import cleanup, get_world_size, is_dist, is_main_process
+from util.loop import autocast, fused_optimizer_ok, make_scaler, train_one_epoch
+from util.run import EpochSave, Epochs, run_epochs, start_run, wrap_for_training
+from util.run_record import summary_line
+from util.stop import ignore_stop_signals
+from util.train_state import resume_training_state
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -161,16 +162,9 @@ def _summary(stats: dict) -> str:
 
 
 def main(args) -> int:
-    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))  # first: a stop during start-up counts
-    init_distributed(args)
-    device = torch.device(args.device)
-    rank, world = get_rank(), get_world_size()
-    if args.num_workers is None:
-        args.num_workers = default_num_workers(device)
-    args.amp = resolve_amp(args.amp, device)
-    seed_rngs(args.seed, rank)
+    run = start_run(args, f"main_detection ({'eval' if args.eval else 'train'})")
+    device, rank, world = run.device, run.rank, run.world
     with_masks = args.detector == "mask_rcnn"
-
     kw = dict(input_size=args.input_size, ratio_range=args.ratio_range, test_size=args.test_size,
               with_masks=with_masks)
     try:
@@ -205,15 +199,9 @@ def main(args) -> int:
     scaler = make_scaler(args.amp, device)
     start_epoch, start_step, ckpt = resume_training_state(args, model, optimizer, scaler, log=_log)
     best_ap = float(ckpt.get("best_ap", 0.0)) if ckpt else 0.0
-    out = Path(args.output_dir)
 
     if args.eval:
-        stats = evaluate(model, val_loader, device, val_set, args.amp, with_masks)
-        if is_main_process():
-            _log(f"evaluation of {len(val_set)} images: {_summary(stats)}")
-            (out / "eval.json").write_text(json.dumps({"weights": args.resume or args.finetune, **stats}, indent=1))
-        cleanup()
-        return 0
+        return evaluate_only(run, model, val_loader, val_set, with_masks)
 
     train_loader, sampler = _loader(train_set, args, True, world, rank, divisor)
     if len(train_loader) == 0:
@@ -223,83 +211,111 @@ def main(args) -> int:
     steps_per_epoch = len(train_loader) / args.accum_iter
     args.warmup_epochs = args.warmup_iters / steps_per_epoch
     args.min_lr = args.lr * args.min_lr_ratio
-
-    train_model = model
-    if args.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-
-    def compute_loss(batch):
-        imgs, targets, metas = batch
-        losses = train_model(imgs.to(device, non_blocking=True), [m["size"] for m in metas],
-                             [_to(t, device) for t in targets])
-        loss = sum(losses.values())
-        return loss, imgs.shape[0], {k: float(v.detach()) for k, v in losses.items()}
-
-    log_writer = None
+    train_model = wrap_for_training(model, args, device)
     if is_main_process():
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.detector} on {args.model}: {n_params / 1e6:.2f}M parameters; {num_classes} classes; "
               f"{len(train_set)} train / {len(val_set)} val images; lr {args.lr:.3e}; amp {args.amp}; "
               f"world {world}", flush=True)
-        if args.log_dir:
-            from torch.utils.tensorboard import SummaryWriter
-            log_writer = SummaryWriter(log_dir=args.log_dir)
-    start_time = time.time()
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            step0 = start_step if epoch == start_epoch else 0
-            sampler.set_epoch(epoch)
-            sampler.skip = step0 * args.batch_size
-            model.train()
-            train_stats = train_one_epoch(train_model, train_loader, optimizer, scaler, device, epoch, args,
-                                          compute_loss, log_writer=log_writer, header=f"Epoch [{epoch}]",
-                                          stop_flag=stop, start_step=step0)
-            # the loop sums extras over steps and over ranks (right for counts): loss terms are means of both
-            n_steps = max(len(train_loader), 1)
-            for k in [k for k in train_stats if k.startswith("loss_")]:
-                train_stats[k] /= n_steps * world
-            last = epoch + 1 == args.epochs
-            stats = {}
-            if last or (epoch + 1) % args.eval_freq == 0:
-                stats = evaluate(model, val_loader, device, val_set, args.amp, with_masks)
-            improved = bool(stats) and stats["bbox"]["AP"] > best_ap
-            if stats:
-                best_ap = max(best_ap, stats["bbox"]["AP"])
-            numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
-            save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered,
-                                extra_names=("checkpoint-best.pth",) if improved else (),
-                                extra={"best_ap": best_ap})
-            if is_main_process():
-                if stats:
-                    print(f"epoch {epoch}: {_summary(stats)} (best box AP {best_ap * 100:.1f})", flush=True)
-                    (out / f"eval_epoch{epoch}.json").write_text(json.dumps({"epoch": epoch, **stats}, indent=1))
-                record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                          **{f"test_{t}_{k}": v for t, s in stats.items() for k, v in s.items()}}
-                with open(out / "log.txt", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if log_writer is not None:
-                    for t, s in stats.items():
-                        for k in ("AP", "AP50", "AP75"):
-                            log_writer.add_scalar(f"val/{t}_{k}", s[k], epoch)
-                    for k in [k for k in train_stats if k.startswith("loss_")]:
-                        log_writer.add_scalar(f"epoch/{k}", train_stats[k], epoch)
-                    log_writer.add_scalar("epoch/images_per_sec", train_stats["images_per_sec"], epoch)
-                    log_writer.add_scalar("epoch/peak_mem_mb", train_stats["peak_mem_mb"], epoch)
-                    log_writer.flush()
-            if epoch == args.exit_after_epoch and not last:
-                cleanup()
-                return 0
-    except (StopRequested, NonFiniteLossError) as e:
-        return finish_interrupted(e, args, model, optimizer, scaler, stop, extra={"best_ap": best_ap})
-    _log(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}; best box AP "
-         f"{best_ap * 100:.1f}")
-    if log_writer is not None:
-        log_writer.close()
+    run.open_log_writer()
+    run.record.note(start={"epoch": start_epoch, "step": start_step}, num_train=len(train_set),
+                    num_val=len(val_set), num_classes=num_classes, cpu=cpu_note or None)
+    epochs = DetectionEpochs(run, model, train_model, train_loader, val_loader, val_set, optimizer, scaler,
+                             with_masks, start_epoch, best_ap)
+    return run_epochs(run, epochs, model, optimizer, scaler, sampler, start_epoch, start_step)
+
+
+def evaluate_only(run, model, val_loader, val_set, with_masks: bool) -> int:
+    """--eval: COCO AP of the loaded weights on val2017; eval.json."""
+    args = run.args
+    stats = evaluate(model, val_loader, run.device, val_set, args.amp, with_masks)
+    if is_main_process():
+        _log(f"evaluation of {len(val_set)} images: {_summary(stats)}")
+        (Path(args.output_dir) / "eval.json").write_text(
+            json.dumps({"weights": args.resume or args.finetune, **stats}, indent=1))
+        print(summary_line(f"{args.detector} on {args.model} evaluation", "completed", time.time() - run.start_time,
+                           [_summary(stats)], args.output_dir), flush=True)
+        run.record.finish("completed", metrics=stats)
     cleanup()
     return 0
+
+
+class DetectionEpochs(Epochs):
+    """Detection's part of the loop (util.run): the detector's losses through the step loop, COCO
+    evaluation every --eval_freq epochs and after the last, the best box AP."""
+
+    def __init__(self, run, model, train_model, train_loader, val_loader, val_set, optimizer, scaler,
+                 with_masks: bool, start_epoch: int, best_ap: float) -> None:
+        self.run, self.args, self.model, self.train_model = run, run.args, model, train_model
+        self.train_loader, self.val_loader, self.val_set = train_loader, val_loader, val_set
+        self.optimizer, self.scaler, self.with_masks = optimizer, scaler, with_masks
+        self.start_epoch, self.best_ap = start_epoch, best_ap
+        self.stats: dict = {}
+        self.train_stats: dict = {}
+
+    def compute_loss(self, batch):
+        imgs, targets, metas = batch
+        device = self.run.device
+        losses = self.train_model(imgs.to(device, non_blocking=True), [m["size"] for m in metas],
+                                  [_to(t, device) for t in targets])
+        return sum(losses.values()), imgs.shape[0], {k: float(v.detach()) for k, v in losses.items()}
+
+    def train(self, epoch: int, start_step: int) -> dict:
+        stats = train_one_epoch(self.train_model, self.train_loader, self.optimizer, self.scaler, self.run.device,
+                                epoch, self.args, self.compute_loss, log_writer=self.run.log_writer,
+                                header=f"Epoch [{epoch}]", stop_flag=self.run.stop, start_step=start_step)
+        # the loop sums extras over steps and over ranks (right for counts): loss terms are means of both
+        n_steps = max(len(self.train_loader), 1)
+        for k in [k for k in stats if k.startswith("loss_")]:
+            stats[k] /= n_steps * self.run.world
+        self.train_stats = stats
+        return stats
+
+    def evaluate(self, epoch: int, stats: dict, last: bool) -> EpochSave:
+        self.stats = {}
+        if last or (epoch + 1) % self.args.eval_freq == 0:
+            self.stats = evaluate(self.model, self.val_loader, self.run.device, self.val_set, self.args.amp,
+                                  self.with_masks)
+        improved = bool(self.stats) and self.stats["bbox"]["AP"] > self.best_ap
+        if self.stats:
+            self.best_ap = max(self.best_ap, self.stats["bbox"]["AP"])
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
+                  **{f"test_{t}_{k}": v for t, s in self.stats.items() for k, v in s.items()}}
+        return EpochSave(record, extra={"best_ap": self.best_ap},
+                         extra_names=("checkpoint-best.pth",) if improved else ())
+
+    def log(self, epoch: int, stats: dict, last: bool) -> None:
+        if self.stats:
+            print(f"epoch {epoch}: {_summary(self.stats)} (best box AP {self.best_ap * 100:.1f})", flush=True)
+            (Path(self.args.output_dir) / f"eval_epoch{epoch}.json").write_text(
+                json.dumps({"epoch": epoch, **self.stats}, indent=1))
+        writer = self.run.log_writer
+        if writer is not None:
+            for t, s in self.stats.items():
+                for k in ("AP", "AP50", "AP75"):
+                    writer.add_scalar(f"val/{t}_{k}", s[k], epoch)
+            for k in [k for k in stats if k.startswith("loss_")]:
+                writer.add_scalar(f"epoch/{k}", stats[k], epoch)
+            writer.add_scalar("epoch/images_per_sec", stats["images_per_sec"], epoch)
+            writer.add_scalar("epoch/peak_mem_mb", stats["peak_mem_mb"], epoch)
+            writer.flush()
+
+    def interrupted_extra(self) -> dict:
+        return {"best_ap": self.best_ap}
+
+    def complete(self) -> None:
+        if is_main_process():
+            _log(f"training time {datetime.timedelta(seconds=int(time.time() - self.run.start_time))}; best box AP "
+                 f"{self.best_ap * 100:.1f}")
+            self.run.close_log_writer()
+        self.finish("completed", self.args.epochs - 1)
+
+    def finish(self, status: str, last_epoch: int, **extra) -> None:
+        parts = [f"last {_summary(self.stats)}"] if self.stats else []
+        parts.append(f"best box AP {self.best_ap * 100:.1f}")
+        self.run.finish(f"{self.args.detector} on {self.args.model}", status, self.start_epoch, last_epoch, parts,
+                        best_ap=self.best_ap, final_train=self.train_stats or None, final_val=self.stats or None,
+                        **extra)
 
 
 validate_args = _validate  # the public name util/slurm.py calls

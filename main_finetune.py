@@ -23,8 +23,7 @@ from torch.utils.data import DataLoader
 
 import models
 from engine_finetune import evaluate, finetune_one_epoch
-from util.cli import HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args, \
-    ignore_stop_signals, run_main
+from util.cli import HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args, run_main
 from util.cpu_perf import setup_cpu_training
 from util.datasets import (DataError, SeededSampler, ShardSampler, build_finetune_dataset, image_list,
                            num_classes_of, report_left_out)
@@ -37,6 +36,7 @@ from util.lr_decay import param_groups_lrd
 from util.pretrained import load_pretrained
 from util.run import EpochSave, Epochs, effective_lr, run_epochs, start_run, wrap_for_training
 from util.run_record import summary_line
+from util.stop import ignore_stop_signals
 from util.train_state import resume_training_state
 
 

@@ -21,8 +21,7 @@ from torch.utils.data import DataLoader
 import models
 from engine_pretrain import MaskSampler, pretrain_one_epoch
 from util import checkpoint as ckpt_util
-from util.cli import (HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args,
-                      ignore_stop_signals, run_main)
+from util.cli import HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args, run_main
 from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, SeededSampler, build_pretrain_dataset, image_list, report_left_out
 from util.decode import DECODERS, GpuDecodeLoader, use_decoder
@@ -31,6 +30,7 @@ from util.shards import ShardStream, shard_loader
 from util.flag_checks import TRAINING_RULES, at_least, check_existing, check_ranges
 from util.loop import fused_optimizer_ok, make_scaler
 from util.run import Epochs, effective_lr, run_epochs, start_run, wrap_for_training
+from util.stop import ignore_stop_signals
 from util.train_state import resume_training_state
 
 
@@ -217,7 +217,7 @@ def write_figure(args, model, device, epoch: int, log_writer=None) -> Path:
 
 
 def main(args) -> int:
-    run = start_run(args, "main_pretrain", tf32=True)
+    run = start_run(args, "main_pretrain")
     device, world = run.device, run.world
     dataset = build_pretrain_dataset(args)
     collate = use_decoder(dataset, args.decode, args.input_size)  # --decode fast / gpu (util/decode.py)

@@ -28,14 +28,16 @@ from dense.backbone import build_backbone, dense_models, dense_param_groups, has
 from segmentation.data import IterationSampler, SegmentationDataset, TrainTransform, find_pairs, num_chunks
 from segmentation.heads import SegmentationModel
 from segmentation.metrics import class_names_for
-from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, ignore_stop_signals, \
-    run_main, setup_stop_signals
+from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, run_main
 from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, ShardSampler
-from util.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process
-from util.loop import NonFiniteLossError, StopRequested, fused_optimizer_ok, make_scaler, resolve_amp, seed_rngs
+from util.distributed import cleanup, is_main_process
+from util.loop import fused_optimizer_ok, make_scaler
 from util.lr_sched import poly_lr_at
-from util.train_state import finish_interrupted, resume_training_state, save_training_state
+from util.run import EpochSave, Epochs, run_epochs, start_run, wrap_for_training
+from util.run_record import summary_line as run_summary
+from util.stop import ignore_stop_signals
+from util.train_state import resume_training_state
 
 TEST_MODES = ("slide", "whole", "both")
 
@@ -117,9 +119,10 @@ def _validate(args) -> None:
     for flag in ("finetune", "resume"):
         if getattr(args, flag) and not Path(getattr(args, flag)).is_file():
             raise UsageError(f"--{flag} checkpoint {getattr(args, flag)} does not exist")
-    try:
-        args.val_pairs = find_pairs(args.data_path, "val")
-        args.train_pairs = None if args.eval else find_pairs(args.data_path, "train")
+    try:  # the layout and the pairing by name; main reads the sizes once
+        find_pairs(args.data_path, "val", check_sizes=False)
+        if not args.eval:
+            find_pairs(args.data_path, "train", check_sizes=False)
     except DataError as e:
         raise UsageError(str(e)) from None
     check_output_dir(args.output_dir)
@@ -195,15 +198,11 @@ def write_json(path: Path, obj) -> None:
 
 
 def main(args) -> int:
-    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))  # first: a stop during start-up counts
-    init_distributed(args)
-    device = torch.device(args.device)
-    rank, world = get_rank(), get_world_size()
-    args.amp = resolve_amp(args.amp, device)
-    seed_rngs(args.seed, rank)
     args.epochs = num_chunks(args.iters, args.eval_interval)  # one 'epoch' of the shared loop = one interval
+    run = start_run(args, f"main_segmentation ({'eval' if args.eval else 'train'})")
+    device, rank, world = run.device, run.rank, run.world
     names = class_names_for(args.nb_classes)
-    val_pairs = getattr(args, "val_pairs", None) or find_pairs(args.data_path, "val")
+    val_pairs = find_pairs(args.data_path, "val")
     report_skipped("validation", val_pairs)
     val_set = SegmentationDataset(val_pairs, train=False, reduce_zero_label=args.reduce_zero_label,
                                   test_scale=tuple(args.img_scale))
@@ -222,21 +221,15 @@ def main(args) -> int:
     start_chunk, start_step, ckpt = resume_training_state(
         args, model, optimizer, scaler, log=lambda *a, **k: print(*a, **k) if is_main_process() else None)
     best = float(ckpt.get("best_miou", 0.0)) if ckpt else 0.0
-    out_dir = Path(args.output_dir)
 
     if args.eval:
-        results = run_evaluation(model, val_loader, args, device, names)
-        if is_main_process():
-            print(f"evaluation: {summary_line(results)}", flush=True)
-            write_json(out_dir / "eval.json", {"weights": args.resume or args.finetune or "latest", **results})
-        cleanup()
-        return 0
+        return evaluate_only(run, model, val_loader, names)
 
     per_norm = args.batch_size * (world if args.distributed and device.type == "cuda" else 1)
     if per_norm < 2:
         raise UsageError(f"--batch_size {args.batch_size}: the BatchNorm after UperNet's 1x1 pooling needs at least "
                          f"2 images per batch statistic (SyncBatchNorm only on CUDA); use --batch_size 2 or more")
-    train_pairs = getattr(args, "train_pairs", None) or find_pairs(args.data_path, "train")
+    train_pairs = find_pairs(args.data_path, "train")
     report_skipped("training", train_pairs)
     transform = TrainTransform(args.input_size, tuple(args.img_scale), tuple(args.ratio_range), args.cat_max_ratio,
                                photometric=args.photometric)
@@ -246,72 +239,96 @@ def main(args) -> int:
     train_loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size, drop_last=True,
                               num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
                               persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals)
-    chunks = num_chunks(args.iters, args.eval_interval)
-
-    train_model = model
-    sync_note = ""
-    if args.distributed:
-        sync_note = "; SyncBatchNorm" if device.type == "cuda" else "; BatchNorm per rank (SyncBatchNorm needs CUDA)"
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-
-    log_writer = None
+    train_model = wrap_for_training(model, args, device)
     if is_main_process():
+        sync = ("" if not args.distributed else "; SyncBatchNorm" if device.type == "cuda" else
+                "; BatchNorm per rank (SyncBatchNorm needs CUDA)")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"UperNet on {args.model}: {n_params / 1e6:.2f}M parameters; {len(train_set)} train / {len(val_set)} "
               f"val pairs; {args.iters} iterations x {args.batch_size * world} images, evaluation every "
-              f"{args.eval_interval} ({args.test_mode}); lr {args.lr:.3e}; amp {args.amp}; world {world}{sync_note}",
+              f"{args.eval_interval} ({args.test_mode}); lr {args.lr:.3e}; amp {args.amp}; world {world}{sync}",
               flush=True)
-        if args.log_dir:
-            from torch.utils.tensorboard import SummaryWriter
-            log_writer = SummaryWriter(log_dir=args.log_dir)
-    start_time = time.time()
-    try:
-        for chunk in range(start_chunk, chunks):
-            step0 = start_step if chunk == start_chunk else 0
-            sampler.set_epoch(chunk)
-            sampler.skip = step0 * args.batch_size
-            train_stats = train_chunk(train_model, train_loader, optimizer, scaler, device, chunk, args, log_writer,
-                                      stop_flag=stop, start_step=step0)
-            results = run_evaluation(model, val_loader, args, device, names)
-            done_iters = min((chunk + 1) * args.eval_interval, args.iters)
-            miou = next(iter(results.values()))["mIoU"] or 0.0
-            improved = miou > best
-            best = max(best, miou)
-            last = chunk + 1 == chunks
-            numbered = last or (args.save_freq > 0 and (chunk + 1) % args.save_freq == 0)
-            save_training_state(args, chunk, model, optimizer, scaler, numbered=numbered,
-                                extra_names=("checkpoint-best.pth",) if improved else (),
-                                extra={"best_miou": best, "val_miou": miou, "iteration": done_iters})
-            if is_main_process():
-                print(f"iteration {done_iters}: {summary_line(results)} (best mIoU {100 * best:.2f})", flush=True)
-                write_json(out_dir / f"eval_iter_{done_iters}.json", {"iteration": done_iters, **results})
-                record = {"chunk": chunk, "iteration": done_iters,
-                          **{f"train_{k}": v for k, v in train_stats.items()},
-                          **{f"{m}_{k}": r[k] for m, r in results.items() for k in ("mIoU", "mAcc", "aAcc")}}
-                with open(out_dir / "log.txt", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if log_writer is not None:
-                    for m, r in results.items():
-                        for k in ("mIoU", "mAcc", "aAcc"):
-                            if r[k] is not None:
-                                # the step loop's x axis: (chunk + fraction) x 1000
-                                log_writer.add_scalar(f"val_{m}/{k}", r[k], (chunk + 1) * 1000)
-                    log_writer.flush()
-            if chunk == args.exit_after_epoch and not last:
-                cleanup()
-                return 0
-    except (StopRequested, NonFiniteLossError) as e:
-        return finish_interrupted(e, args, model, optimizer, scaler, stop, extra={"best_miou": best})
+    run.open_log_writer()
+    run.record.note(start={"chunk": start_chunk, "step": start_step}, num_train=len(train_set),
+                    num_val=len(val_set), cpu=cpu_note or None)
+    chunks = SegmentationChunks(run, model, train_model, train_loader, val_loader, optimizer, scaler, names,
+                                start_chunk, best)
+    return run_epochs(run, chunks, model, optimizer, scaler, sampler, start_chunk, start_step)
+
+
+def evaluate_only(run, model, val_loader, names) -> int:
+    """--eval: mIoU / mAcc / aAcc of the loaded weights on the validation split; eval.json."""
+    args = run.args
+    results = run_evaluation(model, val_loader, args, run.device, names)
     if is_main_process():
-        print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}; best mIoU "
-              f"{100 * best:.2f}", flush=True)
-        if log_writer is not None:
-            log_writer.close()
+        print(f"evaluation: {summary_line(results)}", flush=True)
+        write_json(Path(args.output_dir) / "eval.json", {"weights": args.resume or args.finetune or "latest",
+                                                         **results})
+        print(run_summary(f"{args.model} segmentation evaluation", "completed", time.time() - run.start_time,
+                          [summary_line(results)], args.output_dir), flush=True)
+        run.record.finish("completed", metrics=results)
     cleanup()
     return 0
+
+
+class SegmentationChunks(Epochs):
+    """Segmentation's part of the loop (util.run): one "epoch" is one evaluation interval of
+    ``--eval_interval`` iterations, evaluated after it (every mode of --test_mode)."""
+
+    def __init__(self, run, model, train_model, train_loader, val_loader, optimizer, scaler, names,
+                 start_chunk: int, best: float) -> None:
+        self.run, self.args, self.model, self.train_model = run, run.args, model, train_model
+        self.train_loader, self.val_loader, self.optimizer, self.scaler = train_loader, val_loader, optimizer, scaler
+        self.names, self.start_chunk, self.best = names, start_chunk, best
+        self.results: dict = {}
+        self.train_stats: dict = {}
+
+    def train(self, chunk: int, start_step: int) -> dict:
+        self.train_stats = train_chunk(self.train_model, self.train_loader, self.optimizer, self.scaler,
+                                       self.run.device, chunk, self.args, self.run.log_writer,
+                                       stop_flag=self.run.stop, start_step=start_step)
+        return self.train_stats
+
+    def evaluate(self, chunk: int, stats: dict, last: bool) -> EpochSave:
+        args = self.args
+        results = self.results = run_evaluation(self.model, self.val_loader, args, self.run.device, self.names)
+        done = min((chunk + 1) * args.eval_interval, args.iters)
+        miou = next(iter(results.values()))["mIoU"] or 0.0
+        improved = miou > self.best
+        self.best = max(self.best, miou)
+        record = {"epoch": chunk, "iteration": done, **{f"train_{k}": v for k, v in stats.items()},
+                  **{f"{m}_{k}": r[k] for m, r in results.items() for k in ("mIoU", "mAcc", "aAcc")}}
+        return EpochSave(record, extra={"best_miou": self.best, "val_miou": miou, "iteration": done},
+                         extra_names=("checkpoint-best.pth",) if improved else ())
+
+    def log(self, chunk: int, stats: dict, last: bool) -> None:
+        done = min((chunk + 1) * self.args.eval_interval, self.args.iters)
+        print(f"iteration {done}: {summary_line(self.results)} (best mIoU {100 * self.best:.2f})", flush=True)
+        write_json(Path(self.args.output_dir) / f"eval_iter_{done}.json", {"iteration": done, **self.results})
+        writer = self.run.log_writer
+        if writer is not None:
+            for m, r in self.results.items():
+                for k in ("mIoU", "mAcc", "aAcc"):
+                    if r[k] is not None:  # the step loop's x axis: (chunk + fraction) x 1000
+                        writer.add_scalar(f"val_{m}/{k}", r[k], (chunk + 1) * 1000)
+            writer.flush()
+
+    def interrupted_extra(self) -> dict:
+        return {"best_miou": self.best}
+
+    def complete(self) -> None:
+        if is_main_process():
+            print(f"training time {datetime.timedelta(seconds=int(time.time() - self.run.start_time))}; best mIoU "
+                  f"{100 * self.best:.2f}", flush=True)
+            self.run.close_log_writer()
+        self.finish("completed", self.args.epochs - 1)
+
+    def finish(self, status: str, last_chunk: int, **extra) -> None:
+        parts = [f"last {summary_line(self.results)}"] if self.results else []
+        parts.append(f"best mIoU {100 * self.best:.2f}")
+        self.run.finish(f"{self.args.model} UperNet segmentation", status, self.start_chunk, last_chunk, parts,
+                        best_miou=self.best, final_train=self.train_stats or None, final_val=self.results or None,
+                        **extra)
 
 
 validate_args = _validate  # the public name util/slurm.py calls

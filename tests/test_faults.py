@@ -217,7 +217,7 @@ def test_rank_exception_reaches_the_log_with_its_rank(monkeypatch, capsys):
 
 @pytest.mark.parametrize("accum", [1, 2, 3, 4, 8])
 def test_ranks_check_for_a_stop_at_least_every_four_optimizer_steps(accum):
-    from util.loop import STOP_CHECK_EVERY, stop_check_due
+    from util.stop import STOP_CHECK_EVERY, stop_check_due
     steps = 101
     boundaries = [s for s in range(steps) if (s + 1) % accum == 0 or s + 1 == steps]
     due = [s for s in boundaries if stop_check_due(s, accum, steps)]

@@ -1,15 +1,10 @@
-"""Command-line pieces shared by the programs: common flags, one-line errors, stop signals."""
+"""Command-line pieces shared by the programs: common flags, validation, one-line errors."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
 import tempfile
-import threading
-import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -149,84 +144,3 @@ def run_main(fn: Callable[[], int]) -> None:
             print(f"{prog}: rank {rank} failed:", file=sys.stderr, flush=True)
         raise
     sys.exit(code)
-
-
-class StopFlag:
-    """Set by a stop signal; ``signum`` remembers which one (the SLURM wrapper requeues on USR2)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signum: int | None = None
-        self.at = 0.0  # time.monotonic() of the first signal
-
-    def __call__(self) -> bool:
-        return self.requested
-
-
-# Each asks for a checkpoint at the next step boundary. SIGUSR2 is SLURM/submitit's preemption signal
-# (the submitit wrapper also requeues on it); SIGINT is Ctrl-C.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
-# The same signal again within this many seconds is the same request, not a second one: a signal sent
-# to a process group reaches a rank directly and again through its launcher, which forwards what it got
-# (torchrun's agent, submitit's local controller).
-REPEAT_WINDOW_S = 3.0
-
-
-def stop_exit_code(signum: int | None) -> int:
-    """Exit status after a stop that wrote its checkpoint: 0 (torchrun and SLURM read success), except
-    130 after Ctrl-C, so that a shell chain (``train && evaluate``) stops as a user who pressed it expects."""
-    return 130 if signum == signal.SIGINT else 0
-
-
-def setup_stop_signals(extra: tuple = ()) -> StopFlag:
-    """SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT (and ``extra``) ask for a checkpoint at the next step boundary;
-    a second signal exits at once with 128 + its number."""
-    state = StopFlag()
-    owner = os.getpid()
-
-    def handler(signum, frame):
-        if os.getpid() != owner:  # a forked DataLoader worker before its worker_init_fn ignored the signals
-            return
-        name = signal.Signals(signum).name
-        if state.requested:
-            if signum == state.signum and time.monotonic() - state.at < REPEAT_WINDOW_S:
-                return
-            # os.write, not print: a handler may interrupt a print of the main thread (reentrant call)
-            os.write(2, f"second signal {name}: exiting now\n".encode())
-            os._exit(128 + signum)
-        state.requested, state.signum, state.at = True, signum, time.monotonic()
-        os.write(2, f"received {name}: checkpointing at the next step boundary\n".encode())
-
-    for sig in STOP_SIGNALS + tuple(extra):
-        try:
-            signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. inside some launchers)
-            warnings.warn("stop signals not installed: not in the main thread")
-            break
-    return state
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore the stop signals, which the main process owns.
-
-    A signal sent to the process group (``kill -- -PGID``, torchrun, scancel, SLURM's preemption
-    signal) reaches every worker too; by default it would kill them, and the main process would fail
-    with 'DataLoader worker is killed by signal' instead of checkpointing."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-@contextlib.contextmanager
-def stop_signals_held():
-    """Block the stop signals while DataLoader workers start: a worker starts with them blocked (under
-    any start method) until ``ignore_stop_signals`` ignores them; the main process receives any that
-    arrived meanwhile when the block ends."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -23,20 +23,12 @@ from torch import Tensor
 from .data_wait import DataWait, warning as data_wait_warning
 from .distributed import all_reduce_mean, get_rank, get_world_size, is_main_process
 from .lr_sched import adjust_learning_rate
+from .stop import StopRequested, agreed_stop, agreed_stop_now, stop_signals_held
 
 
 class NonFiniteLossError(RuntimeError):
     def __init__(self, epoch: int, step: int, value: float) -> None:
         super().__init__(f"non-finite loss ({value}) at epoch {epoch}, step {step}")
-        self.epoch, self.step = epoch, step
-
-
-class StopRequested(Exception):
-    """Raised at a step boundary after a stop signal asked the run to checkpoint and exit; ``step`` is
-    the next step to run (0: before the epoch's first step)."""
-
-    def __init__(self, epoch: int, step: int) -> None:
-        super().__init__(f"stop requested at epoch {epoch}, step {step}")
         self.epoch, self.step = epoch, step
 
 
@@ -88,38 +80,6 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-STOP_CHECK_EVERY = 4  # distributed runs agree on a stop request every N optimizer steps
-
-
-def stop_check_due(step: int, accum: int, steps: int) -> bool:
-    """Whether ranks agree on a stop request at this accumulation boundary: every
-    STOP_CHECK_EVERY optimizer steps (counted in optimizer steps, whatever --accum_iter) and
-    at the end of every epoch. The same answer on every rank."""
-    return ((step + 1) // accum) % STOP_CHECK_EVERY == 0 or step + 1 == steps
-
-
-def _agreed_stop(stop_flag: Callable[[], bool], step: int, accum: int, steps: int, device: torch.device) -> bool:
-    """Whether to stop at this step boundary. Ranks receive a signal at slightly different
-    times, so in a distributed run they agree (all-reduce MAX) every few optimizer steps and
-    all stop at the same step; a single process stops at the first boundary."""
-    if get_world_size() == 1:
-        return stop_flag()
-    if not stop_check_due(step, accum, steps):
-        return False
-    flag = torch.tensor([1.0 if stop_flag() else 0.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def _agreed_stop_now(stop_flag: Callable[[], bool], device: torch.device) -> bool:
-    """Whether any rank has a stop request (every rank calls this at the same point)."""
-    if get_world_size() == 1:
-        return stop_flag()
-    flag = torch.tensor([1.0 if stop_flag() else 0.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
                     scaler: Optional[torch.amp.GradScaler], device: torch.device, epoch: int, args,
                     compute_loss: Callable[[object], tuple[Tensor, int, dict[str, float]]], log_writer=None,
@@ -160,10 +120,9 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
 
     # A stop requested during the last steps of the previous epoch (or during start-up) is honoured
     # here, after that epoch's normal checkpoint and log line: nothing of it is lost.
-    if stop_flag is not None and _agreed_stop_now(stop_flag, device):
+    if stop_flag is not None and agreed_stop_now(stop_flag, device):
         raise StopRequested(epoch, start_step)
-    from .cli import stop_signals_held
-    with stop_signals_held():  # DataLoader workers start with the stop signals blocked (util.cli)
+    with stop_signals_held():  # DataLoader workers start with the stop signals blocked (util.stop)
         batches = iter(loader)
     waited = DataWait()  # time spent waiting for each batch (util/data_wait.py)
     batches = waited.wrap(batches)
@@ -229,7 +188,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                     log_writer.add_scalar("train/data_wait_share", wait_share, x)
         # (not on the last step: the epoch then ends normally and the next one stops before its first step)
         if stop_flag is not None and boundary and step + 1 < steps and \
-                _agreed_stop(stop_flag, step, accum, steps, device):
+                agreed_stop(stop_flag, step, accum, steps, device):
             check_finite()
             raise StopRequested(epoch, step + 1)
 

@@ -5,7 +5,7 @@ A program (main_pretrain.py, main_finetune.py) keeps only what is its own: flags
 optimizer and an ``Epochs`` object with its per-epoch hooks; ``run_epochs`` does the rest, in
 this order per epoch: ``train`` -> ``evaluate`` (what to checkpoint) -> save -> ``log`` (rank 0) ->
 the progress line -> ``--exit_after_epoch``. A stop signal or a non-finite loss ends the loop through
-util.train_state.finish_interrupted (a resumable checkpoint and the exit code), a finished
+util.stop.finish_interrupted (a resumable checkpoint and the exit code), a finished
 schedule through ``complete``.
 """
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .cli import setup_stop_signals
 from .distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
-from .loop import NonFiniteLossError, StopRequested, resolve_amp, seed_rngs
+from .loop import NonFiniteLossError, resolve_amp, seed_rngs
 from .run_record import RunClock, RunRecord, summary_line
-from .train_state import finish_interrupted, save_training_state
+from .stop import StopRequested, finish_interrupted, setup_stop_signals
+from .train_state import save_training_state
 
 
 @dataclass
@@ -61,16 +61,17 @@ class Run:
         self.record.finish(status, epochs_run=ran, last_epoch=last_epoch, **fields)
 
 
-def start_run(args, program: str, tf32: bool = False) -> Run:
+def start_run(args, program: str) -> Run:
     """Stop handlers first (a stop during start-up counts), then the process group, device,
-    precision, seeds, loader workers and the run record."""
-    stop = setup_stop_signals(getattr(args, "extra_stop_signals", ()))
+    precision, seeds, loader workers and the run record. On a GPU every program runs fp32 matmuls
+    and convolutions in TF32 (the same numerics for pretraining, finetuning and dense prediction)."""
+    stop = setup_stop_signals()
     init_distributed(args)
     device = torch.device(args.device)
     rank, world = get_rank(), get_world_size()
     args.amp = resolve_amp(args.amp, device)
     seed_rngs(args.seed, rank)
-    if tf32:
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if args.num_workers is None:

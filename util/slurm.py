@@ -11,7 +11,7 @@
   uninterrupted and a preempted-and-requeued run end with the same weights.
 * SIGTERM / SIGUSR1 / SIGINT checkpoint and exit without requeueing (as outside SLURM).
   SLURM delivers its signals to every process of the job step, DataLoader workers
-  included; those ignore them (util.cli.ignore_stop_signals), so only the ranks act.
+  included; those ignore them (util.stop.ignore_stop_signals), so only the ranks act.
 * MAE's wrapper requeued with ``--resume checkpoint.pth``, a file it never wrote, so a
   requeued job silently restarted from epoch 0; here resumption never depends on a name.
 """
@@ -71,11 +71,11 @@ class Trainer:
             _remove_literal_job_folder(args.job_dir)
         if args.device is None or str(args.device).startswith("cuda"):
             args.device = "cuda" if args.ngpus > 0 and _cuda() else "cpu"
-        args.extra_stop_signals = (signal.SIGUSR2,)
+        from util.stop import stopped_by
         program: ModuleType = importlib.import_module(self.program)
         submitit_handler = signal.getsignal(signal.SIGUSR2)
-        code = program.main(args)
-        if getattr(args, "stop_signal", None) == signal.SIGUSR2 and env.global_rank == 0:
+        code = program.main(args)  # installs the stop handlers (util.stop), SIGUSR2 among them
+        if stopped_by() == signal.SIGUSR2 and env.global_rank == 0:
             # checkpoint written at a step boundary: let submitit requeue through its own handler
             signal.signal(signal.SIGUSR2, submitit_handler)
             signal.raise_signal(signal.SIGUSR2)

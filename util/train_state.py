@@ -251,35 +251,3 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
     else:
         log(f"resumed from {path} (continuing at epoch {epoch}, step {step})", flush=True)
     return epoch, step, ckpt
-
-
-def finish_interrupted(exc: Exception, args, model, optimizer, scaler, stop, extra: Optional[dict] = None) -> int:
-    """End a run cut short by the training loop; returns the exit status.
-
-    StopRequested (a stop signal, honoured at a step boundary): write a mid-epoch checkpoint
-    and exit 0 (130 after SIGINT, util.cli.stop_exit_code). NonFiniteLossError: nothing is
-    saved, the message names the last good checkpoint, exit 1.
-    """
-    import sys
-
-    from .cli import stop_exit_code
-    from .distributed import cleanup
-    from .loop import StopRequested
-    if isinstance(exc, StopRequested):
-        args.stop_signal = int(stop.signum) if stop.signum is not None else None
-        code = stop_exit_code(stop.signum)
-        if exc.step == 0:
-            # before the first step of an epoch: the end-of-epoch checkpoint of epoch - 1 is already on
-            # disk (written by the normal path, or the one this run resumed from)
-            where = f"the end of epoch {exc.epoch - 1} (already on disk)" if exc.epoch > 0 else "none needed"
-        else:
-            save_training_state(args, exc.epoch, model, optimizer, scaler, next_step=exc.step, extra=extra)
-            where = f"epoch {exc.epoch}, step {exc.step}"
-        if is_main_process():
-            print(f"stop signal: checkpoint written at {where}; exiting with status {code}", flush=True)
-        cleanup()
-        return code
-    good = ckpt_util.list_checkpoints(args.output_dir)
-    print(f"error: {exc}; stopping. Last good checkpoint: {good[0] if good else 'none'}", file=sys.stderr, flush=True)
-    cleanup()
-    return 1

@@ -1,0 +1,184 @@
+"""Stopping a run: stop signals, the agreement of ranks on a stop, and the end of an interrupted run.
+
+A cluster stops a job by signalling every process of it: torchrun forwards what its agent receives,
+SLURM signals the whole job step (SIGUSR2 ahead of preemption, SIGTERM at the time limit), and
+``kill -- -PGID`` reaches DataLoader workers as well as ranks. The ranks turn the first signal into a
+request (``StopFlag``), agree on the step at which to honour it (``agreed_stop``), write a resumable
+checkpoint there and exit 0 (``finish_interrupted``); workers ignore the signals, which the ranks own.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from . import checkpoint as ckpt_util
+from .distributed import cleanup, get_world_size, is_main_process
+from .train_state import save_training_state
+
+_installed: Optional["StopFlag"] = None
+
+
+class StopFlag:
+    """Set by a stop signal; ``signum`` remembers which one (the SLURM wrapper requeues on USR2)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self.at = 0.0  # time.monotonic() of the first signal
+        self.honoured = False  # the run wrote its checkpoint and ended because of it
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+# Each asks for a checkpoint at the next step boundary. SIGUSR2 is SLURM/submitit's preemption signal
+# (the submitit wrapper also requeues on it); SIGINT is Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+# The same signal again within this many seconds is the same request, not a second one: a signal sent
+# to a process group reaches a rank directly and again through its launcher, which forwards what it got
+# (torchrun's agent, submitit's local controller).
+REPEAT_WINDOW_S = 3.0
+
+
+def stop_exit_code(signum: int | None) -> int:
+    """Exit status after a stop that wrote its checkpoint: 0 (torchrun and SLURM read success), except
+    130 after Ctrl-C, so that a shell chain (``train && evaluate``) stops as a user who pressed it expects."""
+    return 130 if signum == signal.SIGINT else 0
+
+
+def setup_stop_signals() -> StopFlag:
+    """SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT ask for a checkpoint at the next step boundary; a second
+    signal exits at once with 128 + its number. Signals belong to the process, so the flag does too:
+    ``stopped_by`` reads the one installed last."""
+    global _installed
+    state = _installed = StopFlag()
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:  # a forked DataLoader worker before its worker_init_fn ignored the signals
+            return
+        name = signal.Signals(signum).name
+        if state.requested:
+            if signum == state.signum and time.monotonic() - state.at < REPEAT_WINDOW_S:
+                return
+            # os.write, not print: a handler may interrupt a print of the main thread (reentrant call)
+            os.write(2, f"second signal {name}: exiting now\n".encode())
+            os._exit(128 + signum)
+        state.requested, state.signum, state.at = True, signum, time.monotonic()
+        os.write(2, f"received {name}: checkpointing at the next step boundary\n".encode())
+
+    for sig in STOP_SIGNALS:
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. inside some launchers)
+            warnings.warn("stop signals not installed: not in the main thread")
+            break
+    return state
+
+
+def stopped_by() -> int | None:
+    """The signal that ended this process's last run with a checkpoint (None: it was not stopped).
+    The SLURM wrapper requeues when this is SIGUSR2."""
+    return _installed.signum if _installed is not None and _installed.honoured else None
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore the stop signals, which the main process owns.
+
+    A signal sent to the process group (``kill -- -PGID``, torchrun, scancel, SLURM's preemption
+    signal) reaches every worker too; by default it would kill them, and the main process would fail
+    with 'DataLoader worker is killed by signal' instead of checkpointing."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Block the stop signals while DataLoader workers start: a worker starts with them blocked (under
+    any start method) until ``ignore_stop_signals`` ignores them; the main process receives any that
+    arrived meanwhile when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class StopRequested(Exception):
+    """Raised at a step boundary after a stop signal asked the run to checkpoint and exit; ``step`` is
+    the next step to run (0: before the epoch's first step)."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"stop requested at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+STOP_CHECK_EVERY = 4  # distributed runs agree on a stop request every N optimizer steps
+
+
+def stop_check_due(step: int, accum: int, steps: int) -> bool:
+    """Whether ranks agree on a stop request at this accumulation boundary: every
+    STOP_CHECK_EVERY optimizer steps (counted in optimizer steps, whatever --accum_iter) and
+    at the end of every epoch. The same answer on every rank."""
+    return ((step + 1) // accum) % STOP_CHECK_EVERY == 0 or step + 1 == steps
+
+
+def agreed_stop(stop_flag: Callable[[], bool], step: int, accum: int, steps: int, device: torch.device) -> bool:
+    """Whether to stop at this step boundary. Ranks receive a signal at slightly different
+    times, so in a distributed run they agree (all-reduce MAX) every few optimizer steps and
+    all stop at the same step; a single process stops at the first boundary."""
+    if get_world_size() == 1:
+        return stop_flag()
+    if not stop_check_due(step, accum, steps):
+        return False
+    flag = torch.tensor([1.0 if stop_flag() else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def agreed_stop_now(stop_flag: Callable[[], bool], device: torch.device) -> bool:
+    """Whether any rank has a stop request (every rank calls this at the same point)."""
+    if get_world_size() == 1:
+        return stop_flag()
+    flag = torch.tensor([1.0 if stop_flag() else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def finish_interrupted(exc: Exception, args, model, optimizer, scaler, stop, extra: Optional[dict] = None) -> int:
+    """End a run cut short by the training loop; returns the exit status.
+
+    StopRequested (a stop signal, honoured at a step boundary): write a mid-epoch checkpoint
+    and exit 0 (130 after SIGINT, ``stop_exit_code``). NonFiniteLossError: nothing is
+    saved, the message names the last good checkpoint, exit 1.
+    """
+    if isinstance(exc, StopRequested):
+        stop.honoured = True
+        code = stop_exit_code(stop.signum)
+        if exc.step == 0:
+            # before the first step of an epoch: the end-of-epoch checkpoint of epoch - 1 is already on
+            # disk (written by the normal path, or the one this run resumed from)
+            where = f"the end of epoch {exc.epoch - 1} (already on disk)" if exc.epoch > 0 else "none needed"
+        else:
+            save_training_state(args, exc.epoch, model, optimizer, scaler, next_step=exc.step, extra=extra)
+            where = f"epoch {exc.epoch}, step {exc.step}"
+        if is_main_process():
+            print(f"stop signal: checkpoint written at {where}; exiting with status {code}", flush=True)
+        cleanup()
+        return code
+    good = ckpt_util.list_checkpoints(args.output_dir)
+    print(f"error: {exc}; stopping. Last good checkpoint: {good[0] if good else 'none'}", file=sys.stderr, flush=True)
+    cleanup()
+    return 1
