@@ -5,24 +5,25 @@ units of another image and reconstructs *both* images from the one mixed input:
 
 1. **Pairing.** Image n is mixed with image ``N-1-n`` of the same batch (the
    batch flipped along dim 0).
-2. **Mixing.** On the mask-unit grid (32-px units, ``token_size = img_size // 32``
-   per side: the stride of the last Swin stage; other patch sizes and stage counts
-   give other units), the mask ``m`` says which units of mixed
-   sample n come from the partner. The mixing is done on the patch embeddings
-   (equivalent to mixing pixels: the 4x4 patch embedding is per patch); then a
-   frozen 2-D sin-cos absolute position embedding (``pos_embed``) is added.
-3. **Encoder.** Swin without shifted windows, windows 14/14/14/7 at 224 px (a
+2. **Mixing.** On the mask-unit grid (the stride of the last stage: 32-px units,
+   ``token_size = img_size // 32`` per side, for the original's patch 4 and four
+   stages), the mask ``m`` says which units of mixed sample n come from the
+   partner. The mixing is done on the patch embeddings (equivalent to mixing
+   pixels: the patch embedding is per patch); then a frozen 2-D sin-cos absolute
+   position embedding (``pos_embed``) is added.
+3. **Encoder.** Swin without shifted windows (windows 14/14/14/7 at 224 px; a
    map no larger than its window is one global window). In every window and
    every stage, each token attends only to tokens of its own source image
    (boolean "same image" mask folded into the relative-position bias as -inf,
-   through ``scaled_dot_product_attention``). The 32-px units are aligned with
-   every 2x2 patch merge, so merging never mixes the two images either: the
-   output of image n's tokens depends on image n's pixels only.
+   through ``scaled_dot_product_attention``). The units are aligned with every
+   2x2 patch merge, so merging never mixes the two images either: the output of
+   image n's tokens depends on image n's pixels only.
 4. **Unmixing.** The latent (N, L, C) is projected to the 512-d decoder and
    split into 2N full-length sequences: sequence n keeps mixed sample n's own
    tokens and puts the ``mask_token`` where the partner was; sequence N+n keeps
    the partner's tokens and puts the mask token elsewhere. An 8-block ViT
-   decoder with a fixed sin-cos position reconstructs 32x32x3 pixels per unit.
+   decoder with a fixed sin-cos position reconstructs each unit's pixels
+   (32x32x3 for 32-px units).
 5. **Dual reconstruction.** Image n's hidden units (``m[n]``) are predicted
    by sequence n; its other units were hidden in mixed sample ``N-1-n`` and are
    predicted by sequence ``N + (N-1-n)``. Put together, ``pred[n]`` is a
@@ -31,12 +32,12 @@ units of another image and reconstructs *both* images from the one mixed input:
    units of all images (the original's single mean over both halves).
 
 Masks. main_pretrain draws an independent random mask per sample
-(``models.masking.random_mask``, ``--mask_ratio 0.5``). Complementary
-reconstruction needs both members of a pair to share their mask, so **the pair
-(n, N-1-n) uses the mask row ``min(n, N-1-n)``** (the rows of the second half
-are ignored) and ``forward`` returns the mask actually used. The original draws
-one mask per batch; when all rows are equal this model is exactly that, and
-otherwise every pair gets its own random mask (more diversity, same algorithm).
+(``models.masking.random_mask``). Complementary reconstruction needs both
+members of a pair to share their mask, so **the pair (n, N-1-n) uses the mask
+row ``min(n, N-1-n)``** (the rows of the second half are ignored) and
+``forward`` returns the mask actually used. The original draws one mask per
+batch; when all rows are equal this model is exactly that, and otherwise every
+pair gets its own random mask (more diversity, same algorithm).
 
 Mask semantics (the ``mask`` returned by ``forward``): ``mask[n, u] = True``
 means unit u of mixed sample n was taken from the partner, i.e. image n's unit
@@ -55,40 +56,11 @@ mask per window and head, (N*nW, heads, n, n), the size of the attention logits
 (at 224 px, batch 128, bf16: about 0.63 GB per stage-1 block, 0.16 GB per
 stage-3 block, kept for backward). The decoder sees 2N sequences of L tokens.
 
-Finetuning (the original's recipe, for FINETUNE.md):
-  * classifiers ``mixmim_{base,large,huge}_cls`` (224 px; ``mixmim_{base,large}_384_cls``
-    with windows 16/16/24/12 at 384 px; ``mixmim_pico_cls`` for tests): the same encoder (frozen sin-cos
-    ``pos_embed`` kept), token-wise final ``norm``, global average pool, ``head``;
-    a pretraining checkpoint loads with only ``head.*`` missing (and the decoder
-    and ``mask_token`` unexpected);
-  * 100 epochs, batch 1024 (128 x 8 GPUs), blr 5e-4 (lr 2e-3), warmup 5 epochs,
-    min_lr 1e-6, AdamW betas (0.9, 0.999), weight decay 0.05, **layer decay 0.7**,
-    **drop_path 0.1**, RandAug rand-m9-mstd0.5-inc1, label smoothing 0.1, mixup
-    0.8, cutmix 1.0, random erasing 0.25, AMP; eval: resize 256 / crop 224 bicubic;
-  * head init: trunc-normal std 2e-5, zero bias (the MAE trick);
-  * layer-wise lr decay (``lrd_layer_id``): ``patch_embed``/``pos_embed`` -> 0;
-    block j (counted over all stages, 0-based) -> j + 1 (1..24 for depths 2/2/18/2);
-    the patch merging at the end of stage s -> the id of stage s+1's first block;
-    everything else (``norm``, ``head``) -> 24 = sum(depths), and
-    ``lrd_num_layers() = sum(depths) + 1`` = 25, so with scale = decay**(25 - id)
-    the head trains at 0.7x lr, not 1.0x (the original's quirk, reproduced);
-  * at 384 px the relative-position tables must be resized (bicubic) and the
-    position embedding interpolated; ``relative_position_index`` is a
-    non-persistent buffer here (the original drops it when loading).
-
-Pretraining recipe (original): 600 epochs, batch 2048 (128 x 16 GPUs), blr 1.5e-4
-(lr 1.2e-3), AdamW (0.9, 0.95), weight decay 0.05 (``mask_token`` and the
-relative-position tables are decayed too), warmup 40 epochs + cosine to 0,
-mask ratio 0.5, ``--norm_pix_loss``, RandomResizedCrop(0.2-1, bicubic) + flip, AMP.
-Targets: 85.1 (B/W14, 600 ep), 85.9 (L/W14), 84.6 (B, 300 ep).
-
-Initialisation (the original's, pretraining and finetuning models alike): every
-Linear xavier-uniform with zero bias (encoder included), LayerNorm 1/0, the
-patch-embedding convolution PyTorch's default, relative-position tables
-trunc-normal 0.02, ``mask_token`` normal 0.02. Every LayerNorm has PyTorch's
-eps 1e-5, the decoder blocks' included (timm's ``Block`` would default to 1e-6).
-Finetuning decays the relative-position tables (the original's
-``no_weight_decay()`` is empty; only 1-D tensors are exempt).
+Classifiers (``MixMIMClassifier``): ``mixmim_{base,large,huge}_cls`` at 224 px,
+``mixmim_{base,large}_384_cls`` (windows 16/16/24/12) and ``mixmim_pico_cls`` for
+tests. The same encoder (frozen sin-cos ``pos_embed`` kept), token-wise final
+``norm``, global average pool, ``head``; a pretraining checkpoint loads with only
+``head.*`` missing (the decoder and ``mask_token`` unexpected).
 """
 from __future__ import annotations
 
@@ -227,6 +199,7 @@ class MixWindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        # non-persistent: the original drops the index when loading, so its checkpoints lack it
         self.register_buffer("relative_position_index", relative_index(window_size), persistent=False)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
@@ -339,6 +312,10 @@ class MixMIMEncoder(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
 
     def _init_weights(self) -> None:
+        """The original's initialisation, pretraining and finetuning models alike: every Linear
+        xavier-uniform with zero bias (encoder included), LayerNorm 1/0, the patch-embedding
+        convolution left at PyTorch's default; the relative-position tables (trunc-normal 0.02) and
+        ``mask_token`` (normal 0.02) are drawn where they are built."""
         init_modules(self.modules(), conv="keep")
 
     def _check_imgs(self, imgs: Tensor) -> None:
@@ -397,6 +374,7 @@ class MixMIMPretrain(MixMIMEncoder, PretrainModel):
         self.decoder_embed = nn.Linear(self.num_features, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(sincos_2d(decoder_embed_dim, self.token_size), requires_grad=False)
+        # norm_layer=nn.LayerNorm: PyTorch's eps 1e-5 like every LayerNorm here (timm's Block defaults to 1e-6)
         self.decoder_blocks = nn.ModuleList([
             Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
             for _ in range(decoder_depth)])
@@ -505,11 +483,16 @@ class MixMIMClassifier(MixMIMEncoder, Classifier):
         finetuning (its ``no_weight_decay()`` is empty; 1-D tensors are exempt by their shape)."""
         return {"pos_embed"}
 
-    # layer-wise lr decay, the original's rule (see the module docstring)
+    # layer-wise lr decay, the original's rule
     def lrd_num_layers(self) -> int:
         return sum(self.depths) + 1
 
     def lrd_layer_id(self, param_name: str) -> int:
+        """``patch_embed`` / ``pos_embed`` -> 0; block j, counted over all stages from 0, -> j + 1;
+        the patch merging at the end of stage s -> the id of stage s+1's first block; everything
+        else (``norm``, ``head``) -> ``sum(depths)``. With ``lrd_num_layers() = sum(depths) + 1``
+        and scale = decay ** (num_layers - id), the head trains at ``decay`` x lr, not 1.0x: the
+        original's quirk, reproduced (depths 2/2/18/2: blocks 1..24, head 24, num_layers 25)."""
         if param_name.startswith(("patch_embed", "pos_embed")):
             return 0
         if param_name.startswith("layers."):
