@@ -93,7 +93,7 @@ class PretrainModel:
 
 
 def blocks_layer_id(name: str, num_layers: int) -> int:
-    """The reference's layer ids for a flat ``blocks`` list (Swin, PVT, ViT; spec §5.2):
+    """The reference's layer ids for a flat ``blocks`` list (Swin, PVT, ViT):
     0 for the stem (``cls_token``, ``pos_embed``, ``patch_embed.*``), i + 1 for ``blocks.i.*``
     (a patch merging owned by block i shares its id), ``num_layers`` for the rest (norm, head)."""
     if name in ("cls_token", "pos_embed", "mask_token", "vis_mask_token") or name.startswith("patch_embed"):

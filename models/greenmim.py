@@ -18,13 +18,13 @@ linear patch merging, the same parameter names), run on the visible tokens alone
    is the proven least-cost grouping when the plan is ``certified`` (always with at most 12
    windows, where an exact search runs when best-fit decreasing misses the lower bound);
    above 12 windows an uncertified plan is a heuristic (best-fit decreasing) that can cost
-   more than the optimum (a review measured up to 4-9%). With per-sample masks the windows of the whole
-   batch are packed together. Attention runs as one ``scaled_dot_product_attention`` call
+   more than the optimum. With per-sample masks the windows of the whole batch are packed
+   together. Attention runs as one ``scaled_dot_product_attention`` call
    with an additive block-diagonal mask: a token sees only tokens of its own window, with the
    relative position bias looked up from true coordinates; padding slots see only themselves.
    Norms, MLPs and the q/k/v/output projections run on the unpacked visible tokens.
 4. A one-block 512-d ViT decoder gets every latent at its *true* unit (the original placed
-   the visible latents at permuted positions, spec A8), mask tokens elsewhere, plus fixed
+   the visible latents at permuted positions), mask tokens elsewhere, plus fixed
    sin-cos positions, and predicts 32x32x3 pixels per unit; norm-pix MSE on masked units.
 
 Planning a batch costs one device-to-host copy (the window-size histograms of every stage

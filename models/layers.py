@@ -77,7 +77,8 @@ class StagePyramid:
 
 
 def init_reference_weights(model: nn.Module) -> None:
-    """The reference initialisation of the Swin / PVT models (spec §3.6)."""
+    """The reference initialisation of the Swin / PVT models: ``init_modules`` (conv fan_out), then
+    the patch-embedding convolution xavier-uniform on its (out, in*k*k) view."""
     init_modules(model.modules())
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None:

@@ -15,7 +15,7 @@ Pyramid models (UM-MAE, arXiv 2205.10063):
 
 Decoder position order. The reference adds to the token of group t the position
 of the t-th kept unit in *raster* order rather than of group t's own unit, so
-most visible decoder tokens get another unit's position (spec §3.3).
+most visible decoder tokens get another unit's position.
 ``reference_decoder_order=False`` (default) gives each token its own unit's
 position; ``True`` reproduces the reference exactly, which the released full
 checkpoints need for faithful reconstructions.

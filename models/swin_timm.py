@@ -21,7 +21,7 @@ class SwinClassifier(SwinTransformer, Classifier):
     """timm ``SwinTransformer`` with the layer ids of the layer-wise lr decay.
 
     Layer ids follow the SimMIM fine-tuning code that GreenMIM's checkpoints were fine-tuned
-    with (spec A10), translated to timm's layout:
+    with, translated to timm's layout:
       * 0: ``patch_embed.*`` (and an absolute position embedding, if any);
       * ``b + 1`` for the b-th block counted over all stages (``layers.s.blocks.j``:
         ``b = depths[0] + ... + depths[s-1] + j``);

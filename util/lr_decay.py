@@ -1,6 +1,6 @@
 """Layer-wise learning-rate decay parameter groups (BEiT / MAE style, the reference's layer ids).
 
-Layer ids for the Swin, PVT and ViT models of this framework (spec §5.2):
+Layer ids for the Swin, PVT and ViT models of this framework:
   * 0: ``cls_token``, ``pos_embed``, ``patch_embed.*``;
   * i + 1: ``blocks.i.*`` (the patch merging owned by block i shares its id);
   * ``num_layers = len(blocks) + 1``: everything else (``fc_norm``, ``head``, ...).
