@@ -4,12 +4,11 @@
         --finetune work_dirs/finetune_mae_swin_tiny_256/checkpoint-99.pth \
         --data_path /path/to/coco --output_dir work_dirs/gfl_swin_tiny --log_dir work_dirs/gfl_swin_tiny
 
-The reference's recipe (spec §8.1) is the default: GFL (ATSS, QFL, DFL, GIoU) on LN + Linear
-adapters and FPN 256 from stride 8 with 5 levels; 1024-px crops of a 0.1-2.0x resize, flip;
-AdamW lr 1e-4, wd 0.05 (none for pos_embed, norms, biases), 2,000 warmup iterations, cosine
-to 0.01x, 25 epochs, 2 images per GPU. ``--detector mask_rcnn``: torchvision's Mask R-CNN on
-the same backbone and adapters (box and mask AP). Evaluation: the 12 COCO numbers by
-pycocotools after every ``--eval_freq`` epochs, as JSON (``eval_epoch{E}.json``).
+``--detector gfl`` (default) is the reference's detector: GFL (ATSS, QFL, DFL, GIoU) on LN + Linear
+adapters and an FPN; ``--detector mask_rcnn``: torchvision's Mask R-CNN on the same backbone and
+adapters (box and mask AP). Every flag defaults to the reference's recipe (DETECTION.md, "Flags").
+Evaluation: the 12 COCO numbers by pycocotools after every ``--eval_freq`` epochs, as JSON
+(``eval_epoch{E}.json``).
 """
 from __future__ import annotations
 

@@ -1,13 +1,12 @@
 """Finetuning, linear probing and k-NN evaluation of pretrained encoders, under torchrun.
 
-    torchrun --nproc_per_node=8 main_finetune.py --input_size 256 --batch_size 64 --accum_iter 2 \
-        --model swin_tiny_256 --finetune ./work_dirs/pretrain_mae_swin_tiny_256/checkpoint-199.pth \
-        --epochs 100 --blr 5e-4 --layer_decay 0.85 --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 \
-        --mixup 0.8 --cutmix 1.0 --dist_eval --data_path /path/to/ImageNet/ --output_dir ... --log_dir ...
+    torchrun --nproc_per_node=8 main_finetune.py --model swin_tiny_256 ...(the recipe's flags) \
+        --finetune ./work_dirs/pretrain_mae_swin_tiny_256/checkpoint-199.pth \
+        --data_path /path/to/ImageNet/ --output_dir ...
 
 Modes: default = finetuning; ``--linprobe`` = frozen encoder + BatchNorm (no affine) + linear
 head, LARS (main_linprobe.py sets MAE's recipe); ``--knn`` = k-NN accuracy of frozen features;
-``--eval`` = evaluate the weights only. See FINETUNE.md.
+``--eval`` = evaluate the weights only. The recipes, with their full commands, are in FINETUNE.md.
 """
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
-"""Masked-image-modeling pretraining (UM-MAE, MAE, SimMIM) under torchrun.
+"""Masked-image-modeling pretraining (UM-MAE, MAE, SimMIM, GreenMIM, MixMAE, Hiera MAE) under torchrun.
 
-    torchrun --nproc_per_node=8 main_pretrain.py --batch_size 128 --accum_iter 4 \
-        --model mae_swin_tiny_256 --mask_regular --vis_mask_ratio 0.25 --input_size 256 --token_size 16 \
-        --norm_pix_loss --mask_ratio 0.75 --epochs 200 --warmup_epochs 10 --blr 1.5e-4 --weight_decay 0.05 \
-        --data_path /path/to/ImageNet/ --output_dir ./work_dirs/pretrain_mae_swin_tiny_256 --log_dir ...
+    torchrun --nproc_per_node=8 main_pretrain.py --model mae_swin_tiny_256 ...(the recipe's flags) \
+        --data_path /path/to/ImageNet/ --output_dir ./work_dirs/pretrain_mae_swin_tiny_256
 
-Without --data_path it trains on the bundled sample photographs. See PRETRAIN.md.
+Without --data_path it trains on the bundled sample photographs. The recipes, with their full
+commands, are in PRETRAIN.md.
 """
 from __future__ import annotations
 

@@ -4,11 +4,9 @@
         --finetune ./work_dirs/finetune_mae_swin_tiny_256/checkpoint-99.pth \
         --data_path /path/to/ADEChallengeData2016 --output_dir ./work_dirs/seg_swin_tiny --log_dir ...
 
-Defaults are the reference's recipe (spec §8.2): 2 images/GPU, 512 crops, AdamW 1e-4 (0.9, 0.999),
-weight decay 0.05, poly schedule with 1,500 warmup iterations, 160k iterations, sliding-window
-evaluation every 16k. Training is counted in iterations: the step loop's "epoch" is one
-evaluation interval (``--eval_interval`` iterations), and checkpoints record that chunk.
-``--eval`` evaluates the weights only. See SEGMENTATION.md.
+Every flag defaults to the reference's recipe (SEGMENTATION.md, "What each flag does"). Training
+is counted in iterations: the step loop's "epoch" is one evaluation interval (``--eval_interval``
+iterations), and checkpoints record that chunk. ``--eval`` evaluates the weights only.
 """
 from __future__ import annotations
 

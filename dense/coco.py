@@ -3,7 +3,7 @@
 Layout (``--data_path``): ``annotations/instances_{train,val}2017.json`` and the images in
 ``train2017/``, ``val2017/``.
 
-Training pipeline (spec §8.1, mmdet 2.x semantics): resize so that the long side is
+Training pipeline (the reference's, mmdet 2.x semantics): resize so that the long side is
 ``input_size * r``, r ~ U(ratio_range), keeping the aspect ratio; random crop of
 ``input_size x input_size`` (or the whole side when smaller) that keeps at least one box
 (10 tries); drop boxes under 0.01 px; horizontal flip with p = 0.5; zero-pad to

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from .backbone import DenseBackbone
@@ -25,7 +24,7 @@ from .neck import DenseNeck
 
 class GFLDetector(nn.Module):
     """Backbone -> LN + Linear adapters (768) -> FPN 256 from stride 8, extra convs on output,
-    5 levels (strides 8 ... 128) -> GFL head (spec §8.1)."""
+    5 levels (strides 8 ... 128) -> GFL head: the reference's detector."""
 
     def __init__(self, backbone: DenseBackbone, num_classes: int, adapter_dim: int = 768, fpn_dim: int = 256,
                  neck_norm: str = "bn", **head_kwargs) -> None:

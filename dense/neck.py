@@ -1,6 +1,6 @@
 """Adapters and FPN between a dense backbone and a detection head.
 
-The reference (spec §8.1): every used backbone map -> LayerNorm + Linear(C -> 768) ("upK")
+As the reference: every used backbone map -> LayerNorm + Linear(C -> 768) ("upK")
 -> FPN with 256 channels (torchvision's FeaturePyramidNetwork), lateral and output convs
 normalised (BatchNorm, SyncBatchNorm under DDP on CUDA), no activations.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Optional
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool

@@ -1,4 +1,4 @@
-"""ADE20K-layout segmentation data and the reference's pipelines (mmseg's ADE20K configs, spec §8.2).
+"""ADE20K-layout segmentation data and the reference's pipelines (mmseg's ADE20K configs).
 
 Layout (ADEChallengeData2016)::
 
@@ -9,17 +9,18 @@ An image and its annotation share a file stem. Annotations are single-channel la
 with ``reduce_zero_label`` (ADE20K) label 0 ("other") becomes 255 (ignored) and every other
 label is reduced by one, so the 150 classes are 0..149.
 
-Training pipeline, per sample, all random draws from one generator seeded by (seed, pass, index)
-so that any number of workers and a resumed run give the same crops:
-  1. resize keeping the ratio into scale (2048, 512) x r, r ~ U(0.5, 2.0) (mmcv ``rescale``:
-     the long side <= 2048 r and the short side <= 512 r); bilinear image, nearest labels;
-  2. random 512 x 512 crop, redrawn up to 10 times until no class covers >= 75% of the
-     labelled pixels of the crop and more than one class is present (``cat_max_ratio``);
-  3. horizontal flip with probability 0.5;
-  4. photometric distortion: brightness +-32, then contrast x[0.5, 1.5] either first or last
-     (coin), saturation x[0.5, 1.5], hue +-18 (of OpenCV's 180), each with probability 0.5;
-  5. ImageNet normalisation; pad to 512 x 512 (image 0, labels 255).
-Evaluation: resize keeping the ratio into (2048, 512); labels stay at the original size.
+Training pipeline (``TrainTransform``; its defaults are mmseg's, listed in SEGMENTATION.md), per
+sample, all random draws from one generator seeded by (seed, pass, index) so that any number of
+workers and a resumed run give the same crops:
+  1. resize keeping the ratio into ``scale`` x r, r ~ U(``ratio_range``) (mmcv ``rescale``: the
+     long side <= max(scale) r and the short side <= min(scale) r); bilinear image, nearest labels;
+  2. random ``crop`` x ``crop`` window, redrawn up to 10 times until no class covers
+     >= ``cat_max_ratio`` of the labelled pixels of the crop and more than one class is present;
+  3. horizontal flip with probability ``flip_prob``;
+  4. photometric distortion (``photometric_distortion``): brightness, then contrast either first
+     or last (coin), saturation, hue, each applied with probability 0.5;
+  5. ImageNet normalisation; pad to ``crop`` x ``crop`` (image 0, labels 255, the ignore index).
+Evaluation (``test_resize``): resize keeping the ratio into ``scale``; labels stay at the original size.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""UperNet + FCN auxiliary head on a feature pyramid: the reference's SEG model (spec §8.2).
+"""UperNet + FCN auxiliary head on a feature pyramid: the reference's SEG model.
 
     backbone stages (N, C_s, H/4/2**s, W/4/2**s), s = 0..3
       -> adapters: Conv1x1(C_s -> 768) per stage
