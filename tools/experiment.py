@@ -358,18 +358,19 @@ def plot(result: dict, out: Path) -> list[Path]:
     paths.append(out / "top1_vs_labels.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
     main = f"l{result['setup']['main_budget']}"
-    for i, (name, row) in enumerate(arms.items()):
-        if "pretrain_wall_s" in row and main in row["finetune"]:
-            ax.errorbar(row["pretrain_wall_s"], row["finetune"][main]["mean"], yerr=row["finetune"][main]["std"],
-                        fmt="o", color=f"C{i}", label=name, capsize=3)
+    pretrained = [(n, r) for n, r in arms.items() if "pretrain_wall_s" in r and main in r["finetune"]]
+    markers = "osD^vP*Xph"
+    for i, (name, row) in enumerate(pretrained):  # one colour and marker per arm (at most 10 arms)
+        ax.errorbar(row["pretrain_wall_s"], row["finetune"][main]["mean"], yerr=row["finetune"][main]["std"],
+                    fmt=markers[i % len(markers)], color=f"C{i % 10}", label=name, capsize=3)
     for name, ls in (("scratch_swin", "--"), ("scratch_pvt", ":")):
         if name in arms and main in arms[name]["finetune"]:
             ax.axhline(arms[name]["finetune"][main]["mean"], color="k", ls=ls, lw=1, label=f"{name} (no pretraining)")
     ax.set_xlabel("pretraining wall time (s; 1 thread, 2 programs on 2 cores)")
     ax.set_ylabel(f"finetuned top-1, {main[1:]} labels/class (%)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(out / "top1_vs_pretrain_time.png")
