@@ -13,7 +13,6 @@ Evaluation: the 12 COCO numbers by pycocotools after every ``--eval_freq`` epoch
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import time
@@ -243,12 +242,14 @@ class DetectionEpochs(Epochs):
     """Detection's part of the loop (util.run): the detector's losses through the step loop, COCO
     evaluation every --eval_freq epochs and after the last, the best box AP."""
 
+    best_key = "best_ap"
+
     def __init__(self, run, model, train_model, train_loader, val_loader, val_set, optimizer, scaler,
                  with_masks: bool, start_epoch: int, best_ap: float) -> None:
-        self.run, self.args, self.model, self.train_model = run, run.args, model, train_model
+        super().__init__(run, start_epoch, best_ap)
+        self.model, self.train_model = model, train_model
         self.train_loader, self.val_loader, self.val_set = train_loader, val_loader, val_set
         self.optimizer, self.scaler, self.with_masks = optimizer, scaler, with_masks
-        self.start_epoch, self.best_ap = start_epoch, best_ap
         self.stats: dict = {}
         self.train_stats: dict = {}
 
@@ -275,17 +276,17 @@ class DetectionEpochs(Epochs):
         if last or (epoch + 1) % self.args.eval_freq == 0:
             self.stats = evaluate(self.model, self.val_loader, self.run.device, self.val_set, self.args.amp,
                                   self.with_masks)
-        improved = bool(self.stats) and self.stats["bbox"]["AP"] > self.best_ap
+        improved = bool(self.stats) and self.stats["bbox"]["AP"] > self.best
         if self.stats:
-            self.best_ap = max(self.best_ap, self.stats["bbox"]["AP"])
+            self.best = max(self.best, self.stats["bbox"]["AP"])
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
                   **{f"test_{t}_{k}": v for t, s in self.stats.items() for k, v in s.items()}}
-        return EpochSave(record, extra={"best_ap": self.best_ap},
+        return EpochSave(record, extra={"best_ap": self.best},
                          extra_names=("checkpoint-best.pth",) if improved else ())
 
     def log(self, epoch: int, stats: dict, last: bool) -> None:
         if self.stats:
-            print(f"epoch {epoch}: {_summary(self.stats)} (best box AP {self.best_ap * 100:.1f})", flush=True)
+            print(f"epoch {epoch}: {_summary(self.stats)} (best box AP {self.best * 100:.1f})", flush=True)
             (Path(self.args.output_dir) / f"eval_epoch{epoch}.json").write_text(
                 json.dumps({"epoch": epoch, **self.stats}, indent=1))
         writer = self.run.log_writer
@@ -295,25 +296,15 @@ class DetectionEpochs(Epochs):
                     writer.add_scalar(f"val/{t}_{k}", s[k], epoch)
             for k in [k for k in stats if k.startswith("loss_")]:
                 writer.add_scalar(f"epoch/{k}", stats[k], epoch)
-            writer.add_scalar("epoch/images_per_sec", stats["images_per_sec"], epoch)
-            writer.add_scalar("epoch/peak_mem_mb", stats["peak_mem_mb"], epoch)
-            writer.flush()
 
-    def interrupted_extra(self) -> dict:
-        return {"best_ap": self.best_ap}
-
-    def complete(self) -> None:
-        if is_main_process():
-            _log(f"training time {datetime.timedelta(seconds=int(time.time() - self.run.start_time))}; best box AP "
-                 f"{self.best_ap * 100:.1f}")
-            self.run.close_log_writer()
-        self.finish("completed", self.args.epochs - 1)
+    def best_text(self) -> str:
+        return f"best box AP {self.best * 100:.1f}"
 
     def finish(self, status: str, last_epoch: int, **extra) -> None:
         parts = [f"last {_summary(self.stats)}"] if self.stats else []
-        parts.append(f"best box AP {self.best_ap * 100:.1f}")
+        parts.append(f"best box AP {self.best * 100:.1f}")
         self.run.finish(f"{self.args.detector} on {self.args.model}", status, self.start_epoch, last_epoch, parts,
-                        best_ap=self.best_ap, final_train=self.train_stats or None, final_val=self.stats or None,
+                        best_ap=self.best, final_train=self.train_stats or None, final_val=self.stats or None,
                         **extra)
 
 

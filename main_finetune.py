@@ -11,7 +11,6 @@ head, LARS (main_linprobe.py sets MAE's recipe); ``--knn`` = k-NN accuracy of fr
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import time
 from pathlib import Path
@@ -360,12 +359,15 @@ class FinetuneEpochs(Epochs):
     """Finetuning's part of the epoch loop (util.run): the supervised epoch, evaluation every
     --eval_freq epochs and after the last, the best checkpoint and the summary."""
 
+    best_key = "best_acc1"
+
     def __init__(self, run, model, train_model, criterion, train_loader, val_loader, optimizer, scaler, mixup_fn,
                  shard_eval: bool, start_epoch: int, best_acc: float) -> None:
-        self.run, self.args, self.model, self.train_model, self.criterion = run, run.args, model, train_model, criterion
+        super().__init__(run, start_epoch, best_acc)
+        self.model, self.train_model, self.criterion = model, train_model, criterion
         self.train_loader, self.val_loader, self.optimizer, self.scaler = train_loader, val_loader, optimizer, scaler
-        self.mixup_fn, self.shard_eval, self.start_epoch = mixup_fn, shard_eval, start_epoch
-        self.best_acc, self.best_epoch, self.train_stats, self.test_stats = best_acc, None, {}, {}
+        self.mixup_fn, self.shard_eval = mixup_fn, shard_eval
+        self.best_epoch, self.train_stats, self.test_stats = None, {}, {}
         self.evaluated = False
 
     def train(self, epoch: int, start_step: int) -> dict:
@@ -378,14 +380,14 @@ class FinetuneEpochs(Epochs):
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
         self.evaluated = last or (epoch + 1) % self.args.eval_freq == 0
         if not self.evaluated:
-            return EpochSave(record, extra={"best_acc1": self.best_acc})
+            return EpochSave(record, extra={"best_acc1": self.best})
         test = self.test_stats = evaluate(self.model, self.val_loader, self.run.device, self.args.amp,
                                           sharded=self.shard_eval)
-        improved = test["acc1"] > self.best_acc
-        self.best_acc = max(self.best_acc, test["acc1"])
+        improved = test["acc1"] > self.best
+        self.best = max(self.best, test["acc1"])
         self.best_epoch = epoch if improved else self.best_epoch
         return EpochSave({**record, **{f"test_{k}": v for k, v in test.items()}},
-                         extra={"best_acc1": self.best_acc, "val_acc1": test["acc1"]},
+                         extra={"best_acc1": self.best, "val_acc1": test["acc1"]},
                          extra_names=("checkpoint-best.pth",) if improved else ())
 
     def log(self, epoch: int, stats: dict, last: bool) -> None:
@@ -393,35 +395,22 @@ class FinetuneEpochs(Epochs):
             return
         test, writer = self.test_stats, self.run.log_writer
         print(f"epoch {epoch}: val top-1 {test['acc1']:.2f}%  top-5 {test['acc5']:.2f}%  "
-              f"(best {self.best_acc:.2f}%)", flush=True)
-        if stats.get("skipped_images"):
-            print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {epoch} "
-                  f"(all ranks)", flush=True)
+              f"(best {self.best:.2f}%)", flush=True)
         if writer is not None:
             for k in ("acc1", "acc5", "loss"):
                 writer.add_scalar(f"val/{k}", test[k], epoch)
-            writer.add_scalar("epoch/images_per_sec", stats["images_per_sec"], epoch)
-            writer.add_scalar("epoch/peak_mem_mb", stats["peak_mem_mb"], epoch)
-            writer.flush()
 
-    def interrupted_extra(self) -> dict:
-        return {"best_acc1": self.best_acc}
-
-    def complete(self) -> None:
-        if is_main_process():
-            print(f"training time {datetime.timedelta(seconds=int(time.time() - self.run.start_time))}; best top-1 "
-                  f"{self.best_acc:.2f}%", flush=True)
-            self.run.close_log_writer()
-        self.finish("completed", self.args.epochs - 1)
+    def best_text(self) -> str:
+        return f"best top-1 {self.best:.2f}%"
 
     def finish(self, status: str, last_epoch: int, **extra) -> None:
         parts = [f"last val top-1 {self.test_stats['acc1']:.2f}%"] if self.test_stats else []
-        parts.append(f"best val top-1 {self.best_acc:.2f}%" +
+        parts.append(f"best val top-1 {self.best:.2f}%" +
                      (f" (epoch {self.best_epoch})" if self.best_epoch is not None else ""))
         if self.train_stats:
             parts.append(f"final train loss {self.train_stats['loss']:.4f}")
         what = f"{self.args.model} {'linear probe' if self.args.linprobe else 'finetuning'}"
-        self.run.finish(what, status, self.start_epoch, last_epoch, parts, best_acc1=self.best_acc,
+        self.run.finish(what, status, self.start_epoch, last_epoch, parts, best_acc1=self.best,
                         best_epoch=self.best_epoch, final_train=self.train_stats or None,
                         final_val=self.test_stats or None, **extra)
 

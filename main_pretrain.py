@@ -271,9 +271,10 @@ class PretrainEpochs(Epochs):
     TensorBoard scalars, reconstruction figures and summary."""
 
     def __init__(self, run, model, train_model, loader, optimizer, scaler, masks, start_epoch: int) -> None:
-        self.run, self.args, self.model, self.train_model = run, run.args, model, train_model
+        super().__init__(run, start_epoch)
+        self.model, self.train_model = model, train_model
         self.loader, self.optimizer, self.scaler, self.masks = loader, optimizer, scaler, masks
-        self.start_epoch, self.stats = start_epoch, {}
+        self.stats = {}
 
     def train(self, epoch: int, start_step: int) -> dict:
         self.masks.set_epoch(epoch, start_step, self.args.batch_size)
@@ -284,12 +285,6 @@ class PretrainEpochs(Epochs):
 
     def log(self, epoch: int, stats: dict, last: bool) -> None:
         writer, args = self.run.log_writer, self.args
-        if writer is not None:
-            for key in ("loss", "images_per_sec", "peak_mem_mb"):
-                writer.add_scalar(f"epoch/{key}", stats[key], epoch)
-            writer.flush()
-        if stats.get("skipped_images"):
-            print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {epoch} (all ranks)")
         if args.vis_freq > 0 and (epoch + 1) % args.vis_freq == 0 and not last:
             write_figure(args, self.model, self.run.device, epoch, writer)
 

@@ -11,7 +11,6 @@ iterations), and checkpoints record that chunk. ``--eval`` evaluates the weights
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import time
@@ -273,11 +272,14 @@ class SegmentationChunks(Epochs):
     """Segmentation's part of the loop (util.run): one "epoch" is one evaluation interval of
     ``--eval_interval`` iterations, evaluated after it (every mode of --test_mode)."""
 
+    best_key = "best_miou"
+
     def __init__(self, run, model, train_model, train_loader, val_loader, optimizer, scaler, names,
                  start_chunk: int, best: float) -> None:
-        self.run, self.args, self.model, self.train_model = run, run.args, model, train_model
+        super().__init__(run, start_chunk, best)
+        self.model, self.train_model = model, train_model
         self.train_loader, self.val_loader, self.optimizer, self.scaler = train_loader, val_loader, optimizer, scaler
-        self.names, self.start_chunk, self.best = names, start_chunk, best
+        self.names = names
         self.results: dict = {}
         self.train_stats: dict = {}
 
@@ -309,22 +311,14 @@ class SegmentationChunks(Epochs):
                 for k in ("mIoU", "mAcc", "aAcc"):
                     if r[k] is not None:  # the step loop's x axis: (chunk + fraction) x 1000
                         writer.add_scalar(f"val_{m}/{k}", r[k], (chunk + 1) * 1000)
-            writer.flush()
 
-    def interrupted_extra(self) -> dict:
-        return {"best_miou": self.best}
-
-    def complete(self) -> None:
-        if is_main_process():
-            print(f"training time {datetime.timedelta(seconds=int(time.time() - self.run.start_time))}; best mIoU "
-                  f"{100 * self.best:.2f}", flush=True)
-            self.run.close_log_writer()
-        self.finish("completed", self.args.epochs - 1)
+    def best_text(self) -> str:
+        return f"best mIoU {100 * self.best:.2f}"
 
     def finish(self, status: str, last_chunk: int, **extra) -> None:
         parts = [f"last {summary_line(self.results)}"] if self.results else []
         parts.append(f"best mIoU {100 * self.best:.2f}")
-        self.run.finish(f"{self.args.model} UperNet segmentation", status, self.start_chunk, last_chunk, parts,
+        self.run.finish(f"{self.args.model} UperNet segmentation", status, self.start_epoch, last_chunk, parts,
                         best_miou=self.best, final_train=self.train_stats or None, final_val=self.results or None,
                         **extra)
 

@@ -10,6 +10,7 @@ schedule through ``complete``.
 """
 from __future__ import annotations
 
+import datetime
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -106,7 +107,16 @@ class EpochSave:
 
 
 class Epochs:
-    """A program's per-epoch hooks; ``run_epochs`` calls them in the order of the module docstring."""
+    """A program's per-epoch hooks; ``run_epochs`` calls them in the order of the module docstring.
+
+    A program that keeps a best score names its checkpoint field in ``best_key``, updates
+    ``self.best`` and says in ``best_text`` how to print it: a stopped run's checkpoint then carries
+    it, and the end of the run reports it."""
+
+    best_key: str = ""            # e.g. "best_acc1"; empty: no best score
+
+    def __init__(self, run: Run, start_epoch: int, best: float = 0.0) -> None:
+        self.run, self.args, self.start_epoch, self.best = run, run.args, start_epoch, best
 
     def train(self, epoch: int, start_step: int) -> dict:
         raise NotImplementedError
@@ -115,17 +125,39 @@ class Epochs:
         return EpochSave({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}})
 
     def log(self, epoch: int, stats: dict, last: bool) -> None:
-        """Rank 0, after the checkpoint: TensorBoard, warnings, figures."""
+        """Rank 0, after the checkpoint: the program's own TensorBoard scalars, figures."""
+
+    def best_text(self) -> str:
+        """The best score as the end-of-training line prints it, e.g. 'best top-1 67.30%'."""
+        return ""
 
     def interrupted_extra(self) -> Optional[dict]:
         """Extra fields of the checkpoint a stop or failure writes."""
-        return None
+        return {self.best_key: self.best} if self.best_key else None
 
     def finish(self, status: str, last_epoch: int, **extra) -> None:
         """The summary line and the run record's end."""
 
     def complete(self) -> None:
-        """The schedule ran to its end (every rank): final figure, summary."""
+        """The schedule ran to its end (every rank): the training time, then ``finish``."""
+        if is_main_process():
+            best = self.best_text()
+            print(f"training time {datetime.timedelta(seconds=int(time.time() - self.run.start_time))}"
+                  + (f"; {best}" if best else ""), flush=True)
+            self.run.close_log_writer()
+        self.finish("completed", self.args.epochs - 1)
+
+
+def log_epoch_stats(run: Run, epoch: int, stats: dict) -> None:
+    """Rank 0: what every program reports per epoch (loss, speed, memory, unreadable images)."""
+    if stats.get("skipped_images"):
+        print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {epoch} (all ranks)",
+              flush=True)
+    if run.log_writer is not None:
+        for key in ("loss", "images_per_sec", "peak_mem_mb"):
+            if key in stats:
+                run.log_writer.add_scalar(f"epoch/{key}", stats[key], epoch)
+        run.log_writer.flush()
 
 
 def run_epochs(run: Run, epochs: Epochs, model: nn.Module, optimizer, scaler, sampler, start_epoch: int,
@@ -146,6 +178,7 @@ def run_epochs(run: Run, epochs: Epochs, model: nn.Module, optimizer, scaler, sa
                                 extra=save.extra, extra_names=save.extra_names)
             if is_main_process():
                 epochs.log(epoch, stats, last)
+                log_epoch_stats(run, epoch, stats)
                 print(clock.line(epoch), flush=True)
             if epoch == args.exit_after_epoch and not last:
                 if is_main_process():
