@@ -26,7 +26,7 @@ import models
 from dense.backbone import build_backbone, dense_param_groups, has_pyramid
 from dense.coco import CocoDetection, check_layout, coco_evaluate, collate, to_coco_results
 from dense.detector import DETECTORS, build_detector
-from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, run_main
+from util.cli import UsageError, add_common_args, check_output_dirs, finalize_common_args, run_main
 from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, SeededSampler, ShardSampler
 from util.distributed import cleanup, get_world_size, is_dist, is_main_process
@@ -104,9 +104,7 @@ def _validate(args) -> None:
         check_layout(args.data_path, ["val"] if args.eval else ["train", "val"])
     except DataError as e:
         raise UsageError(str(e)) from None
-    check_output_dir(args.output_dir)
-    if args.log_dir:
-        check_output_dir(args.log_dir)
+    check_output_dirs(args)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 import models
 from engine_finetune import evaluate, finetune_one_epoch
-from util.cli import HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args, run_main
+from util.cli import HelpFormatter, UsageError, add_common_args, check_output_dirs, finalize_common_args, run_main
 from util.cpu_perf import setup_cpu_training
 from util.datasets import (DataError, SeededSampler, ShardSampler, build_finetune_dataset, image_list,
                            num_classes_of, report_left_out)
@@ -180,9 +180,7 @@ def validate_args(args) -> None:
             report_left_out(split)
     args.num_train = len(train) if train is not None else 0
     args.num_val = len(val)
-    check_output_dir(args.output_dir)
-    if args.log_dir:
-        check_output_dir(args.log_dir)
+    check_output_dirs(args)
 
 
 def parse_args(argv=None, defaults: dict | None = None) -> argparse.Namespace:

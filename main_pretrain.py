@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 import models
 from engine_pretrain import MaskSampler, pretrain_one_epoch
 from util import checkpoint as ckpt_util
-from util.cli import HelpFormatter, UsageError, add_common_args, check_output_dir, finalize_common_args, run_main
+from util.cli import HelpFormatter, UsageError, add_common_args, check_output_dirs, finalize_common_args, run_main
 from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, SeededSampler, build_pretrain_dataset, image_list, report_left_out
 from util.decode import DECODERS, GpuDecodeLoader, use_decoder
@@ -120,9 +120,7 @@ def validate_args(args) -> None:
         raise UsageError(str(e)) from None
     args.num_images = len(images)
     report_left_out(images)
-    check_output_dir(args.output_dir)
-    if args.log_dir:
-        check_output_dir(args.log_dir)
+    check_output_dirs(args)
 
 
 def _describe(args, kwargs: dict) -> models.PretrainContract:

@@ -25,7 +25,7 @@ from dense.backbone import build_backbone, dense_models, dense_param_groups, has
 from segmentation.data import IterationSampler, SegmentationDataset, TrainTransform, find_pairs, num_chunks
 from segmentation.heads import SegmentationModel
 from segmentation.metrics import class_names_for
-from util.cli import UsageError, add_common_args, check_output_dir, finalize_common_args, run_main
+from util.cli import UsageError, add_common_args, check_output_dirs, finalize_common_args, run_main
 from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, ShardSampler
 from util.distributed import cleanup, is_main_process
@@ -122,9 +122,7 @@ def _validate(args) -> None:
             find_pairs(args.data_path, "train", check_sizes=False)
     except DataError as e:
         raise UsageError(str(e)) from None
-    check_output_dir(args.output_dir)
-    if args.log_dir:
-        check_output_dir(args.log_dir)
+    check_output_dirs(args)
 
 
 def parse_args(argv=None, defaults: dict | None = None) -> argparse.Namespace:

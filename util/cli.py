@@ -124,6 +124,13 @@ def check_output_dir(path: str) -> None:
         raise UsageError(f"output folder {path} is not writable: {e.strerror or e}") from None
 
 
+def check_output_dirs(args) -> None:
+    """--output_dir and, when given, --log_dir: created and writable, or one line."""
+    check_output_dir(args.output_dir)
+    if args.log_dir:
+        check_output_dir(args.log_dir)
+
+
 def run_main(fn: Callable[[], int]) -> None:
     """Run a program's main; usage and checkpoint errors become one line on stderr."""
     prog = os.path.basename(sys.argv[0])
