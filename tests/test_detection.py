@@ -188,6 +188,11 @@ def test_program_trains_evaluates_and_resumes_exactly(tiny_coco, tmp_path):
     log = [json.loads(l) for l in (tmp_path / "a" / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and all(r["train_loss"] > 0 for r in log)
     assert {"train_loss_cls", "train_loss_bbox", "train_loss_dfl", "test_bbox_AP"} <= set(log[0])
+    # the shared run skeleton: one record per invocation, each with its end and the best box AP
+    first, second = (json.loads((tmp_path / "b" / f"run-00{i}.json").read_text())["finished"] for i in (1, 2))
+    assert (first["status"], first["epochs_run"], second["status"], second["epochs_run"]) == \
+        ("exited after epoch", 1, "completed", 1)
+    assert second["best_ap"] == torch.load(tmp_path / "b" / "checkpoint-last.pth", weights_only=False)["best_ap"]
 
 
 def test_mask_rcnn_program_reports_box_and_mask_ap(tiny_coco, tmp_path):

@@ -226,6 +226,27 @@ def test_ranks_check_for_a_stop_at_least_every_four_optimizer_steps(accum):
     assert max(gaps) <= STOP_CHECK_EVERY, (accum, due[:6])
 
 
+def test_stopped_by_names_the_signal_only_once_the_stop_was_honoured(tmp_path):
+    """The SLURM wrapper requeues when stopped_by() is SIGUSR2: a signal that arrived but did not end
+    the run with a checkpoint must not count, and the next run's flag starts clean."""
+    import argparse
+    from util.stop import STOP_SIGNALS, StopRequested, finish_interrupted, setup_stop_signals, stopped_by
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        stop = setup_stop_signals()
+        assert stopped_by() is None
+        signal.raise_signal(signal.SIGUSR2)
+        assert stop() and stop.signum == signal.SIGUSR2 and stopped_by() is None   # requested, not honoured
+        args = argparse.Namespace(output_dir=str(tmp_path))
+        assert finish_interrupted(StopRequested(0, 0), args, None, None, None, stop) == 0  # nothing to save
+        assert stopped_by() == signal.SIGUSR2
+        setup_stop_signals()                        # a new run in the same process
+        assert stopped_by() is None
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_complete_epoch_beats_a_mid_epoch_checkpoint_of_the_same_epoch(tmp_path):
     save_atomic({"model": {}, "epoch": 3, "next_step": 5}, tmp_path / "checkpoint-last.pth")
     save_atomic({"model": {}, "epoch": 3}, tmp_path / "checkpoint-3.pth")

@@ -188,7 +188,11 @@ def test_train_loss_falls_metrics_json_and_exact_resume(toy, tmp_path, monkeypat
     result = json.loads((full / "eval_iter_9.json").read_text())["slide"]
     assert set(result["per_class"]) == {f"class_{i}" for i in range(NUM_CLASSES)} and result["images"] == 3
     assert 0 <= result["mIoU"] <= 1
-    capsys.readouterr()
+    # the shared run skeleton: a run record with its end, and the best score in the checkpoint
+    run = json.loads((full / "run-001.json").read_text())
+    assert run["program"] == "main_segmentation (train)" and run["finished"]["status"] == "completed"
+    assert run["finished"]["best_miou"] == safe_load(full / "checkpoint-last.pth")["best_miou"]
+    assert "summary: swin_pico_128 UperNet segmentation completed" in capsys.readouterr().out
 
     # interrupted mid-chunk by a stop signal (at the 5th fetched batch, i.e. inside chunk 1), then resumed
     part = tmp_path / "part"
@@ -206,6 +210,8 @@ def test_train_loss_falls_metrics_json_and_exact_resume(toy, tmp_path, monkeypat
     assert run_seg(common + ["--output_dir", str(part)]) == 0
     ckpt = safe_load(part / "checkpoint-last.pth")
     assert (ckpt["epoch"], ckpt["next_step"]) == (1, 2)
+    assert ckpt["best_miou"] == safe_load(part / "checkpoint-0.pth")["best_miou"]  # a stop keeps the best score
+    assert json.loads((part / "run-001.json").read_text())["finished"]["status"] == "stopped"
     monkeypatch.setattr(SegmentationDataset, "__getitem__", original)
     assert run_seg(common + ["--output_dir", str(part)]) == 0
     assert "continuing at epoch 1, step 2" in capsys.readouterr().out
