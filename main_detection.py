@@ -31,7 +31,7 @@ from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, SeededSampler, ShardSampler
 from util.distributed import cleanup, get_world_size, is_dist, is_main_process
 from util.loop import autocast, fused_optimizer_ok, make_scaler, train_one_epoch
-from util.run import EpochSave, Epochs, run_epochs, start_run, wrap_for_training
+from util.run import EpochSave, Epochs, require_a_batch, run_epochs, start_run, wrap_for_training
 from util.run_record import summary_line
 from util.stop import ignore_stop_signals
 from util.train_state import resume_training_state
@@ -200,9 +200,7 @@ def main(args) -> int:
         return evaluate_only(run, model, val_loader, val_set, with_masks)
 
     train_loader, sampler = _loader(train_set, args, True, world, rank, divisor)
-    if len(train_loader) == 0:
-        raise UsageError(f"{len(train_set)} training images are fewer than one global batch "
-                         f"({args.batch_size} x {world}): lower --batch_size")
+    require_a_batch(len(train_loader), len(train_set), args, world)
     # the shared loop's schedule is in epochs: warmup iterations and the cosine floor converted
     steps_per_epoch = len(train_loader) / args.accum_iter
     args.warmup_epochs = args.warmup_iters / steps_per_epoch
@@ -279,8 +277,7 @@ class DetectionEpochs(Epochs):
             self.best = max(self.best, self.stats["bbox"]["AP"])
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
                   **{f"test_{t}_{k}": v for t, s in self.stats.items() for k, v in s.items()}}
-        return EpochSave(record, extra={"best_ap": self.best},
-                         extra_names=("checkpoint-best.pth",) if improved else ())
+        return EpochSave(record, extra_names=("checkpoint-best.pth",) if improved else ())
 
     def log(self, epoch: int, stats: dict, last: bool) -> None:
         if self.stats:

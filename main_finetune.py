@@ -32,7 +32,7 @@ from util.distributed import cleanup, is_main_process
 from util.loop import fused_optimizer_ok, make_scaler
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_pretrained
-from util.run import EpochSave, Epochs, effective_lr, run_epochs, start_run, wrap_for_training
+from util.run import EpochSave, Epochs, effective_lr, require_a_batch, run_epochs, start_run, wrap_for_training
 from util.run_record import summary_line
 from util.stop import ignore_stop_signals
 from util.train_state import resume_training_state
@@ -280,9 +280,7 @@ def main(args) -> int:
 
     train_set = build_finetune_dataset(args, "train")
     train_loader, sampler = make_loader(train_set, args, True, world, rank)
-    if len(train_loader) == 0:
-        raise UsageError(f"{len(train_set)} training images are fewer than one global batch "
-                         f"({args.batch_size} x {world}): lower --batch_size")
+    require_a_batch(len(train_loader), len(train_set), args, world)
     mixup_fn, criterion = make_criterion(args)
     train_model = wrap_for_training(model, args, device)
     if is_main_process():
@@ -378,14 +376,14 @@ class FinetuneEpochs(Epochs):
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
         self.evaluated = last or (epoch + 1) % self.args.eval_freq == 0
         if not self.evaluated:
-            return EpochSave(record, extra={"best_acc1": self.best})
+            return EpochSave(record)
         test = self.test_stats = evaluate(self.model, self.val_loader, self.run.device, self.args.amp,
                                           sharded=self.shard_eval)
         improved = test["acc1"] > self.best
         self.best = max(self.best, test["acc1"])
         self.best_epoch = epoch if improved else self.best_epoch
         return EpochSave({**record, **{f"test_{k}": v for k, v in test.items()}},
-                         extra={"best_acc1": self.best, "val_acc1": test["acc1"]},
+                         extra={"val_acc1": test["acc1"]},
                          extra_names=("checkpoint-best.pth",) if improved else ())
 
     def log(self, epoch: int, stats: dict, last: bool) -> None:

@@ -28,7 +28,7 @@ from util.distributed import is_main_process
 from util.shards import ShardStream, shard_loader
 from util.flag_checks import TRAINING_RULES, at_least, check_existing, check_ranges
 from util.loop import fused_optimizer_ok, make_scaler
-from util.run import Epochs, effective_lr, run_epochs, start_run, wrap_for_training
+from util.run import Epochs, effective_lr, require_a_batch, run_epochs, start_run, wrap_for_training
 from util.stop import ignore_stop_signals
 from util.train_state import resume_training_state
 
@@ -230,9 +230,7 @@ def main(args) -> int:
     if args.decode == "gpu":
         loader = GpuDecodeLoader(loader, args.input_size, device)
     steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise UsageError(f"{len(dataset)} training images are fewer than one global batch "
-                         f"({args.batch_size} x {world} GPUs): lower --batch_size")
+    require_a_batch(steps_per_epoch, len(dataset), args, world)
 
     model = models.create_model(args.model, **model_kwargs(args, models.describe(args.model))).to(device)
     contract = model.contract

@@ -296,7 +296,7 @@ class SegmentationChunks(Epochs):
         self.best = max(self.best, miou)
         record = {"epoch": chunk, "iteration": done, **{f"train_{k}": v for k, v in stats.items()},
                   **{f"{m}_{k}": r[k] for m, r in results.items() for k in ("mIoU", "mAcc", "aAcc")}}
-        return EpochSave(record, extra={"best_miou": self.best, "val_miou": miou, "iteration": done},
+        return EpochSave(record, extra={"val_miou": miou, "iteration": done},
                          extra_names=("checkpoint-best.pth",) if improved else ())
 
     def log(self, chunk: int, stats: dict, last: bool) -> None:

@@ -88,7 +88,7 @@ PATCH = 4  # the original's patch; with 4 stages its mask unit (the last stage's
 # ------------------------------------------------------------------ helpers
 
 def mixmim_sizes_ok(img_size: int, window_sizes: Sequence[int], patch_size: int = PATCH) -> bool:
-    """Whether a square input works: whole 32-px units, and at every stage the
+    """Whether a square input works: whole mask units, and at every stage the
     token map is either no larger than the window (one global window) or a
     multiple of it."""
     if img_size <= 0 or img_size % unit_px(patch_size, len(window_sizes)):

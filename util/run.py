@@ -1,8 +1,8 @@
 """The run skeleton every training program shares: start-up, model wrapping, the epoch loop with its
 checkpoint cadence and stop handling, and the end of the run record.
 
-A program (main_pretrain.py, main_finetune.py) keeps only what is its own: flags, data set, model,
-optimizer and an ``Epochs`` object with its per-epoch hooks; ``run_epochs`` does the rest, in
+A program (main_pretrain.py, main_finetune.py, main_detection.py, main_segmentation.py) keeps only
+what is its own: flags, data set, model, optimizer and an ``Epochs`` object with its per-epoch hooks; ``run_epochs`` does the rest, in
 this order per epoch: ``train`` -> ``evaluate`` (what to checkpoint) -> save -> ``log`` (rank 0) ->
 the progress line -> ``--exit_after_epoch``. A stop signal or a non-finite loss ends the loop through
 util.stop.finish_interrupted (a resumable checkpoint and the exit code), a finished
@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .cli import UsageError
 from .distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
 from .loop import NonFiniteLossError, resolve_amp, seed_rngs
 from .run_record import RunClock, RunRecord, summary_line
@@ -102,7 +103,7 @@ def wrap_for_training(model: nn.Module, args, device: torch.device) -> nn.Module
 class EpochSave:
     """What one epoch's checkpoint holds beyond the training state."""
     log_record: dict                          # the line of log.txt
-    extra: Optional[dict] = None              # extra checkpoint fields (e.g. best_acc1)
+    extra: Optional[dict] = None              # this epoch's checkpoint fields beyond checkpoint_extra()
     extra_names: tuple[str, ...] = ()         # extra copies (e.g. checkpoint-best.pth)
 
 
@@ -131,9 +132,9 @@ class Epochs:
         """The best score as the end-of-training line prints it, e.g. 'best top-1 67.30%'."""
         return ""
 
-    def interrupted_extra(self) -> Optional[dict]:
-        """Extra fields of the checkpoint a stop or failure writes."""
-        return {self.best_key: self.best} if self.best_key else None
+    def checkpoint_extra(self) -> dict:
+        """Fields every checkpoint of this run carries, a stopped run's included: the best score."""
+        return {self.best_key: self.best} if self.best_key else {}
 
     def finish(self, status: str, last_epoch: int, **extra) -> None:
         """The summary line and the run record's end."""
@@ -146,6 +147,13 @@ class Epochs:
                   + (f"; {best}" if best else ""), flush=True)
             self.run.close_log_writer()
         self.finish("completed", self.args.epochs - 1)
+
+
+def require_a_batch(steps: int, num_images: int, args, world: int) -> None:
+    """A training set smaller than one global batch gives epochs of no step: say so before any work."""
+    if steps == 0:
+        raise UsageError(f"{num_images} training images are fewer than one global batch "
+                         f"({args.batch_size} x {world} processes): lower --batch_size")
 
 
 def log_epoch_stats(run: Run, epoch: int, stats: dict) -> None:
@@ -175,7 +183,8 @@ def run_epochs(run: Run, epochs: Epochs, model: nn.Module, optimizer, scaler, sa
             save = epochs.evaluate(epoch, stats, last)
             numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
             save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered, log_record=save.log_record,
-                                extra=save.extra, extra_names=save.extra_names)
+                                extra={**epochs.checkpoint_extra(), **(save.extra or {})},
+                                extra_names=save.extra_names)
             if is_main_process():
                 epochs.log(epoch, stats, last)
                 log_epoch_stats(run, epoch, stats)
@@ -187,7 +196,7 @@ def run_epochs(run: Run, epochs: Epochs, model: nn.Module, optimizer, scaler, sa
                 cleanup()
                 return 0
     except (StopRequested, NonFiniteLossError) as e:
-        code = finish_interrupted(e, args, model, optimizer, scaler, run.stop, extra=epochs.interrupted_extra())
+        code = finish_interrupted(e, args, model, optimizer, scaler, run.stop, extra=epochs.checkpoint_extra())
         epochs.finish("stopped" if isinstance(e, StopRequested) else "failed", e.epoch - 1, reason=str(e))
         return code
     epochs.complete()
