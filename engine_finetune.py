@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from util.distributed import is_dist
-from util.loop import autocast, train_one_epoch
+from engine.distributed import is_dist
+from engine.step import autocast, train_one_epoch
 
 
 def finetune_one_epoch(model, criterion, loader, optimizer, scaler, device, epoch, args, mixup_fn=None,

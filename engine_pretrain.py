@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 
 from models.masking import draw_masks, secondary_mask
-from util.distributed import get_rank, get_world_size
-from util.loop import train_one_epoch
+from engine.distributed import get_rank, get_world_size
+from engine.step import train_one_epoch
 
 
 class MaskSampler:

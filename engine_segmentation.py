@@ -6,8 +6,8 @@ import torch.distributed as dist
 
 from segmentation.inference import predict
 from segmentation.metrics import confusion_matrix, segmentation_metrics
-from util.distributed import is_dist
-from util.loop import autocast, train_one_epoch
+from engine.distributed import is_dist
+from engine.step import autocast, train_one_epoch
 
 
 def train_chunk(model, loader, optimizer, scaler, device, chunk: int, args, log_writer=None, stop_flag=None,

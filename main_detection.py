@@ -23,18 +23,20 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import models
-from dense.backbone import build_backbone, dense_param_groups, has_pyramid
-from dense.coco import CocoDetection, check_layout, coco_evaluate, collate, to_coco_results
-from dense.detector import DETECTORS, build_detector
-from util.cli import UsageError, add_common_args, check_output_dirs, finalize_common_args, run_main
-from util.cpu_perf import setup_cpu_training
-from util.datasets import DataError, SeededSampler, ShardSampler
-from util.distributed import cleanup, get_world_size, is_dist, is_main_process
-from util.loop import autocast, fused_optimizer_ok, make_scaler, train_one_epoch
-from util.run import EpochSave, Epochs, require_a_batch, run_epochs, start_run, wrap_for_training
-from util.run_record import summary_line
-from util.stop import ignore_stop_signals
-from util.train_state import resume_training_state
+from detection.backbone import build_backbone, dense_param_groups, has_pyramid
+from detection.coco import CocoDetection, check_layout, coco_evaluate, collate, to_coco_results
+from detection.detector import DETECTORS, build_detector
+from errors import UsageError
+from config.cli import add_common_args, check_output_dirs, finalize_common_args, run_main
+from engine.cpu_perf import setup_cpu_training
+from errors import DataError
+from imagedata.datasets import SeededSampler, ShardSampler
+from engine.distributed import cleanup, get_world_size, is_dist, is_main_process
+from engine.step import autocast, fused_optimizer_ok, make_scaler, train_one_epoch
+from engine.trainer import EpochSave, Epochs, require_a_batch, run_epochs, start_run, wrap_for_training
+from engine.record import summary_line
+from engine.stop import ignore_stop_signals
+from engine.state import resume_training_state
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -235,7 +237,7 @@ def evaluate_only(run, model, val_loader, val_set, with_masks: bool) -> int:
 
 
 class DetectionEpochs(Epochs):
-    """Detection's part of the loop (util.run): the detector's losses through the step loop, COCO
+    """Detection's part of the loop (engine.trainer): the detector's losses through the step loop, COCO
     evaluation every --eval_freq epochs and after the last, the best box AP."""
 
     best_key = "best_ap"
@@ -303,7 +305,7 @@ class DetectionEpochs(Epochs):
                         **extra)
 
 
-validate_args = _validate  # the public name util/slurm.py calls
+validate_args = _validate  # the public name launch/slurm.py calls
 
 
 if __name__ == "__main__":

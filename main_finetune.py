@@ -21,21 +21,22 @@ from torch.utils.data import DataLoader
 
 import models
 from engine_finetune import evaluate, finetune_one_epoch
-from util.cli import HelpFormatter, UsageError, add_common_args, check_output_dirs, finalize_common_args, run_main
-from util.cpu_perf import setup_cpu_training
-from util.datasets import (DataError, SeededSampler, ShardSampler, build_finetune_dataset, image_list,
-                           num_classes_of, report_left_out)
-from util.flag_checks import (DECAY, NON_NEGATIVE, POSITIVE, TRAINING_RULES, UNIT, UNIT_RIGHT_OPEN, at_least,
+from errors import UsageError
+from config.cli import HelpFormatter, add_common_args, check_output_dirs, finalize_common_args, run_main
+from engine.cpu_perf import setup_cpu_training
+from errors import DataError
+from imagedata.datasets import (SeededSampler, ShardSampler, build_finetune_dataset, image_list, num_classes_of, report_left_out)
+from config.rules import (DECAY, NON_NEGATIVE, POSITIVE, TRAINING_RULES, UNIT, UNIT_RIGHT_OPEN, at_least,
                               check_auto_augment, check_existing, check_ranges)
-from util.shards import ShardStream, shard_loader
-from util.distributed import cleanup, is_main_process
-from util.loop import fused_optimizer_ok, make_scaler
-from util.lr_decay import param_groups_lrd
+from imagedata.shards import ShardStream, shard_loader
+from engine.distributed import cleanup, is_main_process
+from engine.step import fused_optimizer_ok, make_scaler
+from engine.optim import param_groups_lrd
 from util.pretrained import load_pretrained
-from util.run import EpochSave, Epochs, effective_lr, require_a_batch, run_epochs, start_run, wrap_for_training
-from util.run_record import summary_line
-from util.stop import ignore_stop_signals
-from util.train_state import resume_training_state
+from engine.trainer import EpochSave, Epochs, effective_lr, require_a_batch, run_epochs, start_run, wrap_for_training
+from engine.record import summary_line
+from engine.stop import ignore_stop_signals
+from engine.state import resume_training_state
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -123,7 +124,7 @@ RANDOM_ERASING_MODES = ("pixel", "rand", "const")
 
 
 def validate_args(args) -> None:
-    """Every flag combination that cannot work fails here, before any compute (util/slurm.py calls it
+    """Every flag combination that cannot work fails here, before any compute (launch/slurm.py calls it
     before submitting); resolved defaults (input size, classes, split sizes) are written into ``args``."""
     check_existing(args, ["finetune"])
     if not (args.data_path or "").endswith(".tar"):  # (a shard pattern is checked by image_list below)
@@ -225,7 +226,7 @@ def build_model(args, device):
 
 def make_optimizer(args, model, device):
     if args.linprobe:  # MAE's probe optimizer: momentum 0.9, trust 0.001, 1-D tensors not decayed or adapted
-        from util.lars import LARS
+        from engine.lars import LARS
         return LARS([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     groups = param_groups_lrd(model, args.weight_decay, args.layer_decay)
     for g in groups:
@@ -236,7 +237,7 @@ def make_optimizer(args, model, device):
 def make_loader(dataset, args, train: bool, world: int, rank: int, shard: bool = False):
     """Training: shuffled and seeded per sample. Evaluation: sharded over ranks (each image once) when
     ``shard``, else every rank reads the whole set."""
-    if isinstance(dataset, ShardStream):  # tar shards: the stream splits, shuffles and batches (util/shards.py)
+    if isinstance(dataset, ShardStream):  # tar shards: the stream splits, shuffles and batches (imagedata/shards.py)
         dataset.world, dataset.rank = (world, rank) if (train or shard) else (1, 0)
         return shard_loader(dataset, args.num_workers, args.pin_mem and args.device.startswith("cuda"),
                             ignore_stop_signals), dataset
@@ -299,7 +300,7 @@ def main(args) -> int:
 def knn_only(run, model, val_loader) -> int:
     """--knn: k-NN accuracy of the frozen features (train split as the memory bank); knn.json."""
     from engine_finetune import knn_evaluate
-    from util.datasets import eval_transform
+    from imagedata.datasets import eval_transform
     args = run.args
     train_set = build_finetune_dataset(args, "train", transform=eval_transform(args.input_size))
     train_loader, _ = make_loader(train_set, args, False, run.world, run.rank, shard=True)
@@ -352,7 +353,7 @@ def make_criterion(args):
 
 
 class FinetuneEpochs(Epochs):
-    """Finetuning's part of the epoch loop (util.run): the supervised epoch, evaluation every
+    """Finetuning's part of the epoch loop (engine.trainer): the supervised epoch, evaluation every
     --eval_freq epochs and after the last, the best checkpoint and the summary."""
 
     best_key = "best_acc1"

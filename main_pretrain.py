@@ -19,18 +19,20 @@ from torch.utils.data import DataLoader
 
 import models
 from engine_pretrain import MaskSampler, pretrain_one_epoch
-from util import checkpoint as ckpt_util
-from util.cli import HelpFormatter, UsageError, add_common_args, check_output_dirs, finalize_common_args, run_main
-from util.cpu_perf import setup_cpu_training
-from util.datasets import DataError, SeededSampler, build_pretrain_dataset, image_list, report_left_out
-from util.decode import DECODERS, GpuDecodeLoader, use_decoder
-from util.distributed import is_main_process
-from util.shards import ShardStream, shard_loader
-from util.flag_checks import TRAINING_RULES, at_least, check_existing, check_ranges
-from util.loop import fused_optimizer_ok, make_scaler
-from util.run import Epochs, effective_lr, require_a_batch, run_epochs, start_run, wrap_for_training
-from util.stop import ignore_stop_signals
-from util.train_state import resume_training_state
+from engine import checkpoint as ckpt_util
+from errors import UsageError
+from config.cli import HelpFormatter, add_common_args, check_output_dirs, finalize_common_args, run_main
+from engine.cpu_perf import setup_cpu_training
+from errors import DataError
+from imagedata.datasets import SeededSampler, build_pretrain_dataset, image_list, report_left_out
+from imagedata.decode import DECODERS, GpuDecodeLoader, use_decoder
+from engine.distributed import is_main_process
+from imagedata.shards import ShardStream, shard_loader
+from config.rules import TRAINING_RULES, at_least, check_existing, check_ranges
+from engine.step import fused_optimizer_ok, make_scaler
+from engine.trainer import Epochs, effective_lr, require_a_batch, run_epochs, start_run, wrap_for_training
+from engine.stop import ignore_stop_signals
+from engine.state import resume_training_state
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -65,13 +67,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--channels_last", action="store_true", help="feed images in channels-last memory format")
     p.add_argument("--decode", default="pil", choices=DECODERS,
                    help="pil: PIL in the workers; fast: simplejpeg + torch's uint8 resize in the workers; gpu: "
-                        "workers read bytes, the main process decodes and crops on the GPU (util/decode.py)")
+                        "workers read bytes, the main process decodes and crops on the GPU (imagedata/decode.py)")
     add_common_args(p)
     return p
 
 
 def validate_args(args) -> None:
-    """Every flag combination that cannot work fails here, before any compute (util/slurm.py calls it
+    """Every flag combination that cannot work fails here, before any compute (launch/slurm.py calls it
     before submitting). Resolved defaults (mask ratio, sizes, image count) are written into ``args``,
     which checkpoints and run records keep."""
     check_existing(args, ["load_from"])
@@ -177,7 +179,7 @@ def write_figure(args, model, device, epoch: int, log_writer=None) -> Path:
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
-    from util.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from imagedata.images import IMAGENET_MEAN, IMAGENET_STD
     from util.visualize import caption_for, reconstruct, save_figure
     images = image_list(args.data_path, "train", labelled=False)
     tf = transforms.Compose([transforms.Resize(args.input_size, interpolation=InterpolationMode.BICUBIC),
@@ -217,12 +219,12 @@ def main(args) -> int:
     run = start_run(args, "main_pretrain")
     device, world = run.device, run.world
     dataset = build_pretrain_dataset(args)
-    collate = use_decoder(dataset, args.decode, args.input_size)  # --decode fast / gpu (util/decode.py)
+    collate = use_decoder(dataset, args.decode, args.input_size)  # --decode fast / gpu (imagedata/decode.py)
     workers = args.num_workers
     loader_kwargs = dict(batch_size=args.batch_size, num_workers=workers, pin_memory=args.pin_mem and device.type == "cuda",
                          drop_last=True, persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
                          collate_fn=collate)
-    if isinstance(dataset, ShardStream):  # tar shards: the stream splits, shuffles and batches (util/shards.py)
+    if isinstance(dataset, ShardStream):  # tar shards: the stream splits, shuffles and batches (imagedata/shards.py)
         sampler, loader = dataset, shard_loader(dataset, workers, loader_kwargs["pin_memory"], ignore_stop_signals)
     else:
         sampler = SeededSampler(dataset, world, run.rank, seed=args.seed)
@@ -263,7 +265,7 @@ def main(args) -> int:
 
 
 class PretrainEpochs(Epochs):
-    """Pretraining's part of the epoch loop (util.run): the masked-image-modeling epoch, its
+    """Pretraining's part of the epoch loop (engine.trainer): the masked-image-modeling epoch, its
     TensorBoard scalars, reconstruction figures and summary."""
 
     def __init__(self, run, model, train_model, loader, optimizer, scaler, masks, start_epoch: int) -> None:

@@ -21,20 +21,22 @@ from torch.utils.data import DataLoader
 
 import models
 from engine_segmentation import evaluate, train_chunk
-from dense.backbone import build_backbone, dense_models, dense_param_groups, has_pyramid
+from detection.backbone import build_backbone, dense_models, dense_param_groups, has_pyramid
 from segmentation.data import IterationSampler, SegmentationDataset, TrainTransform, find_pairs, num_chunks
 from segmentation.heads import SegmentationModel
 from segmentation.metrics import class_names_for
-from util.cli import UsageError, add_common_args, check_output_dirs, finalize_common_args, run_main
-from util.cpu_perf import setup_cpu_training
-from util.datasets import DataError, ShardSampler
-from util.distributed import cleanup, is_main_process
-from util.loop import fused_optimizer_ok, make_scaler
-from util.lr_sched import poly_lr_at
-from util.run import EpochSave, Epochs, run_epochs, start_run, wrap_for_training
-from util.run_record import summary_line as run_summary
-from util.stop import ignore_stop_signals
-from util.train_state import resume_training_state
+from errors import UsageError
+from config.cli import add_common_args, check_output_dirs, finalize_common_args, run_main
+from engine.cpu_perf import setup_cpu_training
+from errors import DataError
+from imagedata.datasets import ShardSampler
+from engine.distributed import cleanup, is_main_process
+from engine.step import fused_optimizer_ok, make_scaler
+from engine.schedule import poly_lr_at
+from engine.trainer import EpochSave, Epochs, run_epochs, start_run, wrap_for_training
+from engine.record import summary_line as run_summary
+from engine.stop import ignore_stop_signals
+from engine.state import resume_training_state
 
 TEST_MODES = ("slide", "whole", "both")
 
@@ -267,7 +269,7 @@ def evaluate_only(run, model, val_loader, names) -> int:
 
 
 class SegmentationChunks(Epochs):
-    """Segmentation's part of the loop (util.run): one "epoch" is one evaluation interval of
+    """Segmentation's part of the loop (engine.trainer): one "epoch" is one evaluation interval of
     ``--eval_interval`` iterations, evaluated after it (every mode of --test_mode)."""
 
     best_key = "best_miou"
@@ -321,7 +323,7 @@ class SegmentationChunks(Epochs):
                         **extra)
 
 
-validate_args = _validate  # the public name util/slurm.py calls
+validate_args = _validate  # the public name launch/slurm.py calls
 
 
 if __name__ == "__main__":

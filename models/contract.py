@@ -1,7 +1,7 @@
 """The contract between the programs and the models: what a model is, asked of the model.
 
 Programs (main_pretrain.py, main_finetune.py, tools/benchmark.py, util/visualize.py,
-util/lr_decay.py) read a model's ``contract`` and nothing else; none of them matches on a
+engine/optim.py) read a model's ``contract`` and nothing else; none of them matches on a
 model's name. A pretraining model derives from ``PretrainModel`` and a classifier from
 ``Classifier``; each declares the class attributes below that differ from the defaults, and
 the ``contract`` property turns them (and the built instance's geometry) into one frozen,

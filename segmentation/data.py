@@ -38,7 +38,8 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, DataError
+from errors import DataError
+from imagedata.images import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS
 
 from .heads import IGNORE_INDEX
 

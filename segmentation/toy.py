@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from util.datasets import SAMPLE_IMAGES, find_images
+from imagedata.images import SAMPLE_IMAGES
+from imagedata.datasets import find_images
 
 COLOURS = {2: (230, 40, 40), 3: (40, 200, 60), 4: (40, 80, 230)}
 NUM_CLASSES = 4  # after reduce_zero_label

@@ -16,8 +16,9 @@ import main_finetune
 import main_pretrain
 import models
 from programs import ROOT
-from util import distributed, slurm
-from util.checkpoint import save_atomic
+from engine import distributed
+from launch import slurm
+from engine.checkpoint import save_atomic
 
 PICO = ["--model", "mae_swin_pico_128", "--mask_regular", "--vis_mask_ratio", "0.25", "--norm_pix_loss",
         "--num_workers", "0", "--print_freq", "1", "--device", "cpu", "--batch_size", "4", "--warmup_epochs", "0",

@@ -1,4 +1,4 @@
-"""util/cpu_perf.py: oneDNN linear layers give nn.Linear's results and gradients; the malloc setting respects the user."""
+"""engine/cpu_perf.py: oneDNN linear layers give nn.Linear's results and gradients; the malloc setting respects the user."""
 import copy
 
 import pytest
@@ -7,8 +7,8 @@ from torch import nn
 
 import models
 from models.masking import draw_masks, secondary_mask
-from util import cpu_perf
-from util.cpu_perf import OneDNNLinear, onednn_linear_available, setup_cpu_training, use_onednn_linear
+from engine import cpu_perf
+from engine.cpu_perf import OneDNNLinear, onednn_linear_available, setup_cpu_training, use_onednn_linear
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear")
 

@@ -4,8 +4,8 @@ import time
 
 import torch
 
-from util.data_wait import DataWait, warning
-from util.loop import train_one_epoch
+from engine.data_wait import DataWait, warning
+from engine.step import train_one_epoch
 
 
 class SlowLoader:

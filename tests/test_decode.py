@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomHorizontalFlip, RandomResizedCrop
 
-from util.datasets import PRETRAIN_SCALE, pretrain_transform, seeded_apply
-from util.decode import (Encoded, FastPretrainTransform, PlanTransform, decode_planned, draw_crop,
-                         GpuDecodeLoader, collate_planned)
+from imagedata.images import PRETRAIN_SCALE, seeded_apply
+from imagedata.datasets import pretrain_transform
+from imagedata.images import Encoded
+from imagedata.decode import (FastPretrainTransform, PlanTransform, decode_planned, draw_crop, GpuDecodeLoader, collate_planned)
 
 LEVEL = 1 / 255 / 0.225  # one grey level in normalised units (the smallest std)
 
@@ -108,7 +109,7 @@ def test_gpu_decode_matches_the_cpu_run_of_the_same_code():
 
 
 def test_image_folder_with_fast_decoding_replaces_a_corrupt_file(tmp_path):
-    from util.datasets import SeededImageDataset, image_list
+    from imagedata.datasets import SeededImageDataset, image_list
     (tmp_path / "a.jpg").write_bytes(photo(80, 60, 7))
     (tmp_path / "b.jpg").write_bytes(photo(80, 60, 8)[:300])  # truncated
     images = image_list(str(tmp_path), "train", labelled=False)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import models
-from dense.backbone import DenseBackbone, build_backbone, dense_param_groups
-from util.checkpoint import CheckpointError
+from detection.backbone import DenseBackbone, build_backbone, dense_param_groups
+from errors import CheckpointError
 
 PICO = ["swin_pico_128", "pvt_pico_128", "vit_pico_patch16"]
 

@@ -10,7 +10,7 @@ import pytest
 
 from segmentation.toy import NUM_CLASSES, make_toy_ade
 from tools.make_tiny_coco import make_tiny_coco
-from util.distributed import free_port
+from engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -1,4 +1,4 @@
-"""main_detection.py and dense/: COCO metrics against hand-computed cases, GFL losses and
+"""main_detection.py and detection/: COCO metrics against hand-computed cases, GFL losses and
 assignment, bad input, training on a tiny generated COCO set (falling loss, exact resume,
 Mask R-CNN box + mask AP)."""
 import json
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import main_detection
-from dense.backbone import build_backbone
-from dense.coco import STAT_NAMES, CocoDetection, coco_evaluate, collate, load_coco
-from dense.detector import build_detector
-from dense.gfl import atss_assign, distribution_focal_loss, quality_focal_loss
+from detection.backbone import build_backbone
+from detection.coco import STAT_NAMES, CocoDetection, coco_evaluate, collate, load_coco
+from detection.detector import build_detector
+from detection.gfl import atss_assign, distribution_focal_loss, quality_focal_loss
 from tools.make_tiny_coco import make_tiny_coco
-from util.cli import UsageError
+from errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_dfl_and_qfl_reduce_to_their_definitions():
 
 
 def test_atss_picks_anchors_inside_the_box_at_its_scale():
-    from dense.gfl import anchor_centers
+    from detection.gfl import anchor_centers
     centers = [anchor_centers((16, 16), 8, torch.device("cpu")), anchor_centers((8, 8), 16, torch.device("cpu"))]
     anchors = torch.cat([torch.cat([c - 32, c + 32], 1) for c in centers[:1]]
                         + [torch.cat([c - 64, c + 64], 1) for c in centers[1:]])

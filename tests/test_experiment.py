@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from util.animal_mnist import UnsafePickleError, load_array, load_animal_mnist, split_indices, write_split
+from imagedata.animal_mnist import UnsafePickleError, load_array, load_animal_mnist, split_indices, write_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def test_merge_adds_arms_and_refuses_another_recipe():
                                             (["--min_crop_scale", "0"], "--min_crop_scale")])
 def test_new_finetune_flags_are_validated(tmp_path, flags, message):
     import main_finetune
-    from util.cli import UsageError
+    from errors import UsageError
     with pytest.raises(UsageError, match=message):
         main_finetune.parse_args(["--model", "swin_pico_p1_32", "--data_path", str(tmp_path), "--device", "cpu",
                                   "--output_dir", str(tmp_path / "o"), *flags])

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import main_pretrain
-from util import slurm
+from launch import slurm
 from programs import ROOT, launch, read_until
-from util.checkpoint import list_checkpoints, load_latest, safe_load, save_atomic
+from engine.checkpoint import list_checkpoints, load_latest, safe_load, save_atomic
 
 PY = sys.executable
 TINY = ["--model", "mae_swin_pico_128", "--mask_regular", "--vis_mask_ratio", "0.25", "--norm_pix_loss",
@@ -118,7 +118,7 @@ def test_second_signal_exits_at_once(tmp_path):
 KILL_MID_WRITE = r"""
 import os, signal, sys, torch
 sys.path.insert(0, {root!r})
-from util.checkpoint import save_atomic
+from engine.checkpoint import save_atomic
 real_save = torch.save
 def dying_save(obj, f, *a, **k):
     f.write(b"PK\x03\x04 half a checkpoint")
@@ -158,7 +158,7 @@ def rank_pid(launcher: int, rank: int) -> int:
 def test_a_hung_rank_stops_the_others_within_dist_timeout(tmp_path):
     # a stopped (not dead) rank: torchrun's monitor sees nothing wrong, only the collective timeout can tell
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="2")
-    from util.distributed import free_port
+    from engine.distributed import free_port
     proc = launch(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                    ROOT / "main_pretrain.py", *TINY, "--epochs", "200", "--log_dir", "", "--dist_timeout", "0.1",
                    "--output_dir", tmp_path / "o"], until="Epoch [0]", env=env, start_new_session=True)
@@ -177,7 +177,7 @@ def test_a_hung_rank_stops_the_others_within_dist_timeout(tmp_path):
 
 def test_torchrun_group_signal_checkpoints_and_a_one_process_resume_continues(reference, tmp_path, capsys):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    from util.distributed import free_port
+    from engine.distributed import free_port
     out = tmp_path / "o"
     proc = launch(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                    ROOT / "main_pretrain.py", *GROUP, "--batch_size", "1", "--output_dir", out],
@@ -205,7 +205,7 @@ def test_torchrun_group_signal_checkpoints_and_a_one_process_resume_continues(re
 
 
 def test_rank_exception_reaches_the_log_with_its_rank(monkeypatch, capsys):
-    from util.cli import run_main
+    from config.cli import run_main
     monkeypatch.setenv("RANK", "3")
 
     def boom():
@@ -217,7 +217,7 @@ def test_rank_exception_reaches_the_log_with_its_rank(monkeypatch, capsys):
 
 @pytest.mark.parametrize("accum", [1, 2, 3, 4, 8])
 def test_ranks_check_for_a_stop_at_least_every_four_optimizer_steps(accum):
-    from util.stop import STOP_CHECK_EVERY, stop_check_due
+    from engine.stop import STOP_CHECK_EVERY, stop_check_due
     steps = 101
     boundaries = [s for s in range(steps) if (s + 1) % accum == 0 or s + 1 == steps]
     due = [s for s in boundaries if stop_check_due(s, accum, steps)]
@@ -230,7 +230,7 @@ def test_stopped_by_names_the_signal_only_once_the_stop_was_honoured(tmp_path):
     """The SLURM wrapper requeues when stopped_by() is SIGUSR2: a signal that arrived but did not end
     the run with a checkpoint must not count, and the next run's flag starts clean."""
     import argparse
-    from util.stop import STOP_SIGNALS, StopRequested, finish_interrupted, setup_stop_signals, stopped_by
+    from engine.stop import STOP_SIGNALS, StopRequested, finish_interrupted, setup_stop_signals, stopped_by
     saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         stop = setup_stop_signals()
@@ -254,7 +254,7 @@ def test_complete_epoch_beats_a_mid_epoch_checkpoint_of_the_same_epoch(tmp_path)
 
 
 def test_shard_sampler_covers_every_item_once():
-    from util.datasets import ShardSampler
+    from imagedata.datasets import ShardSampler
     parts = [list(ShardSampler(10, 3, r)) for r in range(3)]
     assert sorted(sum(parts, [])) == list(range(10)) and [len(p) for p in parts] == [4, 3, 3]
 
@@ -263,10 +263,10 @@ def test_shard_sampler_covers_every_item_once():
 
 import argparse  # noqa: E402
 
-from util import checkpoint as ckpt_util  # noqa: E402
-from util.checkpoint import CheckpointError  # noqa: E402
-from util.cli import UsageError  # noqa: E402
-from util.train_state import resume_training_state, save_training_state  # noqa: E402
+from engine import checkpoint as ckpt_util  # noqa: E402
+from errors import CheckpointError  # noqa: E402
+from errors import UsageError  # noqa: E402
+from engine.state import resume_training_state, save_training_state  # noqa: E402
 
 
 def state_args(out: Path, **kw) -> argparse.Namespace:
@@ -325,7 +325,7 @@ def test_a_kill_at_any_point_of_a_save_loses_no_file_and_no_log_line(tmp_path, m
                 raise Killed
             return open(*a, **kw)
         monkeypatch.setattr(ckpt_util.os, "replace", dying_replace)
-        monkeypatch.setattr("util.train_state.open", dying_open, raising=False)
+        monkeypatch.setattr("engine.state.open", dying_open, raising=False)
         with pytest.raises(Killed) if k < points - 1 else contextlib.nullcontext():
             save_training_state(args, 2, model, opt, None, numbered=numbered, log_record={"epoch": 2})
         monkeypatch.undo()
@@ -415,6 +415,6 @@ def test_mid_epoch_resume_continues_at_the_same_sample_under_another_batch_or_wo
 
 
 def test_hung_rank_default_is_short_and_documented():
-    from util.cli import DIST_TIMEOUT_MIN
+    from config.cli import DIST_TIMEOUT_MIN
     assert main_pretrain.get_args_parser().parse_args([]).dist_timeout == DIST_TIMEOUT_MIN <= 3
     assert f"`--dist_timeout`, {DIST_TIMEOUT_MIN:g} minutes by default" in (ROOT / "PRETRAIN.md").read_text()

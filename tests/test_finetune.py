@@ -15,9 +15,10 @@ import main_finetune
 import main_pretrain
 import models
 from programs import ROOT, launch
-from util.checkpoint import CheckpointError, safe_load
-from util.cli import UsageError
-from util.lr_decay import param_groups_lrd
+from errors import CheckpointError
+from engine.checkpoint import safe_load
+from errors import UsageError
+from engine.optim import param_groups_lrd
 from util.pretrained import load_pretrained
 
 PY = sys.executable

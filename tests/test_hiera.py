@@ -13,7 +13,7 @@ import main_pretrain
 import models
 from models.hiera_mae import MaskedAutoencoderHiera, remap_hiera_checkpoint
 from models.masking import random_mask
-from util.lr_decay import param_groups_lrd
+from engine.optim import param_groups_lrd
 from util.pretrained import load_pretrained
 from util.visualize import reconstruct
 from test_pretrain import make_images

@@ -17,10 +17,12 @@ from PIL import Image
 import main_finetune
 import main_pretrain
 from programs import ROOT
-from util import safe_archive
-from util.checkpoint import CheckpointError, safe_load
-from util.cli import UsageError
-from util.datasets import ImageList, image_list, report_left_out, to_rgb8, walk_images
+from engine import safe_archive
+from errors import CheckpointError
+from engine.checkpoint import safe_load
+from errors import UsageError
+from imagedata.images import to_rgb8
+from imagedata.datasets import ImageList, image_list, report_left_out, walk_images
 
 PY = sys.executable
 TESTS = Path(__file__).resolve().parent
@@ -34,8 +36,9 @@ PROBE = textwrap.dedent("""
     import torch
     import hostile_files as H
     from pathlib import Path
-    from util.checkpoint import CheckpointError, safe_load
-    from util.train_state import resume_training_state
+    from errors import CheckpointError
+    from engine.checkpoint import safe_load
+    from engine.state import resume_training_state
     d = Path({tmp!r})
     model = torch.nn.Linear(8, 4)
     opt = torch.optim.AdamW(model.parameters())
@@ -320,7 +323,7 @@ def test_class_folders_keep_torchvision_order_and_name_what_they_leave_out(tmp_p
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale_and_huge_images_are_named_once(tmp_path, monkeypatch):
-    import util.datasets as D
+    import imagedata.images as D
     big = tmp_path / "big.jpg"
     Image.new("RGB", (2400, 1600), (10, 200, 30)).save(big, quality=90)
     images = ImageList([(str(big), 0)])
@@ -343,7 +346,7 @@ SUM_PROBE = textwrap.dedent("""
     import os, sys, argparse
     sys.path.insert(0, {root!r})
     import torch, torch.distributed as dist
-    from util.loop import train_one_epoch
+    from engine.step import train_one_epoch
     rank = int(sys.argv[1])
     dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=rank, world_size=2)
     model = torch.nn.Linear(2, 1)

@@ -64,7 +64,7 @@ def _rank(rank, world, port, out):
 
 
 def test_sharded_bank_over_two_gloo_ranks_matches_one_process(tmp_path):
-    from util.distributed import free_port
+    from engine.distributed import free_port
     bank, labels, queries, qlabels = _data()
     single = knn_accuracy(bank, labels, queries, qlabels, num_classes=4, k=7, chunk=5, bank_chunk=8)
     ref = _reference_accuracy(bank, labels, queries, qlabels, 7)

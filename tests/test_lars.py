@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from util.lars import LARS
+from engine.lars import LARS
 
 
 def _reference_step(p, g, mu, lr, wd, momentum, trust):
@@ -36,7 +36,7 @@ def test_lars_matches_the_formula_step_for_step(wd):
            "zero": (zero.tolist(), [[0.0] * 2 for _ in range(2)])}
     for step, lr in enumerate((0.5, 0.3, 0.1)):
         for group in opt.param_groups:
-            group["lr"] = lr                              # as util.lr_sched does every step
+            group["lr"] = lr                              # as engine.schedule does every step
         grads = {k: torch.randn(t.shape, generator=gen, dtype=torch.float64) for k, t in
                  (("w", w), ("b", b), ("zero", zero))}
         for t, k in ((w, "w"), (b, "b"), (zero, "zero")):

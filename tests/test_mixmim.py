@@ -7,12 +7,12 @@ import torch
 
 import main_pretrain
 import models
-from util.lr_decay import param_groups_lrd
+from engine.optim import param_groups_lrd
 from models.loss import patchify
 from models.masking import random_mask
 from models.mixmim import (MixMIMClassifier, MixMIMPretrain, merge_reconstructions, pair_masks, unit_labels,
                            unmix_tokens)
-from util.checkpoint import safe_load
+from engine.checkpoint import safe_load
 
 
 def pico(dtype=torch.float64, **kwargs) -> MixMIMPretrain:

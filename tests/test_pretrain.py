@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import main_pretrain
-from util.checkpoint import safe_load
-from util.cli import UsageError
+from engine.checkpoint import safe_load
+from errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -99,7 +99,7 @@ def test_torchrun_two_ranks_match_each_other_and_one_process(tmp_path):
               "--num_workers", "0", "--device", "cpu", "--data_path", str(data), "--epochs", "2",
               "--warmup_epochs", "1", "--lr", "1e-3", "--accum_iter", "2", "--log_dir", "", "--print_freq", "1000"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    port = str(__import__("util.distributed", fromlist=["free_port"]).free_port())
+    port = str(__import__("engine.distributed", fromlist=["free_port"]).free_port())
     proc = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                            str(ROOT / "main_pretrain.py"), *common, "--batch_size", "2",
                            "--output_dir", str(tmp_path / "ddp")], env=env, capture_output=True, text=True,

@@ -9,7 +9,7 @@ from PIL import Image
 import main_pretrain
 import models
 from tools import reconstruct as rec
-from util.cli import UsageError
+from errors import UsageError
 from util.visualize import caption_for, mask_legend, save_figure, spread_indices
 
 ROOT = Path(__file__).resolve().parents[1]

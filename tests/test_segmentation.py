@@ -10,14 +10,14 @@ import torch
 from PIL import Image
 
 import main_segmentation
-from dense.backbone import build_backbone, dense_param_groups
+from detection.backbone import build_backbone, dense_param_groups
 from segmentation.data import IterationSampler, SegmentationDataset, TrainTransform, find_pairs, load_pair
 from segmentation.heads import SegmentationModel
 from segmentation.inference import predict, slide_logits, whole_logits, window_starts
 from segmentation.metrics import confusion_matrix, segmentation_metrics
 from segmentation.toy import NUM_CLASSES, make_toy_ade
-from util.checkpoint import safe_load
-from util.cli import UsageError
+from engine.checkpoint import safe_load
+from errors import UsageError
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import torch
 import main_finetune
 import main_pretrain
 from test_finetune import make_labelled
-from util.datasets import DataError, image_list, pretrain_transform
-from util.shards import ShardStream, scan_shard
+from errors import DataError
+from imagedata.datasets import image_list, pretrain_transform
+from imagedata.shards import ShardStream, scan_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 PICO = ["--model", "mae_swin_pico_128", "--mask_regular", "--vis_mask_ratio", "0.25", "--norm_pix_loss",
@@ -97,7 +98,7 @@ def test_order_is_seeded_by_seed_and_epoch_and_resume_skips_exactly(shards):
     a.skip = 3 * 2  # resuming at step 3
     assert len(a) == len(full) - 3 and keys_of(a, 2) == full[3:]
     # and the images themselves (crops seeded by position), through a DataLoader with 2 workers
-    from util.shards import shard_loader
+    from imagedata.shards import shard_loader
     a.skip = 0
     whole = [x[0] for x in shard_loader(a, 2, False)]
     a.skip = 6
@@ -107,7 +108,7 @@ def test_order_is_seeded_by_seed_and_epoch_and_resume_skips_exactly(shards):
 
 def test_corrupt_image_in_a_shard_is_named_and_replaced(shards, tmp_path):
     from webdataset import TarWriter
-    good = next(iter(__import__("util.shards", fromlist=["read_shard"]).read_shard(str(shards / "train-000000.tar"))))
+    good = next(iter(__import__("imagedata.shards", fromlist=["read_shard"]).read_shard(str(shards / "train-000000.tar"))))
     w = TarWriter(str(tmp_path / "train-000000.tar"))
     w.write({"__key__": "bad", "png": b"not a png"})
     w.write({"__key__": "good", "png": good["png"]})
@@ -140,7 +141,7 @@ def test_pretraining_and_finetuning_train_on_shards(shards, tmp_path):
 
 
 def test_decode_gpu_without_cuda_fails_before_any_work(shards, tmp_path):
-    from util.cli import UsageError
+    from errors import UsageError
     with pytest.raises(UsageError, match="--decode gpu decodes on a CUDA device"):
         main_pretrain.parse_args(PICO + ["--data_path", str(shards), "--output_dir", str(tmp_path), "--decode", "gpu"])
 
@@ -163,7 +164,7 @@ def test_list_files_convert_with_their_labels_and_stray_archives_do_not_hide_a_l
     (src / "ILSVRC2012_img_train.tar").write_bytes(b"")  # an original archive kept beside the layout
     assert len(image_list(str(src), "train", labelled=True)) == 3  # the list, not the archive
     assert make_shards.main(["--data_path", str(src), "--output_dir", str(tmp_path / "out"), "--no_shuffle"]) == 0
-    from util.shards import read_shard
+    from imagedata.shards import read_shard
     labels = [int(s["cls"]) for s in read_shard(str(tmp_path / "out" / "train-000000.tar"))]
     assert labels == [4, 7, 4]
     images = image_list(str(tmp_path / "out"), "train", labelled=True)

@@ -9,7 +9,7 @@ import main_pretrain
 import models
 from models.loss import patchify, unit_stats, unpatchify
 from models.masking import random_mask
-from util.checkpoint import safe_load
+from engine.checkpoint import safe_load
 
 from grad_rules import silent_parameters
 
@@ -167,7 +167,7 @@ def test_simmim_pretrains_on_cpu_and_finetunes(tmp_path):
 
 
 def test_main_pretrain_rejects_uniform_masks_for_simmim():
-    from util.cli import UsageError
+    from errors import UsageError
     with pytest.raises(UsageError, match="random masks"):
         main_pretrain.parse_args(["--model", "simmim_pvt_pico_128", "--mask_regular", "--device", "cpu"])
 

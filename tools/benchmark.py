@@ -54,10 +54,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models
 from models.masking import random_mask, secondary_mask, uniform_mask
-from util.cpu_perf import (add_cpu_tuning_args, onednn_linear_available, resolve_cpu_matmul, retain_freed_memory,
+from engine.cpu_perf import (add_cpu_tuning_args, onednn_linear_available, resolve_cpu_matmul, retain_freed_memory,
                            setup_cpu_training)
-from util.loop import autocast, make_scaler
-from util.run_record import cpu_name, write_report
+from engine.step import autocast, make_scaler
+from engine.record import cpu_name, write_report
 
 MIB = 2 ** 20
 
@@ -96,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _onednn_linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
-    """util.cpu_perf's oneDNN GEMM: x (..., K) @ w (N, K)^T."""
+    """engine.cpu_perf's oneDNN GEMM: x (..., K) @ w (N, K)^T."""
     return 2 * math.prod(x_shape) * w_shape[0]
 
 

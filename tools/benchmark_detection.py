@@ -30,9 +30,9 @@ def one(detector: str, model: str, size: int, batch: int, steps: int, threads: i
 
     import torch
     sys.path.insert(0, str(ROOT))
-    from dense.backbone import build_backbone
-    from dense.detector import build_detector
-    from util.cpu_perf import setup_cpu_training
+    from detection.backbone import build_backbone
+    from detection.detector import build_detector
+    from engine.cpu_perf import setup_cpu_training
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     det = build_detector(detector, build_backbone(model), 80).train()

@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from util.run_record import cpu_name
+from engine.record import cpu_name
 
 
 def saved_activation_bytes(model, imgs, labels) -> int:
@@ -52,10 +52,10 @@ def saved_activation_bytes(model, imgs, labels) -> int:
 
 
 def child(args) -> dict:
-    from dense.backbone import build_backbone
+    from detection.backbone import build_backbone
     from segmentation.heads import SegmentationModel
-    from util.cpu_perf import setup_cpu_training
-    from util.loop import autocast, fused_optimizer_ok
+    from engine.cpu_perf import setup_cpu_training
+    from engine.step import autocast, fused_optimizer_ok
     device = torch.device(args.device)
     torch.manual_seed(0)
     backbone = build_backbone(args.model, drop_path=0.1, img_size=args.input_size)

@@ -1,7 +1,7 @@
 """Does pretraining with this framework pay off? A small replica of the paper's comparison (FINETUNE.md).
 
 Real images (animal-mnist: 10,000 28x28 silhouettes, 10 classes, written once as 32-px
-ImageNet-layout folders by util/animal_mnist.py), real programs run as subprocesses:
+ImageNet-layout folders by imagedata/animal_mnist.py), real programs run as subprocesses:
 
   1. pretrain every arm on the 8,000 unlabelled pretraining images for the same number of epochs
      (main_pretrain.py), recording wall time and process CPU time (user + system of the process
@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from util.animal_mnist import write_split  # noqa: E402
+from imagedata.animal_mnist import write_split  # noqa: E402
 
 
 @dataclass(frozen=True)

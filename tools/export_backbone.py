@@ -20,8 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from util.checkpoint import safe_load, save_atomic  # noqa: E402
-from util.cli import UsageError, run_main  # noqa: E402
+from engine.checkpoint import safe_load, save_atomic  # noqa: E402
+from errors import UsageError  # noqa: E402
+from config.cli import run_main
 from util.pretrained import load_pretrained  # noqa: E402
 
 

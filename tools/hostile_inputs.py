@@ -28,11 +28,11 @@ CASE = textwrap.dedent("""
     path = Path({path!r})
     def rss():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    from util.checkpoint import safe_load
+    from engine.checkpoint import safe_load
     base, t = rss(), time.perf_counter()
     try:
         if case.startswith("optimizer"):
-            from util.train_state import resume_training_state
+            from engine.state import resume_training_state
             args = argparse.Namespace(resume=str(path), auto_resume=False, start_epoch=0, output_dir=str(d))
             resume_training_state(args, model, opt, None, log=lambda *a, **k: None)
         else:
@@ -50,7 +50,7 @@ IMAGE = textwrap.dedent("""
     import numpy as np
     from PIL import Image
     from pathlib import Path
-    from util.datasets import ImageList, pretrain_transform
+    from imagedata.datasets import ImageList, pretrain_transform
     d = Path({tmp!r})
     ramp = np.asarray(Image.open(d / "ramp16.png")).astype(np.int64)
     img = np.asarray(ImageList([(str(d / "ramp16.png"), 0)]).load(0)[0])
@@ -61,7 +61,7 @@ IMAGE = textwrap.dedent("""
     images = ImageList([(str(d / "big.jpg"), 0)])
     tf = pretrain_transform(224)
     if hasattr(images, "min_side"):
-        from util.datasets import needed_side
+        from imagedata.datasets import needed_side
         images.min_side = needed_side(224, 0.2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

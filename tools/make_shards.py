@@ -28,8 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from util.datasets import DataError, ImageList, image_list, report_left_out  # noqa: E402
-from util.shards import INDEX_KIND  # noqa: E402
+from errors import DataError  # noqa: E402
+from imagedata.datasets import ImageList, image_list, report_left_out
+from imagedata.shards import INDEX_KIND  # noqa: E402
 
 EXT_NAMES = {"jpeg": "jpg", "tif": "tiff"}
 

@@ -5,7 +5,7 @@ then trains MAE's probe head (BatchNorm without affine + Linear, head init trunc
 MAE's schedule (per-step warmup + cosine, lr = blr x batch / 256) using
   * ``timm``: ``timm.optim.Lars(params, lr, weight_decay)`` with timm's defaults (what the probe used
     before: momentum 0, no trust ratio without weight decay = plain SGD);
-  * ``mae``: util.lars.LARS (momentum 0.9, trust coefficient 0.001, 1-D tensors excluded).
+  * ``mae``: engine.lars.LARS (momentum 0.9, trust coefficient 0.001, 1-D tensors excluded).
 
     python tools/probe_optimizers.py --data_path DIR --model swin_pico_128 --input_size 64 [--finetune CKPT]
 """
@@ -23,13 +23,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from util.lars import LARS  # noqa: E402
-from util.lr_sched import lr_at  # noqa: E402
+from engine.lars import LARS  # noqa: E402
+from engine.schedule import lr_at  # noqa: E402
 
 
 def features(model, path: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     from torchvision import datasets
-    from util.datasets import eval_transform
+    from imagedata.datasets import eval_transform
     ds = datasets.ImageFolder(str(path / split), transform=eval_transform(size))
     loader = torch.utils.data.DataLoader(ds, batch_size=128)
     feats, labels = [], []

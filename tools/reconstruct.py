@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from util.checkpoint import safe_load, unwrap_state_dict  # noqa: E402
-from util.cli import UsageError, run_main  # noqa: E402
+from engine.checkpoint import safe_load, unwrap_state_dict  # noqa: E402
+from errors import UsageError  # noqa: E402
+from config.cli import run_main
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -99,7 +100,7 @@ def main(args) -> int:
     from torchvision.transforms import InterpolationMode
 
     from models.masking import draw_masks, secondary_mask
-    from util.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from imagedata.images import IMAGENET_MEAN, IMAGENET_STD
     from util.visualize import caption_for, reconstruct, save_figure
     files = find_images(args.images, args.max_images)
     model, flags = build(args)

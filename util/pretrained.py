@@ -5,7 +5,7 @@ pretraining / finetuned checkpoints (``{'model': ..., 'args': Namespace}``); MAE
 official ViT checkpoints (encoder-only ``model``); bare state dicts; ``module.``
 prefixes; timm's files (``pytorch_model.bin`` or ``model.safetensors``, e.g. the
 ``hiera_*_224.mae`` weights) and the original Hiera repository's ``{'model_state': ...}``,
-whose key names the model maps itself (``checkpoint_filter``). Every file is read with ``weights_only=True`` (util.checkpoint.safe_load).
+whose key names the model maps itself (``checkpoint_filter``). Every file is read with ``weights_only=True`` (engine.checkpoint.safe_load).
 
 Decoder and mask tokens are dropped; the head is re-initialised when its shape
 differs (or when the file has none); absolute position embeddings are resized
@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from models.pos_embed import resize_pos_embed
-from .checkpoint import CheckpointError, safe_load, unwrap_state_dict
+from errors import CheckpointError
+from engine.checkpoint import safe_load, unwrap_state_dict
 
 # keys that only a pretraining model has: never part of a classifier's encoder
 PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "vis_mask_token", "simmim_head", "mixmim_decoder",
@@ -77,7 +78,7 @@ def guess_architecture(sd: dict) -> str:
 
 def load_pretrained(model: nn.Module, path: str | Path, head_init_std: float = 2e-5) -> LoadReport:
     """Load ``path`` into ``model`` (a classifier) and return what happened; raise CheckpointError on mismatch."""
-    from .safe_archive import expect_model
+    from engine.safe_archive import expect_model
     expect_model(model)  # the file may hold a decoder and optimizer moments too: its limit scales with the model
     return load_state(model, unwrap_state_dict(_read_weights(path)), str(path), head_init_std)
 
@@ -137,7 +138,7 @@ def load_state(model: nn.Module, sd: dict, path: str, head_init_std: float = 2e-
 
 
 def _read_weights(path: str | Path):
-    """A checkpoint (util.checkpoint.safe_load), or a ``.safetensors`` file as timm / the HF hub ship
+    """A checkpoint (engine.checkpoint.safe_load), or a ``.safetensors`` file as timm / the HF hub ship
     them (no pickle at all); the original Hiera repository's ``{'model_state': ...}`` is unwrapped."""
     if str(path).endswith(".safetensors"):
         if not Path(path).is_file():

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from models.loss import patchify, unit_stats, unpatchify
-from .datasets import IMAGENET_MEAN, IMAGENET_STD
+from imagedata.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _to_uint8(imgs: Tensor) -> Tensor:

@@ -19,9 +19,9 @@ from typing import Callable, Optional
 
 import torch
 
-from . import checkpoint as ckpt_util
-from .distributed import cleanup, get_world_size, is_main_process
-from .train_state import save_training_state
+from engine import checkpoint as ckpt_util
+from engine.distributed import cleanup, get_world_size, is_main_process
+from engine.state import save_training_state
 
 _installed: Optional["StopFlag"] = None
 

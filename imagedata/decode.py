@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from .datasets import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_SCALE, to_rgb8
+from imagedata.images import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_SCALE, Encoded, to_rgb8
 
 DECODERS = ("pil", "fast", "gpu")
 # A JPEG is decoded at a reduced DCT scale only while the crop keeps >= REDUCING_GAP x the output size, so
@@ -38,11 +38,6 @@ REDUCING_GAP = 2
 RATIO = (3 / 4, 4 / 3)
 
 
-@dataclass
-class Encoded:
-    """An image file's bytes as a worker read them; ``name`` says where from (for warnings)."""
-    data: bytes
-    name: str
 
 
 def is_jpeg(data: bytes) -> bool:
@@ -136,7 +131,7 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 class FastPretrainTransform:
     """``--decode fast``: Encoded (or a PIL image) -> (3, size, size), the PIL path's draws."""
 
-    torch_rng_only = True  # (util.datasets.seeded_apply)
+    torch_rng_only = True  # (imagedata.images.seeded_apply)
 
     def __init__(self, size: int, scale: Sequence[float] = PRETRAIN_SCALE) -> None:
         self.size, self.scale = size, tuple(scale)
@@ -165,7 +160,7 @@ class Planned:
 class PlanTransform:
     """Worker side of ``--decode gpu``: Encoded -> Planned (reads the header, draws crop and flip)."""
 
-    torch_rng_only = True  # (util.datasets.seeded_apply)
+    torch_rng_only = True  # (imagedata.images.seeded_apply)
 
     def __init__(self, size: int, scale: Sequence[float] = PRETRAIN_SCALE) -> None:
         self.size, self.scale = size, tuple(scale)

@@ -24,7 +24,7 @@ import torch
 
 class LARS(torch.optim.Optimizer):
     """LARS with MAE's conventions. params: tensors or param groups; lr is read per group (the
-    schedule in util.lr_sched sets it every step)."""
+    schedule in engine.schedule sets it every step)."""
 
     def __init__(self, params: Iterable, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
                  trust_coefficient: float = 0.001) -> None:

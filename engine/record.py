@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from .distributed import get_rank, get_world_size, is_dist
+from engine.distributed import get_rank, get_world_size, is_dist
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_PREFIX = "run-"

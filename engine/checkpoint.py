@@ -31,12 +31,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from engine import safe_archive
+from errors import CheckpointError
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)\.pth$")
 LAST_NAME = "checkpoint-last.pth"
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that does not exist, is damaged, or is unsafe to load."""
 
 
 def _umask() -> int:
@@ -204,7 +204,6 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    from . import safe_archive  # bounded inspection: memory and time cannot exceed limits set by the model
     safe_archive.inspect_archive(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data_wait import DataWait, warning as data_wait_warning
-from .distributed import all_reduce_mean, get_rank, get_world_size, is_main_process
-from .lr_sched import adjust_learning_rate
-from .stop import StopRequested, agreed_stop, agreed_stop_now, stop_signals_held
+from engine.data_wait import DataWait, warning as data_wait_warning
+from engine.distributed import all_reduce_mean, get_rank, get_world_size, is_main_process
+from engine.schedule import adjust_learning_rate
+from engine.stop import StopRequested, agreed_stop, agreed_stop_now, stop_signals_held
 
 
 class NonFiniteLossError(RuntimeError):
@@ -122,9 +122,9 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     # here, after that epoch's normal checkpoint and log line: nothing of it is lost.
     if stop_flag is not None and agreed_stop_now(stop_flag, device):
         raise StopRequested(epoch, start_step)
-    with stop_signals_held():  # DataLoader workers start with the stop signals blocked (util.stop)
+    with stop_signals_held():  # DataLoader workers start with the stop signals blocked (engine.stop)
         batches = iter(loader)
-    waited = DataWait()  # time spent waiting for each batch (util/data_wait.py)
+    waited = DataWait()  # time spent waiting for each batch (engine/data_wait.py)
     batches = waited.wrap(batches)
     for it, batch in enumerate(batches):
         step = start_step + it

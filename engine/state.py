@@ -6,13 +6,13 @@ mid-epoch, ``next_step``. ``epoch`` is the last completed epoch, or the epoch in
 progress when ``next_step`` is set. ``progress`` records what a resume needs to
 continue at the right sample under another batch size or world size: samples
 consumed in the epoch, batch size, world size, accumulation, and the timeline
-(see util.checkpoint.progress_key).
+(see engine.checkpoint.progress_key).
 
 Write order at the end of an epoch: ``checkpoint-{epoch}.pth`` (when due) and
 ``checkpoint-best.pth``, then ``checkpoint-last.pth``, then the epoch's
 ``log.txt`` line. Each checkpoint carries that line, so a kill before it was
 written is repaired on resume; a kill at any other point leaves every file
-whole (util.checkpoint.save_atomic).
+whole (engine.checkpoint.save_atomic).
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from . import checkpoint as ckpt_util
-from .distributed import is_main_process
+from engine import checkpoint as ckpt_util
+from engine.distributed import is_main_process
 
 
 _PLAIN = (bool, int, float, str)
@@ -177,11 +177,11 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
     """Restore from --resume, or the checkpoint in --output_dir with the most progress that fits (--auto_resume).
 
     Returns (start_epoch, start_step, checkpoint or None). No RNG state is needed: the
-    training loop reseeds the global RNGs at every optimizer step (util.loop.seed_rngs).
+    training loop reseeds the global RNGs at every optimizer step (engine.step.seed_rngs).
     Another model's checkpoint, and (for auto-resume, unless --allow_changed_args) changed
     run-shaping flags, are one-line errors.
     """
-    from .safe_archive import check_optimizer_state, expect_model
+    from engine.safe_archive import check_optimizer_state, expect_model
     expect_model(model)  # checkpoint size limits scale with this model
     out = Path(args.output_dir)
     if is_main_process():
@@ -225,7 +225,7 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
         if explicit or getattr(args, "allow_changed_args", False):
             log(f"warning: resuming {path} with changed flags: {listing}", flush=True)
         else:
-            from .cli import UsageError
+            from errors import UsageError
             raise UsageError(f"{path} was written with other run-shaping flags: {listing}. Resume with the "
                              f"same flags, or continue with the new ones with --allow_changed_args (or an "
                              f"explicit --resume {path})")

@@ -52,8 +52,9 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .decode import Encoded
-from .datasets import DataError, IMG_EXTENSIONS, decode_rgb, sample_seed, seeded_apply
+from imagedata.images import Encoded
+from errors import DataError
+from imagedata.images import IMG_EXTENSIONS, decode_rgb, sample_seed, seeded_apply
 
 SHUFFLE_BUFFER = 1000  # samples held per worker for the within-worker shuffle (~100 MB of ImageNet JPEGs)
 IMAGE_KEYS = tuple(e.lstrip(".") for e in IMG_EXTENSIONS)
@@ -135,7 +136,7 @@ def scan_shard(url: str, labelled: bool) -> tuple[int, int]:
 
 class ShardImages:
     """The shards of one split: urls, samples per shard, class names. Mirrors the parts of
-    ``util.datasets.ImageList`` that the programs use (len, classes, left_out, load, min_side)."""
+    ``imagedata.datasets.ImageList`` that the programs use (len, classes, left_out, load, min_side)."""
 
     def __init__(self, urls: list[str], counts: list[int], classes: list[str], source: str) -> None:
         self.urls, self.counts, self.classes, self.source = urls, counts, classes, source
@@ -258,7 +259,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.seed, self.train = batch_size, seed, train
         self.world, self.rank = (world, rank) if shard_ranks else (1, 0)
         self.buffer = buffer if train else 0
-        self.raw = raw  # the transform takes the file's bytes (util.decode.Encoded): --decode fast / gpu
+        self.raw = raw  # the transform takes the file's bytes (imagedata.images.Encoded): --decode fast / gpu
         self.epoch = 0
         self.skip = 0  # images of this epoch already consumed by this rank (mid-epoch resume)
         self.dataset = self  # what the programs ask a DataLoader's sampler for

@@ -5,7 +5,7 @@ A program (main_pretrain.py, main_finetune.py, main_detection.py, main_segmentat
 what is its own: flags, data set, model, optimizer and an ``Epochs`` object with its per-epoch hooks; ``run_epochs`` does the rest, in
 this order per epoch: ``train`` -> ``evaluate`` (what to checkpoint) -> save -> ``log`` (rank 0) ->
 the progress line -> ``--exit_after_epoch``. A stop signal or a non-finite loss ends the loop through
-util.stop.finish_interrupted (a resumable checkpoint and the exit code), a finished
+engine.stop.finish_interrupted (a resumable checkpoint and the exit code), a finished
 schedule through ``complete``.
 """
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .cli import UsageError
-from .distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
-from .loop import NonFiniteLossError, resolve_amp, seed_rngs
-from .run_record import RunClock, RunRecord, summary_line
-from .stop import StopRequested, finish_interrupted, setup_stop_signals
-from .train_state import save_training_state
+from errors import UsageError
+from engine.distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
+from engine.step import NonFiniteLossError, resolve_amp, seed_rngs
+from engine.record import RunClock, RunRecord, summary_line
+from engine.stop import StopRequested, finish_interrupted, setup_stop_signals
+from engine.state import save_training_state
 
 
 @dataclass

@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import CheckpointError
+from errors import CheckpointError
 
 GiB = 1 << 30
 MiB = 1 << 20

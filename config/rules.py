@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .cli import UsageError
+from errors import UsageError
 
 
 def _finite(v) -> bool:

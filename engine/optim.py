@@ -23,7 +23,7 @@ def layer_id(model: nn.Module, name: str, num_layers: int) -> int:
 
 def param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: float,
                      no_weight_decay_list: set[str] | None = None) -> list[dict]:
-    """Optimizer groups with ``lr_scale`` (read by util.lr_sched) and weight decay per parameter."""
+    """Optimizer groups with ``lr_scale`` (read by engine.schedule) and weight decay per parameter."""
     contract = model.contract
     if no_weight_decay_list is None:
         no_weight_decay_list = contract.no_weight_decay

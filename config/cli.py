@@ -10,8 +10,10 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import CheckpointError
-from .cpu_perf import add_cpu_tuning_args, resolve_cpu_matmul
+from errors import CheckpointError, UsageError
+from config.rules import COMMON_RULES, check_existing, check_ranges
+from engine import safe_archive
+from engine.cpu_perf import add_cpu_tuning_args, resolve_cpu_matmul
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -30,9 +32,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # 10 minutes it was, with room to spare.
 DIST_TIMEOUT_MIN = 3.0
 
-
-class UsageError(ValueError):
-    """A flag combination or input that cannot work; reported as one line before any compute."""
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -81,8 +80,6 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def finalize_common_args(args) -> None:
-    from . import safe_archive
-    from .flag_checks import COMMON_RULES, check_existing, check_ranges
     check_existing(args, ["resume"])  # paths first: a typo fails before anything else is looked at
     check_ranges(args, COMMON_RULES)
     safe_archive.configure(getattr(args, "max_checkpoint_gb", None))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 import models
 from models.layers import pad_to_multiple
-from util.lr_decay import layer_id, num_layers_for_decay
+from engine.optim import layer_id, num_layers_for_decay
 from util.pretrained import load_pretrained
 
 __all__ = ["DenseBackbone", "SimpleFeaturePyramid", "build_backbone", "dense_models", "dense_param_groups"]
@@ -77,7 +77,7 @@ class DenseBackbone(nn.Module):
         if not has_pyramid(model):
             raise ValueError(f"{type(model).__name__} has no feature pyramid (forward_pyramid with "
                              f"pyramid_channels / pyramid_strides / pyramid_divisor); dense backbones are "
-                             f"listed by dense.backbone.dense_models()")
+                             f"listed by detection.backbone.dense_models()")
         self.body = model
         channels, strides = list(model.pyramid_channels), list(model.pyramid_strides)
         self.sfp: Optional[SimpleFeaturePyramid] = None
@@ -152,10 +152,10 @@ def dense_param_groups(model: nn.Module, backbone: DenseBackbone, weight_decay: 
     """AdamW groups for a whole dense model holding ``backbone``.
 
     Backbone body parameters get the layer-wise scale ``layer_decay ** (num_layers - id)``
-    of util.lr_decay (the reference's layer ids); every other parameter (simple feature
+    of engine.optim (the reference's layer ids); every other parameter (simple feature
     pyramid, adapters, neck, head) scale 1. No weight decay for 1-D tensors (norms, biases),
     the body's ``no_weight_decay()`` names (``pos_embed``, ...) and names containing any of
-    ``no_weight_decay``. Groups carry ``lr_scale`` (read by util.lr_sched).
+    ``no_weight_decay``. Groups carry ``lr_scale`` (read by engine.schedule).
     """
     body = backbone.body
     body_names = {id(p): n for n, p in body.named_parameters()}

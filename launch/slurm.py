@@ -11,7 +11,7 @@
   uninterrupted and a preempted-and-requeued run end with the same weights.
 * SIGTERM / SIGUSR1 / SIGINT checkpoint and exit without requeueing (as outside SLURM).
   SLURM delivers its signals to every process of the job step, DataLoader workers
-  included; those ignore them (util.stop.ignore_stop_signals), so only the ranks act.
+  included; those ignore them (engine.stop.ignore_stop_signals), so only the ranks act.
 * MAE's wrapper requeued with ``--resume checkpoint.pth``, a file it never wrote, so a
   requeued job silently restarted from epoch 0; here resumption never depends on a name.
 """
@@ -71,10 +71,10 @@ class Trainer:
             _remove_literal_job_folder(args.job_dir)
         if args.device is None or str(args.device).startswith("cuda"):
             args.device = "cuda" if args.ngpus > 0 and _cuda() else "cpu"
-        from util.stop import stopped_by
+        from engine.stop import stopped_by
         program: ModuleType = importlib.import_module(self.program)
         submitit_handler = signal.getsignal(signal.SIGUSR2)
-        code = program.main(args)  # installs the stop handlers (util.stop), SIGUSR2 among them
+        code = program.main(args)  # installs the stop handlers (engine.stop), SIGUSR2 among them
         if stopped_by() == signal.SIGUSR2 and env.global_rank == 0:
             # checkpoint written at a step boundary: let submitit requeue through its own handler
             signal.signal(signal.SIGUSR2, submitit_handler)
@@ -147,7 +147,7 @@ def submit(program: str, args: argparse.Namespace) -> submitit.Job:
 
 
 def build_parser(program: ModuleType) -> argparse.ArgumentParser:
-    from util.cli import HelpFormatter
+    from config.cli import HelpFormatter
     parser = argparse.ArgumentParser(f"submitit for {program.__name__}", parents=[program.get_args_parser(False)],
                                      formatter_class=HelpFormatter)
     add_slurm_args(parser)
@@ -162,7 +162,7 @@ def build_parser(program: ModuleType) -> argparse.ArgumentParser:
 
 def prepare(program: ModuleType, argv=None) -> argparse.Namespace:
     """Parse the wrapped program's flags + SLURM flags and validate them before anything is submitted."""
-    from util.cli import finalize_common_args
+    from config.cli import finalize_common_args
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(program).parse_args(argv)
     args.launch_command = [sys.argv[0], *argv]  # for the run record: the job itself runs submitit's command
@@ -171,7 +171,7 @@ def prepare(program: ModuleType, argv=None) -> argparse.Namespace:
         if not args.local:
             print(f"--ngpus not given: {args.ngpus} task(s) per node, the GPUs visible here", file=sys.stderr)
     if args.nodes > 1 and args.local:
-        from util.cli import UsageError
+        from errors import UsageError
         raise UsageError("--local runs on one node; drop --nodes")
     device, log_dir = args.device, args.log_dir
     finalize_common_args(args)

@@ -4,7 +4,7 @@
   order of torchvision's ``ImageFolder``); or the reference's ``train.txt`` / ``val.txt`` lists
   ("relative/path label" lines under ``train/`` / ``val/``) when present; or, for
   pretraining, a plain folder of images (searched recursively).
-* Tar shards (webdataset format; a folder of ``.tar`` files or a ``.tar`` pattern): ``util/shards.py``.
+* Tar shards (webdataset format; a folder of ``.tar`` files or a ``.tar`` pattern): ``imagedata/shards.py``.
 * No ``--data_path``: the bundled sample photographs (``data/sample_images``).
 * An unreadable image is skipped with a warning that names it, and counted (summed over ranks).
   Files left out when listing (unsupported type, broken link, link loop, unreadable folder)
@@ -20,29 +20,23 @@ from __future__ import annotations
 import errno
 import math
 import os
-import random
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "data" / "sample_images"
+from errors import DataError
+from imagedata.images import (IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, PRETRAIN_SCALE, SAMPLE_IMAGES, Encoded,
+                              decode_rgb, sample_seed, seeded_apply)
+from imagedata.shards import ShardStream, is_shard_spec, shard_images
 
 
-class DataError(ValueError):
-    """A data folder that cannot be used (missing, empty, inconsistent)."""
 
 
-PRETRAIN_SCALE = (0.2, 1.0)
 
 
 def pretrain_transform(input_size: int) -> Callable:
@@ -56,30 +50,6 @@ def pretrain_transform(input_size: int) -> Callable:
     tf.torch_rng_only = True
     return tf
 
-
-HUGE_PIXELS = 50_000_000  # decoded in full, such an image costs > 150 MB per worker and seconds per epoch
-
-
-def to_rgb8(img: Image.Image) -> Image.Image:
-    """RGB with 8 bits per channel, scaling high-bit-depth modes instead of clipping them.
-
-    PIL's ``convert("RGB")`` clips 16-bit grey ("I;16", "I") to 255: a 16-bit photo comes out
-    almost white. 16-bit data is scaled by 255/65535; 32-bit integers ("I") by their bit depth;
-    float images ("F") from [0, 1] or, when larger, from [0, 255] (clipped)."""
-    mode = img.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        a = np.asarray(img)
-        if mode == "F":
-            a = a.astype(np.float64)
-            a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a
-            a = np.clip(np.nan_to_num(a), 0, 255)
-        else:
-            a = a.astype(np.int64)
-            top = 65535 if mode.startswith("I;16") else max(65535, (1 << int(a.max()).bit_length()) - 1)
-            a = np.clip(a, 0, None) * 255.0 / top
-        g = np.rint(a).astype(np.uint8)
-        return Image.fromarray(np.stack([g, g, g], axis=-1), "RGB")
-    return img.convert("RGB")
 
 
 class ImageList(Dataset):
@@ -97,7 +67,7 @@ class ImageList(Dataset):
         self.left_out = list(left_out)
         self.min_side: Optional[int] = None
         self._warned_huge: set[str] = set()
-        self.raw = False  # load gives the file's bytes (util.decode.Encoded): --decode fast / gpu
+        self.raw = False  # load gives the file's bytes (imagedata.images.Encoded): --decode fast / gpu
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -105,26 +75,11 @@ class ImageList(Dataset):
     def load(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
         if self.raw:
-            from .decode import Encoded
             with open(path, "rb") as f:
                 return Encoded(f.read(), path), label
         with open(path, "rb") as f:
             return decode_rgb(f, path, self.min_side, self._warned_huge), label
 
-
-def decode_rgb(f, name: str, min_side: Optional[int], warned_huge: set) -> Image.Image:
-    """Decode an image file object to 8-bit RGB; a JPEG whose sides are both >= 2 * min_side at a
-    reduced DCT scale (PIL ``draft``), a huge image of another format in full, named once."""
-    img = Image.open(f)
-    w, h = img.size
-    if min_side and img.format == "JPEG" and min(w, h) >= 2 * min_side:
-        img.draft("RGB", (min_side, min_side))
-    elif w * h > HUGE_PIXELS and name not in warned_huge:
-        warned_huge.add(name)
-        warnings.warn(f"image {name} is {w}x{h} ({w * h / 1e6:.0f} MP, {img.format}): decoded at full size "
-                      f"every epoch (only JPEG can be decoded at a reduced scale); resizing the data set "
-                      f"once saves memory and time")
-    return to_rgb8(img)
 
 
 def _list_file(root: Path, split: str) -> Optional[ImageList]:
@@ -230,8 +185,7 @@ def image_list(data_path: Optional[str], split: str, labelled: bool) -> ImageLis
         if not files:
             raise DataError(f"the bundled sample images are missing from {SAMPLE_IMAGES}")
         return ImageList([(f, 0) for f in files])
-    from .shards import is_shard_spec, shard_images
-    if is_shard_spec(data_path):  # tar shards (util/shards.py)
+    if is_shard_spec(data_path):  # tar shards (imagedata/shards.py)
         return shard_images(data_path, split, labelled)
     root = Path(data_path)
     if not root.is_dir():
@@ -275,10 +229,6 @@ def _class_folders(root: Path, split_dir: Path, split: str) -> ImageList:
     return ImageList(samples, classes, left_out)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A per-sample seed independent of workers and resumption."""
-    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % (2 ** 63 - 1)
-
 
 class SeededImageDataset(Dataset):
     """Wraps an ``ImageList``: keys are (index, seed); unreadable images are replaced and flagged.
@@ -317,27 +267,6 @@ class SeededImageDataset(Dataset):
                             f"{self.images.samples[index % n][0]} could be read")
         return seeded_apply(self.transform, img, seed), label, ok
 
-
-def seeded_apply(transform: Callable, img, seed: int):
-    """``transform(img)`` with torch's CPU generator, ``random`` and NumPy seeded from ``seed``; the
-    global states are restored. A transform marked ``torch_rng_only`` (torchvision's crops and flips
-    draw from torch alone) skips ``random`` and NumPy, whose state round trip costs ~0.15 ms."""
-    # (default_generator.manual_seed: torch.manual_seed also reseeds every device, ~0.2 ms a call)
-    if getattr(transform, "torch_rng_only", False):
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return transform(img)
-    # timm's RandAugment / RandomErasing also draw from `random` and NumPy: seed all three, then restore.
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2 ** 32)
-            return transform(img)
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
 
 
 class SeededSampler(Sampler):
@@ -392,8 +321,7 @@ def build_pretrain_dataset(args) -> SeededImageDataset:
 
 
 def _shard_stream(images, transform: Callable, args, train: bool):
-    from .distributed import get_rank, get_world_size
-    from .shards import ShardStream
+    from engine.distributed import get_rank, get_world_size
     return ShardStream(images, transform, args.batch_size, args.seed, train=train, world=get_world_size(),
                        rank=get_rank())
 

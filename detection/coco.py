@@ -8,7 +8,7 @@ Training pipeline (the reference's, mmdet 2.x semantics): resize so that the lon
 ``input_size x input_size`` (or the whole side when smaller) that keeps at least one box
 (10 tries); drop boxes under 0.01 px; horizontal flip with p = 0.5; zero-pad to
 ``input_size x input_size`` after normalising. Test: resize to fit 1333 x 800 (long x short).
-Every random draw comes from the sample's seed (util.datasets.SeededSampler), so a resumed
+Every random draw comes from the sample's seed (imagedata.datasets.SeededSampler), so a resumed
 run sees exactly the same crops.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from util.datasets import DataError
+from errors import DataError
 
 MEAN = (0.485, 0.456, 0.406)  # mmdet's img_norm_cfg (123.675, 116.28, 103.53) / 255, RGB
 STD = (0.229, 0.224, 0.225)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, generalized_box_iou_loss
 
-from util.distributed import get_world_size, is_dist
+from engine.distributed import get_world_size, is_dist
 
 
 def quality_focal_loss(logits: Tensor, labels: Tensor, scores: Tensor, beta: float = 2.0) -> Tensor:
