@@ -1,13 +1,22 @@
-"""One pretraining epoch: masks drawn on the device, the shared step loop does the rest."""
+"""Pretraining's part of the loop (engine.trainer.Task): masks drawn on the device, the masked-image-
+modeling loss, reconstruction figures and the summary."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+from config.pretrain import PretrainConfig
+from engine.distributed import get_rank, get_world_size, is_main_process
+from engine.run import Run
+from engine.step import StepOutput
+from engine.trainer import Evaluation, Task
+from imagedata.datasets import image_list
 from models.masking import draw_masks, secondary_mask
-from engine.distributed import get_rank, get_world_size
-from engine.step import train_one_epoch
+from util.visualize import figure_transform, spread_indices, write_reconstruction
+
+FIGURE_SEED = 12345  # the same masks in every figure of a run
 
 
 class MaskSampler:
@@ -43,17 +52,74 @@ class MaskSampler:
         return mask[rank::world], sm
 
 
-def pretrain_one_epoch(model, loader, optimizer, scaler, device, epoch, args, masks: MaskSampler,
-                       log_writer=None, stop_flag=None, start_step: int = 0) -> dict:
-    def compute_loss(batch):
-        imgs, _, ok = batch
-        imgs = imgs.to(device, non_blocking=True)
-        if args.channels_last:
-            imgs = imgs.contiguous(memory_format=torch.channels_last)
-        mask, sm = masks(imgs.shape[0])
-        loss, _, _ = model(imgs, mask, sm) if sm is not None else model(imgs, mask)
-        return loss, imgs.shape[0], {"skipped_images": int((ok == 0).sum())}
+class PretrainTask(Task):
+    """Masked-image modeling: ``model(imgs, mask, sm_mask)`` (models.contract.PretrainOutput) under
+    masks drawn by a ``MaskSampler``; a reconstruction figure every --vis_freq epochs and at the end."""
 
-    return train_one_epoch(model, loader, optimizer, scaler, device, epoch, args, compute_loss,
-                           log_writer=log_writer, header=f"Epoch [{epoch}]", stop_flag=stop_flag,
-                           start_step=start_step)
+    def __init__(self, config: PretrainConfig, model: torch.nn.Module, train_model: torch.nn.Module,
+                 run: Run) -> None:
+        self.config, self.model, self.train_model, self.run = config, model, train_model, run
+        self.what = f"{config.model} pretraining"
+        self.masks = MaskSampler(config.token_size, config.mask_ratio, config.mask_regular, config.vis_mask_ratio,
+                                 seed=config.seed, device=run.device, rounding=model.contract.mask_rounding)
+
+    def begin(self, period: int, step: int) -> None:
+        self.masks.set_epoch(period, step, self.config.batch_size)
+
+    def compute_loss(self, batch) -> StepOutput:
+        imgs, _, ok = batch
+        imgs = imgs.to(self.run.device, non_blocking=True)
+        if self.config.channels_last:
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
+        mask, sm = self.masks(imgs.shape[0])
+        out = self.train_model(imgs, mask, sm)
+        return StepOutput(out.loss, imgs.shape[0], {"skipped_images": int((ok == 0).sum())})
+
+    def log(self, period: int, stats: dict, evaluation: Optional[Evaluation]) -> None:
+        c = self.config
+        if c.vis_freq > 0 and (period + 1) % c.vis_freq == 0 and period + 1 < c.epochs:
+            self.figure(period)
+
+    def finish(self, stats: dict, evaluation: Optional[Evaluation], best: float,
+               best_period: Optional[int]) -> tuple[list[str], dict]:
+        parts = [f"final loss {stats['loss']:.4f}, {stats['images_per_sec']:.1f} img/s, "
+                 f"peak mem {stats['peak_mem_mb']:.0f} MB"] if stats else []
+        return parts, {"final": stats or None}
+
+    def complete(self, last_period: int, trained: bool) -> dict:
+        """Rank 0: the final figure (unless a finished run is started again and it exists)."""
+        if not is_main_process():
+            return {}
+        if not trained and (Path(self.config.output_dir) / f"reconstruction-{last_period}.png").exists():
+            return {}
+        path = self.figure(last_period).resolve()
+        print(f"reconstruction figure: {path}", flush=True)
+        return {"figure": str(path)}
+
+    def figure(self, period: int) -> Path:
+        """The reconstruction figure of four training images spread over the data (and TensorBoard's)."""
+        c, device = self.config, self.run.device
+        images = image_list(c.data_path, "train", labelled=False)
+        tf = figure_transform(c.input_size)
+        picked = []
+        # spread over the (class-sorted) list; unreadable picks are replaced by the next readable image
+        for start in spread_indices(len(images), 4):
+            for i in range(start, len(images)):
+                try:
+                    picked.append(tf(images.load(i)[0]))
+                    break
+                except Exception:
+                    continue
+        imgs = torch.stack(picked).to(device)
+        gen = torch.Generator(device=device).manual_seed(FIGURE_SEED)
+        mask = draw_masks(len(imgs), c.token_size, c.mask_ratio, c.mask_regular, generator=gen, device=device,
+                          rounding=self.model.contract.mask_rounding)
+        sm = secondary_mask(mask, c.vis_mask_ratio, generator=gen) if c.vis_mask_ratio > 0 else None
+        path = write_reconstruction(self.model, imgs, mask, sm, Path(c.output_dir) / f"reconstruction-{period}.png",
+                                    f"{c.model}, epoch {period}", c.denorm)
+        writer = self.run.log_writer
+        if writer is not None:
+            import numpy as np
+            from PIL import Image
+            writer.add_image("reconstruction", np.asarray(Image.open(path).convert("RGB")), period, dataformats="HWC")
+        return path

@@ -1,6 +1,6 @@
 """Object detection / instance segmentation finetuning on COCO, under torchrun (DETECTION.md).
 
-    torchrun --nproc_per_node=8 main_detection.py --detector gfl --model swin_tiny_256 \
+    torchrun --nproc_per_node=8 main_detection.py --config recipes/detection_gfl_swin_tiny.yaml \
         --finetune work_dirs/finetune_mae_swin_tiny_256/checkpoint-99.pth \
         --data_path /path/to/coco --output_dir work_dirs/gfl_swin_tiny --log_dir work_dirs/gfl_swin_tiny
 
@@ -14,33 +14,33 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 import models
-from detection.backbone import build_backbone, dense_param_groups, has_pyramid
-from detection.coco import CocoDetection, check_layout, coco_evaluate, collate, to_coco_results
+from config.cli import HelpFormatter, add_common_args, parse, run_main, write_recipe
+from config.detection import DetectConfig, resolve
+from config.sections import step_settings
+from detection.coco import CocoDetection, check_layout, collate
 from detection.detector import DETECTORS, build_detector
-from errors import UsageError
-from config.cli import add_common_args, check_output_dirs, finalize_common_args, run_main
 from engine.cpu_perf import setup_cpu_training
-from errors import DataError
-from imagedata.datasets import SeededSampler, ShardSampler
-from engine.distributed import cleanup, get_world_size, is_dist, is_main_process
-from engine.step import autocast, fused_optimizer_ok, make_scaler, train_one_epoch
-from engine.trainer import EpochSave, Epochs, require_a_batch, run_epochs, start_run, wrap_for_training
-from engine.record import summary_line
-from engine.stop import ignore_stop_signals
-from engine.state import resume_training_state
+from engine.distributed import is_main_process
+from engine.loaders import eval_loader, train_loader
+from engine.optim import dense_param_groups, make_adamw
+from engine.run import start_run, wrap_for_training
+from engine.schedule import CosineSchedule
+from engine.state import RunFlags, TrainState
+from engine.step import make_scaler
+from engine.trainer import Cadence, Periods, Trainer, evaluate_only, require_a_batch
+from engine_detection import DetectTask
+from errors import DataError, UsageError
+from util.pretrained import build_backbone
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("UM-MAE detection finetuning (GFL / Mask R-CNN, COCO)", add_help=add_help)
+    p = argparse.ArgumentParser("UM-MAE detection finetuning (GFL / Mask R-CNN, COCO)", add_help=add_help,
+                                formatter_class=HelpFormatter)
     p.add_argument("--detector", default="gfl", choices=DETECTORS,
                    help="gfl: the reference's GFL head; mask_rcnn: torchvision's Mask R-CNN (box + mask AP)")
     p.add_argument("--batch_size", default=2, type=int, help="images per GPU")
@@ -74,238 +74,91 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _validate(args) -> None:
+def parse_args(argv=None) -> DetectConfig:
+    """Flags -> config: every flag combination that cannot work fails here, before any compute (and
+    before launch.slurm submits a job)."""
+    return configure(parse(get_args_parser(), argv, Path(__file__).name))
+
+
+def configure(flags: argparse.Namespace) -> DetectConfig:
+    """The config of parsed flags (the model described once, on the meta device; the data listed)."""
     classifiers = models.list_models(task="classify")
-    if args.model not in classifiers:
-        raise UsageError(f"unknown --model {args.model!r}; valid backbones are classifiers: {', '.join(classifiers)}")
-    with torch.device("meta"):
-        meta = models.create_model(args.model, num_classes=0)
-    if not has_pyramid(meta):
-        raise UsageError(f"--model {args.model} has no feature pyramid for dense prediction (Swin, PVT and ViT "
-                         f"classifiers have one)")
-    for flag in ("batch_size", "epochs", "accum_iter", "input_size", "fpn_dim", "adapter_dim", "eval_freq"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    lo, hi = args.ratio_range
-    if not 0 < lo <= hi:
-        raise UsageError(f"--ratio_range needs 0 < low <= high, got {lo} {hi}")
-    if min(args.test_size) < 1:
-        raise UsageError(f"--test_size must be positive, got {args.test_size}")
-    if args.fpn_dim % 32 and args.neck_norm == "gn":
-        raise UsageError(f"--neck_norm gn needs --fpn_dim divisible by 32, got {args.fpn_dim}")
-    if args.finetune and not Path(args.finetune).is_file():
-        raise UsageError(f"--finetune checkpoint {args.finetune} does not exist")
-    if args.resume and not Path(args.resume).is_file():
-        raise UsageError(f"--resume checkpoint {args.resume} does not exist")
-    if args.eval and args.finetune:
-        args.auto_resume = False
-    if args.data_path is None:
+    if flags.model not in classifiers:
+        raise UsageError(f"unknown --model {flags.model!r}; valid backbones are classifiers: {', '.join(classifiers)}")
+    if flags.data_path is None:
         raise UsageError("--data_path is required: a COCO folder with annotations/instances_{train,val}2017.json, "
                          "train2017/ and val2017/")
+    config = resolve(flags, models.describe(flags.model, num_classes=0))
     try:
-        check_layout(args.data_path, ["val"] if args.eval else ["train", "val"])
+        check_layout(flags.data_path, ["val"] if flags.eval else ["train", "val"])
     except DataError as e:
         raise UsageError(str(e)) from None
-    check_output_dirs(args)
+    return config
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    args = get_args_parser().parse_args(argv)
-    finalize_common_args(args)
-    _validate(args)
-    return args
-
-
-def _to(t: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in t.items()}
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, dataset: CocoDetection, amp: str = "none", with_masks: bool = False) -> dict:
-    """COCO box (and mask) AP of ``loader``'s images; each rank predicts its shard, rank 0 gathers
-    the results and runs pycocotools. Returns {"bbox": {AP, ...}, ["segm": ...]} on rank 0, {} elsewhere."""
-    model.eval()
-    results = []
-    for imgs, _, metas in loader:
-        with autocast(amp, device):
-            dets = model(imgs.to(device, non_blocking=True), [m["size"] for m in metas])
-        for det, meta in zip(dets, metas):
-            results += to_coco_results(det, meta, dataset.cat_ids, with_masks)
-    if is_dist():
-        parts = [None] * get_world_size()
-        dist.all_gather_object(parts, results)
-        results = [r for p in parts for r in p]
-    if not is_main_process():
-        return {}
-    return coco_evaluate(dataset.coco, results, ["bbox", "segm"] if with_masks else ["bbox"], dataset.ids)
-
-
-def _loader(dataset, args, train: bool, world: int, rank: int, divisor: int):
-    sampler = (SeededSampler(dataset, world, rank, seed=args.seed, shuffle=True, drop_last=True) if train
-               else ShardSampler(len(dataset), world, rank))
-    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, shuffle=False,
-                      num_workers=args.num_workers, collate_fn=functools.partial(collate, size_divisor=divisor),
-                      pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=train,
-                      persistent_workers=train and args.num_workers > 0, worker_init_fn=ignore_stop_signals), sampler
-
-
-def _log(*a, **k) -> None:
+def log(*a, **k) -> None:
     if is_main_process():
         print(*a, **{"flush": True, **k})
 
 
-def _summary(stats: dict) -> str:
-    return "  ".join(f"{t} AP {s['AP'] * 100:.1f} AP50 {s['AP50'] * 100:.1f} AP75 {s['AP75'] * 100:.1f}"
-                     for t, s in stats.items())
+def main(config: DetectConfig) -> int:
+    run, config = start_run(config, f"main_detection ({'eval' if config.eval else 'train'})")
+    train_set, val_set = coco_sets(config)
+    backbone = build_backbone(config.model, config.finetune, drop_path=config.drop_path, log=log)
+    model = build_detector(config.detector, backbone, len(val_set.cat_ids), adapter_dim=config.adapter_dim,
+                           fpn_dim=config.fpn_dim, neck_norm=config.neck_norm, score_thr=config.score_thr,
+                           max_per_img=config.max_dets)
+    if run.distributed and run.device.type == "cuda" and config.neck_norm == "bn":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(run.device)
+    cpu_note = setup_cpu_training(model, run.device, config.cpu_matmul, compiled=config.compile and not config.eval)
+    run.log(cpu_note)
+    collate_fn = functools.partial(collate, size_divisor=backbone.size_divisor)
+    val = eval_loader(val_set, config.batch_size, run.world, run.rank, config.num_workers, run.device, config.pin_mem,
+                      collate=collate_fn)
+    optimizer = make_adamw(dense_param_groups(model, backbone, config.weight_decay, config.layer_decay), config.lr,
+                           run.device)
+    state = TrainState(RunFlags.of(config), model, optimizer, make_scaler(config.amp, run.device),
+                       best_key=DetectTask.best_key)
+    state.resume(log=log)
+    if config.eval:
+        return evaluate_only(run, DetectTask(config, model, model, run, val, val_set))
+    loader = train_loader(train_set, config.batch_size, run.world, run.rank, config.seed, config.num_workers,
+                          run.device, config.pin_mem, collate=collate_fn)
+    require_a_batch(len(loader), len(train_set), config.batch_size, run.world)
+    state.train_model = wrap_for_training(model, run, config.compile)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run.note(f"{config.detector} on {config.model}: {n_params / 1e6:.2f}M parameters; {len(val_set.cat_ids)} classes; "
+             f"{len(train_set)} train / {len(val_set)} val images; lr {config.lr:.3e}; amp {config.amp}; world "
+             f"{run.world}", cpu=cpu_note or None, start={"epoch": state.epoch, "step": state.step}, num_train=len(train_set),
+             num_val=len(val_set), num_classes=len(val_set.cat_ids))
+    write_recipe(config, run.rank)
+    steps = len(loader)
+    # the cosine schedule is in epochs: warmup iterations (optimizer steps) and the floor converted
+    schedule = CosineSchedule(config.lr, config.lr * config.min_lr_ratio,
+                              config.warmup_iters / (steps / config.accum_iter), config.epochs)
+    task = DetectTask(config, model, state.train_model, run, val, val_set)
+    return Trainer(run, state, task, loader, schedule, Periods(steps, steps * config.epochs), step_settings(config),
+                   evaluate=Cadence(config.eval_freq * steps), save=Cadence(config.save_freq * steps),
+                   exit_after=config.exit_after_epoch).fit()
 
 
-def main(args) -> int:
-    run = start_run(args, f"main_detection ({'eval' if args.eval else 'train'})")
-    device, rank, world = run.device, run.rank, run.world
-    with_masks = args.detector == "mask_rcnn"
-    kw = dict(input_size=args.input_size, ratio_range=args.ratio_range, test_size=args.test_size,
-              with_masks=with_masks)
+def coco_sets(config: DetectConfig) -> tuple[CocoDetection | None, CocoDetection]:
+    """The training set (None for --eval) and the validation set, with what they left out named."""
+    kw = dict(input_size=config.input_size, ratio_range=config.ratio_range, test_size=config.test_size,
+              with_masks=config.with_masks)
     try:
-        train_set = None if args.eval else CocoDetection(args.data_path, "train", train=True, **kw)
+        train_set = None if config.eval else CocoDetection(config.data_path, "train", train=True, **kw)
         cats = train_set.cat_ids if train_set is not None else None
-        val_set = CocoDetection(args.data_path, "val", train=False, categories=cats, **kw)
+        val_set = CocoDetection(config.data_path, "val", train=False, categories=cats, **kw)
     except DataError as e:
         raise UsageError(str(e)) from None
     for ds in (train_set, val_set):
         if ds is not None and ds.skipped_summary():
-            _log(ds.skipped_summary())
+            log(ds.skipped_summary())
     if train_set is not None and len(train_set) == 0:
-        raise UsageError(f"{args.data_path}: no training image has a usable box")
-    num_classes = len(val_set.cat_ids)
-
-    backbone = build_backbone(args.model, args.finetune, drop_path=args.drop_path, log=_log)
-    model = build_detector(args.detector, backbone, num_classes, adapter_dim=args.adapter_dim, fpn_dim=args.fpn_dim,
-                           neck_norm=args.neck_norm, score_thr=args.score_thr, max_per_img=args.max_dets)
-    if args.distributed and device.type == "cuda" and args.neck_norm == "bn":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    cpu_note = setup_cpu_training(model, device, args.cpu_matmul, compiled=args.compile and not args.eval)
-    if cpu_note:
-        _log(cpu_note)
-
-    divisor = backbone.size_divisor
-    val_loader, _ = _loader(val_set, args, False, world, rank, divisor)
-    groups = dense_param_groups(model, backbone, args.weight_decay, args.layer_decay)
-    for g in groups:
-        g.pop("param_names", None)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=fused_optimizer_ok(device) or None)
-    scaler = make_scaler(args.amp, device)
-    start_epoch, start_step, ckpt = resume_training_state(args, model, optimizer, scaler, log=_log)
-    best_ap = float(ckpt.get("best_ap", 0.0)) if ckpt else 0.0
-
-    if args.eval:
-        return evaluate_only(run, model, val_loader, val_set, with_masks)
-
-    train_loader, sampler = _loader(train_set, args, True, world, rank, divisor)
-    require_a_batch(len(train_loader), len(train_set), args, world)
-    # the shared loop's schedule is in epochs: warmup iterations and the cosine floor converted
-    steps_per_epoch = len(train_loader) / args.accum_iter
-    args.warmup_epochs = args.warmup_iters / steps_per_epoch
-    args.min_lr = args.lr * args.min_lr_ratio
-    train_model = wrap_for_training(model, args, device)
-    if is_main_process():
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{args.detector} on {args.model}: {n_params / 1e6:.2f}M parameters; {num_classes} classes; "
-              f"{len(train_set)} train / {len(val_set)} val images; lr {args.lr:.3e}; amp {args.amp}; "
-              f"world {world}", flush=True)
-    run.open_log_writer()
-    run.record.note(start={"epoch": start_epoch, "step": start_step}, num_train=len(train_set),
-                    num_val=len(val_set), num_classes=num_classes, cpu=cpu_note or None)
-    epochs = DetectionEpochs(run, model, train_model, train_loader, val_loader, val_set, optimizer, scaler,
-                             with_masks, start_epoch, best_ap)
-    return run_epochs(run, epochs, model, optimizer, scaler, sampler, start_epoch, start_step)
-
-
-def evaluate_only(run, model, val_loader, val_set, with_masks: bool) -> int:
-    """--eval: COCO AP of the loaded weights on val2017; eval.json."""
-    args = run.args
-    stats = evaluate(model, val_loader, run.device, val_set, args.amp, with_masks)
-    if is_main_process():
-        _log(f"evaluation of {len(val_set)} images: {_summary(stats)}")
-        (Path(args.output_dir) / "eval.json").write_text(
-            json.dumps({"weights": args.resume or args.finetune, **stats}, indent=1))
-        print(summary_line(f"{args.detector} on {args.model} evaluation", "completed", time.time() - run.start_time,
-                           [_summary(stats)], args.output_dir), flush=True)
-        run.record.finish("completed", metrics=stats)
-    cleanup()
-    return 0
-
-
-class DetectionEpochs(Epochs):
-    """Detection's part of the loop (engine.trainer): the detector's losses through the step loop, COCO
-    evaluation every --eval_freq epochs and after the last, the best box AP."""
-
-    best_key = "best_ap"
-
-    def __init__(self, run, model, train_model, train_loader, val_loader, val_set, optimizer, scaler,
-                 with_masks: bool, start_epoch: int, best_ap: float) -> None:
-        super().__init__(run, start_epoch, best_ap)
-        self.model, self.train_model = model, train_model
-        self.train_loader, self.val_loader, self.val_set = train_loader, val_loader, val_set
-        self.optimizer, self.scaler, self.with_masks = optimizer, scaler, with_masks
-        self.stats: dict = {}
-        self.train_stats: dict = {}
-
-    def compute_loss(self, batch):
-        imgs, targets, metas = batch
-        device = self.run.device
-        losses = self.train_model(imgs.to(device, non_blocking=True), [m["size"] for m in metas],
-                                  [_to(t, device) for t in targets])
-        return sum(losses.values()), imgs.shape[0], {k: float(v.detach()) for k, v in losses.items()}
-
-    def train(self, epoch: int, start_step: int) -> dict:
-        stats = train_one_epoch(self.train_model, self.train_loader, self.optimizer, self.scaler, self.run.device,
-                                epoch, self.args, self.compute_loss, log_writer=self.run.log_writer,
-                                header=f"Epoch [{epoch}]", stop_flag=self.run.stop, start_step=start_step)
-        # the loop sums extras over steps and over ranks (right for counts): loss terms are means of both
-        n_steps = max(len(self.train_loader), 1)
-        for k in [k for k in stats if k.startswith("loss_")]:
-            stats[k] /= n_steps * self.run.world
-        self.train_stats = stats
-        return stats
-
-    def evaluate(self, epoch: int, stats: dict, last: bool) -> EpochSave:
-        self.stats = {}
-        if last or (epoch + 1) % self.args.eval_freq == 0:
-            self.stats = evaluate(self.model, self.val_loader, self.run.device, self.val_set, self.args.amp,
-                                  self.with_masks)
-        improved = bool(self.stats) and self.stats["bbox"]["AP"] > self.best
-        if self.stats:
-            self.best = max(self.best, self.stats["bbox"]["AP"])
-        record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
-                  **{f"test_{t}_{k}": v for t, s in self.stats.items() for k, v in s.items()}}
-        return EpochSave(record, extra_names=("checkpoint-best.pth",) if improved else ())
-
-    def log(self, epoch: int, stats: dict, last: bool) -> None:
-        if self.stats:
-            print(f"epoch {epoch}: {_summary(self.stats)} (best box AP {self.best * 100:.1f})", flush=True)
-            (Path(self.args.output_dir) / f"eval_epoch{epoch}.json").write_text(
-                json.dumps({"epoch": epoch, **self.stats}, indent=1))
-        writer = self.run.log_writer
-        if writer is not None:
-            for t, s in self.stats.items():
-                for k in ("AP", "AP50", "AP75"):
-                    writer.add_scalar(f"val/{t}_{k}", s[k], epoch)
-            for k in [k for k in stats if k.startswith("loss_")]:
-                writer.add_scalar(f"epoch/{k}", stats[k], epoch)
-
-    def best_text(self) -> str:
-        return f"best box AP {self.best * 100:.1f}"
-
-    def finish(self, status: str, last_epoch: int, **extra) -> None:
-        parts = [f"last {_summary(self.stats)}"] if self.stats else []
-        parts.append(f"best box AP {self.best * 100:.1f}")
-        self.run.finish(f"{self.args.detector} on {self.args.model}", status, self.start_epoch, last_epoch, parts,
-                        best_ap=self.best, final_train=self.train_stats or None, final_val=self.stats or None,
-                        **extra)
-
-
-validate_args = _validate  # the public name launch/slurm.py calls
+        raise UsageError(f"{config.data_path}: no training image has a usable box")
+    return train_set, val_set
 
 
 if __name__ == "__main__":

@@ -1,19 +1,25 @@
-"""Command-line pieces shared by the programs: common flags, validation, one-line errors."""
+"""The programs' command line: common flags, recipes (--config), the run section resolved from the
+flags, and one-line errors.
+
+The surface is argparse with MAE's flag names. A program parses its flags (``parse``: parser
+defaults < recipe < command line), resolves them with its model's contract into a frozen config
+(config/pretrain.py, ...) and only then starts its run (engine.run.start_run), where side effects
+begin: nothing here creates a folder or writes the environment."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
 from errors import CheckpointError, UsageError
 from config.rules import COMMON_RULES, check_existing, check_ranges
-from engine import safe_archive
-from engine.cpu_perf import add_cpu_tuning_args, resolve_cpu_matmul
+from engine.cpu_perf import add_cpu_tuning_args
+from engine.run import RunConfig
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -34,7 +40,14 @@ DIST_TIMEOUT_MIN = 3.0
 
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
+def add_common_args(p: argparse.ArgumentParser, save_help: str = "write checkpoint-{epoch}.pth every N epochs",
+                    exit_help: str = "finish this epoch, checkpoint and exit (the schedule still spans --epochs); "
+                                     "e.g. to fit a job's time slot") -> None:
+    """The flags every program shares (engine.run.RunConfig); ``save_help`` / ``exit_help`` say what a
+    period is in programs that count something else than epochs."""
+    p.add_argument("--config", default=None,
+                   help="a recipe: a YAML file of flag: value lines (recipes/), or a checkpoint whose flags rebuild "
+                        "its run; flags on the command line override it")
     p.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, run records and figures")
     p.add_argument("--log_dir", default=None,
                    help="TensorBoard folder (default: OUTPUT_DIR/tensorboard; '' disables)")
@@ -60,11 +73,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip_grad", type=float, default=None, help="gradient norm clipping (default off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     add_cpu_tuning_args(p)
-    p.add_argument("--save_freq", default=20, type=int, help="write checkpoint-{epoch}.pth every N epochs")
+    p.add_argument("--save_freq", default=20, type=int, help=save_help)
     p.add_argument("--keep_last", default=0, type=int, help="keep only the newest K numbered checkpoints (0: all)")
-    p.add_argument("--exit_after_epoch", default=-1, type=int,
-                   help="finish this epoch, checkpoint and exit (the schedule still spans --epochs); "
-                        "e.g. to fit a job's time slot")
+    p.add_argument("--exit_after_epoch", default=-1, type=int, help=exit_help)
     p.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
     p.add_argument("--world_size", default=1, type=int, help="set by torchrun / submitit")
     p.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="accepted for torch.distributed.launch")
@@ -79,53 +90,123 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                         "256 MB); see FINETUNE.md 'Loading checkpoints safely'")
 
 
-def finalize_common_args(args) -> None:
-    check_existing(args, ["resume"])  # paths first: a typo fails before anything else is looked at
-    check_ranges(args, COMMON_RULES)
-    safe_archive.configure(getattr(args, "max_checkpoint_gb", None))
-    if args.bf16:
-        if args.amp not in (None, "bf16"):
-            raise UsageError(f"--bf16 contradicts --amp {args.amp}")
-        args.amp = "bf16"
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} but no CUDA device is available; valid here: cpu")
-    if not str(args.device).startswith(("cuda", "cpu")):
-        raise UsageError(f"--device {args.device!r}: valid choices are cuda, cuda:N, cpu")
-    if args.amp == "fp16" and not str(args.device).startswith("cuda"):
+def resolve_run(flags) -> dict:
+    """The run section's values (engine.run.RunConfig) from the common flags, checked; no side effects."""
+    check_existing(flags, ["resume"])  # paths first: a typo fails before anything else is looked at
+    check_ranges(flags, COMMON_RULES)
+    amp = flags.amp
+    if flags.bf16:
+        if amp not in (None, "bf16"):
+            raise UsageError(f"--bf16 contradicts --amp {amp}")
+        amp = "bf16"
+    device = flags.device if flags.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} but no CUDA device is available; valid here: cpu")
+    if not str(device).startswith(("cuda", "cpu")):
+        raise UsageError(f"--device {device!r}: valid choices are cuda, cuda:N, cpu")
+    if amp == "fp16" and not str(device).startswith("cuda"):
         raise UsageError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or --amp none")
-    if args.dist_on_itp:
-        env = os.environ
-        env["RANK"] = env["OMPI_COMM_WORLD_RANK"]
-        env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_SIZE"]
-        env["LOCAL_RANK"] = env["OMPI_COMM_WORLD_LOCAL_RANK"]
-    if args.local_rank >= 0 and "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    if args.log_dir is None:  # TensorBoard inside the run's folder
-        args.log_dir = os.path.join(args.output_dir, "tensorboard")
-    if args.log_dir == "":
-        args.log_dir = None
-    resolve_cpu_matmul(args)
-    if getattr(args, "aa", None) in ("none", "None", ""):
-        args.aa = None
+    log_dir = os.path.join(flags.output_dir, "tensorboard") if flags.log_dir is None else (flags.log_dir or None)
+    check_output_dir(flags.output_dir)
+    if log_dir:
+        check_output_dir(log_dir)
+    values = {f.name: getattr(flags, f.name) for f in dataclasses.fields(RunConfig) if hasattr(flags, f.name)}
+    values.update(device=device, amp=amp, log_dir=log_dir,
+                  cpu_matmul=flags.cpu_matmul or ("onednn" if flags.cpu_tuning else "aten"),
+                  launch_command=tuple(getattr(flags, "launch_command", ()) or ()))
+    return values
 
 
 def check_output_dir(path: str) -> None:
-    """Create the folder and prove it is writable, or fail with one line."""
+    """An output folder that exists and is writable, or can be created: checked without creating it
+    (start-up creates it: engine.run.make_output_dir)."""
+    p = Path(path).absolute()
+    while not p.exists():
+        if p.is_symlink():
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"output folder {path} is not writable: {p} is not a folder")
+    if p.exists() and not os.access(p, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {path} is not writable: permission denied")
+
+
+def flag_names(parser: argparse.ArgumentParser) -> set[str]:
+    """The destinations of a parser's flags (what a recipe may set)."""
+    return {a.dest for a in parser._actions} - {"help"}
+
+
+def flag_fields(config_type) -> list[str]:
+    """The fields of a config type that are flags (not facts found while resolving, e.g. image counts)."""
+    return [f.name for f in dataclasses.fields(config_type) if f.metadata.get("flag", True)]
+
+
+def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], program: str,
+          defaults: Optional[dict] = None) -> argparse.Namespace:
+    """The program's flags: the parser's defaults, then ``defaults``, then a recipe (--config FILE), then
+    the command line. ``program``: the file name the run record shows in the launch command."""
+    if defaults:
+        parser.set_defaults(**defaults)
+    known = flag_names(parser)
+    if "config" in known:
+        first, _ = parser.parse_known_args(argv)
+        if first.config:
+            parser.set_defaults(**load_recipe(first.config, known))
+    flags = parser.parse_args(argv)
+    if argv is not None:  # called in-process (tools, tests): the run record shows these flags
+        flags.launch_command = [program, *argv]
+    return flags
+
+
+def load_recipe(path: str, known: Iterable[str]) -> dict:
+    """A recipe: a YAML file of ``flag: value`` lines (recipes/), or a checkpoint, whose stored flags
+    rebuild the run it was written by. A key that is no flag of the program is an error in a
+    recipe and ignored in a checkpoint (which also keeps facts found while resolving)."""
+    known = set(known)
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path} does not exist")
+    if p.suffix in (".pth", ".pt"):
+        from engine.checkpoint import safe_load
+        ckpt = safe_load(p)
+        stored = ckpt.get("config") if isinstance(ckpt, dict) else None
+        if not isinstance(stored, dict):
+            stored = vars(ckpt["args"]) if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace) \
+                else None
+        if stored is None:
+            raise UsageError(f"--config {path}: the checkpoint keeps no flags ('config' or 'args')")
+        return {k: v for k, v in stored.items() if k in known and k != "config"}
+    import yaml
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UsageError(f"output folder {path} is not writable: {e.strerror or e}") from None
+        recipe = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise UsageError(f"--config {path}: a recipe is a mapping of flag: value lines")
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise UsageError(f"--config {path}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a flag "
+                         f"of this program; valid: {', '.join(sorted(known - {'config', 'help'}))}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()}
 
 
-def check_output_dirs(args) -> None:
-    """--output_dir and, when given, --log_dir: created and writable, or one line."""
-    check_output_dir(args.output_dir)
-    if args.log_dir:
-        check_output_dir(args.log_dir)
+def write_recipe(config, rank: int = 0) -> Optional[Path]:
+    """Rank 0 writes the resolved config as a recipe beside the outputs (``config.yaml``: its flags),
+    so that ``--config OUTPUT_DIR/config.yaml`` runs it again."""
+    if rank != 0:
+        return None
+    import yaml
+    path = Path(config.output_dir) / "config.yaml"
+    values = dataclasses.asdict(config)
+    recipe = {k: list(values[k]) if isinstance(values[k], tuple) else values[k] for k in flag_fields(type(config))}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("# the resolved flags of this run: python <program> --config this-file runs it again\n"
+                   + yaml.safe_dump(recipe, sort_keys=False))
+    tmp.replace(path)
+    return path
 
 
 def run_main(fn: Callable[[], int]) -> None:

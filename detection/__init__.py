@@ -1,5 +1,3 @@
-"""Dense prediction (detection, segmentation) on the framework's classifiers.
-
-``detection.backbone``: any Swin / PVT / ViT classifier (or a pretraining / finetuning checkpoint
-of one) as a backbone ``images -> list of NCHW maps`` with ``out_channels`` and ``strides``.
-"""
+"""Object detection on the framework's classifiers (main_detection.py): COCO data and evaluation,
+the reference's GFL detector and torchvision's Mask R-CNN, LN + Linear adapters and an FPN. The
+backbone is a classifier's feature pyramid (models.dense.DenseBackbone)."""

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
-from .backbone import DenseBackbone
+from models.dense import DenseBackbone
 from .gfl import GFLHead
 from .neck import DenseNeck
 

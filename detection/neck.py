@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
-from .backbone import DenseBackbone
+from models.dense import DenseBackbone
 
 
 class LinearAdapter(nn.Module):

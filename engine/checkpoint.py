@@ -280,6 +280,24 @@ def _peek_pickle(path: str | os.PathLike) -> dict:
     return meta
 
 
+def stored_model_name(path: str | os.PathLike) -> Optional[str]:
+    """The registered name of the model a checkpoint holds, when it says (ours do; the reference's
+    keep it in their ``args``); read without loading the weights."""
+    try:
+        meta = peek(path)
+    except CheckpointError:
+        return None
+    if isinstance(meta.get("model_name"), str):
+        return meta["model_name"]
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return None
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    return getattr(args, "model", None) if isinstance(getattr(args, "model", None), str) else None
+
+
 def load_latest(output_dir: str | os.PathLike, log=print,
                 check: Optional[Callable[[Path, dict], Optional[str]]] = None) -> Optional[tuple[Path, dict]]:
     """The checkpoint in ``output_dir`` with the most recorded progress that verifies, loads and fits.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,33 +30,40 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def init_distributed(args) -> None:
-    """Read torchrun's (or submitit's) environment; set args.rank / world_size / gpu / distributed.
+@dataclass(frozen=True)
+class Placement:
+    """This process's place in the run: its rank, the number of processes and its device."""
+    rank: int
+    world: int
+    device: str          # "cpu", or "cuda:N" (the process's own GPU)
 
-    ``args.dist_timeout`` (minutes) bounds collective waits: when a rank dies the
-    others fail with an error within that time instead of hanging.
+
+def init_distributed(device: str, dist_url: str = "env://", timeout_min: float = 3.0) -> Placement:
+    """Read torchrun's (or submitit's) environment and join the process group when there is one.
+
+    ``device`` "cuda" becomes this process's GPU (``LOCAL_RANK``; ``cuda:N`` in a single process);
+    ``timeout_min`` bounds collective waits: when a rank dies the others fail with an error within
+    that time instead of hanging.
     """
     env = os.environ
+    use_cuda = str(device).startswith("cuda")
     if "RANK" in env and "WORLD_SIZE" in env:
-        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        args.gpu = int(env.get("LOCAL_RANK", 0))
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        gpu = int(env.get("LOCAL_RANK", 0))
     else:  # one process: honour --device cuda:N
-        dev = torch.device(args.device) if str(args.device).startswith("cuda") else None
-        args.rank, args.world_size, args.gpu = 0, 1, (dev.index or 0) if dev is not None else 0
-    args.distributed = args.world_size > 1
-    use_cuda = str(args.device).startswith("cuda")
+        rank, world = 0, 1
+        gpu = (torch.device(device).index or 0) if use_cuda else 0
     if use_cuda:
         if not torch.cuda.is_available():
-            raise SystemExit(f"error: --device {args.device} but CUDA is not available; use --device cpu")
-        torch.cuda.set_device(args.gpu)
-        args.device = f"cuda:{args.gpu}"
-    if not args.distributed:
-        return
-    backend = "nccl" if use_cuda else "gloo"
-    timeout = datetime.timedelta(minutes=float(getattr(args, "dist_timeout", 3)))
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
-                            rank=args.rank, timeout=timeout,
-                            device_id=torch.device(args.device) if use_cuda else None)
+            raise SystemExit(f"error: --device {device} but CUDA is not available; use --device cpu")
+        torch.cuda.set_device(gpu)
+        device = f"cuda:{gpu}"
+    if world > 1:
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, init_method=dist_url, world_size=world, rank=rank,
+                                timeout=datetime.timedelta(minutes=float(timeout_min)),
+                                device_id=torch.device(device) if use_cuda else None)
+    return Placement(rank, world, device)
 
 
 def cleanup() -> None:

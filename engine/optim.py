@@ -1,40 +1,48 @@
-"""Layer-wise learning-rate decay parameter groups (BEiT / MAE style, the reference's layer ids).
+"""Optimizers and their parameter groups: layer-wise lr decay (BEiT / MAE style, the reference's
+layer ids) and AdamW as every program builds it.
 
-Layer ids for the Swin, PVT and ViT models of this framework:
+Layer ids come from the classifier's contract (``contract.num_layers`` and ``contract.layer_id``,
+models.contract); for the Swin, PVT and ViT models of this framework:
   * 0: ``cls_token``, ``pos_embed``, ``patch_embed.*``;
   * i + 1: ``blocks.i.*`` (the patch merging owned by block i shares its id);
   * ``num_layers = len(blocks) + 1``: everything else (``fc_norm``, ``head``, ...).
-Each classifier states its rule in its contract (``model.contract.num_layers`` and
-``layer_id``, models.contract). Scale = decay ** (num_layers - id). No weight decay for 1-D
-tensors and the contract's ``no_weight_decay`` names.
+Scale = decay ** (num_layers - id). No weight decay for 1-D tensors and the contract's
+``no_weight_decay`` names. Groups carry ``lr_scale``, which the step loop applies to the scheduled lr.
 """
 from __future__ import annotations
 
+from typing import Iterable, Optional
+
+import torch
 from torch import nn
 
 
-def num_layers_for_decay(model: nn.Module) -> int:
-    return model.contract.num_layers
+def fused_optimizer_ok(device: torch.device) -> bool:
+    """The fused (single-kernel) AdamW runs on CPU and CUDA; on a 2-core CPU it takes Swin-T's
+    optimizer step from ~140 ms (per-parameter loop) to ~11 ms."""
+    return device.type in ("cpu", "cuda")
 
 
-def layer_id(model: nn.Module, name: str, num_layers: int) -> int:
-    return model.contract.layer_id(name)
+def param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: float, body: Optional[nn.Module] = None,
+                     no_weight_decay: Iterable[str] = ()) -> list[dict]:
+    """Optimizer groups of ``model``'s trainable parameters with ``lr_scale`` and weight decay.
 
-
-def param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: float,
-                     no_weight_decay_list: set[str] | None = None) -> list[dict]:
-    """Optimizer groups with ``lr_scale`` (read by engine.schedule) and weight decay per parameter."""
-    contract = model.contract
-    if no_weight_decay_list is None:
-        no_weight_decay_list = contract.no_weight_decay
+    ``body``: the classifier inside ``model`` whose contract gives the layer ids (default: ``model``
+    itself); parameters outside it (a dense model's adapters, neck and heads) take the top id, scale 1.
+    ``no_weight_decay``: more parameters left undecayed, by any part of their name."""
+    body = model if body is None else body
+    contract = body.contract
     n = contract.num_layers
     scales = [layer_decay ** (n - i) for i in range(n + 1)]
+    body_names = {id(p): name for name, p in body.named_parameters()}
+    extra = tuple(no_weight_decay)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim == 1 or name in no_weight_decay_list
-        lid = contract.layer_id(name)
+        own = body_names.get(id(p))
+        lid = contract.layer_id(own) if own is not None else n
+        no_decay = p.ndim == 1 or own in contract.no_weight_decay or any(k in name for k in extra)
         key = (lid, no_decay)
         if key not in groups:
             groups[key] = {"params": [], "param_names": [], "lr_scale": scales[lid], "layer_id": lid,
@@ -42,3 +50,17 @@ def param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: float,
         groups[key]["params"].append(p)
         groups[key]["param_names"].append(name)
     return [groups[k] for k in sorted(groups)]
+
+
+def dense_param_groups(model: nn.Module, backbone: nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                       no_weight_decay: tuple[str, ...] = ()) -> list[dict]:
+    """``param_groups_lrd`` of a dense model (detector, segmenter) holding ``backbone``
+    (models.dense.DenseBackbone): its classifier's layer ids, scale 1 for everything else."""
+    return param_groups_lrd(model, weight_decay, layer_decay, body=backbone.body, no_weight_decay=no_weight_decay)
+
+
+def make_adamw(groups: list[dict], lr: float, device: torch.device,
+               betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (fused where it runs)."""
+    groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused_optimizer_ok(device) or None)

@@ -9,6 +9,7 @@ one-line summary made by :func:`summary_line`.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -111,7 +112,8 @@ class RunRecord:
         self.t0 = time.time()
 
     @classmethod
-    def start(cls, args, program: str, device: torch.device) -> "RunRecord":
+    def start(cls, config, program: str, device: torch.device) -> "RunRecord":
+        """``config``: the run's resolved config (a dataclass), recorded whole under ``args``."""
         mine = this_device(device)
         devices = [mine]
         if is_dist():
@@ -119,7 +121,7 @@ class RunRecord:
             torch.distributed.all_gather_object(devices, mine)
         if get_rank() != 0:
             return cls(None, {})
-        argv = getattr(args, "launch_command", None) or [sys.argv[0], *sys.argv[1:]]
+        argv = list(config.launch_command) or [sys.argv[0], *sys.argv[1:]]
         env_keys = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "LOCAL_WORLD_SIZE",
                     "MASTER_ADDR")
         record = {
@@ -128,14 +130,14 @@ class RunRecord:
             "command": shlex.join([os.path.basename(sys.executable), *argv]),
             "argv": list(argv),
             "cwd": os.getcwd(),
-            "args": dict(sorted(vars(args).items())),
+            "args": dict(sorted(dataclasses.asdict(config).items())),
             "versions": versions(),
             "git": git_state(),
             "world_size": get_world_size(),
             "devices": devices,
             "environment": {k: os.environ[k] for k in env_keys if k in os.environ},
         }
-        out = Path(args.output_dir)
+        out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = cls._claim(out)
         _write_json(path, record)

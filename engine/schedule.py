@@ -1,5 +1,7 @@
-"""Per-iteration linear warmup followed by a half-cycle cosine (MAE's schedule), and mmcv's poly
-schedule with linear warmup (the segmentation recipe)."""
+"""Learning-rate schedules: per-iteration linear warmup followed by a half-cycle cosine, by epochs
+(MAE's schedule), and mmcv's poly schedule with linear warmup, by iterations (the segmentation
+recipe). The step loop (engine.step) asks a schedule for the lr at each optimizer step and scales
+it by each parameter group's ``lr_scale`` (layer decay)."""
 from __future__ import annotations
 
 import math
@@ -23,14 +25,32 @@ def poly_lr_at(it: int, lr: float, min_lr: float, warmup_iters: int, total_iters
     return value
 
 
-def adjust_learning_rate(optimizer, epoch: float, args) -> float:
-    """Write the scheduled lr into every group, times the group's ``lr_scale`` (layer decay).
-    A program with another schedule sets ``args.lr_schedule`` to a function of the fractional epoch."""
-    schedule = getattr(args, "lr_schedule", None)
-    if callable(schedule):
-        value = schedule(epoch)
-    else:
-        value = lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
-    for group in optimizer.param_groups:
-        group["lr"] = value * group.get("lr_scale", 1.0)
-    return value
+class Schedule:
+    """The learning rate at micro-step ``step`` of period ``period`` (each ``length`` micro-steps long)."""
+
+    def __call__(self, period: int, step: int, length: int) -> float:
+        raise NotImplementedError
+
+
+class CosineSchedule(Schedule):
+    """MAE's schedule, by (fractional) epochs: linear warmup, then half-cycle cosine to ``min_lr``."""
+
+    def __init__(self, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> None:
+        self.lr, self.min_lr, self.warmup_epochs, self.epochs = lr, min_lr, warmup_epochs, epochs
+
+    def __call__(self, period: int, step: int, length: int) -> float:
+        return lr_at(step / length + period, self.lr, self.min_lr, self.warmup_epochs, self.epochs)
+
+
+class PolySchedule(Schedule):
+    """mmcv's poly schedule, by iterations (the segmentation recipe): the iteration is
+    ``period * length + step``."""
+
+    def __init__(self, lr: float, min_lr: float, warmup_iters: int, total_iters: int, power: float = 1.0,
+                 warmup_ratio: float = 1e-6) -> None:
+        self.lr, self.min_lr, self.warmup_iters, self.total_iters = lr, min_lr, warmup_iters, total_iters
+        self.power, self.warmup_ratio = power, warmup_ratio
+
+    def __call__(self, period: int, step: int, length: int) -> float:
+        return poly_lr_at(period * length + step, self.lr, self.min_lr, self.warmup_iters, self.total_iters,
+                          self.power, self.warmup_ratio)

@@ -17,21 +17,50 @@ whole (engine.checkpoint.save_atomic).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+import torch
 
 from engine import checkpoint as ckpt_util
 from engine.distributed import is_main_process
+from engine.safe_archive import check_optimizer_state, expect_model
+from errors import CheckpointError, UsageError
 
 
 _PLAIN = (bool, int, float, str)
 
 # Flags that shape a run: a resume with another value changes what is being trained, so it is refused
 # unless asked for (--allow_changed_args, or an explicit --resume PATH). Compared where both runs have them.
-RUN_SHAPING = ("input_size", "epochs", "warmup_epochs", "lr", "blr", "min_lr", "weight_decay", "mask_ratio",
-               "mask_regular", "vis_mask_ratio", "norm_pix_loss", "finetune", "load_from", "layer_decay",
-               "drop_path", "linprobe", "nb_classes")
+# The programs' configs mark these fields with ``shaping()`` and register them (``register_shaping``).
+RUN_SHAPING: dict[str, None] = {}
+
+
+def shaping(**kwargs) -> dataclasses.Field:
+    """A config field that shapes the run (its value is compared on resume)."""
+    return dataclasses.field(metadata={"run_shaping": True}, **kwargs)
+
+
+def register_shaping(cls):
+    """Class decorator (above ``@dataclass``): the fields ``cls`` marks with ``shaping()`` join RUN_SHAPING."""
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("run_shaping"):
+            RUN_SHAPING[f.name] = None
+    return cls
+
+
+class RunFlags(argparse.Namespace):
+    """A run's flags as its checkpoints keep them (the reference's ``args``: plain values by flag
+    name), and the timeline its checkpoints are written on, which resuming sets."""
+
+    @classmethod
+    def of(cls, config, **more) -> "RunFlags":
+        """The flags of a resolved config (a dataclass whose fields are named after the flags), and
+        ``more`` (segmentation: ``epochs``, its number of evaluation intervals)."""
+        return cls(**dataclasses.asdict(config), **more, timeline=0)
 
 
 def _plain(v) -> bool:
@@ -59,10 +88,10 @@ def save_training_state(args, epoch: int, model, optimizer, scaler, next_step: i
                 "batch_size": args.batch_size, "world_size": world, "accum_iter": max(1, args.accum_iter),
                 "timeline": int(getattr(args, "timeline", 0)), "model_name": args.model,
                 "finished": not next_step and epoch + 1 >= args.epochs}
+    flags = {k: v for k, v in vars(args).items() if _plain(v)}
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
              "scaler": scaler.state_dict() if scaler is not None else {},
-             "args": argparse.Namespace(**{k: v for k, v in vars(args).items() if _plain(v)}),
-             "model_name": args.model, "progress": progress}
+             "args": argparse.Namespace(**flags), "config": flags, "model_name": args.model, "progress": progress}
     if next_step:
         state["next_step"] = next_step
     if log_record is not None:
@@ -116,7 +145,7 @@ def _misfit(ckpt: dict, model, optimizer) -> Optional[str]:
 def _check_model(path: Path, ckpt: dict, model_name: str) -> None:
     stored = ckpt.get("model_name") or getattr(ckpt.get("args"), "model", None)
     if stored and stored != model_name:
-        raise ckpt_util.CheckpointError(
+        raise CheckpointError(
             f"{path} is a checkpoint of {stored}, not --model {model_name}: use another --output_dir, "
             f"or --model {stored} to continue that run")
 
@@ -146,7 +175,7 @@ def _start_step(ckpt: dict, args, path: Path) -> int:
     accum = max(1, args.accum_iter)
     if samples % per_step == 0 and (samples // per_step) % accum == 0:
         return samples // per_step
-    raise ckpt_util.CheckpointError(
+    raise CheckpointError(
         f"{path} stopped mid-epoch {ckpt['epoch']} after {samples} samples ({old_batch} per process x "
         f"{old_world} processes x {step} steps); --batch_size {args.batch_size} x {_world(args)} processes "
         f"(accum {accum}) cannot continue exactly there: resume with a batch size and world size whose "
@@ -181,7 +210,6 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
     Another model's checkpoint, and (for auto-resume, unless --allow_changed_args) changed
     run-shaping flags, are one-line errors.
     """
-    from engine.safe_archive import check_optimizer_state, expect_model
     expect_model(model)  # checkpoint size limits scale with this model
     out = Path(args.output_dir)
     if is_main_process():
@@ -205,12 +233,12 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
         ckpt_util.verify(path)
         ckpt = ckpt_util.safe_load(path)
         if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
-            raise ckpt_util.CheckpointError(f"{path} is not a training checkpoint (no 'model' and 'epoch'); to "
+            raise CheckpointError(f"{path} is not a training checkpoint (no 'model' and 'epoch'); to "
                                             f"start from its weights use --finetune (finetuning) or --load_from "
                                             f"(pretraining)")
         reason = check(path, ckpt)
         if reason:
-            raise ckpt_util.CheckpointError(f"{path} cannot be resumed: {reason}")
+            raise CheckpointError(f"{path} cannot be resumed: {reason}")
         found = (path, ckpt)
     elif args.auto_resume:
         found = ckpt_util.load_latest(out, log=lambda m: log(m, flush=True), check=check)
@@ -225,7 +253,6 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
         if explicit or getattr(args, "allow_changed_args", False):
             log(f"warning: resuming {path} with changed flags: {listing}", flush=True)
         else:
-            from errors import UsageError
             raise UsageError(f"{path} was written with other run-shaping flags: {listing}. Resume with the "
                              f"same flags, or continue with the new ones with --allow_changed_args (or an "
                              f"explicit --resume {path})")
@@ -251,3 +278,47 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
     else:
         log(f"resumed from {path} (continuing at epoch {epoch}, step {step})", flush=True)
     return epoch, step, ckpt
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short fingerprint of the weights (SHA-256 of names and bytes): ranks, and runs, compare it."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class TrainState:
+    """What a checkpoint holds, and where the run stands: the model (``train_model``: the same one
+    wrapped for training, DDP / compiled), optimizer, scaler (fp16 only), the position (``epoch``
+    and ``step``: the period and the micro-step in it to continue at) and the best score
+    (``best_key``: its checkpoint field; empty: none is kept).
+
+    ``flags``: the run's flags record (RunFlags), which every checkpoint stores as ``args``."""
+
+    def __init__(self, flags, model: torch.nn.Module, optimizer, scaler, best_key: str = "") -> None:
+        self.flags, self.model, self.optimizer, self.scaler = flags, model, optimizer, scaler
+        self.train_model = model
+        self.epoch, self.step = int(flags.start_epoch), 0
+        self.best_key, self.best, self.best_epoch = best_key, 0.0, None
+        self.checkpoint: Optional[dict] = None
+
+    def resume(self, log: Callable = print) -> Optional[dict]:
+        """Continue from --resume or the newest good checkpoint (see resume_training_state); the best
+        score comes back with it. Returns the checkpoint (None: a fresh start)."""
+        self.epoch, self.step, self.checkpoint = resume_training_state(self.flags, self.model, self.optimizer,
+                                                                       self.scaler, log=log)
+        if self.checkpoint is not None and self.best_key:
+            self.best = float(self.checkpoint.get(self.best_key, 0.0))
+        return self.checkpoint
+
+    def fields(self) -> dict:
+        """What every checkpoint of the run carries beyond the training state, a stopped run's too."""
+        return {self.best_key: self.best} if self.best_key else {}
+
+    def save(self, epoch: int, next_step: int = 0, numbered: bool = False, log_record: Optional[dict] = None,
+             extra: Optional[dict] = None, extra_names: tuple[str, ...] = ()) -> None:
+        save_training_state(self.flags, epoch, self.model, self.optimizer, self.scaler, next_step=next_step,
+                            numbered=numbered, extra_names=extra_names, extra={**self.fields(), **(extra or {})},
+                            log_record=log_record)

@@ -1,11 +1,12 @@
-"""The training step shared by pretraining and finetuning.
+"""The micro-step body every program trains with: one period (an epoch, or segmentation's
+evaluation interval) of micro-steps.
 
-One epoch = for each micro-batch: (lr update at accumulation boundaries) ->
-forward under autocast -> backward (DDP all-reduce only on the last micro-step of
-an accumulation) -> on the boundary: unscale, clip, optimizer step, zero grads.
+Per micro-batch: (at an accumulation start: the scheduled lr, the global RNGs reseeded) ->
+forward under autocast (the task's ``compute_loss``) -> backward (DDP all-reduce only on the last
+micro-step of an accumulation) -> on the boundary: unscale, clip, optimizer step, zero grads.
 
-No host-device synchronisation happens in a step except on logging steps: loss
-sums and the non-finite check stay on the device until then.
+No host-device synchronisation happens in a step except on logging steps: loss sums and the
+non-finite check stay on the device until then.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import math
 import random
 import resource
 import time
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -22,7 +24,6 @@ from torch import Tensor
 
 from engine.data_wait import DataWait, warning as data_wait_warning
 from engine.distributed import all_reduce_mean, get_rank, get_world_size, is_main_process
-from engine.schedule import adjust_learning_rate
 from engine.stop import StopRequested, agreed_stop, agreed_stop_now, stop_signals_held
 
 
@@ -50,12 +51,6 @@ def make_scaler(amp: str, device: torch.device) -> Optional[torch.amp.GradScaler
     return torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
 
-def fused_optimizer_ok(device: torch.device) -> bool:
-    """The fused (single-kernel) AdamW runs on CPU and CUDA; on a 2-core CPU it takes Swin-T's
-    optimizer step from ~140 ms (per-parameter loop) to ~11 ms."""
-    return device.type in ("cpu", "cuda")
-
-
 def seed_rngs(seed: int, rank: int, epoch: int = 0, step: int = -1) -> None:
     """Reseed the global RNGs (torch, NumPy, random) from (seed, rank, epoch, step).
 
@@ -80,135 +75,216 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer,
-                    scaler: Optional[torch.amp.GradScaler], device: torch.device, epoch: int, args,
-                    compute_loss: Callable[[object], tuple[Tensor, int, dict[str, float]]], log_writer=None,
-                    header: str = "", stop_flag: Optional[Callable[[], bool]] = None,
-                    start_step: int = 0) -> dict:
-    """Train one epoch; ``compute_loss(batch) -> (loss, batch_size, extras)`` runs under autocast
-    (``extras``: per-step counts summed over the epoch, e.g. ``skipped_images``).
+class StepOutput(NamedTuple):
+    """What a task's ``compute_loss(batch)`` returns: the loss to minimise, the images in the batch,
+    per-step counts (summed over the period and the ranks, e.g. ``skipped_images``) and per-step
+    means (averaged over the period's steps and the ranks, e.g. a detector's loss terms)."""
+    loss: Tensor
+    size: int
+    counts: dict = {}
+    means: dict = {}
 
-    Returns averaged statistics; raises NonFiniteLossError (on a logging step or at
-    the end of the epoch, before anything is saved) and StopRequested.
-    """
-    model.train()
-    accum = max(1, args.accum_iter)
-    steps = start_step + len(loader)  # a full epoch, also when resuming mid-epoch
-    amp = args.amp
-    core = getattr(model, "_orig_mod", model)  # under --compile, the DDP module inside
-    is_ddp = isinstance(core, torch.nn.parallel.DistributedDataParallel)
-    world = get_world_size()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    bad_value = torch.zeros((), device=device, dtype=torch.float64)
-    seen = images = 0
-    extra_sums: dict[str, float] = {}
-    start = last_log = time.time()
-    last_images = 0
-    lr = optimizer.param_groups[0]["lr"]
-    print_freq = max(1, args.print_freq)
-    optimizer.zero_grad(set_to_none=True)
 
-    def check_finite() -> None:
+@dataclass(frozen=True)
+class StepSettings:
+    """How each micro-step runs."""
+    accum: int = 1                  # micro-steps per optimizer step (--accum_iter)
+    clip: Optional[float] = None    # gradient-norm clipping (--clip_grad)
+    amp: str = "none"               # autocast precision: bf16, fp16 or none
+    print_every: int = 20           # a progress line every N micro-steps (--print_freq)
+    seed: int = 0                   # the global RNGs restart from (seed, rank, period, step)
+    num_workers: Optional[int] = None   # named by the data-wait warning
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """The scheduled lr into every group, times the group's ``lr_scale`` (layer decay)."""
+    for group in optimizer.param_groups:
+        group["lr"] = value * group.get("lr_scale", 1.0)
+
+
+class StepLoop:
+    """Runs the micro-steps of one period at a time for ``model`` (the training model: DDP and
+    compiled where they apply), ``optimizer`` and ``scaler`` (None unless fp16)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: Optional[torch.amp.GradScaler], device: torch.device, settings: StepSettings,
+                 stop: Optional[Callable[[], bool]] = None, log_writer=None) -> None:
+        self.model, self.optimizer, self.scaler, self.device = model, optimizer, scaler, device
+        self.settings, self.stop, self.log_writer = settings, stop, log_writer
+        core = getattr(model, "_orig_mod", model)  # under --compile, the DDP module inside
+        self.ddp = core if isinstance(core, torch.nn.parallel.DistributedDataParallel) else None
+
+    def run(self, batches: Iterable, period: int, first: int, length: int,
+            compute_loss: Callable[[object], StepOutput], lr_at: Callable[[int], float], header: str = "",
+            periods: Optional[int] = None) -> dict:
+        """Micro-steps ``first`` .. ``length - 1`` of ``period`` (``batches`` yields exactly those);
+        ``lr_at(step)`` is the schedule's lr at micro-step ``step`` of this period, ``periods`` the
+        run's length (for the whole-run ETA). Returns the period's statistics; raises
+        NonFiniteLossError (on a logging step or at the end, before anything is saved) and StopRequested.
+        """
+        s, model, device = self.settings, self.model, self.device
+        accum = max(1, s.accum)
+        world = get_world_size()
+        model.train()
+        totals = _Totals(device)
+        timer = _Timer(first, length)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        # A stop requested during the last steps of the previous period (or during start-up) is honoured
+        # here, after that period's normal checkpoint and log line: nothing of it is lost.
+        if self.stop is not None and agreed_stop_now(self.stop, device):
+            raise StopRequested(period, first)
+        with stop_signals_held():  # DataLoader workers start with the stop signals blocked (engine.stop)
+            batches = iter(batches)
+        waited = DataWait()  # time spent waiting for each batch (engine/data_wait.py)
+        count = length - first
+        for it, batch in enumerate(waited.wrap(batches)):
+            step = first + it
+            if step % accum == 0:
+                lr = lr_at(step)
+                _set_lr(self.optimizer, lr)
+                # Global RNGs (drop path, Mixup) restart from (seed, rank, period, step) at every optimizer
+                # step, so a run resumed mid-period on any rank draws exactly what the uninterrupted one drew.
+                seed_rngs(s.seed, get_rank(), period, step)
+            boundary = (step + 1) % accum == 0 or step + 1 == length
+            sync = self.ddp.no_sync() if (self.ddp is not None and not boundary) else contextlib.nullcontext()
+            with sync:
+                with autocast(s.amp, device):
+                    out = compute_loss(batch)
+                # the last accumulation of a period may be shorter: weight its micro-steps by its true length
+                group = accum if (step // accum + 1) * accum <= length else length - (step // accum) * accum
+                scaled = out.loss / group
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            if boundary:
+                self._update()
+            totals.add(step, out, world)
+            last = it + 1 == count
+            if it % max(1, s.print_every) == 0 or last:
+                totals.check_finite(period)
+                if is_main_process():
+                    self._progress(header, it, step, period, length, periods, lr, out.loss, totals, timer, waited)
+            # (not on the last step: the period then ends normally and the next one stops before its first step)
+            if self.stop is not None and boundary and step + 1 < length and \
+                    agreed_stop(self.stop, step, accum, length, device):
+                totals.check_finite(period)
+                raise StopRequested(period, step + 1)
+        totals.check_finite(period)
+        stats = totals.stats(lr, timer.elapsed(), world)
+        stats.update(waited.epoch_stats(device))
+        if is_main_process():
+            note = data_wait_warning(stats, period, s.num_workers)
+            if note:
+                print(note, flush=True)
+            if self.log_writer is not None:
+                self.log_writer.add_scalar("epoch/data_wait_share", stats["data_wait_share"], period)
+        if math.isnan(stats["loss"]):
+            raise NonFiniteLossError(period, length - 1, stats["loss"])
+        return stats
+
+    def _update(self) -> None:
+        """The optimizer step at an accumulation boundary: unscale (fp16), clip, step, zero grads."""
+        clip, optimizer, scaler = self.settings.clip, self.optimizer, self.scaler
+        if scaler is not None:
+            if clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            if clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _progress(self, header: str, it: int, step: int, period: int, length: int, periods: Optional[int],
+                  lr: float, loss: Tensor, totals: "_Totals", timer: "_Timer", waited: DataWait) -> None:
+        """Rank 0's progress line (and TensorBoard's step scalars)."""
+        now = time.time()
+        rate = timer.rate(totals.images, now)
+        wait_share = waited.interval_share()
+        per_step = (now - timer.start) / (it + 1)
+        eta = per_step * (length - step - 1)
+        # the whole run at this period's step rate (the end-of-period line adds evaluation and checkpoints)
+        run_eta = eta + per_step * length * max((periods or period + 1) - period - 1, 0)
+        value = loss.detach().double().item()
+        print(f"{header} [{step + 1}/{length}] eta {_fmt_eta(eta)} (run {_fmt_eta(run_eta)}) loss {value:.4f} "
+              f"(avg {totals.mean_loss():.4f}) lr {lr:.3e} img/s {rate:.1f} data {wait_share:.0%} "
+              f"mem {peak_memory_mb(self.device):.0f}MB", flush=True)
+        if self.log_writer is not None:
+            x = int((step / length + period) * 1000)
+            self.log_writer.add_scalar("train/loss", value, x)
+            self.log_writer.add_scalar("train/lr", lr, x)
+            self.log_writer.add_scalar("train/data_wait_share", wait_share, x)
+
+
+class _Timer:
+    """Wall time of a period, and the image rate between progress lines."""
+
+    def __init__(self, first: int, length: int) -> None:
+        self.start = self.last = time.time()
+        self.last_images = 0
+
+    def rate(self, images: int, now: float) -> float:
+        rate = (images - self.last_images) / max(now - self.last, 1e-9)
+        self.last, self.last_images = now, images
+        return rate
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+
+class _Totals:
+    """The period's running sums, kept on the device: loss, the first non-finite step, counts, means."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
+        self.bad_value = torch.zeros((), device=device, dtype=torch.float64)
+        self.seen = self.images = 0
+        self.counts: dict[str, float] = {}
+        self.means: dict[str, float] = {}
+
+    def add(self, step: int, out: StepOutput, world: int) -> None:
+        loss_d = out.loss.detach().double()
+        finite = torch.isfinite(loss_d)
+        newly_bad = (~finite) & (self.first_bad < 0)
+        self.first_bad = torch.where(newly_bad, torch.full_like(self.first_bad, step), self.first_bad)
+        self.bad_value = torch.where(newly_bad, loss_d, self.bad_value)
+        self.loss_sum += torch.where(finite, loss_d, torch.zeros_like(loss_d))
+        for k, v in out.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        for k, v in out.means.items():
+            self.means[k] = self.means.get(k, 0) + v
+        self.seen += 1
+        self.images += out.size * world
+
+    def mean_loss(self) -> float:
+        return self.loss_sum.item() / self.seen
+
+    def check_finite(self, period: int) -> None:
         # Every rank reaches the same logging steps: agree, so that no rank waits for one that stopped.
-        bad = first_bad.clone()
-        if world > 1:
+        bad = self.first_bad.clone()
+        if get_world_size() > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         step = int(bad.item())
         if step >= 0:
-            raise NonFiniteLossError(epoch, step, float(bad_value.item()))
+            raise NonFiniteLossError(period, step, float(self.bad_value.item()))
 
-    # A stop requested during the last steps of the previous epoch (or during start-up) is honoured
-    # here, after that epoch's normal checkpoint and log line: nothing of it is lost.
-    if stop_flag is not None and agreed_stop_now(stop_flag, device):
-        raise StopRequested(epoch, start_step)
-    with stop_signals_held():  # DataLoader workers start with the stop signals blocked (engine.stop)
-        batches = iter(loader)
-    waited = DataWait()  # time spent waiting for each batch (engine/data_wait.py)
-    batches = waited.wrap(batches)
-    for it, batch in enumerate(batches):
-        step = start_step + it
-        if step % accum == 0:
-            lr = adjust_learning_rate(optimizer, step / steps + epoch, args)
-            # Global RNGs (drop path, Mixup) restart from (seed, rank, epoch, step) at every optimizer
-            # step, so a run resumed mid-epoch on any rank draws exactly what the uninterrupted one drew.
-            seed_rngs(args.seed, get_rank(), epoch, step)
-        boundary = (step + 1) % accum == 0 or step + 1 == steps
-        sync_ctx = core.no_sync() if (is_ddp and not boundary) else contextlib.nullcontext()
-        with sync_ctx:
-            with autocast(amp, device):
-                loss, batch_size, extras = compute_loss(batch)
-            # the last accumulation of an epoch may be shorter: weight its micro-steps by its true length
-            group = accum if (step // accum + 1) * accum <= steps else steps - (step // accum) * accum
-            scaled = loss / group
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if boundary:
-            if scaler is not None:
-                if args.clip_grad:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                if args.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss_d = loss.detach().double()
-        finite = torch.isfinite(loss_d)
-        newly_bad = (~finite) & (first_bad < 0)
-        first_bad = torch.where(newly_bad, torch.full_like(first_bad, step), first_bad)
-        bad_value = torch.where(newly_bad, loss_d, bad_value)
-        loss_sum += torch.where(finite, loss_d, torch.zeros_like(loss_d))
-        for k, v in extras.items():
-            extra_sums[k] = extra_sums.get(k, 0) + v
-        seen += 1
-        images += batch_size * world
-
-        last = it + 1 == len(loader)
-        if it % print_freq == 0 or last:
-            check_finite()
-            if is_main_process():
-                now = time.time()
-                rate = (images - last_images) / max(now - last_log, 1e-9)
-                last_log, last_images = now, images
-                avg = loss_sum.item() / seen
-                wait_share = waited.interval_share()
-                per_step = (now - start) / (it + 1)
-                eta = per_step * (steps - it - 1)
-                # the whole run at this epoch's step rate (the end-of-epoch line adds evaluation and checkpoints)
-                run_eta = eta + per_step * steps * max(getattr(args, "epochs", epoch + 1) - epoch - 1, 0)
-                print(f"{header} [{it + 1}/{steps}] eta {_fmt_eta(eta)} (run {_fmt_eta(run_eta)}) loss {loss_d.item():.4f} "
-                      f"(avg {avg:.4f}) lr {lr:.3e} img/s {rate:.1f} data {wait_share:.0%} "
-                      f"mem {peak_memory_mb(device):.0f}MB", flush=True)
-                if log_writer is not None:
-                    x = int((step / steps + epoch) * 1000)
-                    log_writer.add_scalar("train/loss", loss_d.item(), x)
-                    log_writer.add_scalar("train/lr", lr, x)
-                    log_writer.add_scalar("train/data_wait_share", wait_share, x)
-        # (not on the last step: the epoch then ends normally and the next one stops before its first step)
-        if stop_flag is not None and boundary and step + 1 < steps and \
-                agreed_stop(stop_flag, step, accum, steps, device):
-            check_finite()
-            raise StopRequested(epoch, step + 1)
-
-    check_finite()
-    elapsed = time.time() - start
-    mean_loss = all_reduce_mean((loss_sum / max(seen, 1)).float()).item()
-    stats = {"loss": mean_loss, "lr": lr, "images_per_sec": images / max(elapsed, 1e-9),
-             "peak_mem_mb": peak_memory_mb(device), "epoch_time_s": elapsed}
-    if world > 1 and extra_sums:  # counts such as skipped images: summed over ranks, not rank 0's alone
-        sums = torch.tensor([float(extra_sums[k]) for k in sorted(extra_sums)], device=device, dtype=torch.float64)
-        torch.distributed.all_reduce(sums)
-        extra_sums = {k: int(v) if float(v).is_integer() else float(v) for k, v in zip(sorted(extra_sums), sums.tolist())}
-    stats.update(extra_sums)
-    stats.update(waited.epoch_stats(device))
-    if is_main_process():
-        note = data_wait_warning(stats, epoch, getattr(args, "num_workers", None))
-        if note:
-            print(note, flush=True)
-        if log_writer is not None:
-            log_writer.add_scalar("epoch/data_wait_share", stats["data_wait_share"], epoch)
-    if math.isnan(mean_loss):
-        raise NonFiniteLossError(epoch, steps - 1, mean_loss)
-    return stats
+    def stats(self, lr: float, elapsed: float, world: int) -> dict:
+        """The period's statistics; counts summed and means averaged over the ranks too."""
+        mean_loss = all_reduce_mean((self.loss_sum / max(self.seen, 1)).float()).item()
+        stats = {"loss": mean_loss, "lr": lr, "images_per_sec": self.images / max(elapsed, 1e-9),
+                 "peak_mem_mb": peak_memory_mb(self.device), "epoch_time_s": elapsed}
+        counts, means = dict(self.counts), dict(self.means)
+        if world > 1 and (counts or means):  # summed over ranks, not rank 0's alone
+            keys = sorted(counts) + sorted(means)
+            sums = torch.tensor([float({**counts, **means}[k]) for k in keys], device=self.device,
+                                dtype=torch.float64)
+            torch.distributed.all_reduce(sums)
+            summed = dict(zip(keys, sums.tolist()))
+            counts = {k: int(summed[k]) if float(summed[k]).is_integer() else float(summed[k]) for k in counts}
+            means = {k: summed[k] for k in means}
+        stats.update(counts)
+        stats.update({k: v / (max(self.seen, 1) * world) for k, v in means.items()})
+        return stats

@@ -1,204 +1,247 @@
-"""The run skeleton every training program shares: start-up, model wrapping, the epoch loop with its
-checkpoint cadence and stop handling, and the end of the run record.
+"""The training loop every program shares: a Trainer that counts micro-steps.
 
-A program (main_pretrain.py, main_finetune.py, main_detection.py, main_segmentation.py) keeps only
-what is its own: flags, data set, model, optimizer and an ``Epochs`` object with its per-epoch hooks; ``run_epochs`` does the rest, in
-this order per epoch: ``train`` -> ``evaluate`` (what to checkpoint) -> save -> ``log`` (rank 0) ->
-the progress line -> ``--exit_after_epoch``. A stop signal or a non-finite loss ends the loop through
-engine.stop.finish_interrupted (a resumable checkpoint and the exit code), a finished
-schedule through ``complete``.
+A run is ``Periods.total`` micro-steps laid out in periods of ``Periods.length``: an epoch for the
+image programs, an evaluation interval for segmentation, which counts iterations. The period is a
+view of the step: it is what the sampler calls an epoch, where a checkpoint says the run stands
+(period, micro-step in it), and what progress lines count. What happens when is a cadence of the
+step: a progress line every --print_freq micro-steps (engine.step), an evaluation and a numbered
+checkpoint when their ``Cadence`` falls due at a period's end; every period ends with
+checkpoint-last.pth and its log.txt line.
+
+The read path of one batch: main_*.py -> ``Trainer.fit`` -> ``StepLoop.run`` (engine.step) ->
+``task.compute_loss`` -> the model; every call goes down. A program's own part is its ``Task``
+(engine_pretrain.py, engine_finetune.py, engine_detection.py, engine_segmentation.py).
+
+At a period's end, in this order: ``task.evaluate`` (when due) -> checkpoint (checkpoint-{period}.pth
+when due, checkpoint-best.pth when the score improved, checkpoint-last.pth, the log.txt line) ->
+``task.log`` (rank 0) -> the progress line -> --exit_after_epoch. A stop signal or a non-finite
+loss ends the loop through engine.stop.finish_interrupted (a resumable checkpoint and the exit
+code), a finished schedule through ``task.complete``.
 """
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-from torch import nn
-
+from engine.distributed import cleanup, is_main_process
+from engine.loaders import TrainLoader
+from engine.record import RunClock
+from engine.run import Run
+from engine.schedule import Schedule
+from engine.state import TrainState, weights_digest
+from engine.step import NonFiniteLossError, StepLoop, StepOutput, StepSettings
+from engine.stop import StopRequested, finish_interrupted
 from errors import UsageError
-from engine.distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
-from engine.step import NonFiniteLossError, resolve_amp, seed_rngs
-from engine.record import RunClock, RunRecord, summary_line
-from engine.stop import StopRequested, finish_interrupted, setup_stop_signals
-from engine.state import save_training_state
 
 
 @dataclass
-class Run:
-    """What start-up resolved: the device, this process's place in the group, the stop flag, the
-    run record and the wall-clock start."""
-    args: object
-    device: torch.device
-    rank: int
-    world: int
-    stop: object
-    record: RunRecord
-    start_time: float = field(default_factory=time.time)
-    log_writer: Optional[object] = None
-
-    def open_log_writer(self) -> None:
-        """TensorBoard on rank 0 when --log_dir is given."""
-        if is_main_process() and self.args.log_dir:
-            from torch.utils.tensorboard import SummaryWriter
-            self.log_writer = SummaryWriter(log_dir=self.args.log_dir)
-
-    def close_log_writer(self) -> None:
-        if self.log_writer is not None:
-            self.log_writer.close()
-
-    def finish(self, what: str, status: str, start_epoch: int, last_epoch: int, parts: list[str],
-               **fields) -> None:
-        """The one-line summary and the run record's end (rank 0): ``parts`` follow the epochs run."""
-        if not is_main_process():
-            return
-        args = self.args
-        ran = max(0, last_epoch + 1 - start_epoch)
-        epochs = (f"epochs {start_epoch}-{last_epoch} of {args.epochs} ({ran} in this run)" if ran else
-                  f"no epoch to run ({args.epochs} done)")
-        print(summary_line(what, status, time.time() - self.start_time, [epochs, *parts], args.output_dir),
-              flush=True)
-        self.record.finish(status, epochs_run=ran, last_epoch=last_epoch, **fields)
+class Evaluation:
+    """What a task's evaluation found."""
+    metrics: dict                                   # the run record keeps it (final_val, metrics)
+    score: Optional[float] = None                   # what "best" is about (higher is better); None: no score
+    record: dict = field(default_factory=dict)      # this evaluation's fields of the log.txt line
+    checkpoint: dict = field(default_factory=dict)  # this evaluation's fields of the checkpoint
+    best: Optional[float] = None                    # the best score so far, this one included (the Trainer's)
 
 
-def start_run(args, program: str) -> Run:
-    """Stop handlers first (a stop during start-up counts), then the process group, device,
-    precision, seeds, loader workers and the run record. On a GPU every program runs fp32 matmuls
-    and convolutions in TF32 (the same numerics for pretraining, finetuning and dense prediction)."""
-    stop = setup_stop_signals()
-    init_distributed(args)
-    device = torch.device(args.device)
-    rank, world = get_rank(), get_world_size()
-    args.amp = resolve_amp(args.amp, device)
-    seed_rngs(args.seed, rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if args.num_workers is None:
-        args.num_workers = default_num_workers(device)
-    return Run(args, device, rank, world, stop, RunRecord.start(args, program, device))
+class Task:
+    """A program's part of the loop: its loss, its evaluation and what it reports.
 
+    ``what`` names the run in its summary line; ``best_key`` is the checkpoint field of the best
+    score (empty: the task keeps none)."""
+    what: str = ""
+    best_key: str = ""
 
-def effective_lr(args, world_size: int) -> float:
-    """lr = blr * batch_size * accum_iter * world_size / 256 unless --lr is given."""
-    if args.lr is not None:
-        return args.lr
-    return args.blr * args.batch_size * args.accum_iter * world_size / 256
+    def begin(self, period: int, step: int) -> None:
+        """Before micro-step ``step`` of ``period`` (pretraining replays its mask draws here)."""
 
-
-def wrap_for_training(model: nn.Module, args, device: torch.device) -> nn.Module:
-    """DDP across the group (when distributed), then torch.compile (with --compile)."""
-    train_model = model
-    if args.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
-    return train_model
-
-
-@dataclass
-class EpochSave:
-    """What one epoch's checkpoint holds beyond the training state."""
-    log_record: dict                          # the line of log.txt
-    extra: Optional[dict] = None              # this epoch's checkpoint fields beyond checkpoint_extra()
-    extra_names: tuple[str, ...] = ()         # extra copies (e.g. checkpoint-best.pth)
-
-
-class Epochs:
-    """A program's per-epoch hooks; ``run_epochs`` calls them in the order of the module docstring.
-
-    A program that keeps a best score names its checkpoint field in ``best_key``, updates
-    ``self.best`` and says in ``best_text`` how to print it: a stopped run's checkpoint then carries
-    it, and the end of the run reports it."""
-
-    best_key: str = ""            # e.g. "best_acc1"; empty: no best score
-
-    def __init__(self, run: Run, start_epoch: int, best: float = 0.0) -> None:
-        self.run, self.args, self.start_epoch, self.best = run, run.args, start_epoch, best
-
-    def train(self, epoch: int, start_step: int) -> dict:
+    def compute_loss(self, batch) -> StepOutput:
+        """One micro-batch under autocast: the loss, the images and per-step counts and means."""
         raise NotImplementedError
 
-    def evaluate(self, epoch: int, stats: dict, last: bool) -> EpochSave:
-        return EpochSave({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}})
+    def evaluate(self, period: Optional[int]) -> Optional[Evaluation]:
+        """Evaluate the model (every rank calls it; ``period`` None: an evaluate-only run)."""
+        return None
 
-    def log(self, epoch: int, stats: dict, last: bool) -> None:
-        """Rank 0, after the checkpoint: the program's own TensorBoard scalars, figures."""
+    def log(self, period: int, stats: dict, evaluation: Optional[Evaluation]) -> None:
+        """Rank 0, after the period's checkpoint: prints, JSON files, TensorBoard, figures."""
 
-    def best_text(self) -> str:
+    def best_text(self, best: float) -> str:
         """The best score as the end-of-training line prints it, e.g. 'best top-1 67.30%'."""
         return ""
 
-    def checkpoint_extra(self) -> dict:
-        """Fields every checkpoint of this run carries, a stopped run's included: the best score."""
-        return {self.best_key: self.best} if self.best_key else {}
+    def finish(self, stats: dict, evaluation: Optional[Evaluation], best: float,
+               best_period: Optional[int]) -> tuple[list[str], dict]:
+        """The summary line's parts after the epochs, and the run record's end fields."""
+        return [], {}
 
-    def finish(self, status: str, last_epoch: int, **extra) -> None:
-        """The summary line and the run record's end."""
+    def complete(self, last_period: int, trained: bool) -> dict:
+        """A schedule that ran to its end (every rank; ``trained``: this process ran a period of it);
+        returns more fields for the run record (pretraining's final figure)."""
+        return {}
 
-    def complete(self) -> None:
-        """The schedule ran to its end (every rank): the training time, then ``finish``."""
-        if is_main_process():
-            best = self.best_text()
-            print(f"training time {datetime.timedelta(seconds=int(time.time() - self.run.start_time))}"
-                  + (f"; {best}" if best else ""), flush=True)
-            self.run.close_log_writer()
-        self.finish("completed", self.args.epochs - 1)
+    def report(self, evaluation: Evaluation) -> tuple[str, list[str]]:
+        """Rank 0 after an evaluate-only run: print and write the result; the summary's subject and parts."""
+        raise NotImplementedError
 
 
-def require_a_batch(steps: int, num_images: int, args, world: int) -> None:
-    """A training set smaller than one global batch gives epochs of no step: say so before any work."""
+@dataclass(frozen=True)
+class Periods:
+    """The run in micro-steps: ``total`` of them in periods of ``length`` (the last may be shorter).
+    ``unit`` says how progress lines name a period: "epoch" (Epoch [e]) or "iteration" (Iter [a-b])."""
+    length: int
+    total: int
+    unit: str = "epoch"
+
+    @property
+    def count(self) -> int:
+        return math.ceil(self.total / self.length)
+
+    def size(self, period: int) -> int:
+        return max(min(self.length, self.total - period * self.length), 0)
+
+    def end(self, period: int) -> int:
+        """Micro-steps done at the end of ``period``."""
+        return period * self.length + self.size(period)
+
+    def header(self, period: int) -> str:
+        if self.unit == "epoch":
+            return f"Epoch [{period}]"
+        first = period * self.length
+        return f"Iter [{first}-{first + self.size(period)}]"
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """Falls due every ``every`` micro-steps and at the end of the run (``every`` 0: only at the end)."""
+    every: int = 0
+
+    def due(self, step: int, total: int) -> bool:
+        return step == total or (self.every > 0 and step % self.every == 0)
+
+
+def require_a_batch(steps: int, num_images: int, batch_size: int, world: int) -> None:
+    """A training set smaller than one global batch gives periods of no step: say so before any work."""
     if steps == 0:
         raise UsageError(f"{num_images} training images are fewer than one global batch "
-                         f"({args.batch_size} x {world} processes): lower --batch_size")
+                         f"({batch_size} x {world} processes): lower --batch_size")
 
 
-def log_epoch_stats(run: Run, epoch: int, stats: dict) -> None:
-    """Rank 0: what every program reports per epoch (loss, speed, memory, unreadable images)."""
-    if stats.get("skipped_images"):
-        print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {epoch} (all ranks)",
-              flush=True)
-    if run.log_writer is not None:
-        for key in ("loss", "images_per_sec", "peak_mem_mb"):
-            if key in stats:
-                run.log_writer.add_scalar(f"epoch/{key}", stats[key], epoch)
-        run.log_writer.flush()
+class Trainer:
+    """Trains ``state`` on ``loader`` with ``task`` until ``periods`` are done (``fit``)."""
+
+    def __init__(self, run: Run, state: TrainState, task: Task, loader: TrainLoader, schedule: Schedule,
+                 periods: Periods, settings: StepSettings, evaluate: Cadence = Cadence(1),
+                 save: Cadence = Cadence(0), exit_after: int = -1) -> None:
+        self.run, self.state, self.task, self.loader, self.schedule = run, state, task, loader, schedule
+        self.periods, self.settings = periods, settings
+        self.eval_cadence, self.save_cadence, self.exit_after = evaluate, save, exit_after
+        self.stats: dict = {}
+        self.evaluation: Optional[Evaluation] = None
+        self.first_period = state.epoch
+
+    def fit(self) -> int:
+        """Train from where ``state`` stands to the end; returns the exit code."""
+        run, state, periods = self.run, self.state, self.periods
+        run.open_log_writer()
+        steps = StepLoop(state.train_model, state.optimizer, state.scaler, run.device, self.settings, run.stop,
+                         run.log_writer)
+        clock = RunClock(state.epoch, periods.count)
+        try:
+            for period in range(state.epoch, periods.count):
+                first = state.step if period == state.epoch else 0
+                batches = self.loader.start(period, first)
+                self.task.begin(period, first)
+                self.stats = steps.run(batches, period, first, periods.size(period), self.task.compute_loss,
+                                       lambda step: self.schedule(period, step, periods.length),
+                                       periods.header(period), periods.count)
+                last = period + 1 == periods.count
+                self._end_period(period, clock)
+                if period == self.exit_after and not last:
+                    if is_main_process():
+                        print(f"--exit_after_epoch {period}: checkpoint written; exiting", flush=True)
+                    self._finish("exited after epoch", period)
+                    cleanup()
+                    return 0
+        except (StopRequested, NonFiniteLossError) as e:
+            code = finish_interrupted(e, state.flags, state.model, state.optimizer, state.scaler, run.stop,
+                                      extra=state.fields())
+            self._finish("stopped" if isinstance(e, StopRequested) else "failed", e.epoch - 1, reason=str(e))
+            return code
+        self._complete()
+        cleanup()
+        return 0
+
+    def _end_period(self, period: int, clock: RunClock) -> None:
+        """Evaluate (when due), checkpoint, log: the end of one period."""
+        state, stats, end, total = self.state, self.stats, self.periods.end(period), self.periods.total
+        evaluation = self.task.evaluate(period) if self.eval_cadence.due(end, total) else None
+        improved = False
+        if evaluation is not None:
+            self.evaluation = evaluation
+            if evaluation.score is not None:
+                improved = evaluation.score > state.best
+                state.best = max(state.best, evaluation.score)
+                state.best_epoch = period if improved else state.best_epoch
+            evaluation.best = state.best
+        record = {"epoch": period, **{f"train_{k}": v for k, v in stats.items()},
+                  **(evaluation.record if evaluation is not None else {})}
+        state.save(period, numbered=self.save_cadence.due(end, total), log_record=record,
+                   extra=evaluation.checkpoint if evaluation is not None else None,
+                   extra_names=("checkpoint-best.pth",) if improved else ())
+        if is_main_process():
+            self.task.log(period, stats, evaluation)
+            self._log_stats(period)
+            print(clock.line(period), flush=True)
+
+    def _log_stats(self, period: int) -> None:
+        """Rank 0: what every program reports per period (unreadable images, TensorBoard scalars)."""
+        stats, writer = self.stats, self.run.log_writer
+        if stats.get("skipped_images"):
+            print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {period} (all ranks)",
+                  flush=True)
+        if writer is not None:
+            for key in ("loss", "images_per_sec", "peak_mem_mb"):
+                if key in stats:
+                    writer.add_scalar(f"epoch/{key}", stats[key], period)
+            writer.flush()
+
+    def _complete(self) -> None:
+        """The schedule ran to its end (every rank)."""
+        run, state, last = self.run, self.state, self.periods.count - 1
+        print(f"rank {run.rank}: final weights digest {weights_digest(state.model)}", flush=True)
+        if is_main_process():
+            best = self.task.best_text(state.best) if state.best_key else ""
+            print(f"training time {datetime.timedelta(seconds=int(time.time() - run.start_time))}"
+                  + (f"; {best}" if best else ""), flush=True)
+        fields = self.task.complete(last, trained=self.first_period <= last)
+        if is_main_process():
+            run.close_log_writer()
+        self._finish("completed", last, **fields)
+
+    def _finish(self, status: str, last_period: int, **fields) -> None:
+        """The summary line and the end of the run record (rank 0)."""
+        if not is_main_process():
+            return
+        count, first = self.periods.count, self.first_period
+        ran = max(0, last_period + 1 - first)
+        epochs = (f"epochs {first}-{last_period} of {count} ({ran} in this run)" if ran else
+                  f"no epoch to run ({count} done)")
+        parts, record = self.task.finish(self.stats, self.evaluation, self.state.best, self.state.best_epoch)
+        self.run.summary(self.task.what, status, [epochs, *parts])
+        self.run.record.finish(status, epochs_run=ran, last_epoch=last_period,
+                               **{**record, **{k: v for k, v in fields.items() if v is not None}})
 
 
-def run_epochs(run: Run, epochs: Epochs, model: nn.Module, optimizer, scaler, sampler, start_epoch: int,
-               start_step: int) -> int:
-    """The epoch loop from ``start_epoch`` (``start_step`` micro-steps into it) to --epochs; the exit code."""
-    args = run.args
-    clock = RunClock(start_epoch, args.epochs)
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            step0 = start_step if epoch == start_epoch else 0
-            sampler.set_epoch(epoch)
-            sampler.skip = step0 * args.batch_size
-            stats = epochs.train(epoch, step0)
-            last = epoch + 1 == args.epochs
-            save = epochs.evaluate(epoch, stats, last)
-            numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
-            save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered, log_record=save.log_record,
-                                extra={**epochs.checkpoint_extra(), **(save.extra or {})},
-                                extra_names=save.extra_names)
-            if is_main_process():
-                epochs.log(epoch, stats, last)
-                log_epoch_stats(run, epoch, stats)
-                print(clock.line(epoch), flush=True)
-            if epoch == args.exit_after_epoch and not last:
-                if is_main_process():
-                    print(f"--exit_after_epoch {epoch}: checkpoint written; exiting", flush=True)
-                epochs.finish("exited after epoch", epoch)
-                cleanup()
-                return 0
-    except (StopRequested, NonFiniteLossError) as e:
-        code = finish_interrupted(e, args, model, optimizer, scaler, run.stop, extra=epochs.checkpoint_extra())
-        epochs.finish("stopped" if isinstance(e, StopRequested) else "failed", e.epoch - 1, reason=str(e))
-        return code
-    epochs.complete()
+def evaluate_only(run: Run, task: Task) -> int:
+    """An evaluate-only run (--eval, --knn): evaluate, report, end the run record."""
+    evaluation = task.evaluate(None)
+    if is_main_process():
+        what, parts = task.report(evaluation)
+        run.summary(what, "completed", parts)
+        run.record.finish("completed", metrics=evaluation.metrics)
     cleanup()
     return 0

@@ -307,23 +307,20 @@ class ShardSampler(Sampler):
         return len(range(self.rank, self.n, self.world))
 
 
-def build_pretrain_dataset(args) -> SeededImageDataset:
-    images = image_list(args.data_path, "train", labelled=False)
+def build_pretrain_dataset(data_path: Optional[str], input_size: int, batch_size: int, seed: int, world: int = 1,
+                           rank: int = 0) -> SeededImageDataset | ShardStream:
+    """The pretraining images with the reference's augmentation (``pretrain_transform``); tar shards
+    give a ``ShardStream`` of this rank's batches."""
+    images = image_list(data_path, "train", labelled=False)
     # The few bundled photos are repeated so that an epoch holds many random crops of them.
     repeats = 1
-    if args.data_path is None:
-        world = getattr(args, "world_size", 1)
-        repeats = max(1, math.ceil(16 * args.batch_size * world / len(images)))
-    images.min_side = needed_side(args.input_size, PRETRAIN_SCALE[0])
+    if data_path is None:
+        repeats = max(1, math.ceil(16 * batch_size * world / len(images)))
+    images.min_side = needed_side(input_size, PRETRAIN_SCALE[0])
     if not isinstance(images, ImageList):
-        return _shard_stream(images, pretrain_transform(args.input_size), args, train=True)
-    return SeededImageDataset(images, pretrain_transform(args.input_size), repeats=repeats)
-
-
-def _shard_stream(images, transform: Callable, args, train: bool):
-    from engine.distributed import get_rank, get_world_size
-    return ShardStream(images, transform, args.batch_size, args.seed, train=train, world=get_world_size(),
-                       rank=get_rank())
+        return ShardStream(images, pretrain_transform(input_size), batch_size, seed, train=True, world=world,
+                           rank=rank)
+    return SeededImageDataset(images, pretrain_transform(input_size), repeats=repeats)
 
 
 def needed_side(input_size: int, min_scale: float, min_ratio: float = 3 / 4) -> int:
@@ -331,7 +328,6 @@ def needed_side(input_size: int, min_scale: float, min_ratio: float = 3 / 4) -> 
     ``min_ratio``) is still >= ``input_size`` pixels on its shorter side: above it, nothing is lost
     by decoding at a reduced scale."""
     return math.ceil(input_size / math.sqrt(min_scale * min_ratio))
-
 
 
 def eval_transform(input_size: int) -> Callable:
@@ -346,13 +342,13 @@ def eval_transform(input_size: int) -> Callable:
     ])
 
 
-def finetune_train_transform(args) -> Callable:
+def finetune_train_transform(input_size: int, color_jitter: Optional[float], min_crop_scale: float,
+                             aa: Optional[str], reprob: float, remode: str, recount: int) -> Callable:
     """timm's training transform: RandomResizedCrop, flip, RandAugment, random erasing."""
     from timm.data import create_transform
-    return create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
-                            scale=(getattr(args, "min_crop_scale", 0.08), 1.0),
-                            auto_augment=args.aa, interpolation="bicubic", re_prob=args.reprob,
-                            re_mode=args.remode, re_count=args.recount, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
+                            scale=(min_crop_scale, 1.0), auto_augment=aa, interpolation="bicubic", re_prob=reprob,
+                            re_mode=remode, re_count=recount, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def num_classes_of(images: ImageList) -> int:
@@ -361,16 +357,18 @@ def num_classes_of(images: ImageList) -> int:
     return max((label for _, label in images.samples), default=-1) + 1
 
 
-def build_finetune_dataset(args, split: str, transform: Optional[Callable] = None) -> SeededImageDataset:
-    """``split`` in {'train', 'val'}: ImageNet layout, the reference's list files or tar shards (labelled)."""
-    images = image_list(args.data_path, split, labelled=True)
-    training = transform is None and split == "train"
+def build_finetune_dataset(data_path: str, split: str, input_size: int, batch_size: int, seed: int,
+                           transform: Optional[Callable] = None, training: bool = False, world: int = 1,
+                           rank: int = 0) -> SeededImageDataset | ShardStream:
+    """``split`` in {'train', 'val'}: ImageNet layout, the reference's list files or tar shards
+    (labelled), with ``transform`` (default: the evaluation transform). ``training``: the transform
+    is a training one (its crops decide how far JPEGs may be decoded at reduced scale; shards shuffle)."""
+    images = image_list(data_path, split, labelled=True)
     if training:
-        transform = finetune_train_transform(args)
-        images.min_side = needed_side(args.input_size, 0.08)  # timm's RandomResizedCrop scale (0.08, 1)
+        images.min_side = needed_side(input_size, 0.08)  # timm's RandomResizedCrop scale (0.08, 1)
     else:  # the evaluation transform resizes the shorter side to input / crop_pct
-        transform = transform or eval_transform(args.input_size)
-        images.min_side = math.ceil(args.input_size / (224 / 256 if args.input_size <= 224 else 1.0))
+        images.min_side = math.ceil(input_size / (224 / 256 if input_size <= 224 else 1.0))
+    transform = transform or eval_transform(input_size)
     if not isinstance(images, ImageList):  # training shards are shuffled; evaluation shards read in order
-        return _shard_stream(images, transform, args, train=split == "train" and training)
+        return ShardStream(images, transform, batch_size, seed, train=training, world=world, rank=rank)
     return SeededImageDataset(images, transform)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import os
 import signal
 import sys
@@ -27,6 +28,10 @@ from pathlib import Path
 from types import ModuleType
 
 import submitit
+
+from config.cli import HelpFormatter, parse
+from engine.stop import stopped_by
+from errors import UsageError
 
 
 def add_slurm_args(parser: argparse.ArgumentParser) -> None:
@@ -57,24 +62,22 @@ class Trainer:
         self.args = args
 
     def __call__(self) -> int:
-        import importlib
         env = submitit.JobEnvironment()
         args = copy.deepcopy(self.args)
         job_dir = Path(str(args.job_dir).replace("%j", str(env.job_id)))
         if not args.output_dir:
             args.output_dir = str(job_dir)
-        if args.log_dir is None or args.log_dir == "":
-            args.log_dir = str(Path(args.output_dir) / "tensorboard") if args.log_dir is None else None
+        if args.log_dir is None:  # ('' keeps TensorBoard off)
+            args.log_dir = str(Path(args.output_dir) / "tensorboard")
         os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks),
                           LOCAL_RANK=str(env.local_rank), LOCAL_WORLD_SIZE=str(args.ngpus))
         if env.global_rank == 0:
             _remove_literal_job_folder(args.job_dir)
         if args.device is None or str(args.device).startswith("cuda"):
             args.device = "cuda" if args.ngpus > 0 and _cuda() else "cpu"
-        from engine.stop import stopped_by
         program: ModuleType = importlib.import_module(self.program)
         submitit_handler = signal.getsignal(signal.SIGUSR2)
-        code = program.main(args)  # installs the stop handlers (engine.stop), SIGUSR2 among them
+        code = program.main(program.configure(args))  # installs the stop handlers (engine.stop), SIGUSR2 among them
         if stopped_by() == signal.SIGUSR2 and env.global_rank == 0:
             # checkpoint written at a step boundary: let submitit requeue through its own handler
             signal.signal(signal.SIGUSR2, submitit_handler)
@@ -147,47 +150,37 @@ def submit(program: str, args: argparse.Namespace) -> submitit.Job:
 
 
 def build_parser(program: ModuleType) -> argparse.ArgumentParser:
-    from config.cli import HelpFormatter
-    parser = argparse.ArgumentParser(f"submitit for {program.__name__}", parents=[program.get_args_parser(False)],
-                                     formatter_class=HelpFormatter)
-    add_slurm_args(parser)
-    parser.set_defaults(output_dir="", log_dir=None, dist_url="")
-    for action in parser._actions:  # what the defaults mean under submitit
+    """The program's flags (the help of those whose defaults mean something else under submitit
+    rewritten) and SLURM's."""
+    program_parser = program.get_args_parser(False)
+    for action in program_parser._actions:
         if action.dest == "output_dir":
             action.help = "checkpoints, log.txt, run records and figures (default: the job folder)"
         elif action.dest == "dist_url":
             action.help = "rendezvous URL (default: a fresh file in the job folder)"
+    parser = argparse.ArgumentParser(f"submitit for {program.__name__}", parents=[program_parser],
+                                     formatter_class=HelpFormatter)
+    add_slurm_args(parser)
+    parser.set_defaults(output_dir="", log_dir=None, dist_url="")
     return parser
 
 
 def prepare(program: ModuleType, argv=None) -> argparse.Namespace:
-    """Parse the wrapped program's flags + SLURM flags and validate them before anything is submitted."""
-    from config.cli import finalize_common_args
+    """Parse the wrapped program's flags + SLURM flags and check them (the program's ``configure``,
+    which has no side effects) before anything is submitted; the job configures them again on its node."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(program).parse_args(argv)
+    args = parse(build_parser(program), argv, sys.argv[0])
     args.launch_command = [sys.argv[0], *argv]  # for the run record: the job itself runs submitit's command
     if args.ngpus is None:
         args.ngpus = _visible_gpus()
         if not args.local:
             print(f"--ngpus not given: {args.ngpus} task(s) per node, the GPUs visible here", file=sys.stderr)
     if args.nodes > 1 and args.local:
-        from errors import UsageError
         raise UsageError("--local runs on one node; drop --nodes")
-    device, log_dir = args.device, args.log_dir
-    finalize_common_args(args)
-    args.device, args.log_dir = device, log_dir  # resolved on the compute node
-    output_dir = args.output_dir
-    if not output_dir:  # the job folder is known only once submitted: validate against a scratch folder
-        import shutil
-        import tempfile
-        args.output_dir = tempfile.mkdtemp(prefix="validate-")
-        try:
-            program.validate_args(args)
-        finally:
-            shutil.rmtree(args.output_dir, ignore_errors=True)
-    else:
-        program.validate_args(args)
-    args.output_dir = output_dir
+    check = copy.copy(args)
+    if check.device is None or str(check.device).startswith("cuda"):
+        check.device = None  # the compute node's device: what is checked here is the rest
+    program.configure(check)
     return args
 
 

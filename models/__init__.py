@@ -2,8 +2,8 @@
 model says what it is through its ``contract`` (models.contract)."""
 # importing the model files registers their factories
 from . import greenmim, hiera_mae, mae, mixmim, pvt, simmim, swin, swin_timm, vit  # noqa: F401
-from .contract import ClassifierContract, PretrainContract
-from .registry import classifier_for, create_model, describe, is_model, list_models, register_named
+from .contract import ClassifierContract, PretrainContract, PretrainOutput
+from .registry import Variant, classifier_for, create_model, describe, describe_class, is_model, list_models, register
 
-__all__ = ["ClassifierContract", "PretrainContract", "classifier_for", "create_model", "describe", "is_model",
-           "list_models", "register_named"]
+__all__ = ["ClassifierContract", "PretrainContract", "PretrainOutput", "classifier_for", "create_model", "describe", "is_model",
+           "list_models", "register", "Variant", "describe_class"]

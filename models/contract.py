@@ -10,9 +10,23 @@ typed description. Adding a method means filling in these attributes, nothing el
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Literal, Optional
+from typing import Callable, ClassVar, Literal, NamedTuple, Optional
+
+from torch import Tensor
 
 MaskKind = Literal["uniform", "random", "any"]
+
+
+class PretrainOutput(NamedTuple):
+    """What every pretraining model's ``forward(imgs, mask, sm_mask=None)`` returns.
+
+    imgs: (N, 3, H, W); mask: (N, L) bool, True = removed, L = token_size**2 mask units in raster
+    order; sm_mask: (N, L) bool, the secondary mask (kept units hidden behind a learnt token), or
+    None for none. Masks come only from the caller: a model draws none itself."""
+    loss: Tensor        # scalar: the method's reconstruction loss
+    pred: Tensor        # (N, L, stride * stride * 3): per-unit predictions, raster order (in training
+                        # mode some models predict only the removed units; the others are 0)
+    mask: Tensor        # (N, L): the mask the model used (MixMAE pairs its samples' masks)
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,9 @@ class ClassifierContract:
     num_layers: int                       # layer-decay depth: ids run 0 (stem) .. num_layers (head)
     layer_id: Callable[[str], int] = field(compare=False)   # parameter name -> layer id
     no_weight_decay: frozenset[str] = frozenset()
+    head: str = "head"                    # the final Linear (dotted path): what is reset, swapped or re-initialised
     pyramid: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None  # (channels, strides) of forward_pyramid
+    pyramid_divisor: int = 0                  # forward_pyramid pads its input to a multiple of this
 
 
 class PretrainModel:
@@ -108,6 +124,7 @@ class Classifier:
     ``lrd_num_layers()`` / ``lrd_layer_id(name)``; the default is the flat-``blocks`` rule."""
     family: ClassVar[str]                    # every classifier names its family
     build_options: ClassVar[tuple[str, ...]] = ()
+    head_path: ClassVar[str] = "head"        # the final Linear (Hiera: "head.fc", behind its norm)
 
     def native_size(self) -> int:
         """The input size, pixels, the classifier was built for."""
@@ -121,10 +138,12 @@ class Classifier:
 
     @property
     def contract(self) -> ClassifierContract:
-        pyramid = None
+        pyramid, divisor = None, 0
         if hasattr(self, "pyramid_channels"):  # models.layers.StagePyramid, or the ViT's single-scale maps
             pyramid = (tuple(self.pyramid_channels), tuple(self.pyramid_strides))
+            divisor = int(self.pyramid_divisor)
         nwd = self.no_weight_decay() if hasattr(self, "no_weight_decay") else ()
         return ClassifierContract(family=self.family, input_size=self.native_size(), options=tuple(self.build_options),
                                   num_layers=self.lrd_num_layers(), layer_id=self.lrd_layer_id,
-                                  no_weight_decay=frozenset(nwd), pyramid=pyramid)
+                                  no_weight_decay=frozenset(nwd), head=self.head_path, pyramid=pyramid,
+                                  pyramid_divisor=divisor)

@@ -46,12 +46,12 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
-from .contract import PretrainModel
+from .contract import PretrainModel, PretrainOutput
 from .grouping import GroupPlan, plan_groups
 from .layers import check_images_and_mask, init_modules, valid_sizes_message
 from .loss import mae_loss
 from .mae import _MAEDecoder
-from .registry import register_named
+from .registry import Variant, register
 from .swin_timm import TIMM_SWIN_SIZES
 
 __all__ = ["GreenMIMSwin", "WindowGrouping", "build_grouping", "group_window_attention",
@@ -383,7 +383,7 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder, PretrainModel):
         latent, vis = self.forward_encoder(imgs, mask)
         pred = self.forward_decoder(latent, vis)
         loss = mae_loss(pred, imgs, mask, self.stride, self.norm_pix_loss)
-        return loss, pred, mask
+        return PretrainOutput(loss, pred, mask)
 
     @torch.no_grad()
     def grouping_stats(self, mask: Tensor) -> list[dict]:
@@ -400,32 +400,35 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder, PretrainModel):
         return rows
 
 
-# ---------------------------------------------------------------- factories
+# ---------------------------------------------------------------- variants
 
-_SIZES = TIMM_SWIN_SIZES  # GreenMIM's encoders are timm Swins (models/swin_timm.py)
-
-
-def _register_pretrain(name: str, size: str, window: int, img_size: int, doc: str, **extra) -> None:
-    def build(**kwargs) -> GreenMIMSwin:
-        return GreenMIMSwin(**{**_SIZES[size], "window_size": window, "img_size": img_size, **extra, **kwargs})
-    classifier = f"swin_{size}_patch4_window{window}_{img_size}"
-    register_named(name, build, doc, task="pretrain", namespace=globals(), classifier=classifier)
-
-
-_register_pretrain("greenmim_swin_tiny_patch4_dec512b1", "tiny", 7, 224, "GreenMIM Swin-T, window 7, 224 px.")
-_register_pretrain("greenmim_swin_base_patch4_dec512b1", "base", 7, 224,
-                   "GreenMIM Swin-B, window 7, 224 px (the original's main model).")
-_register_pretrain("greenmim_swin_base_patch4_win14_dec512b1", "base", 14, 224, "GreenMIM Swin-B, window 14, 224 px.")
-_register_pretrain("greenmim_swin_large_patch4_win14_dec512b1", "large", 14, 224,
-                   "GreenMIM Swin-L, window 14, 224 px.")
-_register_pretrain("greenmim_swin_pico_patch4_win6_dec64b1", "pico", 6, 96,
-                   "Tiny GreenMIM Swin for tests and demos (96 px, 3x3 units, window 6).",
-                   decoder_embed_dim=64, decoder_num_heads=4)
-# 32-px variant of the animal-mnist experiment (FINETUNE.md). The mask unit is the last stage's stride,
-# so three stages at patch 1 give 4-px units, 8x8 per image (four stages would give 4x4).
-register_named("greenmim_swin_pico3_p1_win8_32",
-               lambda **kw: GreenMIMSwin(**{"embed_dim": 16, "depths": (2, 2, 2), "num_heads": (1, 2, 4),
-                                            "window_size": 8, "img_size": 32, "patch_size": 1,
-                                            "decoder_embed_dim": 64, "decoder_num_heads": 4, **kw}),
-               "Tiny 3-stage GreenMIM Swin for 32-px images (patch 1, 4-px units, 8x8).", task="pretrain",
-               namespace=globals(), classifier="swin_pico3_patch1_window8_32")
+# GreenMIM's encoders are timm Swins (models/swin_timm.py); each finetunes into the timm Swin of its window.
+VARIANTS = {
+    "greenmim_swin_tiny_patch4_dec512b1": Variant(dict(TIMM_SWIN_SIZES["tiny"], window_size=7, img_size=224),
+                                                  "GreenMIM Swin-T, window "
+                                                  "7, 224 px.", classifier="swin_tiny_patch4_window7_224"),
+    "greenmim_swin_base_patch4_dec512b1": Variant(dict(TIMM_SWIN_SIZES["base"], window_size=7, img_size=224),
+                                                  "GreenMIM Swin-B, window "
+                                                  "7, 224 px (the "
+                                                  "original's main model).", classifier="swin_base_patch4_window7_224"),
+    "greenmim_swin_base_patch4_win14_dec512b1": Variant(dict(TIMM_SWIN_SIZES["base"], window_size=14, img_size=224),
+                                                        "GreenMIM Swin-B, "
+                                                        "window 14, 224 "
+                                                        "px.", classifier="swin_base_patch4_window14_224"),
+    "greenmim_swin_large_patch4_win14_dec512b1": Variant(dict(TIMM_SWIN_SIZES["large"], window_size=14, img_size=224),
+                                                         "GreenMIM "
+                                                         "Swin-L, window "
+                                                         "14, 224 px.", classifier="swin_large_patch4_window14_224"),
+    "greenmim_swin_pico_patch4_win6_dec64b1": Variant(dict(TIMM_SWIN_SIZES["pico"], window_size=6, img_size=96, decoder_embed_dim=64, decoder_num_heads=4),
+                                                      "Tiny GreenMIM Swin "
+                                                      "for tests and demos "
+                                                      "(96 px, 3x3 units, "
+                                                      "window 6).", classifier="swin_pico_patch4_window6_96"),
+    # 32-px variant of the animal-mnist experiment (FINETUNE.md). The mask unit is the last stage's stride,
+    # so three stages at patch 1 give 4-px units, 8x8 per image (four stages would give 4x4).
+    "greenmim_swin_pico3_p1_win8_32": Variant(dict(embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=8, img_size=32, patch_size=1, decoder_embed_dim=64, decoder_num_heads=4),
+                                              "Tiny 3-stage GreenMIM Swin "
+                                              "for 32-px images (patch 1, "
+                                              "4-px units, 8x8).", classifier="swin_pico3_patch1_window8_32"),
+}
+register(GreenMIMSwin, VARIANTS)

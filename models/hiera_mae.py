@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from timm.models.hiera import Hiera, HieraBlock
 from torch import Tensor, nn
 
-from .contract import Classifier, PretrainModel
+from .contract import Classifier, PretrainModel, PretrainOutput
 from .layers import check_images_and_mask, init_modules, valid_sizes_message
 from .loss import mae_loss, patchify, unpatchify
 from .masking import random_mask
-from .registry import register_named
+from .registry import Variant, register
 
 __all__ = ["MaskedAutoencoderHiera", "HieraClassifier", "unit_major_to_unrolled", "remap_hiera_checkpoint"]
 
@@ -277,7 +277,7 @@ class MaskedAutoencoderHiera(Hiera, PretrainModel):
         p, c = self.pred_stride, imgs.shape[1]
         pred = raw.view(n, length, c, p, p).permute(0, 1, 3, 4, 2).reshape(n, length, p * p * c)
         loss = mae_loss(pred, imgs, self.patch_mask(mask), p, self.norm_pix_loss)
-        return loss, patchify(unpatchify(pred, p, c), self.stride), mask
+        return PretrainOutput(loss, patchify(unpatchify(pred, p, c), self.stride), mask)
 
 
 class HieraClassifier(Hiera, Classifier):
@@ -292,6 +292,7 @@ class HieraClassifier(Hiera, Classifier):
         self.img_size = img_size
 
     family = "hiera"
+    head_path = "head.fc"
 
     def lrd_num_layers(self) -> int:
         return len(self.blocks) + 1
@@ -308,11 +309,11 @@ class HieraClassifier(Hiera, Classifier):
         return remap_hiera_checkpoint(sd)
 
 
-# ---------------------------------------------------------------- factories
+# ---------------------------------------------------------------- variants
 
 # timm's hiera_*_224 configurations; MAE pretraining pools q only twice (q_pool=2, final 14x14 tokens),
 # the classifiers three times (timm's default).
-_SIZES = {
+HIERA_SIZES = {
     "tiny": dict(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2)),
     "small": dict(embed_dim=96, num_heads=1, stages=(1, 2, 11, 2)),
     "base": dict(embed_dim=96, num_heads=1, stages=(2, 3, 16, 3)),
@@ -320,42 +321,49 @@ _SIZES = {
     "large": dict(embed_dim=144, num_heads=2, stages=(2, 6, 36, 4)),
 }
 _PICO = dict(embed_dim=16, num_heads=1, stages=(1, 1, 1, 1))
-
-
-def _pretrain_builder(cfg: dict, **defaults):
-    def build(**kwargs) -> MaskedAutoencoderHiera:
-        return MaskedAutoencoderHiera(**{**cfg, "q_pool": 2, **defaults, **kwargs})
-    return build
-
-
-def _classifier_builder(cfg: dict, **defaults):
-    def build(**kwargs) -> HieraClassifier:
-        return HieraClassifier(**{**cfg, **defaults, **kwargs})
-    return build
-
-
-for _size, _cfg in _SIZES.items():
-    register_named(f"mae_hiera_{_size}_224", _pretrain_builder(_cfg),
-                   f"Hiera-{_size} MAE, 224 px, 32-px mask units, 8-block 512-d decoder.",
-                   task="pretrain", namespace=globals(), classifier=f"hiera_{_size}_224")
-    register_named(f"hiera_{_size}_224", _classifier_builder(_cfg),
-                   f"timm Hiera-{_size} classifier, 224 px (Hiera MAE fine-tuning).",
-                   task="classify", namespace=globals())
-register_named("mae_hiera_pico_128", _pretrain_builder(_PICO, img_size=128, decoder_embed_dim=32, decoder_depth=1,
-                                                       decoder_num_heads=2),
-               "Tiny Hiera MAE for tests and demos (128 px, 4x4 mask units).", task="pretrain", namespace=globals(),
-               classifier="hiera_pico_128")
-register_named("hiera_pico_128", _classifier_builder(_PICO, img_size=128),
-               "Tiny timm Hiera classifier (tests; loads the pico Hiera MAE encoder).", task="classify",
-               namespace=globals())
+_PICO_DECODER = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 # 32-px variants for the animal-mnist experiment (FINETUNE.md): patch stride 1, three stages, 4x4-token
 # mask units = 4-px units, 8x8 of them per image (the other methods' 32-px arms have the same grid).
 _PICO_32 = dict(embed_dim=16, num_heads=1, stages=(1, 1, 1), q_pool=2, mask_unit_size=(4, 4),
                 mask_unit_attn=(True, True, False), patch_kernel=(3, 3), patch_stride=(1, 1), patch_padding=(1, 1))
-register_named("mae_hiera_pico_p1_32", _pretrain_builder(_PICO_32, img_size=32, decoder_embed_dim=32, decoder_depth=1,
-                                                         decoder_num_heads=2),
-               "Tiny Hiera MAE for 32-px images: patch stride 1, 4-px mask units (8x8); finetunes into "
-               "hiera_pico_p1_32.", task="pretrain", namespace=globals(), classifier="hiera_pico_p1_32")
-register_named("hiera_pico_p1_32", _classifier_builder(_PICO_32, img_size=32),
-               "Tiny timm Hiera classifier for 32-px images (loads mae_hiera_pico_p1_32).", task="classify",
-               namespace=globals())
+
+PRETRAIN_VARIANTS = {
+    "mae_hiera_tiny_224": Variant(dict(HIERA_SIZES["tiny"], q_pool=2),
+                                  "Hiera-tiny MAE, 224 px, 32-px mask units, 8-block "
+                                  "512-d decoder.", classifier="hiera_tiny_224"),
+    "mae_hiera_small_224": Variant(dict(HIERA_SIZES["small"], q_pool=2),
+                                   "Hiera-small MAE, 224 px, 32-px mask units, 8-block "
+                                   "512-d decoder.", classifier="hiera_small_224"),
+    "mae_hiera_base_224": Variant(dict(HIERA_SIZES["base"], q_pool=2),
+                                  "Hiera-base MAE, 224 px, 32-px mask units, 8-block "
+                                  "512-d decoder.", classifier="hiera_base_224"),
+    "mae_hiera_base_plus_224": Variant(dict(HIERA_SIZES["base_plus"], q_pool=2),
+                                       "Hiera-base_plus MAE, 224 px, 32-px mask "
+                                       "units, 8-block 512-d decoder.", classifier="hiera_base_plus_224"),
+    "mae_hiera_large_224": Variant(dict(HIERA_SIZES["large"], q_pool=2),
+                                   "Hiera-large MAE, 224 px, 32-px mask units, 8-block "
+                                   "512-d decoder.", classifier="hiera_large_224"),
+    "mae_hiera_pico_128": Variant(dict(_PICO, q_pool=2, img_size=128, **_PICO_DECODER),
+                                  "Tiny Hiera MAE for tests and demos (128 px, 4x4 mask "
+                                  "units).", classifier="hiera_pico_128"),
+    "mae_hiera_pico_p1_32": Variant(dict(_PICO_32, img_size=32, **_PICO_DECODER),
+                                    "Tiny Hiera MAE for 32-px images: patch stride 1, "
+                                    "4-px mask units (8x8); finetunes into "
+                                    "hiera_pico_p1_32.", classifier="hiera_pico_p1_32"),
+}
+CLASSIFIER_VARIANTS = {
+    "hiera_tiny_224": Variant(dict(HIERA_SIZES["tiny"]), "timm Hiera-tiny classifier, 224 px (Hiera MAE fine-tuning)."),
+    "hiera_small_224": Variant(dict(HIERA_SIZES["small"]),
+                               "timm Hiera-small classifier, 224 px (Hiera MAE fine-tuning)."),
+    "hiera_base_224": Variant(dict(HIERA_SIZES["base"]), "timm Hiera-base classifier, 224 px (Hiera MAE fine-tuning)."),
+    "hiera_base_plus_224": Variant(dict(HIERA_SIZES["base_plus"]),
+                                   "timm Hiera-base_plus classifier, 224 px (Hiera MAE fine-tuning)."),
+    "hiera_large_224": Variant(dict(HIERA_SIZES["large"]),
+                               "timm Hiera-large classifier, 224 px (Hiera MAE fine-tuning)."),
+    "hiera_pico_128": Variant(dict(_PICO, img_size=128),
+                              "Tiny timm Hiera classifier (tests; loads the pico Hiera MAE encoder)."),
+    "hiera_pico_p1_32": Variant(dict(_PICO_32, img_size=32),
+                                "Tiny timm Hiera classifier for 32-px images (loads mae_hiera_pico_p1_32)."),
+}
+register(MaskedAutoencoderHiera, PRETRAIN_VARIANTS)
+register(HieraClassifier, CLASSIFIER_VARIANTS)

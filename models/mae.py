@@ -32,14 +32,14 @@ from timm.layers import PatchEmbed as TimmPatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .contract import PretrainModel
+from .contract import PretrainModel, PretrainOutput
 from .layers import check_images_and_mask, OuterNorm, init_reference_weights, valid_sizes_message
 from .loss import mae_loss
-from .masking import check_uniform_mask, kept_index_per_group, secondary_mask
+from .masking import check_uniform_mask, kept_index_per_group
 from .pos_embed import sincos_2d
-from .pvt import _PVT_SIZES, PVTEncoder, pvt_grid_ok
-from .registry import register_named
-from .swin import _SWIN_SIZES, Positions, SwinEncoder, swin_grid_ok
+from .pvt import PVT_SIZES, PVTEncoder, pvt_grid_ok
+from .registry import Variant, register
+from .swin import SWIN_SIZES, Positions, SwinEncoder, swin_grid_ok
 from .vit import VIT_SIZES
 
 __all__ = ["MaskedAutoencoderSwin", "MaskedAutoencoderPVT", "MaskedAutoencoderViT", "compact_map"]
@@ -163,9 +163,10 @@ class _PyramidMAE(_MAEDecoder, PretrainModel):
         kept = kept_index_per_group(mask, t)
         compact = compact_map(imgs.permute(0, 2, 3, 1), kept, self.stride)        # (N, H/2, W/2, 3)
         x = self.patch_embed(compact.permute(0, 3, 1, 2))                         # (N, h, w, C)
-        if self.vis_mask_ratio > 0:
-            if sm_mask is None:
-                sm_mask = secondary_mask(mask, self.vis_mask_ratio)
+        if sm_mask is not None:
+            if self.vis_mask_ratio <= 0:
+                raise ValueError("this model was built without secondary masking (vis_mask_ratio 0): sm_mask "
+                                 "must be None")
             cells = sm_mask.bool().view(-1, g, 2, g, 2).permute(0, 1, 3, 2, 4).reshape(-1, g, g, 4)
             sm_group = cells.gather(-1, kept.unsqueeze(-1)).squeeze(-1)           # (N, g, g)
             sm_tokens = sm_group[:, :, None, :, None].expand(-1, g, k, g, k).reshape(x.shape[:3]).unsqueeze(-1)
@@ -219,7 +220,7 @@ class _PyramidMAE(_MAEDecoder, PretrainModel):
         rows = _masked_rows(mask, self.token_size ** 2 - kept[0].numel()) if self.training else None
         pred = self.forward_decoder(latent, kept, rows=rows)
         loss = mae_loss(pred, imgs, mask.bool(), self.stride, self.norm_pix_loss)
-        return loss, pred, mask
+        return PretrainOutput(loss, pred, mask)
 
 
 def _pyramid_size_check(img_size: int, patch_size: int, stride: int, grid_ok, what: str) -> None:
@@ -372,9 +373,10 @@ class MaskedAutoencoderViT(nn.Module, _MAEDecoder, PretrainModel):
         vis_idx = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_keep]
         gather_idx = vis_idx.unsqueeze(-1).expand(-1, -1, c)
         x = x.gather(1, gather_idx)
-        if self.vis_mask_ratio > 0:
-            if sm_mask is None:
-                sm_mask = secondary_mask(mask, self.vis_mask_ratio)
+        if sm_mask is not None:
+            if self.vis_mask_ratio <= 0:
+                raise ValueError("this model was built without secondary masking (vis_mask_ratio 0): sm_mask "
+                                 "must be None")
             sm_vis = sm_mask.bool().gather(1, vis_idx).unsqueeze(-1)
             sm_tok = self.vis_mask_token.to(x.dtype) + pos.expand(n, -1, -1).gather(1, gather_idx)
             x = torch.where(sm_vis, sm_tok, x)
@@ -409,97 +411,130 @@ class MaskedAutoencoderViT(nn.Module, _MAEDecoder, PretrainModel):
         rows = _masked_rows(mask, self.token_size ** 2 - self._num_keep()) if self.training else None
         pred = self.forward_decoder(latent, vis_idx, rows=rows)
         loss = mae_loss(pred, imgs, mask.bool(), self.stride, self.norm_pix_loss)
-        return loss, pred, mask
+        return PretrainOutput(loss, pred, mask)
 
 
-# ---------------------------------------------------------------- factories
+# ---------------------------------------------------------------- variants
 
-# The encoders' size tables are the backbones' own (models/swin.py, models/pvt.py, models/vit.py).
-_FULL = ("tiny", "small", "base", "large")
-_PVT_FULL = ("tiny", "small", "medium", "large")
-_VIT_FULL = ("base_patch16", "large_patch16", "huge_patch16", "huge_patch14")
-
-
-def _register(name: str, build, doc: str, classifier: str) -> None:
-    register_named(name, build, doc, task="pretrain", namespace=globals(), classifier=classifier)
-
-
-def _swin_builder(size: str, depth: int, posmlp: int):
-    def build(**kwargs):
-        cfg = dict(_SWIN_SIZES[size], posmlp_dim=posmlp, decoder_embed_dim=512, decoder_depth=depth,
-                   decoder_num_heads=16)
-        cfg.update(kwargs)
-        return MaskedAutoencoderSwin(**cfg)
-    return build
-
-
-def _pvt_builder(size: str, depth: int):
-    def build(**kwargs):
-        cfg = dict(_PVT_SIZES[size], decoder_embed_dim=512, decoder_depth=depth, decoder_num_heads=16)
-        cfg.update(kwargs)
-        return MaskedAutoencoderPVT(**cfg)
-    return build
-
-
-def _vit_builder(size: str, depth: int):
-    def build(**kwargs):
-        cfg = dict(VIT_SIZES[size], decoder_embed_dim=512, decoder_depth=depth, decoder_num_heads=16)
-        cfg.update(kwargs)
-        return MaskedAutoencoderViT(**cfg)
-    return build
-
-
-for _size in _FULL:
-    # Swin-L: the reference's recommended model has an 8-block decoder and a 64-wide position MLP.
-    _default = 8 if _size == "large" else 2
-    _pm = 64 if _size == "large" else 32
-    _cls = f"swin_{_size}_256"
-    _register(f"mae_swin_{_size}_256", _swin_builder(_size, _default, _pm), f"UM-MAE Swin-{_size}, 256 px.", _cls)
-    _register(f"mae_swin_{_size}_256_dec512d2b", _swin_builder(_size, 2, 32),
-              f"UM-MAE Swin-{_size}, 2-block 512-d decoder.", _cls if _pm == 32 else f"{_cls}_pm32")
-    _register(f"mae_swin_{_size}_256_dec512d8b", _swin_builder(_size, 8, _pm),
-              f"UM-MAE Swin-{_size}, 8-block 512-d decoder.", _cls)
-_register("mae_swin_large_256_dec512d8b64pmd", _swin_builder("large", 8, 64), "The reference's name of Swin-L.",
-          "swin_large_256")
-for _size in _PVT_FULL:
-    _cls = f"pvt_{_size}_256"
-    _register(f"mae_pvt_{_size}_256", _pvt_builder(_size, 2), f"UM-MAE PVT-{_size}, 256 px.", _cls)
-    _register(f"mae_pvt_{_size}_256_dec512d2b", _pvt_builder(_size, 2), f"UM-MAE PVT-{_size}, 2-block decoder.",
-              _cls)
-    _register(f"mae_pvt_{_size}_256_dec512d8b", _pvt_builder(_size, 8), f"UM-MAE PVT-{_size}, 8-block decoder.",
-              _cls)
-for _size in _VIT_FULL:
-    _cls = f"vit_{_size}"
-    _register(f"mae_vit_{_size}", _vit_builder(_size, 8), f"MAE ViT-{_size} (MAE's standard 8-block decoder).",
-              _cls)
-    _register(f"mae_vit_{_size}_dec512d2b", _vit_builder(_size, 2), f"MAE ViT-{_size}, 2-block decoder (UM-MAE).",
-              _cls)
-    _register(f"mae_vit_{_size}_dec512d8b", _vit_builder(_size, 8), f"MAE ViT-{_size}, 8-block decoder.", _cls)
-
-
-def _tiny(cls, **cfg):
-    def build(**kwargs):
-        return cls(**{**cfg, **kwargs})
-    return build
-
-
-# tests and demos
+# The encoders' size tables are the backbones' own (models/swin.py, models/pvt.py, models/vit.py). Swin-L's
+# recommended model has an 8-block decoder and a 64-wide position MLP; its 2-block-decoder variant keeps
+# Swin-T's width of 32 and so finetunes into swin_large_256_pm32.
+_DEC512 = dict(decoder_embed_dim=512, decoder_num_heads=16)
 _PICO_DECODER = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
-_register("mae_swin_pico_128", _tiny(MaskedAutoencoderSwin, **_SWIN_SIZES["pico"], img_size=128, window_size=4,
-                                     **_PICO_DECODER),
-          "Tiny UM-MAE Swin (128 px, window 4 on the 16x16 compact grid).", "swin_pico_128")
-_register("mae_pvt_pico_128", _tiny(MaskedAutoencoderPVT, **_PVT_SIZES["pico"], img_size=128, sr_ratios=(4, 2, 1, 1),
-                                    **_PICO_DECODER),
-          "Tiny UM-MAE PVT (128 px).", "pvt_pico_128")
-_register("mae_vit_pico_patch16", _tiny(MaskedAutoencoderViT, **VIT_SIZES["pico_patch16"], decoder_embed_dim=32,
-                                        decoder_depth=1, decoder_num_heads=4),
-          "Tiny MAE ViT (96 px, 6x6 units).", "vit_pico_patch16")
-_register("mae_swin_pico_p1_32", _tiny(MaskedAutoencoderSwin, **_SWIN_SIZES["pico"], img_size=32, patch_size=1, stride=4,
-                                       window_size=4, **_PICO_DECODER),
-          "Tiny UM-MAE Swin for 32-px images: patch 1, 4-px mask units (8x8), window 4 on the 16x16 compact grid.",
-          "swin_pico_p1_32")
-_register("mae_pvt_pico_p1_32", _tiny(MaskedAutoencoderPVT, **_PVT_SIZES["pico"], img_size=32, patch_size=1, stride=4,
-                                      sr_ratios=(4, 2, 1, 1), **_PICO_DECODER),
-          "Tiny UM-MAE PVT for 32-px images: patch 1, 4-px mask units (8x8).", "pvt_pico_p1_32")
-_register("mae_vit_pico_patch4_32", _tiny(MaskedAutoencoderViT, **VIT_SIZES["pico_patch4_32"], **_PICO_DECODER),
-          "Tiny MAE ViT for 32-px images (patch 4 = the 4-px mask unit, 8x8 units).", "vit_pico_patch4_32")
+
+SWIN_VARIANTS = {
+    "mae_swin_tiny_256": Variant(dict(SWIN_SIZES["tiny"], **_DEC512, decoder_depth=2),
+                                 "UM-MAE Swin-tiny, 256 px.", classifier="swin_tiny_256"),
+    "mae_swin_tiny_256_dec512d2b": Variant(dict(SWIN_SIZES["tiny"], **_DEC512, decoder_depth=2),
+                                           "UM-MAE Swin-tiny, 2-block 512-d decoder.", classifier="swin_tiny_256"),
+    "mae_swin_tiny_256_dec512d8b": Variant(dict(SWIN_SIZES["tiny"], **_DEC512, decoder_depth=8),
+                                           "UM-MAE Swin-tiny, 8-block 512-d decoder.", classifier="swin_tiny_256"),
+    "mae_swin_small_256": Variant(dict(SWIN_SIZES["small"], **_DEC512, decoder_depth=2),
+                                  "UM-MAE Swin-small, 256 px.", classifier="swin_small_256"),
+    "mae_swin_small_256_dec512d2b": Variant(dict(SWIN_SIZES["small"], **_DEC512, decoder_depth=2),
+                                            "UM-MAE Swin-small, 2-block 512-d decoder.", classifier="swin_small_256"),
+    "mae_swin_small_256_dec512d8b": Variant(dict(SWIN_SIZES["small"], **_DEC512, decoder_depth=8),
+                                            "UM-MAE Swin-small, 8-block 512-d decoder.", classifier="swin_small_256"),
+    "mae_swin_base_256": Variant(dict(SWIN_SIZES["base"], **_DEC512, decoder_depth=2),
+                                 "UM-MAE Swin-base, 256 px.", classifier="swin_base_256"),
+    "mae_swin_base_256_dec512d2b": Variant(dict(SWIN_SIZES["base"], **_DEC512, decoder_depth=2),
+                                           "UM-MAE Swin-base, 2-block 512-d decoder.", classifier="swin_base_256"),
+    "mae_swin_base_256_dec512d8b": Variant(dict(SWIN_SIZES["base"], **_DEC512, decoder_depth=8),
+                                           "UM-MAE Swin-base, 8-block 512-d decoder.", classifier="swin_base_256"),
+    "mae_swin_large_256": Variant(dict(SWIN_SIZES["large"], **_DEC512, decoder_depth=8),
+                                  "UM-MAE Swin-large, 256 px.", classifier="swin_large_256"),
+    "mae_swin_large_256_dec512d2b": Variant(dict(SWIN_SIZES["large"], **_DEC512, decoder_depth=2, posmlp_dim=32),
+                                            "UM-MAE Swin-large, 2-block 512-d decoder.",
+                                            classifier="swin_large_256_pm32"),
+    "mae_swin_large_256_dec512d8b": Variant(dict(SWIN_SIZES["large"], **_DEC512, decoder_depth=8),
+                                            "UM-MAE Swin-large, 8-block 512-d decoder.", classifier="swin_large_256"),
+    "mae_swin_large_256_dec512d8b64pmd": Variant(dict(SWIN_SIZES["large"], **_DEC512, decoder_depth=8),
+                                                 "The reference's name of Swin-L.", classifier="swin_large_256"),
+    # tests and demos
+    "mae_swin_pico_128": Variant(dict(SWIN_SIZES["pico"], **_PICO_DECODER, img_size=128, window_size=4),
+                                 "Tiny UM-MAE Swin (128 px, window 4 on the 16x16 "
+                                 "compact grid).", classifier="swin_pico_128"),
+    "mae_swin_pico_p1_32": Variant(dict(SWIN_SIZES["pico"], **_PICO_DECODER, img_size=32, patch_size=1, stride=4,
+                                        window_size=4),
+                                   "Tiny UM-MAE Swin for 32-px images: patch 1, 4-px "
+                                   "mask units (8x8), window 4 on the 16x16 compact "
+                                   "grid.", classifier="swin_pico_p1_32"),
+}
+PVT_VARIANTS = {
+    "mae_pvt_tiny_256": Variant(dict(PVT_SIZES["tiny"], **_DEC512, decoder_depth=2),
+                                "UM-MAE PVT-tiny, 256 px.", classifier="pvt_tiny_256"),
+    "mae_pvt_tiny_256_dec512d2b": Variant(dict(PVT_SIZES["tiny"], **_DEC512, decoder_depth=2),
+                                          "UM-MAE PVT-tiny, 2-block decoder.", classifier="pvt_tiny_256"),
+    "mae_pvt_tiny_256_dec512d8b": Variant(dict(PVT_SIZES["tiny"], **_DEC512, decoder_depth=8),
+                                          "UM-MAE PVT-tiny, 8-block decoder.", classifier="pvt_tiny_256"),
+    "mae_pvt_small_256": Variant(dict(PVT_SIZES["small"], **_DEC512, decoder_depth=2),
+                                 "UM-MAE PVT-small, 256 px.", classifier="pvt_small_256"),
+    "mae_pvt_small_256_dec512d2b": Variant(dict(PVT_SIZES["small"], **_DEC512, decoder_depth=2),
+                                           "UM-MAE PVT-small, 2-block decoder.", classifier="pvt_small_256"),
+    "mae_pvt_small_256_dec512d8b": Variant(dict(PVT_SIZES["small"], **_DEC512, decoder_depth=8),
+                                           "UM-MAE PVT-small, 8-block decoder.", classifier="pvt_small_256"),
+    "mae_pvt_medium_256": Variant(dict(PVT_SIZES["medium"], **_DEC512, decoder_depth=2),
+                                  "UM-MAE PVT-medium, 256 px.", classifier="pvt_medium_256"),
+    "mae_pvt_medium_256_dec512d2b": Variant(dict(PVT_SIZES["medium"], **_DEC512, decoder_depth=2),
+                                            "UM-MAE PVT-medium, 2-block decoder.", classifier="pvt_medium_256"),
+    "mae_pvt_medium_256_dec512d8b": Variant(dict(PVT_SIZES["medium"], **_DEC512, decoder_depth=8),
+                                            "UM-MAE PVT-medium, 8-block decoder.", classifier="pvt_medium_256"),
+    "mae_pvt_large_256": Variant(dict(PVT_SIZES["large"], **_DEC512, decoder_depth=2),
+                                 "UM-MAE PVT-large, 256 px.", classifier="pvt_large_256"),
+    "mae_pvt_large_256_dec512d2b": Variant(dict(PVT_SIZES["large"], **_DEC512, decoder_depth=2),
+                                           "UM-MAE PVT-large, 2-block decoder.", classifier="pvt_large_256"),
+    "mae_pvt_large_256_dec512d8b": Variant(dict(PVT_SIZES["large"], **_DEC512, decoder_depth=8),
+                                           "UM-MAE PVT-large, 8-block decoder.", classifier="pvt_large_256"),
+    # tests and demos
+    "mae_pvt_pico_128": Variant(dict(PVT_SIZES["pico"], **_PICO_DECODER, img_size=128, sr_ratios=(4, 2, 1, 1)),
+                                "Tiny UM-MAE PVT (128 px).", classifier="pvt_pico_128"),
+    "mae_pvt_pico_p1_32": Variant(dict(PVT_SIZES["pico"], **_PICO_DECODER, img_size=32, patch_size=1, stride=4,
+                                       sr_ratios=(4, 2, 1, 1)),
+                                  "Tiny UM-MAE PVT for 32-px images: patch 1, 4-px mask "
+                                  "units (8x8).", classifier="pvt_pico_p1_32"),
+}
+VIT_VARIANTS = {
+    "mae_vit_base_patch16": Variant(dict(VIT_SIZES["base_patch16"], **_DEC512, decoder_depth=8),
+                                    "MAE ViT-base_patch16 (MAE's standard 8-block "
+                                    "decoder).", classifier="vit_base_patch16"),
+    "mae_vit_base_patch16_dec512d2b": Variant(dict(VIT_SIZES["base_patch16"], **_DEC512, decoder_depth=2),
+                                              "MAE ViT-base_patch16, 2-block decoder "
+                                              "(UM-MAE).", classifier="vit_base_patch16"),
+    "mae_vit_base_patch16_dec512d8b": Variant(dict(VIT_SIZES["base_patch16"], **_DEC512, decoder_depth=8),
+                                              "MAE ViT-base_patch16, 8-block decoder.", classifier="vit_base_patch16"),
+    "mae_vit_large_patch16": Variant(dict(VIT_SIZES["large_patch16"], **_DEC512, decoder_depth=8),
+                                     "MAE ViT-large_patch16 (MAE's standard 8-block "
+                                     "decoder).", classifier="vit_large_patch16"),
+    "mae_vit_large_patch16_dec512d2b": Variant(dict(VIT_SIZES["large_patch16"], **_DEC512, decoder_depth=2),
+                                               "MAE ViT-large_patch16, 2-block decoder "
+                                               "(UM-MAE).", classifier="vit_large_patch16"),
+    "mae_vit_large_patch16_dec512d8b": Variant(dict(VIT_SIZES["large_patch16"], **_DEC512, decoder_depth=8),
+                                               "MAE ViT-large_patch16, 8-block decoder.",
+                                               classifier="vit_large_patch16"),
+    "mae_vit_huge_patch16": Variant(dict(VIT_SIZES["huge_patch16"], **_DEC512, decoder_depth=8),
+                                    "MAE ViT-huge_patch16 (MAE's standard 8-block "
+                                    "decoder).", classifier="vit_huge_patch16"),
+    "mae_vit_huge_patch16_dec512d2b": Variant(dict(VIT_SIZES["huge_patch16"], **_DEC512, decoder_depth=2),
+                                              "MAE ViT-huge_patch16, 2-block decoder "
+                                              "(UM-MAE).", classifier="vit_huge_patch16"),
+    "mae_vit_huge_patch16_dec512d8b": Variant(dict(VIT_SIZES["huge_patch16"], **_DEC512, decoder_depth=8),
+                                              "MAE ViT-huge_patch16, 8-block decoder.", classifier="vit_huge_patch16"),
+    "mae_vit_huge_patch14": Variant(dict(VIT_SIZES["huge_patch14"], **_DEC512, decoder_depth=8),
+                                    "MAE ViT-huge_patch14 (MAE's standard 8-block "
+                                    "decoder).", classifier="vit_huge_patch14"),
+    "mae_vit_huge_patch14_dec512d2b": Variant(dict(VIT_SIZES["huge_patch14"], **_DEC512, decoder_depth=2),
+                                              "MAE ViT-huge_patch14, 2-block decoder "
+                                              "(UM-MAE).", classifier="vit_huge_patch14"),
+    "mae_vit_huge_patch14_dec512d8b": Variant(dict(VIT_SIZES["huge_patch14"], **_DEC512, decoder_depth=8),
+                                              "MAE ViT-huge_patch14, 8-block decoder.", classifier="vit_huge_patch14"),
+    # tests and demos
+    "mae_vit_pico_patch16": Variant(dict(VIT_SIZES["pico_patch16"], decoder_embed_dim=32, decoder_depth=1,
+                                         decoder_num_heads=4),
+                                    "Tiny MAE ViT (96 px, 6x6 units).", classifier="vit_pico_patch16"),
+    "mae_vit_pico_patch4_32": Variant(dict(VIT_SIZES["pico_patch4_32"], **_PICO_DECODER),
+                                      "Tiny MAE ViT for 32-px images (patch 4 = the 4-px "
+                                      "mask unit, 8x8 units).", classifier="vit_pico_patch4_32"),
+}
+register(MaskedAutoencoderSwin, SWIN_VARIANTS)
+register(MaskedAutoencoderPVT, PVT_VARIANTS)
+register(MaskedAutoencoderViT, VIT_VARIANTS)

@@ -73,11 +73,11 @@ from timm.models.swin_transformer import PatchMerging
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .contract import Classifier, PretrainModel
+from .contract import Classifier, PretrainModel, PretrainOutput
 from .layers import drop_path_rates, init_modules, valid_sizes_message
 from .loss import patchify, unit_stats
 from .pos_embed import sincos_2d
-from .registry import register_named
+from .registry import Variant, register
 
 __all__ = ["MixMIMEncoder", "MixMIMPretrain", "MixMIMClassifier", "pair_masks", "unit_labels",
            "unmix_tokens", "merge_reconstructions", "mixmim_loss", "mixmim_sizes_ok"]
@@ -431,7 +431,7 @@ class MixMIMPretrain(MixMIMEncoder, PretrainModel):
         latent = self.forward_encoder(imgs, m)
         pred = self.forward_decoder(latent, m)
         loss = mixmim_loss(pred, imgs, self.stride, self.norm_pix_loss)
-        return loss, pred, m
+        return PretrainOutput(loss, pred, m)
 
 
 # ------------------------------------------------------------------ finetuning
@@ -505,9 +505,9 @@ class MixMIMClassifier(MixMIMEncoder, Classifier):
         return sum(self.depths)
 
 
-# ------------------------------------------------------------------ factories
+# ------------------------------------------------------------------ variants
 
-_SIZES = {
+MIXMIM_SIZES = {
     "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
     "large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
     "huge": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88)),
@@ -517,40 +517,44 @@ _SIZES = {
                  img_size=128),
 }
 _PICO_DECODER = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
-
-
-def _register_pretrain(size: str, doc: str) -> None:
-    def build(**kwargs) -> MixMIMPretrain:
-        return MixMIMPretrain(**{**_SIZES[size], **(_PICO_DECODER if size == "pico" else {}), **kwargs})
-    register_named(f"mixmim_{size}", build, doc, task="pretrain", namespace=globals(),
-                   classifier=f"mixmim_{size}_cls")
-
-
-def _register_classifier(name: str, size: str, doc: str, **extra) -> None:
-    def build(**kwargs) -> MixMIMClassifier:
-        return MixMIMClassifier(**{**_SIZES[size], **extra, **kwargs})
-    register_named(name, build, doc, task="classify", namespace=globals())
-
-
 _AT_384 = dict(img_size=384, window_sizes=(16, 16, 24, 12))   # resize the tables when loading a 224 checkpoint
-_register_pretrain("base", "MixMAE Swin-B/W14 (embed 128, depths 2/2/18/2), 224 px, 8-block 512-d decoder.")
-_register_pretrain("large", "MixMAE Swin-L/W14 (embed 192), 224 px, 8-block 512-d decoder.")
-_register_pretrain("huge", "MixMAE Swin-H/W14 (embed 352, heads 11/22/44/88), 224 px, 8-block 512-d decoder.")
-_register_pretrain("pico", "Tiny MixMAE for tests and demos: 128 px, windows 8/8/8/4, 1-block 64-d decoder.")
-_register_classifier("mixmim_base_cls", "base", "MixMIM-B classifier (finetunes mixmim_base), 224 px, windows 14/14/14/7.")
-_register_classifier("mixmim_base_384_cls", "base", "MixMIM-B classifier at 384 px, windows 16/16/24/12.", **_AT_384)
-_register_classifier("mixmim_large_cls", "large", "MixMIM-L classifier (finetunes mixmim_large), 224 px.")
-_register_classifier("mixmim_large_384_cls", "large", "MixMIM-L classifier at 384 px, windows 16/16/24/12.", **_AT_384)
-_register_classifier("mixmim_huge_cls", "huge", "MixMIM-H classifier (finetunes mixmim_huge), 224 px.")
-_register_classifier("mixmim_pico_cls", "pico", "Tiny classifier that finetunes mixmim_pico (128 px, windows 8/8/8/4).")
 # 32-px variant of the animal-mnist experiment (FINETUNE.md). The mask unit is the last stage's stride,
 # so three stages at patch 1 give 4-px units, 8x8 per image (four stages would give 4x4); windows 8/8/8
 # are 16 and 4 windows at stages 1-2 and one global window at stage 3, as the pico's 8/8/8/4 at 128 px.
 _PICO3_P1_32 = dict(embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), window_sizes=(8, 8, 8), img_size=32,
                     patch_size=1)
-register_named("mixmim_pico3_p1_32", lambda **kw: MixMIMPretrain(**{**_PICO3_P1_32, **_PICO_DECODER, **kw}),
-               "Tiny 3-stage MixMAE for 32-px images (patch 1, 4-px units, 8x8), 1-block 64-d decoder.",
-               task="pretrain", namespace=globals(), classifier="mixmim_pico3_p1_32_cls")
-register_named("mixmim_pico3_p1_32_cls", lambda **kw: MixMIMClassifier(**{**_PICO3_P1_32, **kw}),
-               "Tiny 3-stage MixMIM classifier for 32-px images (finetunes mixmim_pico3_p1_32).", task="classify",
-               namespace=globals())
+
+PRETRAIN_VARIANTS = {
+    "mixmim_base": Variant(dict(MIXMIM_SIZES["base"]),
+                           "MixMAE Swin-B/W14 (embed 128, depths 2/2/18/2), 224 px, "
+                           "8-block 512-d decoder.", classifier="mixmim_base_cls"),
+    "mixmim_large": Variant(dict(MIXMIM_SIZES["large"]),
+                            "MixMAE Swin-L/W14 (embed 192), 224 px, 8-block 512-d "
+                            "decoder.", classifier="mixmim_large_cls"),
+    "mixmim_huge": Variant(dict(MIXMIM_SIZES["huge"]),
+                           "MixMAE Swin-H/W14 (embed 352, heads 11/22/44/88), 224 px, "
+                           "8-block 512-d decoder.", classifier="mixmim_huge_cls"),
+    "mixmim_pico": Variant(dict(MIXMIM_SIZES["pico"], **_PICO_DECODER),
+                           "Tiny MixMAE for tests and demos: 128 px, windows 8/8/8/4, "
+                           "1-block 64-d decoder.", classifier="mixmim_pico_cls"),
+    "mixmim_pico3_p1_32": Variant(dict(_PICO3_P1_32, **_PICO_DECODER),
+                                  "Tiny 3-stage MixMAE for 32-px images (patch "
+                                  "1, 4-px units, 8x8), 1-block 64-d decoder.", classifier="mixmim_pico3_p1_32_cls"),
+}
+CLASSIFIER_VARIANTS = {
+    "mixmim_base_cls": Variant(dict(MIXMIM_SIZES["base"]),
+                               "MixMIM-B classifier (finetunes mixmim_base), 224 px, windows 14/14/14/7."),
+    "mixmim_base_384_cls": Variant(dict(MIXMIM_SIZES["base"], **_AT_384),
+                                   "MixMIM-B classifier at 384 px, windows 16/16/24/12."),
+    "mixmim_large_cls": Variant(dict(MIXMIM_SIZES["large"]), "MixMIM-L classifier (finetunes mixmim_large), 224 px."),
+    "mixmim_large_384_cls": Variant(dict(MIXMIM_SIZES["large"], **_AT_384),
+                                    "MixMIM-L classifier at 384 px, windows 16/16/24/12."),
+    "mixmim_huge_cls": Variant(dict(MIXMIM_SIZES["huge"]), "MixMIM-H classifier (finetunes mixmim_huge), 224 px."),
+    "mixmim_pico_cls": Variant(dict(MIXMIM_SIZES["pico"]),
+                               "Tiny classifier that finetunes mixmim_pico (128 px, windows 8/8/8/4)."),
+    "mixmim_pico3_p1_32_cls": Variant(dict(_PICO3_P1_32),
+                                      "Tiny 3-stage MixMIM classifier for 32-px images (finetunes "
+                                      "mixmim_pico3_p1_32)."),
+}
+register(MixMIMPretrain, PRETRAIN_VARIANTS)
+register(MixMIMClassifier, CLASSIFIER_VARIANTS)

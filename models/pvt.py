@@ -23,7 +23,7 @@ from .contract import Classifier
 from .layers import (BlockNorm, OuterNorm, PatchEmbed, PatchMerge, StagePyramid, drop_path_rates,
                      init_reference_weights, pad_to_multiple, valid_sizes_message)
 from .pos_embed import sincos_2d
-from .registry import register_named
+from .registry import Variant, register
 
 __all__ = ["PVTEncoder", "PVT", "pvt_grid_ok"]
 
@@ -190,24 +190,28 @@ class PVT(StagePyramid, PVTEncoder, Classifier):
         return self.forward_head(self.forward_features(imgs))
 
 
-_PVT_SIZES = {
+PVT_SIZES = {
     "tiny": dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 2, 2), num_heads=(1, 2, 5, 8)),
     "small": dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), num_heads=(1, 2, 5, 8)),
     "medium": dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 18, 3), num_heads=(1, 2, 5, 8)),
     "large": dict(embed_dims=(64, 128, 320, 512), depths=(3, 8, 27, 3), num_heads=(1, 2, 5, 8)),
     "pico": dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4)),
 }
+_CLASSIFIER = dict(mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1))  # the reference's PVT classifiers
 
-
-def _register(name: str, size: str, img_size: int, doc: str, **extra) -> None:
-    def build(**kwargs) -> PVT:
-        return PVT(**{**_PVT_SIZES[size], "img_size": img_size, "mlp_ratios": (8, 8, 4, 4), "sr_ratios": (8, 4, 2, 1),
-                      **extra, **kwargs})
-    register_named(name, build, doc, task="classify", namespace=globals())
-
-
-for _size in ("tiny", "small", "medium", "large"):
-    _register(f"pvt_{_size}_256", _size, 256, f"PVT-{_size} classifier, 256 px, sr 8,4,2,1.")
-_register("pvt_pico_128", "pico", 128, "Tiny test/demo classifier: finetunes mae_pvt_pico_128.")
-_register("pvt_pico_p1_32", "pico", 32, "Tiny classifier for 32-px images (patch 1, sr 8,4,2,1 on the 32x32 token "
-          "grid); finetunes mae_pvt_pico_p1_32 / simmim_pvt_pico_p1_32.", patch_size=1)
+VARIANTS = {
+    "pvt_tiny_256": Variant(dict(PVT_SIZES["tiny"], **_CLASSIFIER, img_size=256),
+                            "PVT-tiny classifier, 256 px, sr 8,4,2,1."),
+    "pvt_small_256": Variant(dict(PVT_SIZES["small"], **_CLASSIFIER, img_size=256),
+                             "PVT-small classifier, 256 px, sr 8,4,2,1."),
+    "pvt_medium_256": Variant(dict(PVT_SIZES["medium"], **_CLASSIFIER, img_size=256),
+                              "PVT-medium classifier, 256 px, sr 8,4,2,1."),
+    "pvt_large_256": Variant(dict(PVT_SIZES["large"], **_CLASSIFIER, img_size=256),
+                             "PVT-large classifier, 256 px, sr 8,4,2,1."),
+    "pvt_pico_128": Variant(dict(PVT_SIZES["pico"], **_CLASSIFIER, img_size=128),
+                            "Tiny test/demo classifier: finetunes mae_pvt_pico_128."),
+    "pvt_pico_p1_32": Variant(dict(PVT_SIZES["pico"], **_CLASSIFIER, img_size=32, patch_size=1),
+                              "Tiny classifier for 32-px images (patch 1, sr 8,4,2,1 on the 32x32 token grid); "
+                              "finetunes mae_pvt_pico_p1_32 / simmim_pvt_pico_p1_32."),
+}
+register(PVT, VARIANTS)

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import PretrainModel
+from .contract import PretrainModel, PretrainOutput
 from .layers import check_images_and_mask, OuterNorm, init_reference_weights, valid_sizes_message
 from .loss import patchify, simmim_loss, unit_stats, unpatchify
-from .pvt import _PVT_SIZES, PVTEncoder, pvt_grid_ok
-from .registry import register_named
-from .swin import _SWIN_SIZES, Positions, SwinEncoder, swin_grid_ok
+from .pvt import PVT_SIZES, PVTEncoder, pvt_grid_ok
+from .registry import Variant, register
+from .swin import SWIN_SIZES, Positions, SwinEncoder, swin_grid_ok
 
 __all__ = ["SimMIMSwin", "SimMIMPVT", "unit_mask_to_tokens"]
 
@@ -123,7 +123,7 @@ class _SimMIM(PretrainModel):
         latent = self.forward_encoder(imgs, mask)
         pred = self.forward_head(latent)
         loss = self.forward_loss(imgs, pred, mask.bool())
-        return loss, pred, mask
+        return PretrainOutput(loss, pred, mask)
 
 
 def _check_common(img_size: int, patch_size: int, stride: int, num_stages: int, vis_mask_ratio: float,
@@ -185,39 +185,38 @@ class SimMIMPVT(_SimMIM, PVTEncoder):
 # ---------------------------------------------------------------- factories
 # The encoder configurations come from the classifiers' own tables, so the keys and
 # shapes of a SimMIM encoder are those of the model it finetunes into.
+_PVT = dict(mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1))
 
-
-def _register(name: str, build, doc: str, classifier: str) -> None:
-    register_named(name, build, doc, task="pretrain", namespace=globals(), classifier=classifier)
-
-
-def _swin_builder(size: str, img_size: int, window_size: int, **extra):
-    def build(**kwargs):
-        cfg = dict(_SWIN_SIZES[size], img_size=img_size, window_size=window_size, **extra)
-        cfg.update(kwargs)
-        return SimMIMSwin(**cfg)
-    return build
-
-
-def _pvt_builder(size: str, img_size: int, **extra):
-    def build(**kwargs):
-        cfg = dict(_PVT_SIZES[size], img_size=img_size, mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), **extra)
-        cfg.update(kwargs)
-        return SimMIMPVT(**cfg)
-    return build
-
-
-for _size in ("tiny", "small", "base", "large"):
-    _register(f"simmim_swin_{_size}_256", _swin_builder(_size, 256, 16),
-              f"SimMIM Swin-{_size}, 256 px, window 16.", f"swin_{_size}_256")
-for _size in ("tiny", "small", "medium", "large"):
-    _register(f"simmim_pvt_{_size}_256", _pvt_builder(_size, 256),
-              f"SimMIM PVT-{_size}, 256 px, sr 8,4,2,1.", f"pvt_{_size}_256")
-_register("simmim_swin_pico_128", _swin_builder("pico", 128, 8),
-          "Tiny SimMIM Swin for tests and demos (128 px, window 8).", "swin_pico_128")
-_register("simmim_pvt_pico_128", _pvt_builder("pico", 128),
-          "Tiny SimMIM PVT for tests and demos (128 px).", "pvt_pico_128")
-_register("simmim_swin_pico_p1_32", _swin_builder("pico", 32, 8, patch_size=1, stride=4),
-          "Tiny SimMIM Swin for 32-px images: patch 1, 4-px mask units.", "swin_pico_p1_32")
-_register("simmim_pvt_pico_p1_32", _pvt_builder("pico", 32, patch_size=1, stride=4),
-          "Tiny SimMIM PVT for 32-px images: patch 1, 4-px mask units.", "pvt_pico_p1_32")
+SWIN_VARIANTS = {
+    "simmim_swin_tiny_256": Variant(dict(SWIN_SIZES["tiny"], img_size=256, window_size=16),
+                                    "SimMIM Swin-tiny, 256 px, window 16.", classifier="swin_tiny_256"),
+    "simmim_swin_small_256": Variant(dict(SWIN_SIZES["small"], img_size=256, window_size=16),
+                                     "SimMIM Swin-small, 256 px, window 16.", classifier="swin_small_256"),
+    "simmim_swin_base_256": Variant(dict(SWIN_SIZES["base"], img_size=256, window_size=16),
+                                    "SimMIM Swin-base, 256 px, window 16.", classifier="swin_base_256"),
+    "simmim_swin_large_256": Variant(dict(SWIN_SIZES["large"], img_size=256, window_size=16),
+                                     "SimMIM Swin-large, 256 px, window 16.", classifier="swin_large_256"),
+    "simmim_swin_pico_128": Variant(dict(SWIN_SIZES["pico"], img_size=128, window_size=8),
+                                    "Tiny SimMIM Swin for tests and demos (128 px, window "
+                                    "8).", classifier="swin_pico_128"),
+    "simmim_swin_pico_p1_32": Variant(dict(SWIN_SIZES["pico"], img_size=32, window_size=8, patch_size=1, stride=4),
+                                      "Tiny SimMIM Swin for 32-px images: patch 1, 4-px "
+                                      "mask units.", classifier="swin_pico_p1_32"),
+}
+PVT_VARIANTS = {
+    "simmim_pvt_tiny_256": Variant(dict(PVT_SIZES["tiny"], **_PVT, img_size=256),
+                                   "SimMIM PVT-tiny, 256 px, sr 8,4,2,1.", classifier="pvt_tiny_256"),
+    "simmim_pvt_small_256": Variant(dict(PVT_SIZES["small"], **_PVT, img_size=256),
+                                    "SimMIM PVT-small, 256 px, sr 8,4,2,1.", classifier="pvt_small_256"),
+    "simmim_pvt_medium_256": Variant(dict(PVT_SIZES["medium"], **_PVT, img_size=256),
+                                     "SimMIM PVT-medium, 256 px, sr 8,4,2,1.", classifier="pvt_medium_256"),
+    "simmim_pvt_large_256": Variant(dict(PVT_SIZES["large"], **_PVT, img_size=256),
+                                    "SimMIM PVT-large, 256 px, sr 8,4,2,1.", classifier="pvt_large_256"),
+    "simmim_pvt_pico_128": Variant(dict(PVT_SIZES["pico"], **_PVT, img_size=128),
+                                   "Tiny SimMIM PVT for tests and demos (128 px).", classifier="pvt_pico_128"),
+    "simmim_pvt_pico_p1_32": Variant(dict(PVT_SIZES["pico"], **_PVT, img_size=32, patch_size=1, stride=4),
+                                     "Tiny SimMIM PVT for 32-px images: patch 1, 4-px "
+                                     "mask units.", classifier="pvt_pico_p1_32"),
+}
+register(SimMIMSwin, SWIN_VARIANTS)
+register(SimMIMPVT, PVT_VARIANTS)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .contract import Classifier
 from .layers import (BlockNorm, OuterNorm, PatchEmbed, PatchMerge, StagePyramid, drop_path_rates,
                      init_reference_weights, pad_to_multiple, valid_sizes_message)
-from .registry import register_named
+from .registry import Variant, register
 
 __all__ = ["SwinEncoder", "Swin", "window_geometry", "swin_grid_ok"]
 
@@ -334,7 +334,7 @@ class Swin(StagePyramid, SwinEncoder, Classifier):
         return self.forward_head(self.forward_features(imgs))
 
 
-_SWIN_SIZES = {
+SWIN_SIZES = {
     "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), posmlp_dim=32),
     "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), posmlp_dim=32),
     "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), posmlp_dim=32),
@@ -343,18 +343,23 @@ _SWIN_SIZES = {
     "pico": dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), posmlp_dim=16),
 }
 
-
-def _register(name: str, size: str, img_size: int, window_size: int, doc: str, **extra) -> None:
-    def build(**kwargs) -> Swin:
-        return Swin(**{**_SWIN_SIZES[size], "img_size": img_size, "window_size": window_size, **extra, **kwargs})
-    register_named(name, build, doc, task="classify", namespace=globals())
-
-
-for _size in ("tiny", "small", "base", "large"):
-    _register(f"swin_{_size}_256", _size, 256, 16, f"Swin-{_size} classifier, 256 px, window 16.")
-_register("swin_large_256_pm32", "large", 256, 16, "Swin-L with a 32-wide position MLP: the classifier of "
-          "mae_swin_large_256_dec512d2b (the reference's 2-block-decoder Swin-L keeps Swin-T's width).", posmlp_dim=32)
-_register("swin_pico_128", "pico", 128, 8,
-          "Tiny test/demo classifier: finetunes mae_swin_pico_128 (window 8 at 128 px = window 4 pretraining).")
-_register("swin_pico_p1_32", "pico", 32, 8, "Tiny classifier for 32-px images: patch 1, window 8 on the 32x32 "
-          "token grid; finetunes mae_swin_pico_p1_32 / simmim_swin_pico_p1_32.", patch_size=1)
+VARIANTS = {
+    "swin_tiny_256": Variant(dict(SWIN_SIZES["tiny"], img_size=256, window_size=16),
+                             "Swin-tiny classifier, 256 px, window 16."),
+    "swin_small_256": Variant(dict(SWIN_SIZES["small"], img_size=256, window_size=16),
+                              "Swin-small classifier, 256 px, window 16."),
+    "swin_base_256": Variant(dict(SWIN_SIZES["base"], img_size=256, window_size=16),
+                             "Swin-base classifier, 256 px, window 16."),
+    "swin_large_256": Variant(dict(SWIN_SIZES["large"], img_size=256, window_size=16),
+                              "Swin-large classifier, 256 px, window 16."),
+    "swin_large_256_pm32": Variant(dict(SWIN_SIZES["large"], img_size=256, window_size=16, posmlp_dim=32),
+                                   "Swin-L with a 32-wide position MLP: the classifier of mae_swin_large_256_dec512d2b "
+                                   "(the reference's 2-block-decoder Swin-L keeps Swin-T's width)."),
+    "swin_pico_128": Variant(dict(SWIN_SIZES["pico"], img_size=128, window_size=8),
+                             "Tiny test/demo classifier: finetunes mae_swin_pico_128 (window 8 at 128 px = window 4 "
+                             "pretraining)."),
+    "swin_pico_p1_32": Variant(dict(SWIN_SIZES["pico"], img_size=32, window_size=8, patch_size=1),
+                               "Tiny classifier for 32-px images: patch 1, window 8 on the 32x32 token grid; finetunes "
+                               "mae_swin_pico_p1_32 / simmim_swin_pico_p1_32."),
+}
+register(Swin, VARIANTS)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from timm.models.swin_transformer import SwinTransformer
 
 from .contract import Classifier
-from .registry import register_named
-from .swin import _SWIN_SIZES
+from .registry import Variant, register
+from .swin import SWIN_SIZES
 
-TIMM_SWIN_SIZES = {size: {k: v for k, v in _SWIN_SIZES[size].items() if k != "posmlp_dim"}
+TIMM_SWIN_SIZES = {size: {k: v for k, v in SWIN_SIZES[size].items() if k != "posmlp_dim"}
                    for size in ("pico", "tiny", "base", "large")}
 
 
@@ -33,6 +33,7 @@ class SwinClassifier(SwinTransformer, Classifier):
     """
 
     family = "swin-timm"
+    head_path = "head.fc"
 
     def native_size(self) -> int:
         return int(self.patch_embed.img_size[0])
@@ -54,20 +55,21 @@ class SwinClassifier(SwinTransformer, Classifier):
         return self.lrd_num_layers()
 
 
-def _register(name: str, size: str, window: int, img_size: int, doc: str) -> None:
-    def build(**kwargs) -> SwinClassifier:
-        return SwinClassifier(**{**TIMM_SWIN_SIZES[size], "window_size": window, "img_size": img_size,
-                                 "patch_size": 4, **kwargs})
-    register_named(name, build, doc, task="classify", namespace=globals())
-
-
-_register("swin_tiny_patch4_window7_224", "tiny", 7, 224, "timm Swin-T, window 7 (GreenMIM fine-tuning).")
-_register("swin_base_patch4_window7_224", "base", 7, 224, "timm Swin-B, window 7 (GreenMIM fine-tuning).")
-_register("swin_base_patch4_window14_224", "base", 14, 224, "timm Swin-B, window 14 (GreenMIM fine-tuning).")
-_register("swin_large_patch4_window14_224", "large", 14, 224, "timm Swin-L, window 14 (GreenMIM fine-tuning).")
-_register("swin_pico_patch4_window6_96", "pico", 6, 96, "Tiny timm Swin (tests; loads the pico GreenMIM encoder).")
-# 32-px classifier of the animal-mnist experiment (FINETUNE.md): patch 1, three stages, window 8.
-_PICO3_P1_32 = dict(embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=8, img_size=32, patch_size=1)
-register_named("swin_pico3_patch1_window8_32", lambda **kw: SwinClassifier(**{**_PICO3_P1_32, **kw}),
-               "Tiny 3-stage timm Swin for 32-px images (loads greenmim_swin_pico3_p1_win8_32).", task="classify",
-               namespace=globals())
+VARIANTS = {
+    "swin_tiny_patch4_window7_224": Variant(dict(TIMM_SWIN_SIZES["tiny"], window_size=7, img_size=224, patch_size=4),
+                                            "timm Swin-T, window 7 (GreenMIM fine-tuning)."),
+    "swin_base_patch4_window7_224": Variant(dict(TIMM_SWIN_SIZES["base"], window_size=7, img_size=224, patch_size=4),
+                                            "timm Swin-B, window 7 (GreenMIM fine-tuning)."),
+    "swin_base_patch4_window14_224": Variant(dict(TIMM_SWIN_SIZES["base"], window_size=14, img_size=224,
+                                                  patch_size=4), "timm Swin-B, window 14 (GreenMIM fine-tuning)."),
+    "swin_large_patch4_window14_224": Variant(dict(TIMM_SWIN_SIZES["large"], window_size=14, img_size=224,
+                                                   patch_size=4), "timm Swin-L, window 14 (GreenMIM fine-tuning)."),
+    "swin_pico_patch4_window6_96": Variant(dict(TIMM_SWIN_SIZES["pico"], window_size=6, img_size=96, patch_size=4),
+                                           "Tiny timm Swin (tests; loads the pico GreenMIM encoder)."),
+    # 32-px classifier of the animal-mnist experiment (FINETUNE.md): patch 1, three stages, window 8.
+    "swin_pico3_patch1_window8_32": Variant(dict(embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=8,
+                                                 img_size=32, patch_size=1),
+                                            "Tiny 3-stage timm Swin for 32-px images (loads "
+                                            "greenmim_swin_pico3_p1_win8_32)."),
+}
+register(SwinClassifier, VARIANTS)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .contract import Classifier
 from .layers import pad_to_multiple
-from .registry import register_named
+from .registry import Variant, register
 
 __all__ = ["VisionTransformer"]
 
@@ -87,12 +87,20 @@ VIT_SIZES = {
 }
 
 
-def _vit_builder(size: str):
-    def build(**kwargs) -> VisionTransformer:
-        return VisionTransformer(**{**VIT_SIZES[size], "mlp_ratio": 4.0, "qkv_bias": True, **kwargs})
-    return build
+_CLASSIFIER = dict(mlp_ratio=4.0, qkv_bias=True)
 
-
-for _size, _cfg in VIT_SIZES.items():
-    register_named(f"vit_{_size}", _vit_builder(_size), f"ViT {_size} at {_cfg['img_size']} px (MAE finetuning).",
-                   task="classify", namespace=globals())
+VARIANTS = {
+    "vit_base_patch16": Variant(dict(VIT_SIZES["base_patch16"], **_CLASSIFIER),
+                                "ViT base_patch16 at 224 px (MAE finetuning)."),
+    "vit_large_patch16": Variant(dict(VIT_SIZES["large_patch16"], **_CLASSIFIER),
+                                 "ViT large_patch16 at 224 px (MAE finetuning)."),
+    "vit_huge_patch16": Variant(dict(VIT_SIZES["huge_patch16"], **_CLASSIFIER),
+                                "ViT huge_patch16 at 224 px (MAE finetuning)."),
+    "vit_huge_patch14": Variant(dict(VIT_SIZES["huge_patch14"], **_CLASSIFIER),
+                                "ViT huge_patch14 at 224 px (MAE finetuning)."),
+    "vit_pico_patch16": Variant(dict(VIT_SIZES["pico_patch16"], **_CLASSIFIER),
+                                "ViT pico_patch16 at 96 px (MAE finetuning)."),
+    "vit_pico_patch4_32": Variant(dict(VIT_SIZES["pico_patch4_32"], **_CLASSIFIER),
+                                  "ViT pico_patch4_32 at 32 px (MAE finetuning)."),
+}
+register(VisionTransformer, VARIANTS)

@@ -99,7 +99,7 @@ def seg_cross_entropy(logits: Tensor, labels: Tensor, avg_non_ignore: bool = Fal
 class SegmentationModel(nn.Module):
     """Backbone + Conv1x1 adapters + UperNet (+ FCN auxiliary head).
 
-    ``backbone`` is a ``detection.backbone.DenseBackbone``: ``backbone(imgs)`` returns four maps, finest
+    ``backbone`` is a ``models.dense.DenseBackbone``: ``backbone(imgs)`` returns four maps, finest
     first, computed on the input padded right / bottom; ``out_channels`` and ``strides`` describe
     them. Each map is cut back to the image (ceil(H / stride) x ceil(W / stride)), so the heads
     see the image's own extent and the logits align with it. ``forward(imgs)`` -> logits (N, K, H, W) at the input

@@ -89,7 +89,7 @@ def test_contract_alone_drives_a_training_step(name):
                       rounding=c.mask_rounding)
     sm = secondary_mask(mask, vmr, generator=gen) if vmr > 0 else None
     imgs = torch.randn(n * c.images_per_sample, 3, c.input_size, c.input_size)
-    loss, pred, used = model(imgs, mask, sm) if sm is not None else model(imgs, mask)
+    loss, pred, used = model(imgs, mask, sm)
     assert torch.isfinite(loss) and pred.shape[:2] == (n, c.token_size ** 2) and used.shape == mask.shape
     loss.backward()
     assert any(p.grad is not None for p in model.parameters())

@@ -1,11 +1,10 @@
 """Data-wait time: measured around the loader, in the progress line, the epoch statistics and TensorBoard."""
-import argparse
 import time
 
 import torch
 
 from engine.data_wait import DataWait, warning
-from engine.step import train_one_epoch
+from engine.step import StepLoop, StepOutput, StepSettings
 
 
 class SlowLoader:
@@ -31,11 +30,9 @@ class Writer:
 def test_waiting_loader_is_measured_shown_and_warned_about(capsys):
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    args = argparse.Namespace(accum_iter=1, amp="none", print_freq=1, clip_grad=None, seed=0, lr=0.0, min_lr=0.0,
-                              warmup_epochs=0, epochs=1, num_workers=0)
     writer = Writer()
-    stats = train_one_epoch(model, SlowLoader(), opt, None, torch.device("cpu"), 0, args,
-                            lambda b: (model(b).sum(), 1, {}), log_writer=writer)
+    loop = StepLoop(model, opt, None, torch.device("cpu"), StepSettings(print_every=1, num_workers=0), log_writer=writer)
+    stats = loop.run(SlowLoader(), 0, 0, 3, lambda b: StepOutput(model(b).sum(), 1), lambda step: 0.0, periods=1)
     out = capsys.readouterr().out
     assert stats["data_wait_s"] >= 0.6 and 0.0 < stats["data_wait_share"] <= 1.0  # sleeps are lower bounds
     assert out.count(" data ") >= 3 and "%" in out.split(" data ")[1].split()[0]

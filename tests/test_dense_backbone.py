@@ -3,7 +3,9 @@ import pytest
 import torch
 
 import models
-from detection.backbone import DenseBackbone, build_backbone, dense_param_groups
+from models.dense import DenseBackbone
+from util.pretrained import build_backbone
+from engine.optim import dense_param_groups
 from errors import CheckpointError
 
 PICO = ["swin_pico_128", "pvt_pico_128", "vit_pico_patch16"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import main_detection
-from detection.backbone import build_backbone
+from util.pretrained import build_backbone
 from detection.coco import STAT_NAMES, CocoDetection, coco_evaluate, collate, load_coco
 from detection.detector import build_detector
 from detection.gfl import atss_assign, distribution_focal_loss, quality_focal_loss

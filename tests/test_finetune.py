@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import main_finetune
+from engine_finetune import LinearProbeHead
 import main_pretrain
 import models
 from programs import ROOT, launch
@@ -212,7 +213,7 @@ def test_linear_probe_of_a_normalising_timm_head_trains_only_the_probe(labelled)
     args = main_finetune.parse_args(["--model", "hiera_pico_p1_32", "--nb_classes", "3", "--linprobe",
                                      "--device", "cpu", "--data_path", str(labelled), "--output_dir", "/tmp/unused"])
     model = main_finetune.build_model(args, torch.device("cpu"))
-    assert isinstance(model.head.fc, main_finetune.LinearProbeHead)
+    assert isinstance(model.head.fc, LinearProbeHead)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable == ["head.fc.1.bias", "head.fc.1.weight"]
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)

@@ -274,7 +274,7 @@ def test_pretrained_encoder_loads_into_timm_swin_with_only_the_head_missing():
                            ("greenmim_swin_large_patch4_win14_dec512b1", 14, "large")]:
         with torch.device("meta"):
             ours = models.create_model(name).state_dict()
-            timm_sd = SwinTransformer(window_size=ws, **models.greenmim._SIZES[size]).state_dict()
+            timm_sd = SwinTransformer(window_size=ws, **models.swin_timm.TIMM_SWIN_SIZES[size]).state_dict()
         encoder = {k: v.shape for k, v in ours.items() if not k.startswith(("decoder_", "mask_token"))}
         assert encoder == {k: v.shape for k, v in timm_sd.items() if not k.startswith("head.")}
 

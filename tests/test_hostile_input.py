@@ -346,17 +346,16 @@ SUM_PROBE = textwrap.dedent("""
     import os, sys, argparse
     sys.path.insert(0, {root!r})
     import torch, torch.distributed as dist
-    from engine.step import train_one_epoch
+    from engine.step import StepLoop, StepOutput, StepSettings
     rank = int(sys.argv[1])
     dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=rank, world_size=2)
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    args = argparse.Namespace(accum_iter=1, amp="none", print_freq=100, clip_grad=None, seed=0, lr=0.0,
-                              min_lr=0.0, warmup_epochs=0, epochs=1)
     loader = [torch.ones(1, 2)] * 3
     def compute(batch):  # rank 1 skips 2 images per step, rank 0 none
-        return model(batch).sum(), 1, {{"skipped_images": 2 * rank}}
-    stats = train_one_epoch(model, loader, opt, None, torch.device("cpu"), 0, args, compute)
+        return StepOutput(model(batch).sum(), 1, {{"skipped_images": 2 * rank}})
+    loop = StepLoop(model, opt, None, torch.device("cpu"), StepSettings(print_every=100))
+    stats = loop.run(loader, 0, 0, len(loader), compute, lambda step: 0.0, periods=1)
     print(rank, stats["skipped_images"], flush=True)
     dist.barrier()  # neither rank tears gloo down while the other still talks to it (abort at exit otherwise)
     dist.destroy_process_group()

@@ -48,8 +48,10 @@ def test_pretraining_model_forward_backward(name):
     size, stride = model.token_size * model.stride, model.stride
     imgs = torch.randn(2, 3, size, size)
     regular = model.token_size % 2 == 0
-    mask = draw_masks(2, model.token_size, 0.75, regular, generator=torch.Generator().manual_seed(0))
-    loss, pred, out_mask = model(imgs, mask)
+    gen = torch.Generator().manual_seed(0)
+    mask = draw_masks(2, model.token_size, 0.75, regular, generator=gen)
+    sm = secondary_mask(mask, 0.25, generator=gen)   # masks come only from the caller
+    loss, pred, out_mask = model(imgs, mask, sm)
     assert pred.shape == (2, model.token_size ** 2, stride * stride * 3)
     assert torch.isfinite(loss) and out_mask is mask
     loss.backward()

@@ -140,16 +140,12 @@ def test_reference_command_lines_parse_to_the_intended_settings(tmp_path):
     (["--input_size", "224"], "nearest valid sizes: 128, 256"),
     (["--input_size", "256", "--token_size", "14"], "use --token_size 16"),
     (["--mask_ratio", "0.6"], "--mask_ratio must be 0.75"),
-    (["--no_mask_regular_marker"], "needs uniform masks: add --mask_regular"),
     (["--data_path", "/nonexistent/folder"], "does not exist"),
     (["--empty_data"], "contains no images"),
     (["--output_dir", "/proc/version/sub"], "is not writable"),
 ])
 def test_bad_input_fails_before_any_compute(tmp_path, extra, message, capsys):
     argv = ["--model", "mae_swin_tiny_256", "--mask_regular", "--output_dir", str(tmp_path / "o"), "--log_dir", ""]
-    if extra == ["--no_mask_regular_marker"]:
-        argv.remove("--mask_regular")
-        extra = []
     if extra == ["--empty_data"]:
         (tmp_path / "empty").mkdir()
         extra = ["--data_path", str(tmp_path / "empty")]
@@ -160,6 +156,18 @@ def test_bad_input_fails_before_any_compute(tmp_path, extra, message, capsys):
         proc = subprocess.run([PY, str(ROOT / "main_pretrain.py"), *argv, *extra], capture_output=True, text=True,
                               cwd=ROOT, timeout=120)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "valid pretraining models" in proc.stderr
+
+
+def test_a_model_that_takes_only_uniform_masks_implies_mask_regular(tmp_path):
+    """The contract knows that UM-MAE's pyramid models take only uniform masks: --mask_regular is
+    implied (the reference's command lines, which give it, parse to the same config)."""
+    common = ["--model", "mae_swin_tiny_256", "--output_dir", str(tmp_path / "o"), "--log_dir", ""]
+    implied, given = main_pretrain.parse_args(common), main_pretrain.parse_args(common + ["--mask_regular"])
+    assert implied.mask_regular and implied.mask_ratio == 0.75
+    assert {k: v for k, v in vars(implied).items() if k != "launch_command"} == \
+        {k: v for k, v in vars(given).items() if k != "launch_command"}
+    with pytest.raises(UsageError, match="--mask_regular keeps one unit per 2x2 group"):
+        main_pretrain.parse_args(common + ["--mask_ratio", "0.6"])
 
 
 def test_unreadable_image_is_skipped_with_a_warning_and_counted(tmp_path):

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import main_segmentation
-from detection.backbone import build_backbone, dense_param_groups
+from util.pretrained import build_backbone
+from engine.optim import dense_param_groups
 from segmentation.data import IterationSampler, SegmentationDataset, TrainTransform, find_pairs, load_pair
 from segmentation.heads import SegmentationModel
 from segmentation.inference import predict, slide_logits, whole_logits, window_starts

@@ -30,7 +30,7 @@ def one(detector: str, model: str, size: int, batch: int, steps: int, threads: i
 
     import torch
     sys.path.insert(0, str(ROOT))
-    from detection.backbone import build_backbone
+    from util.pretrained import build_backbone
     from detection.detector import build_detector
     from engine.cpu_perf import setup_cpu_training
     torch.set_num_threads(threads)

@@ -52,10 +52,11 @@ def saved_activation_bytes(model, imgs, labels) -> int:
 
 
 def child(args) -> dict:
-    from detection.backbone import build_backbone
+    from util.pretrained import build_backbone
     from segmentation.heads import SegmentationModel
     from engine.cpu_perf import setup_cpu_training
-    from engine.step import autocast, fused_optimizer_ok
+    from engine.optim import fused_optimizer_ok
+    from engine.step import autocast
     device = torch.device(args.device)
     torch.manual_seed(0)
     backbone = build_backbone(args.model, drop_path=0.1, img_size=args.input_size)

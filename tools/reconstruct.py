@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 from engine.checkpoint import safe_load, unwrap_state_dict  # noqa: E402
 from errors import UsageError  # noqa: E402
-from config.cli import run_main
+from config.cli import run_main  # noqa: E402
+from config.pretrain import model_kwargs  # noqa: E402
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -66,7 +67,6 @@ def find_images(paths: list[str], limit: int) -> list[Path]:
 
 def build(args) -> tuple[torch.nn.Module, argparse.Namespace]:
     """The model the checkpoint holds, its flags merged with the command line's."""
-    import main_pretrain
     ckpt = safe_load(args.checkpoint)
     saved = vars(ckpt.get("args", argparse.Namespace())) if isinstance(ckpt, dict) else {}
     name = args.model or (ckpt.get("model_name") if isinstance(ckpt, dict) else None) or saved.get("model")
@@ -81,7 +81,7 @@ def build(args) -> tuple[torch.nn.Module, argparse.Namespace]:
                          ("norm_pix_loss", False), ("reference_decoder_order", False)):
         value = getattr(args, key)
         setattr(flags, key, value if value is not None else saved.get(key, default))
-    kwargs = main_pretrain.model_kwargs(flags, models.describe(name))
+    kwargs = model_kwargs(flags, models.describe_class(name).build_options)
     model = models.create_model(name, **kwargs)
     state = unwrap_state_dict(ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -96,17 +96,12 @@ def build(args) -> tuple[torch.nn.Module, argparse.Namespace]:
 
 def main(args) -> int:
     from PIL import Image
-    from torchvision import transforms
-    from torchvision.transforms import InterpolationMode
 
     from models.masking import draw_masks, secondary_mask
-    from imagedata.images import IMAGENET_MEAN, IMAGENET_STD
-    from util.visualize import caption_for, reconstruct, save_figure
+    from util.visualize import figure_transform, write_reconstruction
     files = find_images(args.images, args.max_images)
     model, flags = build(args)
-    tf = transforms.Compose([transforms.Resize(flags.input_size, interpolation=InterpolationMode.BICUBIC),
-                             transforms.CenterCrop(flags.input_size), transforms.ToTensor(),
-                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    tf = figure_transform(flags.input_size)
     imgs = []
     for f in files:
         try:
@@ -123,9 +118,8 @@ def main(args) -> int:
     mask = draw_masks(len(imgs), contract.token_size, 0.75 if regular else flags.mask_ratio, regular, generator=gen,
                       rounding=contract.mask_rounding)
     sm = secondary_mask(mask, flags.vis_mask_ratio, generator=gen) if flags.vis_mask_ratio > 0 else None
-    panels = reconstruct(model, imgs, mask, sm, denorm=args.denorm)
-    caption = f"{flags.model} from {Path(args.checkpoint).name}; {caption_for(model, args.denorm)}"
-    path = save_figure(panels, args.output, caption, contract.stride)
+    path = write_reconstruction(model, imgs, mask, sm, args.output, f"{flags.model} from {Path(args.checkpoint).name}",
+                                args.denorm)
     print(f"wrote {path} ({len(imgs)} images, {flags.model}, {flags.input_size} px, denorm {args.denorm})")
     return 0
 

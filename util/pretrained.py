@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+import models
+from models.dense import DenseBackbone, has_pyramid
 from models.pos_embed import resize_pos_embed
 from errors import CheckpointError
 from engine.checkpoint import safe_load, unwrap_state_dict
@@ -57,7 +60,6 @@ class LoadReport:
 
 def guess_architecture(sd: dict) -> str:
     """The registered classifier whose encoder keys and shapes best match a state dict."""
-    import models
     best, best_score = "unknown", 0.0
     enc = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES + HEAD_PREFIXES)}
     for name in models.list_models(task="classify"):
@@ -128,7 +130,7 @@ def load_state(model: nn.Module, sd: dict, path: str, head_init_std: float = 2e-
     report.missing = list(result.missing_keys)
     report.unexpected = list(result.unexpected_keys)
     report.loaded = len(sd) - len(report.unexpected)
-    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
+    head = model.get_submodule(model.contract.head)
     head_keys = [k for k, p in model.named_parameters() if head is not None and p is getattr(head, "weight", None)]
     if isinstance(head, nn.Linear) and head_keys and head_keys[0] not in sd:
         nn.init.trunc_normal_(head.weight, std=head_init_std)
@@ -157,3 +159,29 @@ def _read_weights(path: str | Path):
 
 def _is_buffer(model: nn.Module, key: str) -> bool:
     return key in dict(model.named_buffers())
+
+
+def build_backbone(model_name: str, checkpoint: str = "", drop_path: float = 0.1, img_size: Optional[int] = None,
+                   log: Callable[[str], None] = print) -> DenseBackbone:
+    """The classifier ``model_name`` (built at its native size unless ``img_size``) with
+    ``checkpoint`` loaded (any pretraining / finetuning file util.pretrained accepts; a file
+    that does not fit raises CheckpointError naming the model it looks like), head removed.
+
+    The built size only sets the stored position-embedding grid (PVT, ViT), which
+    ``forward_pyramid`` resizes to every input; keep the pretraining size, as the reference does.
+    """
+    kwargs = {"num_classes": 0, "drop_path_rate": drop_path}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    model = models.create_model(model_name, **kwargs)
+    if not has_pyramid(model):  # before loading anything
+        DenseBackbone(model)
+    if checkpoint:
+        report = load_pretrained(model, checkpoint)
+        log(f"backbone {model_name}: {report.summary()}")
+    # classification-only modules take no part in forward_pyramid: no unused parameters under DDP
+    # (forward_pyramid returns block outputs before any final norm)
+    for attr in ("head", "fc_norm", "head_drop", "norm"):
+        if isinstance(getattr(model, attr, None), nn.Module):
+            setattr(model, attr, nn.Identity())
+    return DenseBackbone(model)

@@ -48,9 +48,9 @@ def reconstruct(model, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = N
     unit = contract.stride
     mask = mask.bool()
     sm = sm_mask.bool() if sm_mask is not None else torch.zeros_like(mask)
-    out = model(imgs, mask, sm) if contract.vis_mask_ratio > 0 else model(imgs, mask)
-    mask = out[2].bool()  # the mask the model actually used (MixMAE pairs its samples' masks)
-    pred = out[1].float()
+    out = model(imgs, mask, sm_mask)
+    mask = out.mask.bool()  # the mask the model actually used (MixMAE pairs its samples' masks)
+    pred = out.pred.float()
     target = patchify(imgs.float(), unit)
     if contract.norm_pix_loss:
         # Targets are normalised per ``norm_pix_unit`` patch: the mask unit, or a part of it (Hiera: 16 px of 32).
@@ -154,3 +154,25 @@ def caption_for(model, denorm: str) -> str:
     else:
         targets = "norm-pix: de-normalised with the nearest seen unit's mean/std (no leak)"
     return f"{targets}; {mask_legend(model)}"
+
+
+def figure_transform(size: int):
+    """What a figure shows of an image: resized (bicubic) and centre-cropped to ``size``, normalised."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+    return transforms.Compose([transforms.Resize(size, interpolation=InterpolationMode.BICUBIC),
+                               transforms.CenterCrop(size), transforms.ToTensor(),
+                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def write_reconstruction(model, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor], path: str | Path,
+                         title: str, denorm: str = "neighbour") -> Path:
+    """The reconstruction figure of ``imgs`` (N, 3, H, W) under ``mask`` / ``sm_mask``, captioned
+    ``title`` and what the panels show; the model's training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        panels = reconstruct(model, imgs, mask, sm_mask, denorm=denorm)
+    finally:
+        model.train(was_training)
+    return save_figure(panels, path, f"{title}; {caption_for(model, denorm)}", model.contract.stride)

@@ -1,0 +1,87 @@
+"""The pretraining config (main_pretrain.py) and how flags become one: ``resolve``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from config.cli import resolve_run
+from config.rules import TRAINING_RULES, at_least, check_existing, check_ranges
+from config.sections import DataConfig, EpochSchedule, MaskConfig, OptimConfig
+from engine.run import RunConfig
+from engine.state import register_shaping, shaping
+from errors import UsageError
+from models import PretrainContract
+
+
+@register_shaping
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig(RunConfig, DataConfig, OptimConfig, EpochSchedule, MaskConfig):
+    """Everything a pretraining run is, resolved: main_pretrain.py's flags by name."""
+    model: str                              # a registered pretraining model
+    norm_pix_loss: bool = shaping()         # per-unit normalised pixel targets
+    reference_decoder_order: bool           # the reference's decoder position order
+    load_from: str = shaping()              # initial weights (strict)
+    vis_freq: int                           # a reconstruction figure every N epochs (0: the end only)
+    denorm: str                             # how figures undo norm-pix targets
+    channels_last: bool
+    decode: str                             # pil, fast or gpu (imagedata.decode)
+    num_images: int = field(default=0, metadata={"flag": False})   # training images found
+
+    def model_kwargs(self, options: tuple[str, ...]) -> dict:
+        """The factory keywords of the model: the ones every pretraining model takes, and the options
+        its contract names (``options``)."""
+        return model_kwargs(self, options)
+
+
+def model_kwargs(flags, options: tuple[str, ...]) -> dict:
+    """The factory keywords of --model from flags or a config: the ones every pretraining model
+    takes, and those of the contract's ``options`` that are set."""
+    kwargs = dict(norm_pix_loss=flags.norm_pix_loss, vis_mask_ratio=flags.vis_mask_ratio)
+    if flags.input_size is not None:
+        kwargs["img_size"] = flags.input_size
+    if "mask_ratio" in options and flags.mask_ratio is not None:
+        kwargs["mask_ratio"] = flags.mask_ratio
+    if "reference_decoder_order" in options:
+        kwargs["reference_decoder_order"] = flags.reference_decoder_order
+    return kwargs
+
+
+def check_flags(flags: argparse.Namespace) -> None:
+    """What the flags alone can tell, before the model is described."""
+    check_existing(flags, ["load_from"])
+    check_ranges(flags, TRAINING_RULES + [("vis_freq", at_least(0))])
+    if not 0.0 <= flags.vis_mask_ratio < 1.0:
+        raise UsageError(f"--vis_mask_ratio must be in [0, 1), got {flags.vis_mask_ratio}")
+
+
+def resolve(flags: argparse.Namespace, contract: PretrainContract, num_images: int) -> PretrainConfig:
+    """The run's config from its flags and its model's contract (built at --input_size with the
+    flags' options); ``num_images``: the training images found. Pure: checks and defaults only."""
+    run = resolve_run(flags)
+    if flags.decode == "gpu" and not str(run["device"]).startswith("cuda"):
+        raise UsageError(f"--decode gpu decodes on a CUDA device, not --device {flags.device}: use --decode fast or pil")
+    if flags.vis_mask_ratio > 0 and not contract.secondary_mask:
+        raise UsageError(f"{flags.model} has no secondary masking: use --vis_mask_ratio 0")
+    mask_ratio = contract.default_mask_ratio if flags.mask_ratio is None else flags.mask_ratio
+    input_size = contract.input_size
+    expected = contract.grid(input_size)
+    if flags.token_size is not None and flags.token_size != expected:
+        raise UsageError(f"--token_size {flags.token_size} does not match --input_size {input_size} with "
+                         f"{contract.stride}-px mask units: use --token_size {expected}")
+    regular = flags.mask_regular or contract.mask_kind == "uniform"
+    if regular:
+        if contract.mask_kind == "random":
+            raise UsageError(f"{flags.model} uses random masks: drop --mask_regular")
+        if mask_ratio != 0.75:
+            raise UsageError(f"--mask_regular keeps one unit per 2x2 group, so --mask_ratio must be 0.75 "
+                             f"(got {mask_ratio})")
+        if expected % 2:
+            raise UsageError(f"--mask_regular needs an even --token_size (got {expected})")
+    elif not 0.0 < mask_ratio < 1.0:
+        raise UsageError(f"--mask_ratio must be in (0, 1), got {mask_ratio}")
+    values = {f.name: getattr(flags, f.name) for f in dataclasses.fields(PretrainConfig) if hasattr(flags, f.name)}
+    values.update(run)
+    values.update(input_size=input_size, token_size=expected, mask_ratio=mask_ratio, mask_regular=regular,
+                  num_images=num_images)
+    return PretrainConfig(**values)

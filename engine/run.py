@@ -1,0 +1,156 @@
+"""Start-up: what every program does before its first step, and the run it describes.
+
+``start_run`` is where the side effects of a run begin: stop handlers (a stop during start-up
+counts), the process group, the device, precision, seeds, loader workers, the run record and
+TensorBoard. Everything before it (parsing flags, resolving them into a config) writes nothing.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from engine import safe_archive
+from engine.distributed import default_num_workers, init_distributed, is_main_process
+from engine.record import RunRecord, summary_line
+from engine.step import resolve_amp, seed_rngs
+from engine.stop import StopFlag, setup_stop_signals
+from errors import UsageError
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The flags every program shares (config.cli.add_common_args): where outputs go, on what the
+    run happens, how it resumes, checkpoints, logs and meets its peers."""
+    output_dir: str                      # checkpoints, log.txt, run records, figures
+    log_dir: Optional[str]               # TensorBoard (None: none)
+    device: str                          # "cpu", "cuda" or "cuda:N" ("cuda:LOCAL_RANK" once started)
+    seed: int
+    resume: str                          # an explicit checkpoint to resume ("" : none)
+    auto_resume: bool                    # resume from the newest good checkpoint in output_dir
+    allow_changed_args: bool             # auto-resume even though run-shaping flags changed
+    start_epoch: int                     # first epoch when not resuming
+    num_workers: Optional[int]           # DataLoader workers per rank (None: start-up decides)
+    pin_mem: bool
+    amp: Optional[str]                   # "bf16", "fp16", "none" (None: start-up decides)
+    bf16: bool                           # the reference's spelling of amp bf16 (resolved into amp)
+    compile: bool
+    cpu_tuning: bool
+    cpu_matmul: str                      # "onednn" or "aten"
+    save_freq: int                       # numbered checkpoints every N periods
+    keep_last: int                       # numbered checkpoints kept (0: all)
+    exit_after_epoch: int                # finish this period, checkpoint and exit (-1: never)
+    print_freq: int                      # a progress line every N micro-steps
+    world_size: int                      # processes (start-up sets the real one)
+    local_rank: int                      # torch.distributed.launch's --local_rank
+    dist_on_itp: bool                    # ranks from OpenMPI's variables
+    dist_url: str
+    dist_timeout: float                  # minutes a collective waits for a hung rank
+    max_checkpoint_gb: Optional[float]   # largest checkpoint content loaded (None: scaled to the model)
+    launch_command: tuple[str, ...] = field(default=(), metadata={"flag": False})  # argv, for the run record
+
+
+@dataclass
+class Run:
+    """What start-up made of a run: the device, this process's place in the group, the stop flag,
+    the run record, TensorBoard (rank 0, once opened) and the wall-clock start."""
+    device: torch.device
+    rank: int
+    world: int
+    stop: StopFlag
+    record: RunRecord
+    output_dir: str
+    log_dir: Optional[str] = None
+    start_time: float = field(default_factory=time.time)
+    log_writer: Optional[object] = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def open_log_writer(self) -> None:
+        """TensorBoard on rank 0 when a log folder is set."""
+        if is_main_process() and self.log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self.log_writer = SummaryWriter(log_dir=self.log_dir)
+
+    def close_log_writer(self) -> None:
+        if self.log_writer is not None:
+            self.log_writer.close()
+
+    def log(self, *lines: str) -> None:
+        """Rank 0 prints ``lines`` (empty ones are skipped)."""
+        if is_main_process():
+            for line in lines:
+                if line:
+                    print(line, flush=True)
+
+    def note(self, banner: str, **fields) -> None:
+        """Rank 0 prints the start-of-training banner; the run record keeps ``fields``."""
+        self.log(banner)
+        self.record.note(**fields)
+
+    def summary(self, what: str, status: str, parts: list[str]) -> None:
+        """Rank 0: the one-line summary of the run."""
+        if is_main_process():
+            print(summary_line(what, status, time.time() - self.start_time, parts, self.output_dir), flush=True)
+
+
+def start_run(config, program: str):
+    """Stop handlers first, then the process group, device, precision, seeds, loader workers and the
+    run record. Returns the Run and ``config`` with what only start-up knows filled in (device,
+    world size, precision, workers). On a GPU every program runs fp32 matmuls and convolutions in
+    TF32 (the same numerics for pretraining, finetuning and dense prediction).
+
+    ``config``: a program's config (a RunConfig and more), recorded whole in the run record."""
+    stop = setup_stop_signals()
+    safe_archive.configure(config.max_checkpoint_gb)
+    for folder in (config.output_dir, config.log_dir):
+        if folder:
+            make_output_dir(folder)
+    if config.dist_on_itp:  # OpenMPI's ranks, as torch.distributed reads them
+        env = os.environ
+        env["RANK"], env["WORLD_SIZE"] = env["OMPI_COMM_WORLD_RANK"], env["OMPI_COMM_WORLD_SIZE"]
+        env["LOCAL_RANK"] = env["OMPI_COMM_WORLD_LOCAL_RANK"]
+    if config.local_rank >= 0 and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(config.local_rank)
+    place = init_distributed(config.device, config.dist_url, config.dist_timeout)
+    device = torch.device(place.device)
+    amp = resolve_amp(config.amp, device)
+    seed_rngs(config.seed, place.rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    workers = config.num_workers if config.num_workers is not None else default_num_workers(device)
+    config = replace(config, device=place.device, world_size=place.world, amp=amp, num_workers=workers)
+    record = RunRecord.start(config, program, device)
+    run = Run(device, place.rank, place.world, stop, record, config.output_dir, config.log_dir)
+    return run, config
+
+
+def make_output_dir(path: str) -> None:
+    """Create the folder and prove it is writable, or fail with one line."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"output folder {path} is not writable: {e.strerror or e}") from None
+
+
+def wrap_for_training(model: nn.Module, run: Run, compile: bool = False) -> nn.Module:
+    """DDP across the group (when distributed), then torch.compile (``compile``)."""
+    train_model = model
+    if run.distributed:
+        device = run.device
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        train_model = torch.compile(train_model)
+    return train_model
