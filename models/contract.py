@@ -49,6 +49,7 @@ class PretrainContract:
     norm_pix_loss: bool              # built with norm-pix targets
     vis_mask_ratio: float            # built with this secondary-masking ratio (0: off)
     classifier: Optional[str]        # the registered classifier its checkpoint finetunes into
+    pretrain_only: tuple[str, ...] = ()  # parameter-name prefixes a classifier drops when it loads the checkpoint
 
     def grid(self, input_size: int) -> int:
         """The mask-unit grid side for ``input_size`` pixels."""
@@ -65,6 +66,7 @@ class ClassifierContract:
     layer_id: Callable[[str], int] = field(compare=False)   # parameter name -> layer id
     no_weight_decay: frozenset[str] = frozenset()
     head: str = "head"                    # the final Linear (dotted path): what is reset, swapped or re-initialised
+    prefix_tokens: int = 0                # tokens before the patches in pos_embed (resized without them)
     pyramid: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None  # (channels, strides) of forward_pyramid
     pyramid_divisor: int = 0                  # forward_pyramid pads its input to a multiple of this
 
@@ -85,6 +87,8 @@ class PretrainModel:
     mask_rounding: ClassVar[str] = "keep"
     mask_note: ClassVar[str] = "grey = removed by the mask"
     norm_pix_unit: Optional[int] = None      # None: the mask unit (Hiera sets a part of it)
+    # parameter-name prefixes only pretraining has: a classifier loading the checkpoint drops them
+    pretrain_only: ClassVar[tuple[str, ...]] = ("decoder_", "mask_token", "vis_mask_token")
     classifier_name: Optional[str] = None
     stride: int
     token_size: int
@@ -105,7 +109,7 @@ class PretrainModel:
             raw_pixel_recipe=bool(self.raw_pixel_recipe), mask_rounding=self.mask_rounding,
             mask_note=self.mask_note, norm_pix_unit=int(self.norm_pix_unit or self.stride),
             norm_pix_loss=bool(self.norm_pix_loss), vis_mask_ratio=float(self.vis_mask_ratio),
-            classifier=self.classifier_name)
+            classifier=self.classifier_name, pretrain_only=tuple(self.pretrain_only))
 
 
 def blocks_layer_id(name: str, num_layers: int) -> int:
@@ -125,6 +129,7 @@ class Classifier:
     family: ClassVar[str]                    # every classifier names its family
     build_options: ClassVar[tuple[str, ...]] = ()
     head_path: ClassVar[str] = "head"        # the final Linear (Hiera: "head.fc", behind its norm)
+    prefix_tokens: ClassVar[int] = 0         # tokens before the patches in pos_embed (a ViT's cls token)
 
     def native_size(self) -> int:
         """The input size, pixels, the classifier was built for."""
@@ -132,6 +137,10 @@ class Classifier:
 
     def lrd_num_layers(self) -> int:
         return len(self.blocks) + 1
+
+    def checkpoint_filter(self, state_dict: dict) -> dict:
+        """The model's mapping of foreign checkpoint layouts onto its own keys (default: none)."""
+        return state_dict
 
     def lrd_layer_id(self, param_name: str) -> int:
         return blocks_layer_id(param_name, self.lrd_num_layers())
@@ -145,5 +154,6 @@ class Classifier:
         nwd = self.no_weight_decay() if hasattr(self, "no_weight_decay") else ()
         return ClassifierContract(family=self.family, input_size=self.native_size(), options=tuple(self.build_options),
                                   num_layers=self.lrd_num_layers(), layer_id=self.lrd_layer_id,
-                                  no_weight_decay=frozenset(nwd), head=self.head_path, pyramid=pyramid,
+                                  no_weight_decay=frozenset(nwd), head=self.head_path, prefix_tokens=int(self.prefix_tokens),
+                                  pyramid=pyramid,
                                   pyramid_divisor=divisor)

@@ -1,39 +1,7 @@
 """GreenMIM (arXiv 2205.13515): masked autoencoding for Swin on the visible tokens only.
 
-The encoder is a standard Swin (timm's ``SwinTransformer``: relative position bias table,
-linear patch merging, the same parameter names), run on the visible tokens alone:
-
-1. Random masking of 32-px units (8x8 patch-4 tokens); every mask of a batch hides the same
-   number of units. Each sample has its own mask by default; ``shared_mask=True`` uses the
-   first row for the whole batch, as the original does.
-2. Only the visible units are patch-embedded. Tokens are kept *unit-major*: ``(N, K, u, u, C)``
-   for K visible units of ``u x u`` tokens (u = 8, 4, 2, 1 over the stages), units in raster
-   order. A kept unit stays whole through every stage, so patch merging is a reshape of each
-   unit's 2x2 blocks, concatenated in Swin's order (TL, BL, TR, BR), then LayerNorm + Linear.
-3. Window attention becomes *group* window attention. The window of every visible token is
-   computed arithmetically from its true coordinates, for plain and shifted windows (a
-   shifted window is the region Swin's roll + mask would form; no dense map, no roll). The
-   windows are packed into G equal groups of g slots by ``models.grouping.plan_groups``,
-   which minimises the attention cost (padding included) over g and the packing. The result
-   is the proven least-cost grouping when the plan is ``certified`` (always with at most 12
-   windows, where an exact search runs when best-fit decreasing misses the lower bound);
-   above 12 windows an uncertified plan is a heuristic (best-fit decreasing) that can cost
-   more than the optimum. With per-sample masks the windows of the whole batch are packed
-   together. Attention runs as one ``scaled_dot_product_attention`` call
-   with an additive block-diagonal mask: a token sees only tokens of its own window, with the
-   relative position bias looked up from true coordinates; padding slots see only themselves.
-   Norms, MLPs and the q/k/v/output projections run on the unpacked visible tokens.
-4. A one-block 512-d ViT decoder gets every latent at its *true* unit (the original placed
-   the visible latents at permuted positions), mask tokens elsewhere, plus fixed
-   sin-cos positions, and predicts 32x32x3 pixels per unit; norm-pix MSE on masked units.
-
-Planning a batch costs one device-to-host copy (the window-size histograms of every stage
-and shift, a few hundred integers); the packing itself works on those histograms, so its
-time does not grow with the batch size.
-
-The encoder state dict has exactly timm's keys (``patch_embed.*``, ``layers.*``, ``norm.*``), so a
-pretrained checkpoint loads into ``timm.models.swin_transformer.SwinTransformer`` (and the
-classifiers of models/swin_timm.py) with only ``head.fc.*`` missing.
+timm's Swin run on the kept units alone with group window attention (windows packed by
+models/grouping.py) and MAE's decoder. How it works and what it costs: docs/methods/greenmim.md.
 """
 from __future__ import annotations
 
@@ -50,7 +18,7 @@ from .contract import PretrainModel, PretrainOutput
 from .grouping import GroupPlan, plan_groups
 from .layers import check_images_and_mask, init_modules, valid_sizes_message
 from .loss import mae_loss
-from .mae import _MAEDecoder
+from .decoder import MAEDecoder
 from .registry import Variant, register
 from .swin_timm import TIMM_SWIN_SIZES
 
@@ -186,7 +154,7 @@ def group_window_attention(attn: nn.Module, x: Tensor, grouping: WindowGrouping)
     return attn.proj_drop(attn.proj(out))
 
 
-class GreenMIMSwin(SwinTransformer, _MAEDecoder, PretrainModel):
+class GreenMIMSwin(SwinTransformer, MAEDecoder, PretrainModel):
     """GreenMIM masked autoencoder with a timm Swin encoder run on visible tokens only.
 
     forward(imgs (N, 3, H, W), mask (N, L) bool True = masked) -> (loss, pred (N, L, 32*32*3)

@@ -1,39 +1,6 @@
-"""Packing windows of visible tokens into equal-size groups (GreenMIM's "optimal grouping").
-
-The problem
------------
-In one (stage, shift) of a sparse Swin, the visible tokens fall into windows holding
-``w_1 .. w_n`` tokens (every ``w_i >= 1``). Group window attention runs them as ``G`` groups
-of ``g`` slots each: every window lies whole inside one group, a group's windows hold at most
-``g`` tokens together, and the unused slots are padding. All groups have the same size so that
-one batched attention call serves them all. Its cost is modelled as
-
-    cost(G, g) = G * g * (g + slot_cost)
-
-``G * g**2`` is the attention itself (QK^T and AV over every slot pair, padding included);
-``slot_cost`` (default 0) charges work done once per slot (e.g. gathering q/k/v) in units of
-one key. Feed-forward layers, norms and the q/k/v and output projections run on the
-visible tokens *before* packing, so padding costs nothing there.
-
-We want ``min over g >= max(w) and over partitions`` of that cost. For a fixed ``g`` this is
-bin packing (NP-hard, GreenMIM issue #5), so the solver combines:
-
-* a histogram form of best-fit decreasing (BFD): the input is the histogram of window sizes
-  (``hist[s]`` = number of windows with ``s`` tokens), and the work depends on the number of
-  distinct sizes and residual capacities, never on the number of windows. A batch of 256
-  images packs as fast as one image;
-* the Martello-Toth lower bound L2 on the number of bins, which proves most BFD packings
-  optimal;
-* an exact branch and bound for small instances (at most ``exact_items`` windows) whenever
-  BFD misses the bound;
-* a sweep over ``g`` from ``max(w)`` upwards, cut off exactly: every packing has
-  ``G * g >= sum(w)``, so no ``g`` with ``sum(w) * (g + slot_cost) >= best`` can win.
-
-The returned plan says whether it is *certified* optimal: true when, for every group size
-that could still beat the chosen one, the number of groups was proven minimal (BFD equal to
-the lower bound, or the exact search finished). The paper's version (repeated 0/1 knapsack
-per group, g fixed to the largest window in the released code) is a heuristic of the same
-family without the certificate.
+"""Packing windows of visible tokens into equal-size groups (GreenMIM's "optimal grouping"):
+histogram best-fit decreasing, the Martello-Toth bound L2, an exact search for small instances, and
+a certificate of optimality. The problem and the solver: docs/methods/greenmim_grouping.md.
 """
 from __future__ import annotations
 

@@ -1,34 +1,7 @@
 """Hiera MAE (arXiv 2306.00989) on timm's ``Hiera`` encoder, and the timm Hiera classifiers.
 
-Hiera is a hierarchical ViT built so that MAE can drop masked units outright:
-
-1. Masks are drawn over *mask units* of 32 px (8x8 patch-4 tokens) by ``models.masking``:
-   random, ``mask_ratio`` 0.6; every mask of a batch removes the same number of units.
-2. Only the kept units are patch-embedded: each unit's pixels with a 3-px halo are cut out of
-   the image whose removed units are zeroed (exactly what timm's masked forward convolves),
-   so no compute is spent on removed units. Tokens are laid out in timm's *unrolled* order
-   (the strides of the three q-poolings outermost, the unit innermost), so timm's blocks run
-   unchanged: mask-unit attention in stages 1-2, global attention in stages 3-4, q-pooling by
-   max over the outer stride.
-3. Multi-scale fusion: each stage output is rerolled to ``(N, K, h, w, C)`` per kept unit; the
-   outputs of the first ``q_pool`` stages (8x8 and 4x4 tokens per unit) are brought to the last
-   stage's 2x2 tokens per unit by a strided conv (kernel = stride = h / 2), summed with the last
-   stage (stage 3 has the last stage's resolution and is skipped, as in the original), then
-   LayerNorm-ed (timm's ``head.norm``: the encoder keys are timm's, see below).
-4. Decoder (MAE): a linear embedding to 512-d, a mask token for every token of a removed unit,
-   a learned position embedding on the final 14x14 token grid, 8 global-attention Hiera blocks,
-   and a linear prediction of the 16x16x3 pixels of every final token.
-   Loss: MSE on the tokens of removed units, targets normalised per 16-px patch (norm-pix).
-
-The state dict of the encoder is exactly timm's ``hiera_*_224`` (``patch_embed.*``,
-``pos_embed``, ``blocks.*``, ``head.norm.*``; only ``head.fc`` is missing), so pretrained
-weights load into timm's classifiers and the ones registered here unchanged; timm's released
-``hiera_*_224.mae`` files load the other way. The fusion heads and decoder carry the original
-names (``multi_scale_fusion_heads.*``, ``decoder_*``, ``mask_token``).
-
-Returned predictions follow the framework: ``pred[:, u]`` is mask unit u in raster order,
-32x32x3 pixels (row, column, channel). ``norm_pix_unit`` (16) tells figures the patch size
-over which norm-pix targets were normalised.
+Only the kept 32-px mask units are embedded and encoded, with multi-scale fusion and an MAE decoder;
+the encoder keys are timm's. How it works: docs/methods/hiera_mae.md.
 """
 from __future__ import annotations
 
@@ -109,6 +82,7 @@ class MaskedAutoencoderHiera(Hiera, PretrainModel):
     mask_kind = "random"
     default_mask_ratio = 0.6
     supports_secondary_mask = False
+    pretrain_only = PretrainModel.pretrain_only + ("multi_scale_fusion_heads",)
     build_options = ("mask_ratio",)
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, embed_dim: int = 96, num_heads: int = 1,

@@ -1,66 +1,8 @@
 """MixMAE (MixMIM, arXiv 2205.13137) pretraining for Swin, and its finetuning classifiers.
 
-Instead of replacing hidden units by [MASK] tokens, MixMAE fills them with the
-units of another image and reconstructs *both* images from the one mixed input:
-
-1. **Pairing.** Image n is mixed with image ``N-1-n`` of the same batch (the
-   batch flipped along dim 0).
-2. **Mixing.** On the mask-unit grid (the stride of the last stage: 32-px units,
-   ``token_size = img_size // 32`` per side, for the original's patch 4 and four
-   stages), the mask ``m`` says which units of mixed sample n come from the
-   partner. The mixing is done on the patch embeddings (equivalent to mixing
-   pixels: the patch embedding is per patch); then a frozen 2-D sin-cos absolute
-   position embedding (``pos_embed``) is added.
-3. **Encoder.** Swin without shifted windows (windows 14/14/14/7 at 224 px; a
-   map no larger than its window is one global window). In every window and
-   every stage, each token attends only to tokens of its own source image
-   (boolean "same image" mask folded into the relative-position bias as -inf,
-   through ``scaled_dot_product_attention``). The units are aligned with every
-   2x2 patch merge, so merging never mixes the two images either: the output of
-   image n's tokens depends on image n's pixels only.
-4. **Unmixing.** The latent (N, L, C) is projected to the 512-d decoder and
-   split into 2N full-length sequences: sequence n keeps mixed sample n's own
-   tokens and puts the ``mask_token`` where the partner was; sequence N+n keeps
-   the partner's tokens and puts the mask token elsewhere. An 8-block ViT
-   decoder with a fixed sin-cos position reconstructs each unit's pixels
-   (32x32x3 for 32-px units).
-5. **Dual reconstruction.** Image n's hidden units (``m[n]``) are predicted
-   by sequence n; its other units were hidden in mixed sample ``N-1-n`` and are
-   predicted by sequence ``N + (N-1-n)``. Put together, ``pred[n]`` is a
-   complete reconstruction of image n where every unit is predicted from a
-   mixed image in which it was hidden. Loss: (norm-pix) MSE averaged over all
-   units of all images (the original's single mean over both halves).
-
-Masks. main_pretrain draws an independent random mask per sample
-(``models.masking.random_mask``). Complementary reconstruction needs both
-members of a pair to share their mask, so **the pair (n, N-1-n) uses the mask
-row ``min(n, N-1-n)``** (the rows of the second half are ignored) and
-``forward`` returns the mask actually used. The original draws one mask per
-batch; when all rows are equal this model is exactly that, and otherwise every
-pair gets its own random mask (more diversity, same algorithm).
-
-Mask semantics (the ``mask`` returned by ``forward``): ``mask[n, u] = True``
-means unit u of mixed sample n was taken from the partner, i.e. image n's unit
-u was *hidden* in the input that carried image n; those are the units a
-reconstruction figure should show as hidden (read this returned mask, not the
-drawn one: rows of the second half differ). ``pred[n]`` covers every unit of image n.
-
-Odd batches: the middle sample is paired with itself. Its "mixed" input is the
-image itself, but the attention mask still splits it into the two label groups
-(m and not-m), which never see each other, so it becomes two complementary
-MAE tasks without any leakage; it counts in the loss like any other sample.
-
-Cost. The encoder runs on every token of the mixed image (no token is wasted on
-[MASK]). Because masks are per pair, each block builds its additive attention
-mask per window and head, (N*nW, heads, n, n), the size of the attention logits
-(at 224 px, batch 128, bf16: about 0.63 GB per stage-1 block, 0.16 GB per
-stage-3 block, kept for backward). The decoder sees 2N sequences of L tokens.
-
-Classifiers (``MixMIMClassifier``): ``mixmim_{base,large,huge}_cls`` at 224 px,
-``mixmim_{base,large}_384_cls`` (windows 16/16/24/12) and ``mixmim_pico_cls`` for
-tests. The same encoder (frozen sin-cos ``pos_embed`` kept), token-wise final
-``norm``, global average pool, ``head``; a pretraining checkpoint loads with only
-``head.*`` missing (the decoder and ``mask_token`` unexpected).
+Hidden units are filled with another image's units, attention never crosses images, and both images
+are reconstructed from the one mixed input. How it works, the mask semantics and its cost:
+docs/methods/mixmae.md.
 """
 from __future__ import annotations
 
@@ -357,6 +299,7 @@ class MixMIMPretrain(MixMIMEncoder, PretrainModel):
     mask_rounding = "remove"   # int(L * r) units come from the partner, as the original (24 of 49 at 0.5)
     default_mask_ratio = 0.5
     supports_secondary_mask = False
+    pretrain_only = PretrainModel.pretrain_only + ("mixmim_decoder",)  # (the original's decoder name)
     images_per_sample = 1  # N source images in, N reconstructed images out (each mixed input also reconstructs its partner)
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, embed_dim: int = 128,

@@ -90,6 +90,13 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return model
 
 
+def pretrain_only_prefixes() -> tuple[str, ...]:
+    """Parameter-name prefixes that only a pretraining model has (each method's ``pretrain_only``): what a
+    classifier drops when it loads a pretraining checkpoint, whichever method wrote it."""
+    found = {p for e in _MODELS.values() if e.task == "pretrain" for p in e.cls.pretrain_only}
+    return tuple(sorted(found))
+
+
 def describe(name: str, **kwargs):
     """A model's contract (models.contract) without its weights: built on the meta device."""
     with torch.device("meta"):

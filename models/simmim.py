@@ -63,6 +63,7 @@ class _SimMIM(PretrainModel):
     mask_kind = "random"               # no compaction: any mask works, the baseline uses random ones
     default_mask_ratio = 0.75
     supports_secondary_mask = False    # every token is in the encoder; there is nothing to mask twice
+    pretrain_only = PretrainModel.pretrain_only + ("simmim_head",)  # (the name of SimMIM's head elsewhere)
     vis_mask_ratio = 0.0
 
     def _setup(self, img_size: int, patch_size: int, stride: int, in_chans: int, num_stages: int,

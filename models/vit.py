@@ -34,6 +34,11 @@ class VisionTransformer(_TimmViT, Classifier):
         return int(self.patch_embed.img_size[0])
 
     @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches in ``pos_embed`` (the cls token)."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
+
+    @property
     def pyramid_channels(self) -> list[int]:
         """Channels of the ``forward_pyramid`` maps."""
         return [self.embed_dim] * 4

@@ -27,9 +27,6 @@ from models.pos_embed import resize_pos_embed
 from errors import CheckpointError
 from engine.checkpoint import safe_load, unwrap_state_dict
 
-# keys that only a pretraining model has: never part of a classifier's encoder
-PRETRAIN_ONLY_PREFIXES = ("decoder_", "mask_token", "vis_mask_token", "simmim_head", "mixmim_decoder",
-                          "multi_scale_fusion_heads")
 HEAD_PREFIXES = ("head.", "fc_norm.")
 
 
@@ -61,7 +58,8 @@ class LoadReport:
 def guess_architecture(sd: dict) -> str:
     """The registered classifier whose encoder keys and shapes best match a state dict."""
     best, best_score = "unknown", 0.0
-    enc = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES + HEAD_PREFIXES)}
+    enc = {k: tuple(v.shape) for k, v in sd.items()
+           if not k.startswith(models.pretrain_only_prefixes() + HEAD_PREFIXES)}
     for name in models.list_models(task="classify"):
         try:
             with torch.device("meta"):
@@ -88,20 +86,21 @@ def load_pretrained(model: nn.Module, path: str | Path, head_init_std: float = 2
 def load_state(model: nn.Module, sd: dict, path: str, head_init_std: float = 2e-5) -> LoadReport:
     """``load_pretrained`` for a state dict already read (``path`` names it in messages); works on
     the meta device too, so a test can check every registered pair without weights."""
-    if hasattr(model, "checkpoint_filter"):  # a model's explicit mapping of foreign key layouts
-        sd = model.checkpoint_filter(sd)
+    sd = model.checkpoint_filter(sd)  # the model's mapping of foreign key layouts (models.contract.Classifier)
+    contract = model.contract
+    pretrain_only = models.pretrain_only_prefixes()  # whichever method wrote the file: each names its own
     report = LoadReport(path)
     own = model.state_dict()
     sd = dict(sd)
     for k in list(sd):
-        if k.startswith(PRETRAIN_ONLY_PREFIXES) or (k.startswith("norm.") and k not in own):
+        if k.startswith(pretrain_only) or (k.startswith("norm.") and k not in own):
             report.dropped.append(k)
             del sd[k]
     for k in [k for k in sd if k.startswith("head.")]:
         if k not in own or own[k].shape != sd[k].shape:
             del sd[k]
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
-        extra = getattr(model, "num_prefix_tokens", 0)
+        extra = contract.prefix_tokens
         grid = int(round((own["pos_embed"].shape[1] - extra) ** 0.5))
         if sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
             sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], grid, extra)
@@ -130,7 +129,7 @@ def load_state(model: nn.Module, sd: dict, path: str, head_init_std: float = 2e-
     report.missing = list(result.missing_keys)
     report.unexpected = list(result.unexpected_keys)
     report.loaded = len(sd) - len(report.unexpected)
-    head = model.get_submodule(model.contract.head)
+    head = model.get_submodule(contract.head)
     head_keys = [k for k, p in model.named_parameters() if head is not None and p is getattr(head, "weight", None)]
     if isinstance(head, nn.Linear) and head_keys and head_keys[0] not in sd:
         nn.init.trunc_normal_(head.weight, std=head_init_std)
