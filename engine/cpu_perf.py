@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["retain_freed_memory", "onednn_linear_available", "use_onednn_linear", "OneDNNLinear",
-           "setup_cpu_training", "add_cpu_tuning_args", "resolve_cpu_matmul"]
+           "setup_cpu_training", "add_cpu_tuning_args"]
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -174,10 +174,3 @@ def add_cpu_tuning_args(p) -> None:
     p.add_argument("--cpu_matmul", default=None, choices=["onednn", "aten"],
                    help="CPU runs: fp32 linear layers on oneDNN or on aten's BLAS (MKL/OpenBLAS); default: onednn "
                         "with --cpu_tuning, else aten")
-
-
-def resolve_cpu_matmul(args) -> str:
-    """--cpu_matmul as given, else what --cpu_tuning implies."""
-    if args.cpu_matmul is None:
-        args.cpu_matmul = "onednn" if args.cpu_tuning else "aten"
-    return args.cpu_matmul

@@ -68,37 +68,37 @@ def _plain(v) -> bool:
     return v is None or type(v) in _PLAIN or (type(v) in (list, tuple) and all(type(x) in _PLAIN for x in v))
 
 
-def _world(args) -> int:
-    return int(getattr(args, "world_size", 1) or 1)
+def _world(flags) -> int:
+    return int(getattr(flags, "world_size", 1) or 1)
 
 
-def effective_batch(args) -> int:
-    return args.batch_size * max(1, getattr(args, "accum_iter", 1)) * _world(args)
+def effective_batch(flags) -> int:
+    return flags.batch_size * max(1, getattr(flags, "accum_iter", 1)) * _world(flags)
 
 
-def save_training_state(args, epoch: int, model, optimizer, scaler, next_step: int = 0, numbered: bool = False,
+def save_training_state(flags, epoch: int, model, optimizer, scaler, next_step: int = 0, numbered: bool = False,
                         extra_names: tuple[str, ...] = (), extra: Optional[dict] = None,
                         log_record: Optional[dict] = None) -> None:
     """Rank 0 writes ``checkpoint-{epoch}.pth`` (when ``numbered``) and ``extra_names``, then
     ``checkpoint-last.pth``, then ``log_record`` as a line of log.txt; every file atomically."""
     if not is_main_process():
         return
-    world = _world(args)
-    progress = {"epoch": epoch, "next_step": next_step, "samples": next_step * args.batch_size * world,
-                "batch_size": args.batch_size, "world_size": world, "accum_iter": max(1, args.accum_iter),
-                "timeline": int(getattr(args, "timeline", 0)), "model_name": args.model,
-                "finished": not next_step and epoch + 1 >= args.epochs}
-    flags = {k: v for k, v in vars(args).items() if _plain(v)}
+    world = _world(flags)
+    progress = {"epoch": epoch, "next_step": next_step, "samples": next_step * flags.batch_size * world,
+                "batch_size": flags.batch_size, "world_size": world, "accum_iter": max(1, flags.accum_iter),
+                "timeline": int(getattr(flags, "timeline", 0)), "model_name": flags.model,
+                "finished": not next_step and epoch + 1 >= flags.epochs}
+    plain = {k: v for k, v in vars(flags).items() if _plain(v)}
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
              "scaler": scaler.state_dict() if scaler is not None else {},
-             "args": argparse.Namespace(**flags), "config": flags, "model_name": args.model, "progress": progress}
+             "args": argparse.Namespace(**plain), "config": plain, "model_name": flags.model, "progress": progress}
     if next_step:
         state["next_step"] = next_step
     if log_record is not None:
         state["log_record"] = log_record
     if extra:
         state.update(extra)
-    out = Path(args.output_dir)
+    out = Path(flags.output_dir)
     if numbered:
         ckpt_util.save_atomic(state, out / f"checkpoint-{epoch}.pth", meta=progress)
     for name in extra_names:
@@ -108,7 +108,7 @@ def save_training_state(args, epoch: int, model, optimizer, scaler, next_step: i
         with open(out / "log.txt", "a") as f:
             f.write(json.dumps(log_record) + "\n")
     if numbered:
-        ckpt_util.prune_checkpoints(out, args.keep_last)
+        ckpt_util.prune_checkpoints(out, flags.keep_last)
 
 
 def _misfit(ckpt: dict, model, optimizer) -> Optional[str]:
@@ -150,34 +150,34 @@ def _check_model(path: Path, ckpt: dict, model_name: str) -> None:
             f"or --model {stored} to continue that run")
 
 
-def changed_args(saved, args) -> list[str]:
+def changed_args(saved, flags) -> list[str]:
     """The run-shaping flags whose values differ between the saved run and this one."""
     diffs = []
     for k in RUN_SHAPING:
-        if hasattr(saved, k) and hasattr(args, k) and getattr(saved, k) != getattr(args, k):
-            diffs.append(f"--{k} {getattr(saved, k)} -> {getattr(args, k)}")
+        if hasattr(saved, k) and hasattr(flags, k) and getattr(saved, k) != getattr(flags, k):
+            diffs.append(f"--{k} {getattr(saved, k)} -> {getattr(flags, k)}")
     if all(hasattr(saved, k) for k in ("batch_size", "accum_iter")):
-        a, b = effective_batch(saved), effective_batch(args)
+        a, b = effective_batch(saved), effective_batch(flags)
         if a != b:
             diffs.append(f"effective batch {a} -> {b} (batch_size x accum_iter x world_size)")
     return diffs
 
 
-def _start_step(ckpt: dict, args, path: Path) -> int:
+def _start_step(ckpt: dict, flags, path: Path) -> int:
     """The step of this run's epoch that follows the samples the checkpoint consumed mid-epoch."""
     step = int(ckpt["next_step"])
     saved_args = ckpt.get("args")
     prog = ckpt.get("progress") if isinstance(ckpt.get("progress"), dict) else {}
-    old_batch = prog.get("batch_size", getattr(saved_args, "batch_size", args.batch_size))
+    old_batch = prog.get("batch_size", getattr(saved_args, "batch_size", flags.batch_size))
     old_world = prog.get("world_size", getattr(saved_args, "world_size", 1) or 1)
     samples = int(prog.get("samples") or step * old_batch * old_world)
-    per_step = args.batch_size * _world(args)
-    accum = max(1, args.accum_iter)
+    per_step = flags.batch_size * _world(flags)
+    accum = max(1, flags.accum_iter)
     if samples % per_step == 0 and (samples // per_step) % accum == 0:
         return samples // per_step
     raise CheckpointError(
         f"{path} stopped mid-epoch {ckpt['epoch']} after {samples} samples ({old_batch} per process x "
-        f"{old_world} processes x {step} steps); --batch_size {args.batch_size} x {_world(args)} processes "
+        f"{old_world} processes x {step} steps); --batch_size {flags.batch_size} x {_world(flags)} processes "
         f"(accum {accum}) cannot continue exactly there: resume with a batch size and world size whose "
         f"global batch times --accum_iter divides {samples} (e.g. the saved {old_batch} x {old_world}), or "
         f"move that file away to resume from the last end-of-epoch checkpoint")
@@ -202,7 +202,7 @@ def _repair_log(ckpt: dict, out: Path, log) -> None:
         log(f"log.txt: restored the line of epoch {record['epoch']} from the checkpoint", flush=True)
 
 
-def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[int, int, Optional[dict]]:
+def resume_training_state(flags, model, optimizer, scaler, log=print) -> tuple[int, int, Optional[dict]]:
     """Restore from --resume, or the checkpoint in --output_dir with the most progress that fits (--auto_resume).
 
     Returns (start_epoch, start_step, checkpoint or None). No RNG state is needed: the
@@ -211,7 +211,7 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
     run-shaping flags, are one-line errors.
     """
     expect_model(model)  # checkpoint size limits scale with this model
-    out = Path(args.output_dir)
+    out = Path(flags.output_dir)
     if is_main_process():
         stale = ckpt_util.remove_stale_temps(out)
         if stale:
@@ -222,14 +222,14 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
     sides = [ckpt_util.read_sidecar(p) for p in ckpt_util.list_checkpoints(out)]
     timelines = [int(s["current"].get("timeline") or 0) for s in sides if s]
     found = None
-    explicit = bool(args.resume)
+    explicit = bool(flags.resume)
 
     def check(path: Path, ckpt: dict) -> Optional[str]:
-        _check_model(path, ckpt, args.model)
+        _check_model(path, ckpt, flags.model)
         return _misfit(ckpt, model, optimizer)
 
     if explicit:
-        path = Path(args.resume)
+        path = Path(flags.resume)
         ckpt_util.verify(path)
         ckpt = ckpt_util.safe_load(path)
         if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
@@ -240,17 +240,17 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
         if reason:
             raise CheckpointError(f"{path} cannot be resumed: {reason}")
         found = (path, ckpt)
-    elif args.auto_resume:
+    elif flags.auto_resume:
         found = ckpt_util.load_latest(out, log=lambda m: log(m, flush=True), check=check)
     if found is None:
-        args.timeline = max(timelines, default=-1) + 1 if timelines else 0
-        return args.start_epoch, 0, None
+        flags.timeline = max(timelines, default=-1) + 1 if timelines else 0
+        return flags.start_epoch, 0, None
     path, ckpt = found
     saved_args = ckpt.get("args")
-    diffs = changed_args(saved_args, args) if isinstance(saved_args, argparse.Namespace) else []
+    diffs = changed_args(saved_args, flags) if isinstance(saved_args, argparse.Namespace) else []
     if diffs:
         listing = "; ".join(diffs)
-        if explicit or getattr(args, "allow_changed_args", False):
+        if explicit or getattr(flags, "allow_changed_args", False):
             log(f"warning: resuming {path} with changed flags: {listing}", flush=True)
         else:
             raise UsageError(f"{path} was written with other run-shaping flags: {listing}. Resume with the "
@@ -259,9 +259,9 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
     prog = ckpt.get("progress") if isinstance(ckpt.get("progress"), dict) else {}
     saved_timeline = int(prog.get("timeline") or 0)
     # an explicit --resume starts a branch that outranks every file already in --output_dir
-    args.timeline = max(timelines + [saved_timeline]) + 1 if explicit else saved_timeline
+    flags.timeline = max(timelines + [saved_timeline]) + 1 if explicit else saved_timeline
     if ckpt.get("next_step"):
-        epoch, step = int(ckpt["epoch"]), _start_step(ckpt, args, path)
+        epoch, step = int(ckpt["epoch"]), _start_step(ckpt, flags, path)
     else:
         epoch, step = int(ckpt["epoch"]) + 1, 0
     model.load_state_dict(ckpt["model"], strict=True)
@@ -272,8 +272,8 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
         scaler.load_state_dict(ckpt["scaler"])
     if is_main_process():
         _repair_log(ckpt, out, log)
-    if epoch >= args.epochs:
-        log(f"run already finished: {path} holds epoch {epoch - 1}, the last of --epochs {args.epochs}; "
+    if epoch >= flags.epochs:
+        log(f"run already finished: {path} holds epoch {epoch - 1}, the last of --epochs {flags.epochs}; "
             f"nothing to train", flush=True)
     else:
         log(f"resumed from {path} (continuing at epoch {epoch}, step {step})", flush=True)

@@ -157,12 +157,12 @@ def agreed_stop_now(stop_flag: Callable[[], bool], device: torch.device) -> bool
     return bool(flag.item())
 
 
-def finish_interrupted(exc: Exception, args, model, optimizer, scaler, stop, extra: Optional[dict] = None) -> int:
+def finish_interrupted(exc: Exception, flags, model, optimizer, scaler, stop, extra: Optional[dict] = None) -> int:
     """End a run cut short by the training loop; returns the exit status.
 
     StopRequested (a stop signal, honoured at a step boundary): write a mid-epoch checkpoint
     and exit 0 (130 after SIGINT, ``stop_exit_code``). NonFiniteLossError: nothing is
-    saved, the message names the last good checkpoint, exit 1.
+    saved, the message names the last good checkpoint, exit 1. ``flags``: the run's RunFlags (engine.state).
     """
     if isinstance(exc, StopRequested):
         stop.honoured = True
@@ -172,13 +172,13 @@ def finish_interrupted(exc: Exception, args, model, optimizer, scaler, stop, ext
             # disk (written by the normal path, or the one this run resumed from)
             where = f"the end of epoch {exc.epoch - 1} (already on disk)" if exc.epoch > 0 else "none needed"
         else:
-            save_training_state(args, exc.epoch, model, optimizer, scaler, next_step=exc.step, extra=extra)
+            save_training_state(flags, exc.epoch, model, optimizer, scaler, next_step=exc.step, extra=extra)
             where = f"epoch {exc.epoch}, step {exc.step}"
         if is_main_process():
             print(f"stop signal: checkpoint written at {where}; exiting with status {code}", flush=True)
         cleanup()
         return code
-    good = ckpt_util.list_checkpoints(args.output_dir)
+    good = ckpt_util.list_checkpoints(flags.output_dir)
     print(f"error: {exc}; stopping. Last good checkpoint: {good[0] if good else 'none'}", file=sys.stderr, flush=True)
     cleanup()
     return 1

@@ -54,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models
 from models.masking import random_mask, secondary_mask, uniform_mask
-from engine.cpu_perf import (add_cpu_tuning_args, onednn_linear_available, resolve_cpu_matmul, retain_freed_memory,
+from engine.cpu_perf import (add_cpu_tuning_args, onednn_linear_available, retain_freed_memory,
                            setup_cpu_training)
 from engine.step import autocast, make_scaler
 from engine.record import cpu_name, write_report
@@ -394,7 +394,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    resolve_cpu_matmul(args)
+    args.cpu_matmul = args.cpu_matmul or ("onednn" if args.cpu_tuning else "aten")  # as the programs resolve it
     if args.cpu_malloc is None:
         args.cpu_malloc = "retain" if args.cpu_tuning else "system"
     known = models.list_models(task="pretrain")
