@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a laptop-class CPU: set up, pretrain a tiny UM-MAE Swin on the bundled
 # sample photos (about 2 minutes on 2 cores), and print the reconstruction figure's path.
-# --cpu_tuning turns on the optional CPU optimisation (util/cpu_perf.py); the programs' default is
+# --cpu_tuning turns on the optional CPU optimisation (engine/cpu_perf.py); the programs' default is
 # plain PyTorch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
