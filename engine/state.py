@@ -1,9 +1,11 @@
 """Saving and resuming the full training state, shared by every program.
 
 A checkpoint is the reference's layout (``model``, ``optimizer``, ``epoch``,
-``scaler``, ``args``) plus ``model_name``, ``progress`` and, for a run stopped
-mid-epoch, ``next_step``. ``epoch`` is the last completed epoch, or the epoch in
-progress when ``next_step`` is set. ``progress`` records what a resume needs to
+``scaler``, ``args``: the run's flags) plus ``config`` (the same flags as a plain dict,
+which loads with ``weights_only=True`` alone), ``model_name``, ``progress`` and, for a
+run stopped mid-epoch, ``next_step``. An "epoch" here is the Trainer's period (an
+epoch, or segmentation's evaluation interval): ``epoch`` is the last completed period,
+or the period in progress when ``next_step`` (a micro-step) is set. ``progress`` records what a resume needs to
 continue at the right sample under another batch size or world size: samples
 consumed in the epoch, batch size, world size, accumulation, and the timeline
 (see engine.checkpoint.progress_key).
