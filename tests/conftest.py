@@ -31,3 +31,20 @@ def reference_dir() -> Path:
 def _small_threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """train/ and val/ of three colour classes (tiny_data.make_labelled)."""
+    from tiny_data import make_labelled
+    return make_labelled(tmp_path_factory.mktemp("labelled"))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny configurations gain nothing from a second, and on a shared, busy
+    machine it slows small ops down by orders of magnitude."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

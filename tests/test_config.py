@@ -54,7 +54,7 @@ def test_resolving_creates_no_folder_and_leaves_the_environment_alone(tmp_path, 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from segmentation.toy import make_toy_ade
-    from test_finetune import make_labelled
+    from tiny_data import make_labelled
     from tools.make_tiny_coco import make_tiny_coco
     root = tmp_path_factory.mktemp("data")
     return {"finetune": make_labelled(root / "cls", per_class=2, size=32), "linprobe": root / "cls",

@@ -71,7 +71,7 @@ def test_num_workers_default_follows_the_cpus_of_each_rank(monkeypatch):
 
 
 def test_run_records_eta_summary_and_tensorboard_inside_output_dir(tmp_path, capsys):
-    from test_pretrain import make_images
+    from tiny_data import make_images
     data, out = make_images(tmp_path / "data", n=4, size=64), tmp_path / "out"   # one step per epoch
     for epochs, extra in (("1", []), ("2", ["--allow_changed_args"])):  # the second start extends the run in place
         args = main_pretrain.parse_args(PICO + ["--epochs", epochs, "--output_dir", str(out), "--data_path", str(data),
@@ -99,7 +99,7 @@ def test_run_records_eta_summary_and_tensorboard_inside_output_dir(tmp_path, cap
 
 
 def test_nb_classes_is_inferred_and_eval_writes_json(tmp_path, capsys):
-    from test_finetune import make_labelled
+    from tiny_data import make_labelled
     data = make_labelled(tmp_path / "data", per_class=4, size=40)
     common = ["--model", "swin_pico_128", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--log_dir",
               "", "--print_freq", "1000", "--warmup_epochs", "0", "--data_path", str(data),
@@ -124,7 +124,7 @@ def test_submitit_local_from_another_folder_leaves_no_stray_folders(tmp_path, mo
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.chdir(tmp_path)                                    # not the repository root
     jobs = tmp_path / "jobs"
-    from test_pretrain import make_images
+    from tiny_data import make_images
     data = make_images(tmp_path / "data", n=4, size=64)
     args = slurm.prepare(main_pretrain, PICO + ["--epochs", "1", "--local", "--timeout", "30", "--data_path", str(data),
                                                 "--job_dir", str(jobs / "%j"), "--log_dir", ""])

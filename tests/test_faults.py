@@ -102,7 +102,7 @@ def test_second_signal_exits_at_once(tmp_path):
     # The first signal is honoured at the next optimizer step or at the epoch's end, whichever comes first.
     # 400 images at batch 2 and an accumulation longer than the epoch put that boundary 200 micro-steps
     # away (seconds even on an idle machine), so the second signal always lands before it.
-    from test_pretrain import make_images
+    from tiny_data import make_images
     data = make_images(tmp_path / "data", n=400, size=32)
     proc = launch([ROOT / "main_pretrain.py", *TINY, "--epochs", "50", "--log_dir", "", "--accum_iter", "1000",
                    "--data_path", data, "--output_dir", tmp_path / "o"], until="Epoch [0]")

@@ -4,9 +4,7 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -23,24 +21,8 @@ from engine.optim import param_groups_lrd
 from util.pretrained import load_pretrained
 
 PY = sys.executable
-COLOURS = [(200, 40, 40), (40, 160, 60), (40, 60, 200)]
 
 
-def make_labelled(root: Path, per_class: int = 6, size: int = 72) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", per_class), ("val", max(2, per_class // 2))):
-        for c, colour in enumerate(COLOURS):
-            d = root / split / f"class_{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = np.clip(np.array(colour) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory):
-    return make_labelled(tmp_path_factory.mktemp("labelled"))
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,7 @@ from grad_rules import silent_parameters
 PICO = "greenmim_swin_pico_patch4_win6_dec64b1"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These configurations are tiny: a second intra-op thread gains nothing, and on a shared,
-    # busy machine it slows small ops down by orders of magnitude.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 # 192 px, window 6: stages of 48/24/12/6 tokens (windows misaligned with the 8-token units of
 # stage 1; shifted in stages 1-3, global in stage 4), 6x6 units, 9 visible at 75%.
 SMALL = dict(img_size=192, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=6)

@@ -16,7 +16,7 @@ from models.masking import random_mask
 from engine.optim import param_groups_lrd
 from util.pretrained import load_pretrained
 from util.visualize import reconstruct
-from test_pretrain import make_images
+from tiny_data import make_images
 
 PICO = "mae_hiera_pico_128"
 # a second small layout: two blocks in the middle stages, heads doubling, 5x5 units at 160 px
@@ -24,12 +24,7 @@ SMALL = dict(img_size=160, embed_dim=16, num_heads=2, stages=(1, 2, 2, 1), decod
              decoder_num_heads=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _timm_twin(model: MaskedAutoencoderHiera) -> Hiera:
@@ -225,7 +220,7 @@ def test_short_pretraining_run_then_finetuning_through_the_programs(tmp_path, ca
     assert (out / "reconstruction-2.png").is_file()
     # ... and its checkpoint finetunes the timm classifier through main_finetune.py
     import main_finetune
-    from test_finetune import make_labelled
+    from tiny_data import make_labelled
     labelled = make_labelled(tmp_path / "labelled", per_class=2)
     ft = main_finetune.parse_args([
         "--model", "hiera_pico_128", "--finetune", str(out / "checkpoint-2.pth"), "--nb_classes", "3",

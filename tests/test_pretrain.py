@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +12,7 @@ from PIL import Image
 import main_pretrain
 from engine.checkpoint import safe_load
 from errors import UsageError
+from tiny_data import make_images
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -20,15 +20,6 @@ TINY = ["--model", "mae_swin_pico_128", "--mask_regular", "--vis_mask_ratio", "0
         "--num_workers", "0", "--print_freq", "1000", "--device", "cpu"]
 
 
-def make_images(folder: Path, n: int = 8, size: int = 96, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        # smooth random images: something a tiny model can learn to reconstruct
-        base = rng.random((6, 6, 3))
-        img = Image.fromarray((base * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
-        img.save(folder / f"img_{i:03d}.png")
-    return folder
 
 
 def run(argv, expect_code=0):

@@ -9,7 +9,7 @@ import torch
 
 import main_finetune
 import main_pretrain
-from test_finetune import make_labelled
+from tiny_data import make_labelled
 from errors import DataError
 from imagedata.datasets import image_list, pretrain_transform
 from imagedata.shards import ShardStream, scan_shard
