@@ -213,6 +213,11 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder, PretrainModel):
     """
 
     family = "greenmim"
+    # Each step plans its window groups on the host from the mask (one device-to-host copy, by design),
+    # and the group shapes change with every mask: torch.compile breaks the graph there and recompiles
+    # every step until its recompile limit, then runs eager anyway.
+    compile_note = ("plans its window groups on the host from every step's mask (data-dependent group "
+                    "shapes: a graph break and a recompile per step)")
     mask_kind = "random"
     default_mask_ratio = 0.75
     supports_secondary_mask = False

@@ -63,6 +63,17 @@ class Run:
         self.record.finish(status, epochs_run=ran, last_epoch=last_epoch, **fields)
 
 
+def gpu_numerics(device: torch.device) -> None:
+    """fp32 matmuls and convolutions in TF32 on a GPU: every program and tools/benchmark.py use this.
+
+    SDPA keeps PyTorch's backend order (on an H100 with cuDNN >= 9.9 cuDNN attention comes first);
+    scripts/gpu_check.sh compares its outputs and mask gradients with the memory-efficient and math
+    kernels at the models' window shapes."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def start_run(args, program: str) -> Run:
     """Stop handlers first (a stop during start-up counts), then the process group, device,
     precision, seeds, loader workers and the run record. On a GPU every program runs fp32 matmuls
@@ -73,9 +84,7 @@ def start_run(args, program: str) -> Run:
     rank, world = get_rank(), get_world_size()
     args.amp = resolve_amp(args.amp, device)
     seed_rngs(args.seed, rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    gpu_numerics(device)
     if args.num_workers is None:
         args.num_workers = default_num_workers(device)
     return Run(args, device, rank, world, stop, RunRecord.start(args, program, device))
@@ -89,11 +98,15 @@ def effective_lr(args, world_size: int) -> float:
 
 
 def wrap_for_training(model: nn.Module, args, device: torch.device) -> nn.Module:
-    """DDP across the group (when distributed), then torch.compile (with --compile)."""
+    """DDP across the group (when distributed), then torch.compile (with --compile).
+
+    Gradients are views into DDP's all-reduce buckets (``gradient_as_bucket_view``): no second copy
+    of every gradient. Every parameter gets a gradient in every step of every model (tests), so
+    ``find_unused_parameters`` stays off."""
     train_model = model
     if args.distributed:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if args.compile:
         train_model = torch.compile(train_model)
     return train_model
@@ -162,7 +175,7 @@ def log_epoch_stats(run: Run, epoch: int, stats: dict) -> None:
         print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {epoch} (all ranks)",
               flush=True)
     if run.log_writer is not None:
-        for key in ("loss", "images_per_sec", "peak_mem_mb"):
+        for key in ("loss", "images_per_sec", "peak_mem_mb", "peak_reserved_mb"):
             if key in stats:
                 run.log_writer.add_scalar(f"epoch/{key}", stats[key], epoch)
         run.log_writer.flush()
