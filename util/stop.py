@@ -171,8 +171,8 @@ class StopAgreement:
         previous, self._pending = self._pending, (flag, event)
         if previous is None:
             return False
-        if previous[1] is not None:
-            previous[1].synchronize()  # recorded a check ago: finished long since, so this does not wait
+        if previous[1] is not None and not previous[1].query():  # recorded a check ago: finished long since
+            previous[1].synchronize()
         return bool(previous[0].item())
 
 
