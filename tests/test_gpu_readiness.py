@@ -120,11 +120,30 @@ def test_normalisation_constants_are_copied_to_a_device_once(monkeypatch):
     assert len(copies) == 2  # mean and std, once
 
 
+def _gpu_ctx():
+    from types import SimpleNamespace
+    return SimpleNamespace(dry_run=False, device=torch.device("cuda"), say=lambda line: None)
+
+
 @CUDA
 def test_gpu_decoding_while_a_step_is_in_flight_corrupts_nothing():
     from tools.gpu_check import decode_race
     r = decode_race(repeats=10, images=32, variant="ours")
     assert r["corrupted_runs"] == 0, r
+
+
+@CUDA
+def test_gpu_decoding_of_awkward_jpegs_matches_the_cpu():
+    from tools.gpu_check import part_decode_awkward
+    r = part_decode_awkward(_gpu_ctx())
+    assert r["status"] == "passed", r["rows"]
+
+
+@CUDA
+def test_one_process_nccl_ddp_steps_and_agrees_on_stops_without_synchronising():
+    from tools.gpu_check import part_ddp
+    r = part_ddp(_gpu_ctx())
+    assert r["status"] == "passed" and r["backend"] == "nccl" and r["stop_agreement_syncs"] == 0, r
 
 
 # ---------------------------------------------------------------- distributed
