@@ -136,9 +136,16 @@ class RunRecord:
             "environment": {k: os.environ[k] for k in env_keys if k in os.environ},
         }
         out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = cls._claim(out)
-        _write_json(path, record)
+        path = None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            path = cls._claim(out)
+            _write_json(path, record)
+        except OSError as e:  # a full or read-only disk: one line, and no empty record left behind
+            if path is not None:
+                path.unlink(missing_ok=True)
+            from .cli import UsageError
+            raise UsageError(f"cannot write the run record in {out}: {e.strerror or e}") from None
         return cls(path, record)
 
     @staticmethod
@@ -159,15 +166,23 @@ class RunRecord:
         """Add facts learnt after the start (e.g. the checkpoint resumed from)."""
         if self.path is not None:
             self.record.update(fields)
-            _write_json(self.path, self.record)
+            self._write()
 
     def finish(self, status: str, **fields) -> None:
+        """The ``finished`` entry: status (completed, stopped, failed, crashed, ...), time, results."""
         if self.path is None:
             return
         self.record["finished"] = {
             "status": status, "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "wall_time_s": round(time.time() - self.t0, 3), **fields}
-        _write_json(self.path, self.record)
+        self._write()
+
+    def _write(self) -> None:
+        """A record that cannot be updated (the disk filled up) is named, never the end of the run."""
+        try:
+            _write_json(self.path, self.record)
+        except OSError as e:
+            print(f"warning: cannot update the run record {self.path}: {e.strerror or e}", file=sys.stderr, flush=True)
 
 
 def summary_line(what: str, status: str, wall_s: float, parts: list[str], output_dir: str) -> str:
