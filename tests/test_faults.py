@@ -643,3 +643,13 @@ def test_a_full_or_too_deep_output_folder_is_one_line_at_start(tmp_path, monkeyp
     with pytest.raises(UsageError, match="cannot write the run record in .*: No space left on device"):
         RunRecord.start(state_args(tmp_path / "full"), "x", torch.device("cpu"))
     assert not list((tmp_path / "full").glob("run-*.json"))
+
+
+def test_a_run_that_fails_outside_the_loop_still_closes_its_record(tmp_path):
+    out = tmp_path / "out"
+    save_epochs(state_args(out), [0])                  # a checkpoint of another model ("lin") in the folder
+    r = subprocess.run([PY, str(ROOT / "main_pretrain.py"), *TINY, "--epochs", "1", "--log_dir", "", "--output_dir",
+                        str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 1 and "is a checkpoint of lin, not --model mae_swin_pico_128" in r.stderr, r.stderr
+    finished = json.loads((out / "run-001.json").read_text())["finished"]
+    assert finished["status"] == "crashed" and "ended before the run finished" in finished["error"]

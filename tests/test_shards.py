@@ -261,20 +261,21 @@ def test_unusable_samples_are_named_and_replaced_and_a_batch_of_one_bad_image_go
                ("h000.png", png + b"\0" * 20), ("h000.cls", b"0"),                  # over the member limit (T7a)
                ("l000.png", "->", "/etc/passwd"),                                    # a link member (T6)
                ("c000.png", png), ("c000.cls", b"7"),                               # class outside the index's (T14)
-               ("b000.png", png), ("b000.cls", b"2")]
+               ("b000.png", png), ("b000.cls", b"2"),
+               ("y000.png", b"\x89PNG broken")]                                      # last, nothing after it
     tar_with(d / "train-000000.tar", members)
-    (d / "train.json").write_text(json.dumps({"shardlist": [{"url": "train-000000.tar", "nsamples": 7,
+    (d / "train.json").write_text(json.dumps({"shardlist": [{"url": "train-000000.tar", "nsamples": 8,
                                                              "filesize": (d / "train-000000.tar").stat().st_size}],
                                               "classes": ["x", "y", "z"]}))
     images = image_list(str(d), "train", labelled=True)
-    assert len(images) == 7
+    assert len(images) == 8
     s = ShardStream(images, pretrain_transform(32), 1, 0, train=False)      # batch 1: an all-bad batch each time
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = list(s)
     text = "\n".join(str(w.message) for w in caught)
-    assert [int(b[2][0]) for b in batches] == [0, 1, 0, 0, 0, 0, 1]
-    assert [int(b[1][0]) for b in batches] == [1, 1, 2, 2, 2, 2, 2]        # each replaced by the next usable one
+    assert [int(b[2][0]) for b in batches] == [0, 1, 0, 0, 0, 0, 1, 0]
+    assert [int(b[1][0]) for b in batches] == [1, 1, 2, 2, 2, 2, 2, 2]     # the next usable one, the last: the one before
     for expected in ("z000 in", "UnidentifiedImageError", "k000 in", "two 'png' entries", "t000 in", "has no image",
                      "h000 in", "over the limit of", "c000 in", "class 7 is outside 0..2", "link member l000.png left out"):
         assert expected in text, (expected, text)

@@ -600,9 +600,13 @@ class ShardStream(IterableDataset):
 
     def _replacement(self):
         """When no image of a batch can be used: the first usable one among the next LOOKAHEAD samples of
-        this worker's stream (left in the stream; the same one in a resumed run), or None."""
+        this worker's stream (left in the stream), else the latest usable one among the LOOKAHEAD before
+        the batch; None when there is neither. Both come from the raw stream, which a resumed run
+        replays, so a resumed run takes the same one."""
         ahead = getattr(self, "_ahead", None)
-        for sample, pos in (ahead.peek(LOOKAHEAD) if ahead is not None else []):
+        if ahead is None:
+            return None
+        for sample, pos in [*ahead.peek(LOOKAHEAD), *reversed(ahead.history)]:
             item = self._load(sample, pos)
             if item is not None:
                 return item
@@ -615,8 +619,9 @@ class ShardStream(IterableDataset):
         if not good:
             donor = self._replacement()
             if donor is None:
-                raise DataError(f"no image of a batch, nor of the {LOOKAHEAD} samples after it, could be read "
-                                f"(first: {raw[0][0].get('__key__')} in {raw[0][0].get('__url__')})")
+                raise DataError(f"no image of a batch, nor of the {LOOKAHEAD} samples before and after it, could "
+                                f"be used (first: {raw[0][0].get('__key__')} in {raw[0][0].get('__url__')}; each is "
+                                f"named above)")
             good = [donor]
         # an unusable sample is replaced by a usable one of the same batch, as an image folder does
         filled = [x if x is not None else good[i % len(good)] for i, x in enumerate(loaded)]
@@ -626,16 +631,20 @@ class ShardStream(IterableDataset):
 
 
 class Lookahead:
-    """An iterator that can show its next items without consuming them."""
+    """An iterator that can show its next items without consuming them, and keeps its last ``keep``
+    items (``history``)."""
 
-    def __init__(self, items: Iterator) -> None:
+    def __init__(self, items: Iterator, keep: int = LOOKAHEAD) -> None:
         self.items, self.buffer = items, collections.deque()
+        self.history: collections.deque = collections.deque(maxlen=keep)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        return self.buffer.popleft() if self.buffer else next(self.items)
+        item = self.buffer.popleft() if self.buffer else next(self.items)
+        self.history.append(item)
+        return item
 
     def peek(self, n: int) -> list:
         while len(self.buffer) < n:
