@@ -652,4 +652,4 @@ def test_a_run_that_fails_outside_the_loop_still_closes_its_record(tmp_path):
                         str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 1 and "is a checkpoint of lin, not --model mae_swin_pico_128" in r.stderr, r.stderr
     finished = json.loads((out / "run-001.json").read_text())["finished"]
-    assert finished["status"] == "crashed" and "ended before the run finished" in finished["error"]
+    assert finished["status"] == "failed" and "ended before the run finished" in finished["error"]

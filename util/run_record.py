@@ -5,8 +5,9 @@ number, so a reused folder keeps the records of earlier runs and resumes): the f
 the command line, the versions of Python, torch, torchvision, timm and CUDA, the git commit of
 the code when it is a git checkout, the world size and every rank's device. At the end the same
 file gets a ``finished`` entry (status, wall time, final metrics), and the program prints the
-one-line summary made by :func:`summary_line`. A run that ends otherwise (an exception outside the
-training loop, which records its own) gets ``finished: crashed`` when the interpreter exits.
+one-line summary made by :func:`summary_line`. A run that ends otherwise (outside the training loop,
+which records its own ends) gets ``finished`` when the interpreter exits: ``crashed`` with an
+uncaught exception, ``failed`` after a one-line error.
 """
 from __future__ import annotations
 
@@ -115,13 +116,16 @@ class RunRecord:
             atexit.register(self._close_unfinished)
 
     def _close_unfinished(self) -> None:
-        """At exit, a record without ``finished``: ``crashed``, with the uncaught exception when there is one
-        (the training loop records its own failures; this covers start-up and the programs' own code)."""
+        """At exit, a record without ``finished`` gets one: ``crashed`` with the uncaught exception, else
+        ``failed`` (a one-line error ended the program). The training loop records its own ends; this
+        covers start-up and the programs' own code."""
         if self.path is None or "finished" in self.record or not self.path.parent.is_dir():
             return
         error = getattr(sys, "last_value", None)
-        self.finish("crashed", error=f"{type(error).__name__}: {error}"[:2000] if error is not None else
-                    "the program ended before the run finished (its log has the reason)")
+        if error is not None:
+            self.finish("crashed", error=f"{type(error).__name__}: {error}"[:2000])
+        else:
+            self.finish("failed", error="the program ended before the run finished (its log has the reason)")
 
     @classmethod
     def start(cls, args, program: str, device: torch.device) -> "RunRecord":
