@@ -12,7 +12,7 @@ exclusively, is the lock. It is taken over when its holder is a process of this 
 exists, or an earlier run of the same SLURM job (a requeue); otherwise the message says how to
 remove it.
 
-Before claiming the folder, start-up proves that it can hold the run's files: a 64 KiB file named
+Once it holds the lock, a run proves that the folder can hold its files: a 64 KiB file named
 as long as the longest temporary file a run writes is written, synced and removed (a full disk, a
 read-only mount or a path too long for the checkpoint names fail here, in one line, not after an
 epoch of training).
@@ -32,8 +32,8 @@ from .cli import UsageError
 
 LOCK_NAME = ".lock"
 PID_LOCK_NAME = ".lock.pid"
-# the longest temporary name a run writes: ".checkpoint-best.pth.json.XXXXXXXX.tmp" (38 characters)
-PROBE_NAME = ".write-probe-" + "x" * 33 + ".tmp"
+# longer than the longest temporary name a run writes, ".checkpoint-best.pth.json.XXXXXXXX.tmp" (38 characters)
+PROBE_LENGTH = 50
 PROBE_BYTES = 64 * 1024
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
@@ -104,7 +104,8 @@ def _same_slurm_job(holder: dict) -> bool:
 def probe(folder: Path) -> None:
     """Write, sync and remove a file as large as PROBE_BYTES named as long as the longest temporary
     file of a run; one line naming the folder and the reason when that fails."""
-    path = folder / PROBE_NAME
+    name = f".write-probe-{os.getpid()}-"
+    path = folder / (name + "x" * (PROBE_LENGTH - len(name) - 4) + ".tmp")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -116,7 +117,7 @@ def probe(folder: Path) -> None:
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG:
             raise UsageError(f"output folder {folder}: its path ({len(str(folder.resolve()))} characters) is too "
-                             f"long for the run's file names (temporary files of up to {len(PROBE_NAME)} "
+                             f"long for the run's file names (temporary files of up to {PROBE_LENGTH} "
                              f"characters): choose a shorter --output_dir") from None
         raise UsageError(f"output folder {folder} cannot hold the run's files: {e.strerror or e}") from None
 
@@ -167,8 +168,6 @@ def acquire(folder: str | os.PathLike, program: str, log: Callable[[str], None] 
     held = _held.get(key)
     if held is not None and held.pid == os.getpid():
         return held
-    if check_writable:
-        probe(folder)
     path = folder / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -185,20 +184,33 @@ def acquire(folder: str | os.PathLike, program: str, log: Callable[[str], None] 
         os.close(fd)
         if e.errno not in _NO_FLOCK:
             raise UsageError(f"output folder {folder} cannot be locked: {e.strerror or e}") from None
-        return _acquire_pid_file(folder, program, log)
+        return _acquire_pid_file(folder, program, log, check_writable)
     previous = _read_fd(fd)
     try:
         _write_fd(fd, _me(program))
     except OSError as e:
         os.close(fd)
         raise UsageError(f"output folder {folder} cannot hold the run's files: {e.strerror or e}") from None
+    lock = FolderLock(folder, fd, None)
+    _checked(lock, check_writable)
     if previous:
         log(f"note: took over the lock of {folder}: its holder, {describe(previous)}, is no longer running")
-    lock = _held[key] = FolderLock(folder, fd, None)
+    _held[key] = lock
     return lock
 
 
-def _acquire_pid_file(folder: Path, program: str, log: Callable[[str], None]) -> FolderLock:
+def _checked(lock: FolderLock, check_writable: bool) -> None:
+    """The holder proves the folder can hold the run's files; the lock is released when it cannot."""
+    if not check_writable:
+        return
+    try:
+        probe(lock.folder)
+    except UsageError:
+        lock.release()
+        raise
+
+
+def _acquire_pid_file(folder: Path, program: str, log: Callable[[str], None], check_writable: bool) -> FolderLock:
     """The lock where flock is missing: an exclusively created file naming the holder."""
     path = folder / PID_LOCK_NAME
     for _ in range(3):
@@ -226,6 +238,8 @@ def _acquire_pid_file(folder: Path, program: str, log: Callable[[str], None]) ->
         except OSError as e:
             path.unlink(missing_ok=True)
             raise UsageError(f"output folder {folder} cannot hold the run's files: {e.strerror or e}") from None
-        lock = _held[os.path.realpath(folder)] = FolderLock(folder, None, path)
+        lock = FolderLock(folder, None, path)
+        _checked(lock, check_writable)
+        _held[os.path.realpath(folder)] = lock
         return lock
     raise FolderBusy(f"output folder {folder}: another run keeps taking its lock ({path})")
