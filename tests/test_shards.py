@@ -224,6 +224,19 @@ def test_counts_too_low_are_found_where_the_shard_is_read(shards, tmp_path):
     assert len(image_list(str(d), "train", labelled=True)) == 18 and len(keys_of(stream(d), 1)) == 9
 
 
+def test_a_data_error_with_loader_workers_ends_the_run_in_one_line_and_exits(shards, tmp_path):
+    d = copy_shards(shards, tmp_path / "low")
+    edit_index(d, lambda e: e.update(nsamples=2))
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(ROOT / "main_pretrain.py"), *PICO, "--batch_size", "2", "--epochs", "1",
+                        "--num_workers", "2", "--data_path", str(d), "--output_dir", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert r.returncode == 1 and time.time() - t0 < 120, r.stderr[-2000:]   # (the workers would keep it waiting)
+    errors = [l for l in r.stderr.splitlines() if "holds more samples than the 2 its index says" in l]
+    assert len(errors) == 1 and errors[0].startswith("error: shard ") and "Traceback" not in r.stderr
+    assert json.loads((tmp_path / "out" / "run-001.json").read_text())["finished"]["status"] == "failed"
+
+
 def test_a_brace_range_a_digit_too_long_is_refused_before_it_is_expanded(shards):
     from util.shards import brace_count
     assert brace_count("a-{000000..000146}.tar") == 147 and brace_count("{a,b}-{0..9..2}-{x,{1..3}}") == 2 * 5 * 4

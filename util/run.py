@@ -21,6 +21,7 @@ import datetime
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -77,7 +78,8 @@ class Run:
         args = self.args
         ran = max(0, last_epoch + 1 - start_epoch)
         epochs = (f"epochs {start_epoch}-{last_epoch} of {args.epochs} ({ran} in this run)" if ran else
-                  f"no epoch to run ({args.epochs} done)")
+                  f"no epoch to run ({args.epochs} done)" if start_epoch >= args.epochs else
+                  f"no epoch completed in this run (it began at epoch {start_epoch} of {args.epochs})")
         print(summary_line(what, status, time.time() - self.start_time, [epochs, *parts], args.output_dir),
               flush=True)
         self.record.finish(status, epochs_run=ran, last_epoch=last_epoch, **fields)
@@ -328,6 +330,9 @@ def run_epochs(run: Run, epochs: Epochs, model: nn.Module, optimizer, scaler, sa
         epochs.finish("stopped" if isinstance(e, StopRequested) else "failed", e.epoch - 1, reason=str(e))
         return code
     except DataError as e:  # bad data (too many skipped samples, a shard unlike its index): one line
+        # the loader that raised it sits in the traceback's frames: free it now, so that its workers are shut
+        # down here (alive at exit, they would keep the process waiting for them)
+        traceback.clear_frames(e.__traceback__)
         message = _original_message(e)
         if is_main_process():
             print(f"error: {message}; stopping. Last good checkpoint: {_last_good(args.output_dir)}",
