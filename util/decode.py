@@ -66,16 +66,28 @@ def is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
+def check_pixels(height: int, width: int, name: str) -> None:
+    """Refuse what PIL refuses as a decompression bomb (more than twice ``Image.MAX_IMAGE_PIXELS``):
+    simplejpeg has no such limit, and the fast and GPU paths must skip the files the PIL path skips."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and height * width > 2 * limit:
+        raise Image.DecompressionBombError(
+            f"{name}: {width}x{height} = {height * width:,} pixels, over the limit of {2 * limit:,} "
+            f"(twice PIL's Image.MAX_IMAGE_PIXELS): a decompression bomb?")
+
+
 def image_size(enc: Encoded) -> tuple[int, int]:
-    """(height, width) from the header only (no pixel is decoded)."""
+    """(height, width) from the header only (no pixel is decoded); a decompression bomb is refused."""
     if is_jpeg(enc.data):
         import simplejpeg
         try:
             h, w, _, _ = simplejpeg.decode_jpeg_header(enc.data)
-            return h, w
         except ValueError:
             pass
-    w, h = Image.open(io.BytesIO(enc.data)).size
+        else:
+            check_pixels(h, w, enc.name)
+            return h, w
+    w, h = Image.open(io.BytesIO(enc.data)).size  # (PIL applies its own limit here)
     return h, w
 
 
