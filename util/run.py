@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .cli import UsageError
-from .distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
+from .distributed import (cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process,
+                          wait_for_main_process)
 from .loop import NonFiniteLossError, resolve_amp, seed_rngs
 from .run_record import RunClock, RunRecord, summary_line
 from .stop import StopRequested, finish_interrupted, setup_stop_signals
@@ -189,6 +190,7 @@ def run_epochs(run: Run, epochs: Epochs, model: nn.Module, optimizer, scaler, sa
                 epochs.log(epoch, stats, last)
                 log_epoch_stats(run, epoch, stats)
                 print(clock.line(epoch), flush=True)
+            wait_for_main_process(getattr(args, "dist_timeout", 0))  # rank 0 scored, saved and logged alone
             if epoch == args.exit_after_epoch and not last:
                 if is_main_process():
                     print(f"--exit_after_epoch {epoch}: checkpoint written; exiting", flush=True)
