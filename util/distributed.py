@@ -89,6 +89,30 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+# Minutes the other ranks wait for rank 0 in wait_for_main_process: rank 0 alone scores an evaluation
+# (pycocotools on COCO val: minutes, more with masks), writes checkpoints (GBs with SHA-256, on a
+# network file system) and figures. --dist_timeout, which bounds every other wait, is far shorter.
+MAIN_PROCESS_WAIT_MIN = 60.0
+_main_wait_group = None
+
+
+def wait_for_main_process(dist_timeout_min: float = 0.0) -> None:
+    """Every rank calls this, at the same point, after a phase in which rank 0 works alone.
+
+    The other ranks then wait here, in a barrier of a process group of their own whose timeout is
+    ``MAIN_PROCESS_WAIT_MIN`` (or ``dist_timeout_min`` when longer), instead of in the next
+    collective, which the short ``--dist_timeout`` bounds (on NCCL its watchdog would abort the
+    job). The group has the default group's backend (NCCL or gloo) and is made at the first call,
+    which every rank reaches together. No-op without a process group."""
+    global _main_wait_group
+    if not is_dist():
+        return
+    if _main_wait_group is None:
+        minutes = max(MAIN_PROCESS_WAIT_MIN, float(dist_timeout_min))
+        _main_wait_group = dist.new_group(timeout=datetime.timedelta(minutes=minutes))
+    dist.barrier(group=_main_wait_group)
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if is_dist():
         t = t.clone()

@@ -33,7 +33,7 @@ from . import output_lock
 from .cli import UsageError
 from .datasets import SKIP_LIST_NAME, SKIP_LOG_ENV, DataError, check_skipped
 from .distributed import (cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_dist,
-                          is_main_process)
+                          is_main_process, wait_for_main_process)
 from .loop import NonFiniteLossError, resolve_amp, seed_rngs
 from .run_record import RunClock, RunRecord, summary_line
 from .stop import StopRequested, finish_interrupted, setup_stop_signals
@@ -308,6 +308,7 @@ def run_epochs(run: Run, epochs: Epochs, model: nn.Module, optimizer, scaler, sa
             epochs.log(epoch, stats, last)
             log_epoch_stats(run, epoch, stats)
             print(clock.line(epoch), flush=True)
+        wait_for_main_process(getattr(args, "dist_timeout", 0))  # rank 0 scored, saved and logged alone
         check_skipped(stats, epoch, getattr(args, "max_skipped", None), skip_list)
         if epoch == args.exit_after_epoch and not last:
             if is_main_process():
