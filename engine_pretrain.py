@@ -12,9 +12,8 @@ from engine.distributed import get_rank, get_world_size, is_main_process
 from engine.run import Run
 from engine.step import StepOutput
 from engine.trainer import Evaluation, Task
-from imagedata.datasets import image_list
 from models.masking import draw_masks, secondary_mask
-from util.visualize import figure_transform, spread_indices, write_reconstruction
+from util.visualize import write_reconstruction
 
 FIGURE_SEED = 12345  # the same masks in every figure of a run
 
@@ -57,8 +56,10 @@ class PretrainTask(Task):
     masks drawn by a ``MaskSampler``; a reconstruction figure every --vis_freq epochs and at the end."""
 
     def __init__(self, config: PretrainConfig, model: torch.nn.Module, train_model: torch.nn.Module,
-                 run: Run) -> None:
+                 run: Run, figures: Optional[torch.Tensor] = None) -> None:
+        """``figures``: (k, 3, S, S) the images of every reconstruction figure (rank 0's)."""
         self.config, self.model, self.train_model, self.run = config, model, train_model, run
+        self.figures = figures
         self.what = f"{config.model} pretraining"
         self.masks = MaskSampler(config.token_size, config.mask_ratio, config.mask_regular, config.vis_mask_ratio,
                                  seed=config.seed, device=run.device, rounding=model.contract.mask_rounding)
@@ -82,8 +83,10 @@ class PretrainTask(Task):
 
     def finish(self, stats: dict, evaluation: Optional[Evaluation], best: float,
                best_period: Optional[int]) -> tuple[list[str], dict]:
+        reserved = (f" (reserved {stats['peak_reserved_mb']:.0f} MB)"
+                    if stats and self.run.device.type == "cuda" and "peak_reserved_mb" in stats else "")
         parts = [f"final loss {stats['loss']:.4f}, {stats['images_per_sec']:.1f} img/s, "
-                 f"peak mem {stats['peak_mem_mb']:.0f} MB"] if stats else []
+                 f"peak mem {stats['peak_mem_mb']:.0f} MB{reserved}"] if stats else []
         return parts, {"final": stats or None}
 
     def complete(self, last_period: int, trained: bool) -> dict:
@@ -97,20 +100,10 @@ class PretrainTask(Task):
         return {"figure": str(path)}
 
     def figure(self, period: int) -> Path:
-        """The reconstruction figure of four training images spread over the data (and TensorBoard's)."""
+        """The reconstruction figure of the run's figure images (util.visualize.figure_images, picked once
+        at start-up) and TensorBoard's."""
         c, device = self.config, self.run.device
-        images = image_list(c.data_path, "train", labelled=False)
-        tf = figure_transform(c.input_size)
-        picked = []
-        # spread over the (class-sorted) list; unreadable picks are replaced by the next readable image
-        for start in spread_indices(len(images), 4):
-            for i in range(start, len(images)):
-                try:
-                    picked.append(tf(images.load(i)[0]))
-                    break
-                except Exception:
-                    continue
-        imgs = torch.stack(picked).to(device)
+        imgs = self.figures.to(device)
         gen = torch.Generator(device=device).manual_seed(FIGURE_SEED)
         mask = draw_masks(len(imgs), c.token_size, c.mask_ratio, c.mask_regular, generator=gen, device=device,
                           rounding=self.model.contract.mask_rounding)

@@ -35,7 +35,7 @@ class SegmentTask(Task):
         imgs, labels, ok = batch
         device = self.run.device
         loss, _ = self.train_model(imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-        return StepOutput(loss, imgs.shape[0], {"replaced_pairs": int((ok == 0).sum())})
+        return StepOutput(loss, imgs.shape[0], {"skipped_images": int((ok == 0).sum())})
 
     def evaluate(self, period: Optional[int]) -> Evaluation:
         c = self.config

@@ -8,7 +8,8 @@
 adapters and an FPN; ``--detector mask_rcnn``: torchvision's Mask R-CNN on the same backbone and
 adapters (box and mask AP). Every flag defaults to the reference's recipe (DETECTION.md, "Flags").
 Evaluation: the 12 COCO numbers by pycocotools after every ``--eval_freq`` epochs, as JSON
-(``eval_epoch{E}.json``).
+(``eval_epoch{E}.json``); one image per forward, as mmdet, so the numbers do not depend on
+``--batch_size`` or the number of ranks.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--detector", default="gfl", choices=DETECTORS,
                    help="gfl: the reference's GFL head; mask_rcnn: torchvision's Mask R-CNN (box + mask AP)")
-    p.add_argument("--batch_size", default=2, type=int, help="images per GPU")
+    p.add_argument("--batch_size", default=2, type=int,
+                   help="training images per GPU (evaluation runs one image per forward, as mmdet)")
     p.add_argument("--epochs", default=25, type=int)
     p.add_argument("--accum_iter", default=1, type=int)
     p.add_argument("--model", default="swin_tiny_256", type=str,
@@ -114,7 +116,8 @@ def main(config: DetectConfig) -> int:
     cpu_note = setup_cpu_training(model, run.device, config.cpu_matmul, compiled=config.compile and not config.eval)
     run.log(cpu_note)
     collate_fn = functools.partial(collate, size_divisor=backbone.size_divisor)
-    val = eval_loader(val_set, config.batch_size, run.world, run.rank, config.num_workers, run.device, config.pin_mem,
+    # one image per evaluation forward, as mmdet: the numbers do not depend on --batch_size or the world size
+    val = eval_loader(val_set, 1, run.world, run.rank, config.num_workers, run.device, config.pin_mem,
                       collate=collate_fn)
     optimizer = make_adamw(dense_param_groups(model, backbone, config.weight_decay, config.layer_decay), config.lr,
                            run.device)

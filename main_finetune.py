@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -25,7 +26,7 @@ from engine.checkpoint import stored_model_name
 from engine.cpu_perf import setup_cpu_training
 from engine.distributed import is_main_process
 from engine.lars import LARS
-from engine.loaders import eval_loader, train_loader
+from engine.loaders import TrainLoader, eval_loader, train_loader
 from engine.optim import make_adamw, param_groups_lrd
 from engine.run import Run, start_run, wrap_for_training
 from engine.schedule import CosineSchedule
@@ -34,8 +35,8 @@ from engine.step import make_scaler
 from engine.trainer import Cadence, Periods, Trainer, evaluate_only, require_a_batch
 from engine_finetune import ClassifyTask, KnnTask, use_linear_probe
 from errors import DataError, UsageError
-from imagedata.datasets import build_finetune_dataset, eval_transform, finetune_train_transform, image_list, \
-    report_left_out
+from imagedata.datasets import build_finetune_dataset, data_fingerprint, eval_transform, finetune_train_transform, \
+    image_list, report_left_out
 from util.pretrained import load_pretrained
 
 DEFAULT_MODEL = "swin_tiny_256"
@@ -156,12 +157,12 @@ def main(config: FinetuneConfig) -> int:
                            config.pin_mem, shard=True)
         return evaluate_only(run, KnnTask(config, model, run, bank, val))
     config = replace(config, lr=effective_lr(config, run.world))
+    loader, data = classification_loader(config, run) if not config.eval else (None, None)
     state = TrainState(RunFlags.of(config), model, make_optimizer(config, model, run.device),
-                       make_scaler(config.amp, run.device), best_key=ClassifyTask.best_key)
+                       make_scaler(config.amp, run.device), best_key=ClassifyTask.best_key, data=data)
     state.resume(log=lambda *a, **k: print(*a, **k) if is_main_process() else None)
     if config.eval:
         return evaluate_only(run, ClassifyTask(config, model, model, run, val, state.checkpoint))
-    loader = classification_loader(config, run)
     state.train_model = wrap_for_training(model, run, config.compile)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.note(f"{config.model}: {n_train / 1e6:.2f}M trainable parameters; {config.num_train} train / "
@@ -197,7 +198,8 @@ def make_optimizer(config: FinetuneConfig, model: torch.nn.Module, device: torch
     return make_adamw(param_groups_lrd(model, config.weight_decay, config.layer_decay), config.lr, device)
 
 
-def classification_loader(config: FinetuneConfig, run: Run):
+def classification_loader(config: FinetuneConfig, run: Run) -> tuple[TrainLoader, Optional[dict]]:
+    """The training loader, and the fingerprint of its shards (None for image folders) for checkpoints."""
     transform = finetune_train_transform(config.input_size, config.color_jitter, config.min_crop_scale, config.aa,
                                          config.reprob, config.remode, config.recount)
     train_set = build_finetune_dataset(config.data_path, "train", config.input_size, config.batch_size, config.seed,
@@ -205,7 +207,7 @@ def classification_loader(config: FinetuneConfig, run: Run):
     loader = train_loader(train_set, config.batch_size, run.world, run.rank, config.seed, config.num_workers,
                           run.device, config.pin_mem)
     require_a_batch(len(loader), len(train_set), config.batch_size, run.world)
-    return loader
+    return loader, data_fingerprint(train_set)
 
 
 if __name__ == "__main__":

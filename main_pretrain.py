@@ -21,6 +21,7 @@ from config.pretrain import PretrainConfig, check_flags, model_kwargs, resolve
 from config.sections import effective_lr, step_settings
 from engine.checkpoint import safe_load, unwrap_state_dict
 from engine.cpu_perf import setup_cpu_training
+from engine.distributed import is_main_process
 from engine.loaders import train_loader
 from engine.optim import make_adamw
 from engine.run import start_run, wrap_for_training
@@ -30,8 +31,9 @@ from engine.step import make_scaler
 from engine.trainer import Cadence, Periods, Trainer, require_a_batch
 from engine_pretrain import PretrainTask
 from errors import DataError, UsageError
-from imagedata.datasets import build_pretrain_dataset, image_list, report_left_out
+from imagedata.datasets import build_pretrain_dataset, data_fingerprint, image_list, report_left_out
 from imagedata.decode import DECODERS, GpuDecodeLoader, use_decoder
+from util.visualize import figure_images
 
 __all__ = ["effective_lr", "get_args_parser", "main", "parse_args"]
 
@@ -87,6 +89,9 @@ def configure(flags: argparse.Namespace) -> PretrainConfig:
     if flags.model not in pretrain_models:
         raise UsageError(f"unknown --model {flags.model!r}; valid pretraining models: {', '.join(pretrain_models)}")
     options = models.describe_class(flags.model).build_options
+    note = models.describe_class(flags.model).compile_note
+    if flags.compile and note:
+        raise UsageError(f"--compile does not suit {flags.model}: it {note}; drop --compile")
     try:
         contract = models.describe(flags.model, **{**model_kwargs(flags, options), "vis_mask_ratio": 0.0})
     except ValueError as e:
@@ -109,6 +114,7 @@ def main(config: PretrainConfig) -> int:
     loader = train_loader(dataset, config.batch_size, run.world, run.rank, config.seed, config.num_workers,
                           run.device, config.pin_mem, collate=collate, wrap=wrap)
     require_a_batch(len(loader), len(dataset), config.batch_size, run.world)
+    figures = figure_images(dataset.images, config.input_size) if is_main_process() else None
 
     model = models.create_model(config.model, **config.model_kwargs(models.describe_class(config.model).build_options))
     model = model.to(run.device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
@@ -118,7 +124,8 @@ def main(config: PretrainConfig) -> int:
     # The reference decays every >1-D tensor in pretraining (tokens included); a method may say otherwise.
     groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=model.contract.no_weight_decay)
     optimizer = make_adamw(groups, config.lr, run.device, betas=(0.9, 0.95))
-    state = TrainState(RunFlags.of(config), model, optimizer, make_scaler(config.amp, run.device))
+    state = TrainState(RunFlags.of(config), model, optimizer, make_scaler(config.amp, run.device),
+                       data=data_fingerprint(dataset))
     if state.resume() is None and config.load_from:
         model.load_state_dict(unwrap_state_dict(safe_load(config.load_from)), strict=True)
         print(f"initialised weights from {config.load_from}")
@@ -130,7 +137,7 @@ def main(config: PretrainConfig) -> int:
              cpu=cpu_note or None, start={"epoch": state.epoch, "step": state.step}, lr=config.lr, effective_batch=eff_batch,
              steps_per_epoch=len(loader), num_images=len(dataset))
     write_recipe(config, run.rank)
-    task = PretrainTask(config, model, state.train_model, run)
+    task = PretrainTask(config, model, state.train_model, run, figures)
     periods = Periods(len(loader), len(loader) * config.epochs)
     schedule = CosineSchedule(config.lr, config.min_lr, config.warmup_epochs, config.epochs)
     return Trainer(run, state, task, loader, schedule, periods, step_settings(config),

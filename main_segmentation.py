@@ -127,12 +127,12 @@ def main(config: SegmentConfig) -> int:
     val_pairs = find_pairs(config.data_path, "val")
     report_skipped("validation", val_pairs)
     val_set = SegmentationDataset(val_pairs, train=False, reduce_zero_label=config.reduce_zero_label,
-                                  test_scale=config.img_scale)
+                                  test_scale=config.img_scale, num_classes=config.nb_classes)
     val = eval_loader(val_set, 1, run.world, run.rank, config.num_workers, run.device, config.pin_mem)
     model = build_model(config, run)
     run.log(setup_cpu_training(model, run.device, config.cpu_matmul, compiled=config.compile and not config.eval))
-    optimizer = make_adamw(dense_param_groups(model, model.backbone, config.weight_decay, config.layer_decay),
-                           config.lr, run.device, betas=config.opt_betas)
+    groups = dense_param_groups(model, model.backbone, config.weight_decay, config.layer_decay, rule="beit")
+    optimizer = make_adamw(groups, config.lr, run.device, betas=config.opt_betas)
     periods = Periods(config.eval_interval, config.iters, unit="iteration")
     state = TrainState(RunFlags.of(config, epochs=periods.count), model, optimizer, make_scaler(config.amp, run.device),
                        best_key=SegmentTask.best_key)
@@ -180,7 +180,7 @@ def segmentation_loader(config: SegmentConfig, run: Run):
     transform = TrainTransform(config.input_size, config.img_scale, config.ratio_range, config.cat_max_ratio,
                                photometric=config.photometric)
     train_set = SegmentationDataset(train_pairs, train=True, reduce_zero_label=config.reduce_zero_label,
-                                    transform=transform)
+                                    transform=transform, num_classes=config.nb_classes)
     sampler = IterationSampler(len(train_set), run.world, run.rank, config.seed, config.batch_size, config.iters,
                                config.eval_interval)
     loader = train_loader(train_set, config.batch_size, run.world, run.rank, config.seed, config.num_workers,

@@ -76,6 +76,10 @@ def add_common_args(p: argparse.ArgumentParser, save_help: str = "write checkpoi
     p.add_argument("--save_freq", default=20, type=int, help=save_help)
     p.add_argument("--keep_last", default=0, type=int, help="keep only the newest K numbered checkpoints (0: all)")
     p.add_argument("--exit_after_epoch", default=-1, type=int, help=exit_help)
+    p.add_argument("--max_skipped", default=None, type=int,
+                   help="end the run when an epoch skips more unreadable samples than this, all ranks together "
+                        "(-1: never); default: 1%% of the epoch's samples, at least 50. Each skipped sample is "
+                        "named in OUTPUT_DIR/skipped-samples.txt")
     p.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
     p.add_argument("--world_size", default=1, type=int, help="set by torchrun / submitit")
     p.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="accepted for torch.distributed.launch")

@@ -72,4 +72,5 @@ def effective_lr(flags, world_size: int) -> float:
 def step_settings(config) -> StepSettings:
     """How the micro-steps of a run go, from its config."""
     return StepSettings(accum=config.accum_iter, clip=config.clip_grad, amp=config.amp, print_every=config.print_freq,
-                        seed=config.seed, num_workers=config.num_workers)
+                        seed=config.seed, num_workers=config.num_workers, max_skipped=config.max_skipped,
+                        dist_timeout=config.dist_timeout)

@@ -32,22 +32,41 @@ def is_main_process() -> bool:
 
 @dataclass(frozen=True)
 class Placement:
-    """This process's place in the run: its rank, the number of processes and its device."""
+    """This process's place in the run: its rank, the number of processes, its device, and whether a
+    launcher started it (then it is in a process group, one process included)."""
     rank: int
     world: int
     device: str          # "cpu", or "cuda:N" (the process's own GPU)
+    distributed: bool = False
+
+
+def local_gpu(local_rank: int, rank: int) -> int:
+    """The CUDA device of a rank: LOCAL_RANK modulo the GPUs this process sees, and a line saying so
+    when they differ (SLURM's --gpus-per-task / --gpu-bind show each task only its own GPU as cuda:0)."""
+    count = torch.cuda.device_count()
+    if count < 1:
+        raise SystemExit("error: CUDA is available but no GPU is visible to this process (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
+    gpu = local_rank % count
+    if gpu != local_rank:
+        print(f"rank {rank}: LOCAL_RANK {local_rank}, {count} visible GPU(s) (CUDA_VISIBLE_DEVICES="
+              f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): using cuda:{gpu}", flush=True)
+    return gpu
 
 
 def init_distributed(device: str, dist_url: str = "env://", timeout_min: float = 3.0) -> Placement:
     """Read torchrun's (or submitit's) environment and join the process group when there is one.
 
-    ``device`` "cuda" becomes this process's GPU (``LOCAL_RANK``; ``cuda:N`` in a single process);
-    ``timeout_min`` bounds collective waits: when a rank dies the others fail with an error within
-    that time instead of hanging.
+    A launcher's environment (RANK and WORLD_SIZE) always builds a process group and DDP, one
+    process included, so that a 1-GPU torchrun runs the code path of the 8-GPU run.
+    ``device`` "cuda" becomes this process's GPU (``LOCAL_RANK`` modulo the visible GPUs; ``cuda:N``
+    in a single process); ``timeout_min`` bounds collective waits: when a rank dies the others fail
+    with an error within that time instead of hanging.
     """
     env = os.environ
     use_cuda = str(device).startswith("cuda")
-    if "RANK" in env and "WORLD_SIZE" in env:
+    launched = "RANK" in env and "WORLD_SIZE" in env
+    if launched:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         gpu = int(env.get("LOCAL_RANK", 0))
     else:  # one process: honour --device cuda:N
@@ -56,14 +75,16 @@ def init_distributed(device: str, dist_url: str = "env://", timeout_min: float =
     if use_cuda:
         if not torch.cuda.is_available():
             raise SystemExit(f"error: --device {device} but CUDA is not available; use --device cpu")
+        if launched:
+            gpu = local_gpu(gpu, rank)
         torch.cuda.set_device(gpu)
         device = f"cuda:{gpu}"
-    if world > 1:
+    if launched:
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend=backend, init_method=dist_url, world_size=world, rank=rank,
                                 timeout=datetime.timedelta(minutes=float(timeout_min)),
                                 device_id=torch.device(device) if use_cuda else None)
-    return Placement(rank, world, device)
+    return Placement(rank, world, device, launched)
 
 
 def cleanup() -> None:
@@ -76,6 +97,30 @@ def cleanup() -> None:
         except RuntimeError:  # a peer already gone: nothing left to wait for
             pass
         dist.destroy_process_group()
+
+
+# Minutes the other ranks wait for rank 0 in wait_for_main_process: rank 0 alone scores an evaluation
+# (pycocotools on COCO val: minutes, more with masks), writes checkpoints (GBs with SHA-256, on a
+# network file system) and figures. --dist_timeout, which bounds every other wait, is far shorter.
+MAIN_PROCESS_WAIT_MIN = 60.0
+_main_wait_group = None
+
+
+def wait_for_main_process(dist_timeout_min: float = 0.0) -> None:
+    """Every rank calls this, at the same point, after a phase in which rank 0 works alone.
+
+    The other ranks then wait here, in a barrier of a process group of their own whose timeout is
+    ``MAIN_PROCESS_WAIT_MIN`` (or ``dist_timeout_min`` when longer), instead of in the next
+    collective, which the short ``--dist_timeout`` bounds (on NCCL its watchdog would abort the
+    job). The group has the default group's backend (NCCL or gloo) and is made at the first call,
+    which every rank reaches together. No-op without a process group."""
+    global _main_wait_group
+    if not is_dist():
+        return
+    if _main_wait_group is None:
+        minutes = max(MAIN_PROCESS_WAIT_MIN, float(dist_timeout_min))
+        _main_wait_group = dist.new_group(timeout=datetime.timedelta(minutes=minutes))
+    dist.barrier(group=_main_wait_group)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

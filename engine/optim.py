@@ -24,12 +24,15 @@ def fused_optimizer_ok(device: torch.device) -> bool:
 
 
 def param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: float, body: Optional[nn.Module] = None,
-                     no_weight_decay: Iterable[str] = ()) -> list[dict]:
+                     no_weight_decay: Iterable[str] = (), rule: str = "classifier") -> list[dict]:
     """Optimizer groups of ``model``'s trainable parameters with ``lr_scale`` and weight decay.
 
     ``body``: the classifier inside ``model`` whose contract gives the layer ids (default: ``model``
     itself); parameters outside it (a dense model's adapters, neck and heads) take the top id, scale 1.
-    ``no_weight_decay``: more parameters left undecayed, by any part of their name."""
+    ``no_weight_decay``: more parameters left undecayed, by any part of their name. ``rule``: which
+    parameters are not decayed (DECAY_RULES)."""
+    if rule not in DECAY_RULES:
+        raise ValueError(f"weight-decay rule {rule!r}: valid choices are {', '.join(DECAY_RULES)}")
     body = model if body is None else body
     contract = body.contract
     n = contract.num_layers
@@ -42,7 +45,13 @@ def param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: float, 
             continue
         own = body_names.get(id(p))
         lid = contract.layer_id(own) if own is not None else n
-        no_decay = p.ndim == 1 or own in contract.no_weight_decay or any(k in name for k in extra)
+        if rule == "classifier":
+            no_decay = p.ndim == 1 or own in contract.no_weight_decay
+        elif rule == "mmdet":
+            no_decay = name.endswith(".bias") or (own is not None and (p.ndim == 1 or own in contract.no_weight_decay))
+        else:  # beit
+            no_decay = p.ndim == 1 or name.endswith(".bias")
+        no_decay = no_decay or any(k in name for k in extra)
         key = (lid, no_decay)
         if key not in groups:
             groups[key] = {"params": [], "param_names": [], "lr_scale": scales[lid], "layer_id": lid,
@@ -52,11 +61,26 @@ def param_groups_lrd(model: nn.Module, weight_decay: float, layer_decay: float, 
     return [groups[k] for k in sorted(groups)]
 
 
+# Which parameters are not decayed:
+#   * "classifier": 1-D tensors (norms, biases) and the contract's ``no_weight_decay`` names;
+#   * "mmdet" (detection; mmdet's ``custom_keys`` pos_embed / norm / bias, matched against the reference's
+#     parameter names): the body's 1-D tensors and ``no_weight_decay`` names, and every bias. Norm weights
+#     outside the body (adapter LayerNorms, FPN BatchNorms, head GroupNorms) are decayed: the reference
+#     names them ``upK.0``, ``bn``, ``gn``, which match none of the keys;
+#   * "beit" (segmentation; the BEiT layer-decay constructor): every 1-D tensor and every bias; everything
+#     else is decayed, ``pos_embed`` included (that constructor compares ``'pos_embed'`` with the full
+#     name ``backbone.pos_embed``, which never matches).
+# Names containing any of ``no_weight_decay`` are never decayed.
+DECAY_RULES = ("classifier", "mmdet", "beit")
+
+
 def dense_param_groups(model: nn.Module, backbone: nn.Module, weight_decay: float, layer_decay: float = 1.0,
-                       no_weight_decay: tuple[str, ...] = ()) -> list[dict]:
+                       no_weight_decay: tuple[str, ...] = (), rule: str = "mmdet") -> list[dict]:
     """``param_groups_lrd`` of a dense model (detector, segmenter) holding ``backbone``
-    (models.dense.DenseBackbone): its classifier's layer ids, scale 1 for everything else."""
-    return param_groups_lrd(model, weight_decay, layer_decay, body=backbone.body, no_weight_decay=no_weight_decay)
+    (models.dense.DenseBackbone): its classifier's layer ids, scale 1 for everything else, weight
+    decay after the reference's constructor of the task (``rule``: "mmdet" or "beit")."""
+    return param_groups_lrd(model, weight_decay, layer_decay, body=backbone.body, no_weight_decay=no_weight_decay,
+                            rule=rule)
 
 
 def make_adamw(groups: list[dict], lr: float, device: torch.device,

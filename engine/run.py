@@ -1,12 +1,14 @@
 """Start-up: what every program does before its first step, and the run it describes.
 
 ``start_run`` is where the side effects of a run begin: stop handlers (a stop during start-up
-counts), the process group, the device, precision, seeds, loader workers, the run record and
-TensorBoard. Everything before it (parsing flags, resolving them into a config) writes nothing.
+counts), the process group, the device, precision, seeds, loader workers, the lock on the output
+folder (engine/output_lock.py, held for the life of the run), the run record and TensorBoard.
+Everything before it (parsing flags, resolving them into a config) writes nothing.
 """
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -16,8 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from engine import safe_archive
-from engine.distributed import default_num_workers, init_distributed, is_main_process
+from engine import output_lock, safe_archive
+from engine.distributed import default_num_workers, init_distributed, is_dist, is_main_process
 from engine.record import RunRecord, summary_line
 from engine.step import resolve_amp, seed_rngs
 from engine.stop import StopFlag, setup_stop_signals
@@ -46,6 +48,7 @@ class RunConfig:
     save_freq: int                       # numbered checkpoints every N periods
     keep_last: int                       # numbered checkpoints kept (0: all)
     exit_after_epoch: int                # finish this period, checkpoint and exit (-1: never)
+    max_skipped: Optional[int]           # unreadable samples a period may skip (None: 1%, at least 50; -1: any)
     print_freq: int                      # a progress line every N micro-steps
     world_size: int                      # processes (start-up sets the real one)
     local_rank: int                      # torch.distributed.launch's --local_rank
@@ -69,20 +72,28 @@ class Run:
     log_dir: Optional[str] = None
     start_time: float = field(default_factory=time.time)
     log_writer: Optional[object] = None
+    lock: Optional[output_lock.FolderLock] = None
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        """In a process group (a launcher's, one process included): the model is wrapped in DDP."""
+        return is_dist()
 
     def open_log_writer(self) -> None:
-        """TensorBoard on rank 0 when a log folder is set."""
+        """TensorBoard on rank 0 when a log folder is set; a failing disk turns it off, not the run."""
         if is_main_process() and self.log_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self.log_writer = SummaryWriter(log_dir=self.log_dir)
+            self.log_writer = TensorBoard(SummaryWriter(log_dir=self.log_dir), self.log_dir)
 
     def close_log_writer(self) -> None:
         if self.log_writer is not None:
             self.log_writer.close()
+
+    def release(self) -> None:
+        """Give up the output folder's lock (the run wrote its last file)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def log(self, *lines: str) -> None:
         """Rank 0 prints ``lines`` (empty ones are skipped)."""
@@ -124,14 +135,72 @@ def start_run(config, program: str):
     device = torch.device(place.device)
     amp = resolve_amp(config.amp, device)
     seed_rngs(config.seed, place.rank)
+    gpu_numerics(device)
+    workers = config.num_workers if config.num_workers is not None else default_num_workers(device)
+    config = replace(config, device=place.device, world_size=place.world, amp=amp, num_workers=workers)
+    lock = lock_output_dir(config.output_dir, program)  # before anything is written into the folder
+    record = RunRecord.start(config, program, device)
+    run = Run(device, place.rank, place.world, stop, record, config.output_dir, config.log_dir, lock=lock)
+    return run, config
+
+
+def gpu_numerics(device: torch.device) -> None:
+    """fp32 matmuls and convolutions in TF32 on a GPU: every program and tools/benchmark.py use this.
+
+    SDPA keeps PyTorch's backend order (on an H100 with cuDNN >= 9.9 cuDNN attention comes first);
+    scripts/gpu_check.sh compares its outputs and mask gradients with the memory-efficient and math
+    kernels at the models' window shapes."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    workers = config.num_workers if config.num_workers is not None else default_num_workers(device)
-    config = replace(config, device=place.device, world_size=place.world, amp=amp, num_workers=workers)
-    record = RunRecord.start(config, program, device)
-    run = Run(device, place.rank, place.world, stop, record, config.output_dir, config.log_dir)
-    return run, config
+
+
+class TensorBoard:
+    """A SummaryWriter whose failures cannot end the run: the first OSError (a full or vanished
+    log folder, raised by its writer thread at the next call) is named once, and TensorBoard stays
+    off for the rest of the run. Every other attribute is the writer's."""
+
+    def __init__(self, writer, log_dir: str) -> None:
+        self._writer, self._log_dir = writer, log_dir
+        self.failed: Optional[BaseException] = None
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._writer, name)
+        if not callable(attr):
+            return attr
+
+        def guarded(*args, **kwargs):
+            if self.failed is not None:
+                return None
+            try:
+                return attr(*args, **kwargs)
+            except OSError as e:
+                self.failed = e
+                print(f"warning: TensorBoard cannot write to {self._log_dir} ({type(e).__name__}: {e}); "
+                      f"training goes on without it", file=sys.stderr, flush=True)
+                try:
+                    self._writer.close()
+                except OSError:
+                    pass
+                return None
+        return guarded
+
+
+def lock_output_dir(output_dir: str, program: str) -> Optional[output_lock.FolderLock]:
+    """Rank 0 locks the output folder (engine/output_lock.py); every rank fails alike when it is taken."""
+    lock, refusal = None, ""
+    if is_main_process():
+        try:
+            lock = output_lock.acquire(output_dir, program, log=lambda m: print(m, flush=True))
+        except UsageError as e:
+            refusal = str(e)
+    if is_dist():
+        box = [refusal]
+        torch.distributed.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise UsageError(refusal)
+    return lock
 
 
 def make_output_dir(path: str) -> None:
@@ -145,12 +214,16 @@ def make_output_dir(path: str) -> None:
 
 
 def wrap_for_training(model: nn.Module, run: Run, compile: bool = False) -> nn.Module:
-    """DDP across the group (when distributed), then torch.compile (``compile``)."""
+    """DDP across the group (when distributed), then torch.compile (``compile``).
+
+    Gradients are views into DDP's all-reduce buckets (``gradient_as_bucket_view``): no second copy
+    of every gradient. Every parameter gets a gradient in every step of every model (tests), so
+    ``find_unused_parameters`` stays off."""
     train_model = model
     if run.distributed:
         device = run.device
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if compile:
         train_model = torch.compile(train_model)
     return train_model

@@ -14,7 +14,13 @@ Write order at the end of an epoch: ``checkpoint-{epoch}.pth`` (when due) and
 ``checkpoint-best.pth``, then ``checkpoint-last.pth``, then the epoch's
 ``log.txt`` line. Each checkpoint carries that line, so a kill before it was
 written is repaired on resume; a kill at any other point leaves every file
-whole (engine.checkpoint.save_atomic).
+whole (engine.checkpoint.save_atomic). An epoch that evaluates is first saved to
+``checkpoint-last.pth`` alone, marked ``evaluation_pending`` (its training statistics);
+a resume from that file runs the evaluation before the next epoch (engine.trainer.Trainer).
+
+For tar shards, ``data`` records the training shards (``ShardImages.fingerprint``: names,
+samples and sizes, and their digest, also in the sidecar): a resume on other shards is named,
+and refused mid-epoch, where the recorded position would mean other samples.
 """
 from __future__ import annotations
 
@@ -80,17 +86,23 @@ def effective_batch(flags) -> int:
 
 def save_training_state(flags, epoch: int, model, optimizer, scaler, next_step: int = 0, numbered: bool = False,
                         extra_names: tuple[str, ...] = (), extra: Optional[dict] = None,
-                        log_record: Optional[dict] = None) -> None:
+                        log_record: Optional[dict] = None, append_log: bool = True,
+                        evaluation_pending: Optional[dict] = None) -> None:
     """Rank 0 writes ``checkpoint-{epoch}.pth`` (when ``numbered``) and ``extra_names``, then
-    ``checkpoint-last.pth``, then ``log_record`` as a line of log.txt; every file atomically."""
+    ``checkpoint-last.pth``, then ``log_record`` as a line of log.txt (unless ``append_log`` is off:
+    the checkpoint still carries it); every file atomically. ``evaluation_pending``: the epoch's
+    training statistics, when its evaluation is still to run."""
     if not is_main_process():
         return
     world = _world(flags)
     progress = {"epoch": epoch, "next_step": next_step, "samples": next_step * flags.batch_size * world,
                 "batch_size": flags.batch_size, "world_size": world, "accum_iter": max(1, flags.accum_iter),
                 "timeline": int(getattr(flags, "timeline", 0)), "model_name": flags.model,
-                "finished": not next_step and epoch + 1 >= flags.epochs}
+                "finished": not next_step and evaluation_pending is None and epoch + 1 >= flags.epochs}
     plain = {k: v for k, v in vars(flags).items() if _plain(v)}
+    data = getattr(flags, "data_fingerprint", None)
+    if isinstance(data, dict):
+        progress["data_digest"] = data["digest"]
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
              "scaler": scaler.state_dict() if scaler is not None else {},
              "args": argparse.Namespace(**plain), "config": plain, "model_name": flags.model, "progress": progress}
@@ -98,6 +110,10 @@ def save_training_state(flags, epoch: int, model, optimizer, scaler, next_step: 
         state["next_step"] = next_step
     if log_record is not None:
         state["log_record"] = log_record
+    if evaluation_pending is not None:
+        state["evaluation_pending"] = {"stats": dict(evaluation_pending)}
+    if isinstance(data, dict):
+        state["data"] = data
     if extra:
         state.update(extra)
     out = Path(flags.output_dir)
@@ -106,7 +122,7 @@ def save_training_state(flags, epoch: int, model, optimizer, scaler, next_step: 
     for name in extra_names:
         ckpt_util.save_atomic(state, out / name)
     ckpt_util.save_atomic(state, out / ckpt_util.LAST_NAME, meta=progress)
-    if log_record is not None:
+    if log_record is not None and append_log:
         with open(out / "log.txt", "a") as f:
             f.write(json.dumps(log_record) + "\n")
     if numbered:
@@ -204,6 +220,42 @@ def _repair_log(ckpt: dict, out: Path, log) -> None:
         log(f"log.txt: restored the line of epoch {record['epoch']} from the checkpoint", flush=True)
 
 
+def describe_data_change(saved: dict, now: dict) -> str:
+    """What differs between two shard fingerprints, naming shards where both lists are known."""
+    old_rows, new_rows = saved.get("list"), now.get("list")
+    if isinstance(old_rows, list) and isinstance(new_rows, list):
+        before = {r[0]: tuple(r[1:]) for r in old_rows if isinstance(r, (list, tuple)) and r}
+        after = {r[0]: tuple(r[1:]) for r in new_rows}
+        parts = []
+        for label, names in (("added", [n for n in after if n not in before]),
+                             ("removed", [n for n in before if n not in after]),
+                             ("changed", [n for n in after if n in before and after[n] != before[n]])):
+            if names:
+                parts.append(f"{len(names)} {label} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        if not parts and [r[0] for r in old_rows] != [r[0] for r in new_rows]:
+            parts.append("the same shards in another order")
+        if parts:
+            return "; ".join(parts)
+    return (f"{saved.get('shards')} shards of {saved.get('samples')} samples then, {now.get('shards')} of "
+            f"{now.get('samples')} now")
+
+
+def _check_data(ckpt: dict, flags, path: Path, explicit: bool, log) -> None:
+    """Name a resume on other training shards; refuse it mid-epoch unless asked (the position it
+    records would mean other samples)."""
+    saved, now = ckpt.get("data"), getattr(flags, "data_fingerprint", None)
+    if not isinstance(saved, dict) or not isinstance(now, dict) or saved.get("digest") == now.get("digest"):
+        return
+    change = describe_data_change(saved, now)
+    if ckpt.get("next_step") and not (explicit or getattr(flags, "allow_changed_args", False)):
+        raise UsageError(f"{path} stopped mid-epoch {ckpt['epoch']} on other training shards ({change}): its "
+                         f"position would now mean other samples. Restore the shards, resume from the last "
+                         f"end-of-epoch checkpoint (move {path.name} away), or continue anyway with "
+                         f"--allow_changed_args")
+    log(f"warning: the training shards changed since {path.name} was written: {change}"
+        + ("; continuing mid-epoch at the same sample count" if ckpt.get("next_step") else ""), flush=True)
+
+
 def resume_training_state(flags, model, optimizer, scaler, log=print) -> tuple[int, int, Optional[dict]]:
     """Restore from --resume, or the checkpoint in --output_dir with the most progress that fits (--auto_resume).
 
@@ -258,6 +310,7 @@ def resume_training_state(flags, model, optimizer, scaler, log=print) -> tuple[i
             raise UsageError(f"{path} was written with other run-shaping flags: {listing}. Resume with the "
                              f"same flags, or continue with the new ones with --allow_changed_args (or an "
                              f"explicit --resume {path})")
+    _check_data(ckpt, flags, path, explicit, log)
     prog = ckpt.get("progress") if isinstance(ckpt.get("progress"), dict) else {}
     saved_timeline = int(prog.get("timeline") or 0)
     # an explicit --resume starts a branch that outranks every file already in --output_dir
@@ -272,9 +325,13 @@ def resume_training_state(flags, model, optimizer, scaler, log=print) -> tuple[i
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    if is_main_process():
+    pending = ckpt.get("evaluation_pending") if not ckpt.get("next_step") else None
+    if is_main_process() and not isinstance(pending, dict):  # (a pending evaluation writes the line itself)
         _repair_log(ckpt, out, log)
-    if epoch >= flags.epochs:
+    if isinstance(pending, dict):
+        log(f"resumed from {path} (epoch {epoch - 1} trained, its evaluation interrupted: it runs first; then "
+            f"continuing at epoch {epoch}, step 0)", flush=True)
+    elif epoch >= flags.epochs:
         log(f"run already finished: {path} holds epoch {epoch - 1}, the last of --epochs {flags.epochs}; "
             f"nothing to train", flush=True)
     else:
@@ -299,12 +356,17 @@ class TrainState:
 
     ``flags``: the run's flags record (RunFlags), which every checkpoint stores as ``args``."""
 
-    def __init__(self, flags, model: torch.nn.Module, optimizer, scaler, best_key: str = "") -> None:
+    def __init__(self, flags, model: torch.nn.Module, optimizer, scaler, best_key: str = "",
+                 data: Optional[dict] = None) -> None:
         self.flags, self.model, self.optimizer, self.scaler = flags, model, optimizer, scaler
         self.train_model = model
         self.epoch, self.step = int(flags.start_epoch), 0
         self.best_key, self.best, self.best_epoch = best_key, 0.0, None
         self.checkpoint: Optional[dict] = None
+        # a trained period whose evaluation a crash or kill interrupted: {"epoch", "stats"} (resume sets it)
+        self.pending_evaluation: Optional[dict] = None
+        if data is not None:  # the training shards' fingerprint (imagedata.shards.ShardImages.fingerprint)
+            flags.data_fingerprint = data
 
     def resume(self, log: Callable = print) -> Optional[dict]:
         """Continue from --resume or the newest good checkpoint (see resume_training_state); the best
@@ -313,6 +375,9 @@ class TrainState:
                                                                        self.scaler, log=log)
         if self.checkpoint is not None and self.best_key:
             self.best = float(self.checkpoint.get(self.best_key, 0.0))
+        pending = self.checkpoint.get("evaluation_pending") if self.checkpoint is not None else None
+        if isinstance(pending, dict) and not self.checkpoint.get("next_step"):
+            self.pending_evaluation = {"epoch": self.epoch - 1, "stats": dict(pending.get("stats") or {})}
         return self.checkpoint
 
     def fields(self) -> dict:
@@ -320,7 +385,8 @@ class TrainState:
         return {self.best_key: self.best} if self.best_key else {}
 
     def save(self, epoch: int, next_step: int = 0, numbered: bool = False, log_record: Optional[dict] = None,
-             extra: Optional[dict] = None, extra_names: tuple[str, ...] = ()) -> None:
+             extra: Optional[dict] = None, extra_names: tuple[str, ...] = (), append_log: bool = True,
+             evaluation_pending: Optional[dict] = None) -> None:
         save_training_state(self.flags, epoch, self.model, self.optimizer, self.scaler, next_step=next_step,
                             numbered=numbered, extra_names=extra_names, extra={**self.fields(), **(extra or {})},
-                            log_record=log_record)
+                            log_record=log_record, append_log=append_log, evaluation_pending=evaluation_pending)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from engine.data_wait import DataWait, warning as data_wait_warning
 from engine.distributed import all_reduce_mean, get_rank, get_world_size, is_main_process
-from engine.stop import StopRequested, agreed_stop, agreed_stop_now, stop_signals_held
+from engine.stop import StopAgreement, StopRequested, agreed_stop_now, stop_signals_held
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,11 +63,34 @@ def seed_rngs(seed: int, rank: int, epoch: int = 0, step: int = -1) -> None:
     random.seed(s)
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak (each period); the CPU's peak resident set size cannot be reset."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    # CPU: the process's peak resident set size (ru_maxrss is KiB on Linux)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, float]:
+    """(allocated, reserved) MiB at their peaks since ``reset_peak_memory``: reserved is what the caching
+    allocator holds, what runs out first. CPU: the process's peak resident set size, twice."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, torch.cuda.max_memory_reserved(device) / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+    return rss, rss
+
+
+def peak_memory_over_ranks(device: torch.device) -> tuple[float, float]:
+    """``peak_memory_mb``, the largest over all ranks (every rank calls this at the same point)."""
+    alloc, reserved = peak_memory_mb(device)
+    if get_world_size() > 1:
+        t = torch.tensor([alloc, reserved], dtype=torch.float64).to(device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        alloc, reserved = t.tolist()
+    return alloc, reserved
+
+
+def _mem_text(device: torch.device) -> str:
+    alloc, reserved = peak_memory_mb(device)
+    return f"mem {alloc:.0f}MB" + (f" (reserved {reserved:.0f}MB)" if device.type == "cuda" else "")
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -94,6 +117,8 @@ class StepSettings:
     print_every: int = 20           # a progress line every N micro-steps (--print_freq)
     seed: int = 0                   # the global RNGs restart from (seed, rank, period, step)
     num_workers: Optional[int] = None   # named by the data-wait warning
+    max_skipped: Optional[int] = None   # unreadable samples a period may skip (None: the default share, -1: any)
+    dist_timeout: float = 0.0           # minutes a collective waits (the wait for rank 0's work is longer)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
@@ -130,10 +155,12 @@ class StepLoop:
         timer = _Timer(first, length)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
+        reset_peak_memory(device)  # this period's peak, not the run's (figures and evaluation included)
         # A stop requested during the last steps of the previous period (or during start-up) is honoured
         # here, after that period's normal checkpoint and log line: nothing of it is lost.
         if self.stop is not None and agreed_stop_now(self.stop, device):
             raise StopRequested(period, first)
+        agreement = StopAgreement(self.stop, device) if self.stop is not None else None
         with stop_signals_held():  # DataLoader workers start with the stop signals blocked (engine.stop)
             batches = iter(batches)
         waited = DataWait()  # time spent waiting for each batch (engine/data_wait.py)
@@ -164,8 +191,7 @@ class StepLoop:
                 if is_main_process():
                     self._progress(header, it, step, period, length, periods, lr, out.loss, totals, timer, waited)
             # (not on the last step: the period then ends normally and the next one stops before its first step)
-            if self.stop is not None and boundary and step + 1 < length and \
-                    agreed_stop(self.stop, step, accum, length, device):
+            if agreement is not None and boundary and step + 1 < length and agreement(step, accum, length):
                 totals.check_finite(period)
                 raise StopRequested(period, step + 1)
         totals.check_finite(period)
@@ -209,7 +235,7 @@ class StepLoop:
         value = loss.detach().double().item()
         print(f"{header} [{step + 1}/{length}] eta {_fmt_eta(eta)} (run {_fmt_eta(run_eta)}) loss {value:.4f} "
               f"(avg {totals.mean_loss():.4f}) lr {lr:.3e} img/s {rate:.1f} data {wait_share:.0%} "
-              f"mem {peak_memory_mb(self.device):.0f}MB", flush=True)
+              f"{_mem_text(self.device)}", flush=True)
         if self.log_writer is not None:
             x = int((step / length + period) * 1000)
             self.log_writer.add_scalar("train/loss", value, x)
@@ -274,9 +300,10 @@ class _Totals:
     def stats(self, lr: float, elapsed: float, world: int) -> dict:
         """The period's statistics; counts summed and means averaged over the ranks too."""
         mean_loss = all_reduce_mean((self.loss_sum / max(self.seen, 1)).float()).item()
+        peak_alloc, peak_reserved = peak_memory_over_ranks(self.device)
         stats = {"loss": mean_loss, "lr": lr, "images_per_sec": self.images / max(elapsed, 1e-9),
-                 "peak_mem_mb": peak_memory_mb(self.device), "epoch_time_s": elapsed}
-        counts, means = dict(self.counts), dict(self.means)
+                 "peak_mem_mb": peak_alloc, "peak_reserved_mb": peak_reserved, "epoch_time_s": elapsed}
+        counts, means = dict(self.counts), {k: float(v) for k, v in self.means.items()}  # (device sums: one copy)
         if world > 1 and (counts or means):  # summed over ranks, not rank 0's alone
             keys = sorted(counts) + sorted(means)
             sums = torch.tensor([float({**counts, **means}[k]) for k in keys], device=self.device,

@@ -12,21 +12,33 @@ The read path of one batch: main_*.py -> ``Trainer.fit`` -> ``StepLoop.run`` (en
 ``task.compute_loss`` -> the model; every call goes down. A program's own part is its ``Task``
 (engine_pretrain.py, engine_finetune.py, engine_detection.py, engine_segmentation.py).
 
-At a period's end, in this order: ``task.evaluate`` (when due) -> checkpoint (checkpoint-{period}.pth
-when due, checkpoint-best.pth when the score improved, checkpoint-last.pth, the log.txt line) ->
-``task.log`` (rank 0) -> the progress line -> --exit_after_epoch. A stop signal or a non-finite
-loss ends the loop through engine.stop.finish_interrupted (a resumable checkpoint and the exit
-code), a finished schedule through ``task.complete``.
+At a period's end, in this order: (when an evaluation falls due: the trained state to
+checkpoint-last.pth, marked as awaiting its evaluation) -> ``task.evaluate`` -> checkpoint
+(checkpoint-{period}.pth when due, checkpoint-best.pth when the score improved, checkpoint-last.pth,
+the log.txt line) -> ``task.log`` (rank 0) -> the progress line -> the other ranks wait for rank 0
+-> the limit on skipped samples -> --exit_after_epoch. Saving the trained state before the
+evaluation means that a crash or a kill during a long evaluation loses no training: the resume runs
+that evaluation first, then goes on.
+
+A stop signal or a non-finite loss ends the loop through engine.stop.finish_interrupted (a resumable
+checkpoint and the exit code), a data error or too many skipped samples with one line and status 1,
+any other exception with a ``crashed`` end in the run record (then it propagates), a finished
+schedule through ``task.complete``. The output folder's lock is given back when the loop ends.
 """
 from __future__ import annotations
 
 import datetime
 import math
+import os
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
-from engine.distributed import cleanup, is_main_process
+from engine.checkpoint import list_checkpoints
+from engine.distributed import cleanup, is_main_process, wait_for_main_process
 from engine.loaders import TrainLoader
 from engine.record import RunClock
 from engine.run import Run
@@ -34,7 +46,8 @@ from engine.schedule import Schedule
 from engine.state import TrainState, weights_digest
 from engine.step import NonFiniteLossError, StepLoop, StepOutput, StepSettings
 from engine.stop import StopRequested, finish_interrupted
-from errors import UsageError
+from errors import DataError, UsageError
+from imagedata.datasets import SKIP_LIST_NAME, SKIP_LOG_ENV, check_skipped
 
 
 @dataclass
@@ -65,6 +78,11 @@ class Task:
     def evaluate(self, period: Optional[int]) -> Optional[Evaluation]:
         """Evaluate the model (every rank calls it; ``period`` None: an evaluate-only run)."""
         return None
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the task has an evaluation (then the trained state is saved before it runs)."""
+        return type(self).evaluate is not Task.evaluate
 
     def log(self, period: int, stats: dict, evaluation: Optional[Evaluation]) -> None:
         """Rank 0, after the period's checkpoint: prints, JSON files, TensorBoard, figures."""
@@ -150,7 +168,18 @@ class Trainer:
         steps = StepLoop(state.train_model, state.optimizer, state.scaler, run.device, self.settings, run.stop,
                          run.log_writer)
         clock = RunClock(state.epoch, periods.count)
+        skip_list = Path(run.output_dir) / SKIP_LIST_NAME
+        previous_list = os.environ.get(SKIP_LOG_ENV)
+        os.environ[SKIP_LOG_ENV] = str(skip_list.resolve())  # where every data path lists what it skipped
+        self.done = state.epoch - 1  # the last period whose training is on disk
         try:
+            pending, state.pending_evaluation = state.pending_evaluation, None
+            if pending is not None:
+                run.log(f"epoch {pending['epoch']}: its training is on disk, its evaluation was interrupted; "
+                        f"evaluating it now")
+                self.stats = pending["stats"]
+                if self._end_period(pending["epoch"], clock, skip_list, trained_saved=True):
+                    return 0
             for period in range(state.epoch, periods.count):
                 first = state.step if period == state.epoch else 0
                 batches = self.loader.start(period, first)
@@ -158,27 +187,54 @@ class Trainer:
                 self.stats = steps.run(batches, period, first, periods.size(period), self.task.compute_loss,
                                        lambda step: self.schedule(period, step, periods.length),
                                        periods.header(period), periods.count)
-                last = period + 1 == periods.count
-                self._end_period(period, clock)
-                if period == self.exit_after and not last:
-                    if is_main_process():
-                        print(f"--exit_after_epoch {period}: checkpoint written; exiting", flush=True)
-                    self._finish("exited after epoch", period)
-                    cleanup()
+                if self._end_period(period, clock, skip_list):
                     return 0
+            self._complete()
+            cleanup()
+            return 0
         except (StopRequested, NonFiniteLossError) as e:
             code = finish_interrupted(e, state.flags, state.model, state.optimizer, state.scaler, run.stop,
                                       extra=state.fields())
             self._finish("stopped" if isinstance(e, StopRequested) else "failed", e.epoch - 1, reason=str(e))
             return code
-        self._complete()
-        cleanup()
-        return 0
+        except DataError as e:  # bad data (too many skipped samples, a shard unlike its index): one line
+            # the loader that raised it sits in the traceback's frames: free it now, so that its workers are
+            # shut down here (alive at exit, they would keep the process waiting for them)
+            traceback.clear_frames(e.__traceback__)
+            message = original_message(e)
+            if is_main_process():
+                found = list_checkpoints(run.output_dir)
+                print(f"error: {message}; stopping. Last good checkpoint: {found[0] if found else 'none'}",
+                      file=sys.stderr, flush=True)
+            self._finish("failed", self.done, reason=message)
+            cleanup()
+            return 1
+        except Exception as e:  # the run record still gets its end (rank 0), then the error propagates
+            error = f"{type(e).__name__}: {original_message(e)}"[:2000]
+            try:
+                self._finish("crashed", self.done, error=error)
+            except Exception:  # the task's summary needs state the crash left unset: the record alone
+                if is_main_process():
+                    run.record.finish("crashed", last_epoch=self.done, error=error)
+            raise
+        finally:
+            if previous_list is None:
+                os.environ.pop(SKIP_LOG_ENV, None)
+            else:
+                os.environ[SKIP_LOG_ENV] = previous_list
+            run.release()
 
-    def _end_period(self, period: int, clock: RunClock) -> None:
-        """Evaluate (when due), checkpoint, log: the end of one period."""
+    def _end_period(self, period: int, clock: RunClock, skip_list: Path, trained_saved: bool = False) -> bool:
+        """Evaluate (when due), checkpoint, log: the end of one period. True when the run exits here
+        (--exit_after_epoch)."""
         state, stats, end, total = self.state, self.stats, self.periods.end(period), self.periods.total
-        evaluation = self.task.evaluate(period) if self.eval_cadence.due(end, total) else None
+        last = period + 1 == self.periods.count
+        due = self.task.evaluates and self.eval_cadence.due(end, total)
+        if due and not trained_saved:
+            # the trained state first: a crash or a kill during the evaluation loses no training
+            state.save(period, log_record=train_record(period, stats), append_log=False, evaluation_pending=stats)
+            self.done = period
+        evaluation = self.task.evaluate(period) if due else None
         improved = False
         if evaluation is not None:
             self.evaluation = evaluation
@@ -187,15 +243,24 @@ class Trainer:
                 state.best = max(state.best, evaluation.score)
                 state.best_epoch = period if improved else state.best_epoch
             evaluation.best = state.best
-        record = {"epoch": period, **{f"train_{k}": v for k, v in stats.items()},
-                  **(evaluation.record if evaluation is not None else {})}
+        record = {**train_record(period, stats), **(evaluation.record if evaluation is not None else {})}
         state.save(period, numbered=self.save_cadence.due(end, total), log_record=record,
                    extra=evaluation.checkpoint if evaluation is not None else None,
                    extra_names=("checkpoint-best.pth",) if improved else ())
+        self.done = period
         if is_main_process():
             self.task.log(period, stats, evaluation)
             self._log_stats(period)
             print(clock.line(period), flush=True)
+        wait_for_main_process(self.settings.dist_timeout)  # rank 0 scored, saved and logged alone
+        check_skipped(stats, period, self.settings.max_skipped, skip_list)
+        if period == self.exit_after and not last:
+            if is_main_process():
+                print(f"--exit_after_epoch {period}: checkpoint written; exiting", flush=True)
+            self._finish("exited after epoch", period)
+            cleanup()
+            return True
+        return False
 
     def _log_stats(self, period: int) -> None:
         """Rank 0: what every program reports per period (unreadable images, TensorBoard scalars)."""
@@ -204,7 +269,7 @@ class Trainer:
             print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {period} (all ranks)",
                   flush=True)
         if writer is not None:
-            for key in ("loss", "images_per_sec", "peak_mem_mb"):
+            for key in ("loss", "images_per_sec", "peak_mem_mb", "peak_reserved_mb"):
                 if key in stats:
                     writer.add_scalar(f"epoch/{key}", stats[key], period)
             writer.flush()
@@ -229,11 +294,28 @@ class Trainer:
         count, first = self.periods.count, self.first_period
         ran = max(0, last_period + 1 - first)
         epochs = (f"epochs {first}-{last_period} of {count} ({ran} in this run)" if ran else
-                  f"no epoch to run ({count} done)")
+                  f"no epoch to run ({count} done)" if first >= count else
+                  f"no epoch completed in this run (it began at epoch {first} of {count})")
         parts, record = self.task.finish(self.stats, self.evaluation, self.state.best, self.state.best_epoch)
         self.run.summary(self.task.what, status, [epochs, *parts])
         self.run.record.finish(status, epochs_run=ran, last_epoch=last_period,
                                **{**record, **{k: v for k, v in fields.items() if v is not None}})
+
+
+def train_record(period: int, stats: dict) -> dict:
+    """The log.txt line of a period's training alone."""
+    return {"epoch": period, **{f"train_{k}": v for k, v in stats.items()}}
+
+
+def original_message(e: BaseException) -> str:
+    """The message of an error, the one raised in a DataLoader worker included (the loader re-raises it
+    with the worker's traceback as its text: its last line is the original)."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1].strip()
+        head, sep, rest = last.partition(": ")
+        text = rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
+    return " ".join(text.split())
 
 
 def evaluate_only(run: Run, task: Task) -> int:
@@ -243,5 +325,6 @@ def evaluate_only(run: Run, task: Task) -> int:
         what, parts = task.report(evaluation)
         run.summary(what, "completed", parts)
         run.record.finish("completed", metrics=evaluation.metrics)
+    wait_for_main_process()  # rank 0 scored and wrote alone
     cleanup()
     return 0

@@ -6,7 +6,10 @@
   pretraining, a plain folder of images (searched recursively).
 * Tar shards (webdataset format; a folder of ``.tar`` files or a ``.tar`` pattern): ``imagedata/shards.py``.
 * No ``--data_path``: the bundled sample photographs (``data/sample_images``).
-* An unreadable image is skipped with a warning that names it, and counted (summed over ranks).
+* A sample that cannot be used is skipped: ``skip_sample`` names it (a warning, and a line of the
+  run's ``skipped-samples.txt``), the data set replaces it and flags it (ok = 0); the training loop
+  counts the flags per epoch, summed over ranks, and ``check_skipped`` ends the run with the list
+  when an epoch skipped more than ``--max_skipped``. Every data path uses this one mechanism.
   Files left out when listing (unsupported type, broken link, link loop, unreadable folder)
   are named once with the reason (``report_left_out``).
 * High-bit-depth images are scaled to 8 bits (``to_rgb8``); large JPEGs are decoded at a
@@ -30,12 +33,59 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from errors import DataError
-from imagedata.images import (IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, PRETRAIN_SCALE, SAMPLE_IMAGES, Encoded,
-                              decode_rgb, sample_seed, seeded_apply)
+from imagedata.images import (IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, PRETRAIN_SCALE, SAMPLE_IMAGES, SKIP_LOG_ENV,
+                              Encoded, decode_rgb, sample_seed, seeded_apply, skip_sample)
 from imagedata.shards import ShardStream, is_shard_spec, shard_images
 
+SKIP_LIST_NAME = "skipped-samples.txt"    # that list, in --output_dir
+SKIP_COUNT_KEYS = ("skipped_images", "replaced_pairs")  # the loop's per-epoch counts of replaced samples
+SKIP_LIMIT_MIN, SKIP_LIMIT_SHARE = 50, 0.01  # default --max_skipped: 1% of an epoch's samples, at least 50
 
 
+class TooManySkipped(DataError):
+    """An epoch skipped more samples than --max_skipped allows."""
+
+    def __init__(self, message: str, epoch: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
+def skip_limit(max_skipped: Optional[int], samples: int) -> Optional[int]:
+    """The most samples an epoch of ``samples`` may skip: ``--max_skipped`` (-1: no limit), by default
+    1% of the epoch and at least 50."""
+    if max_skipped is None:
+        return max(SKIP_LIMIT_MIN, math.ceil(SKIP_LIMIT_SHARE * samples))
+    return None if max_skipped < 0 else max_skipped
+
+
+def read_skip_list(path: Path) -> list[tuple[str, str]]:
+    """(name, reason) of each sample in a skipped-samples.txt, once each, in the order first met."""
+    seen: dict[str, str] = {}
+    try:
+        for line in Path(path).read_text(errors="replace").splitlines():
+            name, _, reason = line.partition("\t")
+            seen.setdefault(name, reason)
+    except OSError:
+        pass
+    return list(seen.items())
+
+
+def check_skipped(stats: dict, epoch: int, max_skipped: Optional[int], list_path: Optional[Path],
+                  show: int = 5) -> None:
+    """Raise TooManySkipped when the epoch's skipped samples (``stats``, summed over ranks by the
+    loop) exceed the limit; the message names the first ``show`` of the list and where the rest is."""
+    skipped = sum(int(stats.get(k) or 0) for k in SKIP_COUNT_KEYS)
+    samples = round(float(stats.get("images_per_sec") or 0) * float(stats.get("epoch_time_s") or 0))
+    limit = skip_limit(max_skipped, samples)
+    if limit is None or skipped <= limit:
+        return
+    listed = read_skip_list(list_path) if list_path is not None else []
+    names = "; ".join(f"{n} ({r})" for n, r in listed[:show])
+    more = f" and {len(listed) - show} more" if len(listed) > show else ""
+    where = f"; the list: {list_path}" if listed else ""
+    raise TooManySkipped(f"{skipped} samples of epoch {epoch} could not be used (all ranks), more than the limit of "
+                         f"{limit} (--max_skipped; default 1% of an epoch, at least {SKIP_LIMIT_MIN})"
+                         + (f": {names}{more}" if names else "") + where, epoch)
 
 
 
@@ -258,10 +308,7 @@ class SeededImageDataset(Dataset):
                 break
             except Exception as e:  # a corrupt or unreadable file must not kill the run
                 ok = 0
-                path = self.images.samples[i][0]
-                if path not in self._warned:
-                    self._warned.add(path)
-                    warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
+                skip_sample(self.images.samples[i][0], e, self._warned)
         else:
             raise DataError(f"none of {min(n, 50)} consecutive images starting at "
                             f"{self.images.samples[index % n][0]} could be read")
@@ -372,3 +419,9 @@ def build_finetune_dataset(data_path: str, split: str, input_size: int, batch_si
     if not isinstance(images, ImageList):  # training shards are shuffled; evaluation shards read in order
         return ShardStream(images, transform, batch_size, seed, train=training, world=world, rank=rank)
     return SeededImageDataset(images, transform)
+
+
+def data_fingerprint(dataset) -> Optional[dict]:
+    """What checkpoints record of a training set of tar shards (``ShardImages.fingerprint``: names,
+    samples, sizes and their digest), so that a resume on other shards is named; None otherwise."""
+    return dataset.images.fingerprint() if isinstance(dataset, ShardStream) else None

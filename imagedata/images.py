@@ -1,11 +1,12 @@
 """The primitives every image pipeline shares: normalisation constants, file types, 8-bit RGB
-decoding, a file's bytes (``Encoded``) and per-sample seeding.
+decoding, a file's bytes (``Encoded``), per-sample seeding and naming a skipped sample.
 
 Nothing here imports another module of the package, so the listing (datasets.py), the decoders
 (decode.py) and the tar shards (shards.py) can all build on it without importing each other.
 """
 from __future__ import annotations
 
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -97,3 +98,27 @@ def seeded_apply(transform: Callable, img, seed: int):
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+
+
+SKIP_LOG_ENV = "MIM_SKIPPED_SAMPLES"      # the run's list of skipped samples (set by engine.trainer.Trainer.fit)
+
+
+def skip_sample(name: str, error, warned: set, what: str = "image") -> None:
+    """Report a sample that a data path cannot use; the caller replaces it and flags it (ok = 0).
+
+    Named once per data set and process: a warning, and a line ``name<TAB>reason`` appended to the
+    run's skipped-samples.txt (DataLoader workers inherit its path through SKIP_LOG_ENV). One
+    ``write`` per line, so lines of several workers do not interleave."""
+    if name in warned:
+        return
+    warned.add(name)
+    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    reason = " ".join(reason.split())
+    warnings.warn(f"skipping unreadable {what} {name}: {reason}")
+    path = os.environ.get(SKIP_LOG_ENV)
+    if path:
+        try:
+            with open(path, "a") as f:
+                f.write(f"{name}\t{reason}\n")
+        except OSError:
+            pass  # the list is a convenience; the warning has named the sample

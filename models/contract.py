@@ -50,6 +50,7 @@ class PretrainContract:
     vis_mask_ratio: float            # built with this secondary-masking ratio (0: off)
     classifier: Optional[str]        # the registered classifier its checkpoint finetunes into
     pretrain_only: tuple[str, ...] = ()  # parameter-name prefixes a classifier drops when it loads the checkpoint
+    compile_note: str = ""           # why --compile does not suit the model (empty: it does)
 
     def grid(self, input_size: int) -> int:
         """The mask-unit grid side for ``input_size`` pixels."""
@@ -89,6 +90,7 @@ class PretrainModel:
     norm_pix_unit: Optional[int] = None      # None: the mask unit (Hiera sets a part of it)
     # parameter-name prefixes only pretraining has: a classifier loading the checkpoint drops them
     pretrain_only: ClassVar[tuple[str, ...]] = ("decoder_", "mask_token", "vis_mask_token")
+    compile_note: ClassVar[str] = ""
     classifier_name: Optional[str] = None
     stride: int
     token_size: int
@@ -109,7 +111,8 @@ class PretrainModel:
             raw_pixel_recipe=bool(self.raw_pixel_recipe), mask_rounding=self.mask_rounding,
             mask_note=self.mask_note, norm_pix_unit=int(self.norm_pix_unit or self.stride),
             norm_pix_loss=bool(self.norm_pix_loss), vis_mask_ratio=float(self.vis_mask_ratio),
-            classifier=self.classifier_name, pretrain_only=tuple(self.pretrain_only))
+            classifier=self.classifier_name, pretrain_only=tuple(self.pretrain_only),
+            compile_note=self.compile_note)
 
 
 def blocks_layer_id(name: str, num_layers: int) -> int:

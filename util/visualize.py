@@ -176,3 +176,33 @@ def write_reconstruction(model, imgs: Tensor, mask: Tensor, sm_mask: Optional[Te
     finally:
         model.train(was_training)
     return save_figure(panels, path, f"{title}; {caption_for(model, denorm)}", model.contract.stride)
+
+
+def figure_images(images, input_size: int) -> Tensor:
+    """The images every reconstruction figure of a run shows: (k <= 4, 3, S, S), normalised, on the CPU.
+
+    Picked once at start-up from the training set's own list (``images``: the data set's ImageList or
+    ShardImages), spread over it, an unreadable pick replaced by the next readable image; decoded in
+    full (no reduced-scale JPEG decoding) as the PIL path would. No figure lists or reads the training
+    set again, so rank 0 spends no time on it while the other ranks wait."""
+    import copy
+    import io
+
+    from imagedata.images import Encoded
+    full = copy.copy(images)            # the training list's own settings stay as they are
+    full.min_side, full.raw = None, False
+    tf = figure_transform(input_size)
+    picked = []
+    for start in spread_indices(len(full), 4):
+        for i in range(start, len(full)):
+            try:
+                img = full.load(i)[0]
+                if isinstance(img, Encoded):
+                    img = Image.open(io.BytesIO(img.data)).convert("RGB")
+                picked.append(tf(img))
+                break
+            except Exception:
+                continue
+    if not picked:
+        raise ValueError("no training image could be read for the reconstruction figures")
+    return torch.stack(picked)
