@@ -44,12 +44,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from imagedata.datasets import (SeededImageDataset, SeededSampler, image_list, needed_side,  # noqa: E402
-                                pretrain_transform)
-from imagedata.images import PRETRAIN_SCALE  # noqa: E402
-from imagedata.decode import GpuDecodeLoader, use_decoder, decode_planned  # noqa: E402
-from engine.record import cpu_name, write_report  # noqa: E402
-from imagedata.shards import ShardStream, shard_images, shard_loader  # noqa: E402
+from util.datasets import (SeededImageDataset, SeededSampler, image_list, needed_side,  # noqa: E402
+                           pretrain_transform, PRETRAIN_SCALE)
+from util.decode import GpuDecodeLoader, use_decoder, decode_planned  # noqa: E402
+from util.run_record import cpu_name, write_report  # noqa: E402
+from util.shards import ShardStream, shard_images, shard_loader  # noqa: E402
 
 BASELINE = "folder+pil"
 
@@ -213,7 +212,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         shards.mkdir()
         import contextlib
         with contextlib.redirect_stderr(io.StringIO()):
-            write_split(images, "train", shards, new_plan(images, "train", folder, 64, True, args.seed, False))
+            write_split(images, "train", shards, new_plan(images, "train", folder, 64, False, args.seed, True))
         cpu_paths = [x for x in paths if not x.endswith("gpu")]
         rates = per_worker(cpu_paths + (["shards+gpu"] if "shards+gpu" in paths else []), folder, shards, args)
         gpu_rate = gpu_main_process(folder, shards, args, device) if "shards+gpu" in paths else None
