@@ -44,11 +44,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from util.datasets import (SeededImageDataset, SeededSampler, image_list, needed_side,  # noqa: E402
-                           pretrain_transform, PRETRAIN_SCALE)
-from util.decode import GpuDecodeLoader, use_decoder, decode_planned  # noqa: E402
-from util.run_record import cpu_name, write_report  # noqa: E402
-from util.shards import ShardStream, shard_images, shard_loader  # noqa: E402
+from imagedata.datasets import (SeededImageDataset, SeededSampler, image_list, needed_side,  # noqa: E402
+                                pretrain_transform)
+from imagedata.images import PRETRAIN_SCALE  # noqa: E402
+from imagedata.decode import GpuDecodeLoader, use_decoder, decode_planned  # noqa: E402
+from engine.record import cpu_name, write_report  # noqa: E402
+from imagedata.shards import ShardStream, shard_images, shard_loader  # noqa: E402
 
 BASELINE = "folder+pil"
 
