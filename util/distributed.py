@@ -29,24 +29,43 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def local_gpu(local_rank: int, rank: int) -> int:
+    """The CUDA device of a rank: LOCAL_RANK modulo the GPUs this process sees, and a line saying so
+    when they differ (SLURM's --gpus-per-task / --gpu-bind show each task only its own GPU as cuda:0)."""
+    count = torch.cuda.device_count()
+    if count < 1:
+        raise SystemExit("error: CUDA is available but no GPU is visible to this process (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
+    gpu = local_rank % count
+    if gpu != local_rank:
+        print(f"rank {rank}: LOCAL_RANK {local_rank}, {count} visible GPU(s) (CUDA_VISIBLE_DEVICES="
+              f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): using cuda:{gpu}", flush=True)
+    return gpu
+
+
 def init_distributed(args) -> None:
     """Read torchrun's (or submitit's) environment; set args.rank / world_size / gpu / distributed.
 
+    A launcher's environment (RANK and WORLD_SIZE) always builds a process group and DDP, one
+    process included, so that a 1-GPU torchrun runs the code path of the 8-GPU run.
     ``args.dist_timeout`` (minutes) bounds collective waits: when a rank dies the
     others fail with an error within that time instead of hanging.
     """
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    launched = "RANK" in env and "WORLD_SIZE" in env
+    if launched:
         args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
         args.gpu = int(env.get("LOCAL_RANK", 0))
     else:  # one process: honour --device cuda:N
         dev = torch.device(args.device) if str(args.device).startswith("cuda") else None
         args.rank, args.world_size, args.gpu = 0, 1, (dev.index or 0) if dev is not None else 0
-    args.distributed = args.world_size > 1
+    args.distributed = launched
     use_cuda = str(args.device).startswith("cuda")
     if use_cuda:
         if not torch.cuda.is_available():
             raise SystemExit(f"error: --device {args.device} but CUDA is not available; use --device cpu")
+        if launched:
+            args.gpu = local_gpu(args.gpu, args.rank)
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"
     if not args.distributed:
