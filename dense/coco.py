@@ -49,7 +49,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from util.datasets import DataError, to_rgb8
+from util.datasets import DataError, skip_sample, to_rgb8
 
 MEAN = (0.485, 0.456, 0.406)  # mmdet's img_norm_cfg (123.675, 116.28, 103.53) / 255, RGB
 STD = (0.229, 0.224, 0.225)
@@ -514,7 +514,7 @@ class CocoDetection(Dataset):
         return self.img_dir / str(self.annotations.names[i])
 
     def _load_image(self, i: int) -> Image.Image:
-        """The RGB image of row i; DataError naming the file when it cannot be used."""
+        """The RGB image of row i; DataError with the reason (the caller names the file) when it cannot be used."""
         path = self.image_path(i)
         try:
             if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
@@ -522,17 +522,14 @@ class CocoDetection(Dataset):
             with Image.open(path) as im:
                 img = to_rgb8(im)  # 16-bit images scaled, not clipped to white
         except Exception as e:  # missing, corrupt, over PIL's pixel limit, ...
-            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+            raise DataError(f"{type(e).__name__}: {e}") from None
         h, w = (int(v) for v in self.annotations.sizes[i])
         if img.size != (w, h):
-            raise DataError(f"image {path} is {img.size[0]}x{img.size[1]} but {self.ann_file.name} says {w}x{h}")
+            raise DataError(f"the image is {img.size[0]}x{img.size[1]} but {self.ann_file.name} says {w}x{h}")
         return img
 
     def _warn(self, i: int, err: Exception) -> None:
-        path = str(self.image_path(i))
-        if path not in self._warned:
-            self._warned.add(path)
-            warnings.warn(f"skipping unreadable image: {err}")
+        skip_sample(str(self.image_path(i)), str(err), self._warned)
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, key)

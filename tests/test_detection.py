@@ -190,7 +190,7 @@ def test_malformed_annotation_files_are_refused_in_one_line(tmp_path, tiny_coco,
 
 def test_unreadable_training_images_are_skipped_named_and_counted(tmp_path, tiny_coco, monkeypatch):
     """Missing, corrupt, a FIFO, over PIL's pixel limit, or of another size than the file says: each is
-    named once and the next image takes its place; a 16-bit image is scaled, not clipped to white."""
+    named once (a warning and a line of the run's skipped-samples.txt) and the next image takes its place; a 16-bit image is scaled, not clipped to white."""
     root = _copy_coco(tiny_coco, tmp_path / "coco")
     img = root / "train2017"
     names = sorted(p.name for p in img.iterdir())
@@ -202,6 +202,8 @@ def test_unreadable_training_images_are_skipped_named_and_counted(tmp_path, tiny
         grey = np.asarray(im.convert("L"))
     Image.fromarray(grey.astype(np.uint16) * 257).save(img / names[3])
     assert Image.open(img / names[3]).mode.startswith("I")
+    from util.datasets import SKIP_LOG_ENV, read_skip_list
+    monkeypatch.setenv(SKIP_LOG_ENV, str(tmp_path / "skipped.txt"))
     ds = CocoDetection(root, "train", train=True, input_size=64, ratio_range=(1.0, 1.0))
     assert len(ds) == 4
     with pytest.warns(UserWarning) as caught:
@@ -210,6 +212,7 @@ def test_unreadable_training_images_are_skipped_named_and_counted(tmp_path, tiny
     assert all(n in text for n in names[:3]) and names[3] not in text
     assert "FileNotFoundError" in text and "UnidentifiedImageError" in text and "but instances_train2017" in text
     assert [m["replaced"] for _, _, m in items] == [1, 1, 1, 0]
+    assert [Path(n).name for n, _ in read_skip_list(tmp_path / "skipped.txt")] == names[:3]  # the run's list
     x = items[3][0][:, :items[3][2]["size"][0], :items[3][2]["size"][1]]
     x8 = ds._item(3, Image.fromarray(grey).convert("RGB"), 0)[0]
     assert torch.allclose(x, x8[:, :x.shape[1], :x.shape[2]], atol=1e-5)  # not white
