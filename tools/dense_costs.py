@@ -93,18 +93,23 @@ def _network(kind: str, model, x):
 
 
 def flops(kind: str, backbone: str, shape: tuple[int, int], train: bool) -> float:
-    """FLOPs per image (meta device, fp32 graph): forward + backward when ``train``, else forward.
-    Counted on 2 images (BatchNorm in training refuses UperNet's 1x1 pooling of one image), halved."""
+    """FLOPs per image (fake CPU tensors: no memory, no arithmetic; fp32 graph): forward + backward
+    when ``train``, else forward. Attention runs as SDPA's math path, whose matrix products the
+    counter sees (it has no formula for the CPU's fused kernel and would count it as 0); the
+    network's FLOPs, without a fused backward's recomputation. Counted on 2 images (BatchNorm in
+    training refuses UperNet's 1x1 pooling of one image), halved."""
     import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.device("meta"):
+    counter = FlopCounterMode(display=False)
+    with FakeTensorMode(), sdpa_kernel(SDPBackend.MATH):
         model = _build(kind, backbone).train(train)
         x = torch.empty(2, 3, *shape)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = _network(kind, model, x)
-        if train:
-            out.backward()
+        with counter:
+            out = _network(kind, model, x)
+            if train:
+                out.backward()
     return float(counter.get_total_flops()) / 2
 
 
