@@ -4,7 +4,9 @@ mask pasting and pycocotools evaluation.
 Layout (``--data_path``): ``annotations/instances_{train,val}2017.json`` and the images in
 ``train2017/``, ``val2017/``.
 
-Annotations are read and validated once at start-up (``read_coco``) and kept as flat NumPy arrays
+Annotations are read and validated once at start-up (``read_coco``, in a child process that hands
+back the result, so that the parsing's gigabytes of Python objects leave nothing behind) and kept as
+flat NumPy arrays
 (``CocoAnnotations``: boxes, labels and, when masks are trained, polygons and RLE strings). No
 pycocotools object and no Python object per annotation lives in a data set, so a rank and each of
 its DataLoader workers hold a few arrays that reference counting and the garbage collector never
@@ -31,6 +33,7 @@ import contextlib
 import io
 import json
 import math
+import multiprocessing as mp
 import os
 import random
 import stat
@@ -47,7 +50,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from errors import DataError
-from imagedata.images import to_rgb8
+from imagedata.images import skip_sample, to_rgb8
 
 MEAN = (0.485, 0.456, 0.406)  # mmdet's img_norm_cfg (123.675, 116.28, 103.53) / 255, RGB
 STD = (0.229, 0.224, 0.225)
@@ -152,7 +155,7 @@ class CocoAnnotations:
     ``ids`` (n,) image ids; ``names`` (n,) file names; ``sizes`` (n, 2) (height, width) from the
     file; annotations of row i are ``start[i]:start[i + 1]`` of ``boxes`` (A, 4) float32 xyxy in
     original pixels and ``labels`` (A,) int64 contiguous class indices; ``ann_index`` (A,) their
-    entry in ``segm`` (only when masks are trained)."""
+    entry in ``segm`` (only when masks are trained: evaluation needs no ground-truth mask here)."""
     ids: np.ndarray
     names: np.ndarray
     sizes: np.ndarray
@@ -320,7 +323,7 @@ def read_coco(ann_file: Path, img_dir: Path, train: bool, with_masks: bool = Fal
         rows.append(row)
         boxes.append(box)
         labels.append(label_of[a["category_id"]])
-        if with_masks:
+        if with_masks and train:
             kept.append(a)
     uniq, counts = np.unique(ann_ids, return_counts=True)
     if len(uniq) < len(ann_ids):
@@ -349,12 +352,50 @@ def read_coco(ann_file: Path, img_dir: Path, train: bool, with_masks: bool = Fal
         ids=image_ids[image_rows], names=np.asarray([names[i] for i in image_rows], dtype=str).reshape(-1),
         sizes=sizes[image_rows].copy(), start=start,
         boxes=np.asarray(boxes, np.float32).reshape(-1, 4)[order], labels=np.asarray(labels, np.int64)[order],
-        ann_index=order if with_masks else np.zeros(0, np.int64),
-        segm=_segmentations(kept, sizes[rows_a]) if with_masks else None)
+        ann_index=order if with_masks and train else np.zeros(0, np.int64),
+        segm=_segmentations(kept, sizes[rows_a]) if with_masks and train else None)
     info = {"cat_ids": cat_ids, "class_names": [cat_names.get(c, str(c)) for c in cat_ids], "skipped": skipped,
             "first_skip": first_skip, "num_images": len(names),
             "left_out": [(int(image_ids[i]), names[i], int(per_image[i])) for i in crowded]}
     return out, info
+
+
+def _read_in_child(send, args: tuple) -> None:
+    try:
+        send.send(("ok", read_coco(*args)))
+    except DataError as e:
+        send.send(("error", str(e)))
+    except BaseException as e:  # noqa: BLE001 (reported by the parent)
+        send.send(("crash", f"{type(e).__name__}: {e}"))
+    finally:
+        send.close()
+
+
+def read_coco_apart(*args) -> tuple[CocoAnnotations, dict]:
+    """``read_coco`` in a forked child process that hands back the arrays and exits. Parsing COCO
+    train2017 builds about 3.5 GB of Python objects; a process that parsed it itself keeps about
+    340 MB of their freed memory (heap fragmentation) for the rest of the run, in every rank."""
+    if "fork" not in mp.get_all_start_methods():
+        return read_coco(*args)
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_read_in_child, args=(send, args), daemon=True)
+    child.start()
+    send.close()
+    try:
+        status, payload = recv.recv()
+    except EOFError:
+        child.join()
+        raise DataError(f"{args[0]}: the process reading it ended with exit code {child.exitcode} "
+                        f"(out of memory?)") from None
+    finally:
+        recv.close()
+    child.join()
+    if status == "error":
+        raise DataError(payload)
+    if status == "crash":
+        raise RuntimeError(f"reading {args[0]}: {payload}")
+    return payload
 
 
 def _ids_of(images: list) -> list[int]:
@@ -377,8 +418,10 @@ def _check_annotation(a: dict, label_of: dict, w: int, h: int):
     return None, (x, y, x + bw, y + bh)
 
 
-def _segmentations(anns: list[dict], sizes: np.ndarray) -> Segmentations:
-    """The usable annotations' masks in compact form (``sizes``: each one's image (h, w))."""
+def _segmentations(anns: list[dict], sizes: np.ndarray, strict: bool = False) -> Segmentations:
+    """The usable annotations' masks in compact form (``sizes``: each one's image (h, w)). Polygons
+    with fewer than 3 points are dropped (as mmdet); so are polygons holding something else than
+    numbers, which the fast path finds and the strict one (``strict``) removes."""
     from pycocotools import mask as mask_utils
     kind = np.zeros(len(anns), np.int8)
     coords: list[float] = []
@@ -386,9 +429,9 @@ def _segmentations(anns: list[dict], sizes: np.ndarray) -> Segmentations:
     for k, a in enumerate(anns):
         seg = a.get("segmentation")
         nc = npart = nr = 0
-        if isinstance(seg, list):  # polygons; mmdet drops those with fewer than 3 points
+        if isinstance(seg, list):
             polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-                     and all(_number(v) for v in p)]
+                     and (not strict or all(_number(v) for v in p))]
             if polys:
                 kind[k] = POLYGONS
                 for p in polys:
@@ -407,8 +450,13 @@ def _segmentations(anns: list[dict], sizes: np.ndarray) -> Segmentations:
         n_coords.append(nc)
         n_parts.append(npart)
         n_rle.append(nr)
-    return Segmentations(kind, Ragged(np.asarray(coords, np.float32), n_coords),
-                         Ragged(np.asarray(parts, np.int32), n_parts),
+    try:
+        values = np.asarray(coords, np.float32)
+    except (TypeError, ValueError):
+        if strict:
+            raise
+        return _segmentations(anns, sizes, strict=True)
+    return Segmentations(kind, Ragged(values, n_coords), Ragged(np.asarray(parts, np.int32), n_parts),
                          Ragged(np.concatenate(rle) if rle else np.zeros(0, np.uint8), n_rle))
 
 
@@ -440,8 +488,8 @@ class CocoDetection(Dataset):
         self.ann_file, self.img_dir = coco_paths(root, split)
         self.train, self.input_size, self.ratio_range = train, input_size, tuple(ratio_range)
         self.test_size, self.with_masks = tuple(test_size), with_masks
-        self.annotations, info = read_coco(self.ann_file, self.img_dir, train, with_masks, categories,
-                                           max_annotations)
+        self.annotations, info = read_coco_apart(self.ann_file, self.img_dir, train, with_masks, categories,
+                                                 max_annotations)
         self.cat_ids, self.class_names = info["cat_ids"], info["class_names"]
         self.skipped, self._first_skip, self.left_out = info["skipped"], info["first_skip"], info["left_out"]
         self.max_annotations = max_annotations
@@ -467,7 +515,7 @@ class CocoDetection(Dataset):
         return self.img_dir / str(self.annotations.names[i])
 
     def _load_image(self, i: int) -> Image.Image:
-        """The RGB image of row i; DataError naming the file when it cannot be used."""
+        """The RGB image of row i; DataError with the reason (the caller names the file) when it cannot be used."""
         path = self.image_path(i)
         try:
             if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
@@ -475,17 +523,14 @@ class CocoDetection(Dataset):
             with Image.open(path) as im:
                 img = to_rgb8(im)  # 16-bit images scaled, not clipped to white
         except Exception as e:  # missing, corrupt, over PIL's pixel limit, ...
-            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+            raise DataError(f"{type(e).__name__}: {e}") from None
         h, w = (int(v) for v in self.annotations.sizes[i])
         if img.size != (w, h):
-            raise DataError(f"image {path} is {img.size[0]}x{img.size[1]} but {self.ann_file.name} says {w}x{h}")
+            raise DataError(f"the image is {img.size[0]}x{img.size[1]} but {self.ann_file.name} says {w}x{h}")
         return img
 
     def _warn(self, i: int, err: Exception) -> None:
-        path = str(self.image_path(i))
-        if path not in self._warned:
-            self._warned.add(path)
-            warnings.warn(f"skipping unreadable image: {err}")
+        skip_sample(str(self.image_path(i)), str(err), self._warned)
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, key)
@@ -611,24 +656,23 @@ def paste_masks(probs: Tensor, boxes: Tensor, size: tuple[int, int], threshold: 
         return []
     H, W = size
     probs = probs.reshape(len(probs), 1, *probs.shape[-2:]).float()
-    b = boxes.float().to(probs.device)
-    lo = (b[:, :2].floor() - 1).clamp(min=0)
-    hi = torch.minimum(b[:, 2:].ceil() + 1, torch.tensor([W, H], device=b.device, dtype=b.dtype))
-    bounds = torch.cat([lo, hi], dim=1).long().cpu().tolist()
-    span = (b[:, 2:] - b[:, :2]).clamp(min=1e-6)
-    flat, shapes = [], []
-    for k, (x0, y0, x1, y1) in enumerate(bounds):
+    device = probs.device
+    out, flat, shapes = [], [], []
+    for k, (bx0, by0, bx1, by1) in enumerate(boxes.float().cpu().tolist()):  # one small transfer
+        x0, y0 = max(math.floor(bx0) - 1, 0), max(math.floor(by0) - 1, 0)
+        x1, y1 = min(math.ceil(bx1) + 1, W), min(math.ceil(by1) + 1, H)
         hh, ww = max(y1 - y0, 0), max(x1 - x0, 0)
         shapes.append((y0, x0, hh, ww))
         if hh == 0 or ww == 0:
             continue
-        gx = (torch.arange(x0, x1, device=b.device, dtype=torch.float32) + 0.5 - b[k, 0]) / span[k, 0] * 2 - 1
-        gy = (torch.arange(y0, y1, device=b.device, dtype=torch.float32) + 0.5 - b[k, 1]) / span[k, 1] * 2 - 1
+        sx, sy = 2 / max(bx1 - bx0, 1e-6), 2 / max(by1 - by0, 1e-6)
+        gx = torch.arange(x0, x1, device=device, dtype=torch.float32).add_(0.5 - bx0).mul_(sx).sub_(1)
+        gy = torch.arange(y0, y1, device=device, dtype=torch.float32).add_(0.5 - by0).mul_(sy).sub_(1)
         grid = torch.stack([gx.expand(hh, ww), gy[:, None].expand(hh, ww)], dim=-1)[None]
         region = F.grid_sample(probs[k:k + 1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         flat.append(region.reshape(-1) >= threshold)
     host = torch.cat(flat).cpu().numpy() if flat else np.zeros(0, bool)
-    out, pos = [], 0
+    pos = 0
     for y0, x0, hh, ww in shapes:
         out.append((y0, x0, host[pos:pos + hh * ww].reshape(hh, ww)))
         pos += hh * ww
@@ -643,11 +687,12 @@ def region_rle(region: np.ndarray, y0: int, x0: int, size: tuple[int, int]) -> d
     h, w = region.shape
     cols = np.zeros((w, h + 2), np.int8)  # the region's columns (COCO runs are column-major), zero-padded
     cols[:, 1:-1] = region.T
-    d = np.diff(cols, axis=1)
-    sc, sr = np.nonzero(d == 1)
-    ec, er = np.nonzero(d == -1)
-    starts = (x0 + sc) * H + (y0 + sr)
-    ends = (x0 + ec) * H + (y0 + er)
+    d = np.diff(cols, axis=1).ravel()  # +1: a run starts at this row of the column, -1: it ended
+    at = np.flatnonzero(d)
+    c, r = np.divmod(at, h + 1)
+    pos = (x0 + c) * H + (y0 + r)
+    rising = d[at] > 0
+    starts, ends = pos[rising], pos[~rising]
     if len(starts) > 1:  # a run reaching the image's bottom continues at the top of the next column
         joined = ends[:-1] == starts[1:]
         if joined.any():

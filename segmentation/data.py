@@ -25,7 +25,6 @@ Evaluation (``test_resize``): resize keeping the ratio into ``scale``; labels st
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -39,7 +38,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from errors import DataError
-from imagedata.images import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, to_rgb8
+from imagedata.images import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, skip_sample, to_rgb8
 
 from .heads import IGNORE_INDEX
 
@@ -244,10 +243,7 @@ class SegmentationDataset(Dataset):
         try:
             return load_pair(*self.pairs.samples[i], self.reduce_zero_label, self.num_classes)
         except Exception as e:
-            path = self.pairs.samples[i][0]
-            if path not in self._warned:
-                self._warned.add(path)
-                warnings.warn(f"skipping unreadable pair {path}: {type(e).__name__}: {e}")
+            skip_sample(str(self.pairs.samples[i][0]), e, self._warned, "pair")
             return None
 
     def __getitem__(self, key):

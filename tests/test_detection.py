@@ -3,6 +3,7 @@ assignment, bad input (malformed annotation files, unreadable images), mask past
 training on a tiny generated COCO set (falling loss, exact resume, Mask R-CNN box + mask AP),
 evaluation independent of the batch size."""
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -188,7 +189,7 @@ def test_malformed_annotation_files_are_refused_in_one_line(tmp_path, tiny_coco,
 
 def test_unreadable_training_images_are_skipped_named_and_counted(tmp_path, tiny_coco, monkeypatch):
     """Missing, corrupt, a FIFO, over PIL's pixel limit, or of another size than the file says: each is
-    named once and the next image takes its place; a 16-bit image is scaled, not clipped to white."""
+    named once (a warning and a line of the run's skipped-samples.txt) and the next image takes its place; a 16-bit image is scaled, not clipped to white."""
     root = _copy_coco(tiny_coco, tmp_path / "coco")
     img = root / "train2017"
     names = sorted(p.name for p in img.iterdir())
@@ -200,6 +201,8 @@ def test_unreadable_training_images_are_skipped_named_and_counted(tmp_path, tiny
         grey = np.asarray(im.convert("L"))
     Image.fromarray(grey.astype(np.uint16) * 257).save(img / names[3])
     assert Image.open(img / names[3]).mode.startswith("I")
+    from imagedata.datasets import SKIP_LOG_ENV, read_skip_list
+    monkeypatch.setenv(SKIP_LOG_ENV, str(tmp_path / "skipped.txt"))
     ds = CocoDetection(root, "train", train=True, input_size=64, ratio_range=(1.0, 1.0))
     assert len(ds) == 4
     with pytest.warns(UserWarning) as caught:
@@ -208,6 +211,7 @@ def test_unreadable_training_images_are_skipped_named_and_counted(tmp_path, tiny
     assert all(n in text for n in names[:3]) and names[3] not in text
     assert "FileNotFoundError" in text and "UnidentifiedImageError" in text and "but instances_train2017" in text
     assert [m["replaced"] for _, _, m in items] == [1, 1, 1, 0]
+    assert [Path(n).name for n, _ in read_skip_list(tmp_path / "skipped.txt")] == names[:3]  # the run's list
     x = items[3][0][:, :items[3][2]["size"][0], :items[3][2]["size"][1]]
     x8 = ds._item(3, Image.fromarray(grey).convert("RGB"), 0)[0]
     assert torch.allclose(x, x8[:, :x.shape[1], :x.shape[2]], atol=1e-5)  # not white
@@ -226,6 +230,62 @@ def test_unreadable_training_images_are_skipped_named_and_counted(tmp_path, tiny
         signal.signal(signal.SIGALRM, old)
     text = " ".join(str(w.message) for w in caught)
     assert "not a regular file" in text and "DecompressionBombError" in text
+
+
+def _python_objects(root) -> tuple[int, list]:
+    """(number of containers, instances of pycocotools' COCO) reachable from ``root``'s state (types,
+    modules and functions not followed)."""
+    import types
+
+    from pycocotools.coco import COCO
+    seen, stack, containers, cocos = set(), [root], 0, []
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)):
+            continue
+        seen.add(id(o))
+        assert not (isinstance(o, np.ndarray) and o.dtype == object), "an array of Python objects"
+        containers += isinstance(o, (dict, list, tuple, set))
+        if isinstance(o, COCO):
+            cocos.append(o)
+        stack.extend(gc.get_referents(o))
+    return containers, cocos
+
+
+def test_annotations_are_flat_arrays_whatever_their_number(tmp_path, tiny_coco):
+    """A data set holds no pycocotools object and no Python object per image or annotation: the same
+    number of containers for 50 times the annotations (a forked DataLoader worker then touches no
+    page of them). Masks are kept only for training; the file is parsed in a child process and the
+    arrays match an in-process parse. A polygon holding a string is dropped, not fatal."""
+    from detection.coco import read_coco, read_coco_apart
+    root = _copy_coco(tiny_coco, tmp_path / "coco")
+
+    def grow(gt):
+        anns = gt["annotations"]
+        gt["annotations"] = [dict(a, id=k * 1000 + a["id"]) for k in range(1, 51) for a in anns]
+        gt["annotations"][0]["segmentation"] = [[1, 1, 9, 1, 9, 9], [1, 1, "x", 2, 3, 3]]
+        gt["annotations"][1]["segmentation"] = [[1, 1, 9, 1, 9, 9]]
+    shutil.copytree(root, tmp_path / "big")
+    _edit(tmp_path / "big", "train", grow)
+    _edit(tmp_path / "big", "val", grow)
+    counts = {}
+    for name in ("coco", "big"):
+        for split, train in (("train", True), ("val", False)):
+            ds = CocoDetection(tmp_path / name, split, train=train, input_size=64, with_masks=True)
+            counts[name, split], cocos = _python_objects(ds)
+            assert cocos == [], f"{split}: a pycocotools object in the data set"
+            assert (ds.annotations.segm is not None) == train
+            assert len(ds[(0, 0)][1]["boxes"]) > 0
+    big = CocoDetection(tmp_path / "big", "train", train=True, input_size=64, with_masks=True)
+    assert len(big.annotations.labels) == 50 * len(CocoDetection(root, "train", train=True).annotations.labels)
+    assert counts["coco", "train"] == counts["big", "train"] and counts["coco", "val"] == counts["big", "val"]
+    args = (big.ann_file, big.img_dir, True, True, None, 1000)
+    here, apart = read_coco(*args)[0], read_coco_apart(*args)[0]
+    for field in ("ids", "names", "sizes", "start", "boxes", "labels", "ann_index"):
+        assert np.array_equal(getattr(here, field), getattr(apart, field)), field
+    assert np.array_equal(here.segm.coords.values, apart.segm.coords.values)
+    first = here.ann_index[:2].tolist()  # the two polygon annotations (rows of image 1 come first)
+    assert [here.segm.parts[a].tolist() for a in first] == [[6], [6]]  # the bad polygon dropped
 
 
 def test_an_image_with_too_many_annotations_is_left_out_before_any_allocation(tmp_path, tiny_coco):

@@ -111,10 +111,13 @@ def test_reduce_zero_label_and_aligned_deterministic_crops(tmp_path):
     assert (x[:, 40:] == 0).all()
 
 
-def test_out_of_range_labels_and_16_bit_images(tmp_path):
-    """A label map with a class beyond --nb_classes is named and replaced in training, counted as
-    unreadable in evaluation (it ended runs with an IndexError, on CUDA a device-side assert); a
-    16-bit image is scaled to 8 bits, not clipped to white."""
+def test_out_of_range_labels_and_16_bit_images(tmp_path, monkeypatch):
+    """A label map with a class beyond --nb_classes is named (a warning and a line of the run's
+    skipped-samples.txt) and replaced in training, counted as unreadable in evaluation (it ended runs
+    with an IndexError, on CUDA a device-side assert); a 16-bit image is scaled to 8 bits, not clipped
+    to white."""
+    from imagedata.datasets import SKIP_LOG_ENV, read_skip_list
+    monkeypatch.setenv(SKIP_LOG_ENV, str(tmp_path / "skipped.txt"))
     root = make_toy_ade(tmp_path / "t", n_train=3, n_val=2)
     ann = root / "annotations" / "training"
     bad = sorted(ann.iterdir())[0]
@@ -130,6 +133,8 @@ def test_out_of_range_labels_and_16_bit_images(tmp_path):
     msg = " ".join(str(w.message) for w in caught)
     assert bad.name in msg and "label values 10..10 outside the 4 classes" in msg
     assert [ok for _, _, ok in items] == [0, 1, 1]
+    listed = read_skip_list(tmp_path / "skipped.txt")
+    assert len(listed) == 1 and "label values 10..10" in listed[0][1]
     val = SegmentationDataset(find_pairs(str(root), "val"), train=False, num_classes=NUM_CLASSES)
     with pytest.warns(UserWarning, match=val_bad.name):
         assert [val[i][2] for i in range(2)] == [0, 1]
