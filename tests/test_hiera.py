@@ -11,6 +11,7 @@ from timm.models.hiera import Hiera, undo_windowing
 
 import main_pretrain
 import models
+from models.contract import PretrainOutput
 from models.hiera_mae import MaskedAutoencoderHiera, remap_hiera_checkpoint
 from models.masking import random_mask
 from engine.optim import param_groups_lrd
@@ -198,7 +199,7 @@ def test_figure_undoes_norm_pix_per_16px_patch():
     target = patchify(x, 16)
     mean, std = unit_stats(target)
     perfect = patchify(unpatchify((target - mean) / std, 16), 32)
-    model.forward = lambda imgs, m: (torch.zeros(()), perfect, m)
+    model.forward = lambda imgs, m, sm=None: PretrainOutput(torch.zeros(()), perfect, m)
     panels = reconstruct(model, x, mask, denorm="true")
     torch.testing.assert_close(panels["reconstruction"], x, rtol=1e-4, atol=1e-4)
     seen = reconstruct(model, x, mask)["seen"]

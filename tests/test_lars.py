@@ -1,4 +1,5 @@
 """MAE's linear-probe optimizer: LARS step for step against the formula; the probe's defaults."""
+import dataclasses
 import math
 
 import pytest
@@ -72,7 +73,7 @@ def test_linear_probe_uses_maes_lars_and_the_vit_cls_token(tmp_path):
     assert args.global_pool is False
     model = main_finetune.build_model(args, torch.device("cpu"))
     assert model.global_pool == "token"
-    args.lr = 0.1   # main() sets it from --blr
+    args = dataclasses.replace(args, lr=0.1)   # main() sets it from --blr
     opt = main_finetune.make_optimizer(args, model, torch.device("cpu"))
     assert isinstance(opt, LARS) and opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 0.0
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.head.parameters()}
