@@ -17,7 +17,7 @@ def train_chunk(model, loader, optimizer, scaler, device, chunk: int, args, log_
     def compute_loss(batch):
         imgs, labels, ok = batch
         loss, _ = model(imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-        return loss, imgs.shape[0], {"replaced_pairs": int((ok == 0).sum())}
+        return loss, imgs.shape[0], {"skipped_images": int((ok == 0).sum())}
 
     first = chunk * args.eval_interval
     header = f"Iter [{first}-{min(first + args.eval_interval, args.iters)}]"

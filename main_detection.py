@@ -8,7 +8,8 @@
 adapters and an FPN; ``--detector mask_rcnn``: torchvision's Mask R-CNN on the same backbone and
 adapters (box and mask AP). Every flag defaults to the reference's recipe (DETECTION.md, "Flags").
 Evaluation: the 12 COCO numbers by pycocotools after every ``--eval_freq`` epochs, as JSON
-(``eval_epoch{E}.json``).
+(``eval_epoch{E}.json``); one image per forward, as mmdet, so the numbers do not depend on
+``--batch_size`` or the number of ranks.
 """
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ from torch.utils.data import DataLoader
 
 import models
 from dense.backbone import build_backbone, dense_param_groups, has_pyramid
-from dense.coco import CocoDetection, check_layout, coco_evaluate, collate, to_coco_results
+from dense.coco import CocoDetection, check_layout, coco_evaluate, collate, load_coco, to_coco_results
 from dense.detector import DETECTORS, build_detector
 from util.cli import UsageError, add_common_args, check_output_dirs, finalize_common_args, run_main
 from util.cpu_perf import setup_cpu_training
 from util.datasets import DataError, SeededSampler, ShardSampler
-from util.distributed import cleanup, get_world_size, is_dist, is_main_process
+from util.distributed import cleanup, get_world_size, is_dist, is_main_process, wait_for_main_process
 from util.loop import autocast, fused_optimizer_ok, make_scaler, train_one_epoch
 from util.run import EpochSave, Epochs, require_a_batch, run_epochs, start_run, wrap_for_training
 from util.run_record import summary_line
@@ -41,7 +42,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("UM-MAE detection finetuning (GFL / Mask R-CNN, COCO)", add_help=add_help)
     p.add_argument("--detector", default="gfl", choices=DETECTORS,
                    help="gfl: the reference's GFL head; mask_rcnn: torchvision's Mask R-CNN (box + mask AP)")
-    p.add_argument("--batch_size", default=2, type=int, help="images per GPU")
+    p.add_argument("--batch_size", default=2, type=int,
+                   help="training images per GPU (evaluation runs one image per forward, as mmdet)")
     p.add_argument("--epochs", default=25, type=int)
     p.add_argument("--accum_iter", default=1, type=int)
     p.add_argument("--model", default="swin_tiny_256", type=str,
@@ -118,30 +120,50 @@ def _to(t: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in t.items()}
 
 
+def gather_to_main(obj) -> list:
+    """Every rank's ``obj``, in rank order, on rank 0 (the others get [])."""
+    if not is_dist():
+        return [obj]
+    parts = [None] * get_world_size() if is_main_process() else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts if is_main_process() else []
+
+
 @torch.no_grad()
-def evaluate(model, loader, device, dataset: CocoDetection, amp: str = "none", with_masks: bool = False) -> dict:
-    """COCO box (and mask) AP of ``loader``'s images; each rank predicts its shard, rank 0 gathers
-    the results and runs pycocotools. Returns {"bbox": {AP, ...}, ["segm": ...]} on rank 0, {} elsewhere."""
+def evaluate(model, loader, device, dataset: CocoDetection, amp: str = "none", with_masks: bool = False
+             ) -> tuple[dict, int]:
+    """COCO box (and mask) AP of ``loader``'s images (one image per batch: an image's detections never
+    depend on a batch partner's padding, so neither do the numbers on --batch_size or the world size).
+
+    Each rank predicts its shard and turns the detections into COCO results (masks pasted at the
+    original size and thresholded on the device, then RLE-encoded); rank 0 gathers them, loads the
+    ground truth and runs pycocotools. Unreadable images (named by the loader) are left out of the
+    scoring. Returns ({"bbox": {AP, ...}, ["segm": ...]}, unreadable images) on rank 0, ({}, 0) elsewhere."""
     model.eval()
-    results = []
+    results, unreadable = [], []
     for imgs, _, metas in loader:
+        readable = [k for k, m in enumerate(metas) if "error" not in m]
+        unreadable += [m["image_id"] for m in metas if "error" in m]
+        if not readable:
+            continue
         with autocast(amp, device):
-            dets = model(imgs.to(device, non_blocking=True), [m["size"] for m in metas])
-        for det, meta in zip(dets, metas):
-            results += to_coco_results(det, meta, dataset.cat_ids, with_masks)
-    if is_dist():
-        parts = [None] * get_world_size()
-        dist.all_gather_object(parts, results)
-        results = [r for p in parts for r in p]
+            dets = model(imgs[readable].to(device, non_blocking=True), [metas[k]["size"] for k in readable])
+        for det, k in zip(dets, readable):
+            results += to_coco_results(det, metas[k], dataset.cat_ids, with_masks)
+    parts = gather_to_main((results, unreadable))
     if not is_main_process():
-        return {}
-    return coco_evaluate(dataset.coco, results, ["bbox", "segm"] if with_masks else ["bbox"], dataset.ids)
+        return {}, 0
+    results = [r for part, _ in parts for r in part]
+    missing = {i for _, part in parts for i in part}
+    scored = [i for i in dataset.ids.tolist() if i not in missing]
+    coco_gt = load_coco(dataset.ann_file)  # rank 0, for this scoring only
+    return coco_evaluate(coco_gt, results, ["bbox", "segm"] if with_masks else ["bbox"], scored), len(missing)
 
 
 def _loader(dataset, args, train: bool, world: int, rank: int, divisor: int):
     sampler = (SeededSampler(dataset, world, rank, seed=args.seed, shuffle=True, drop_last=True) if train
                else ShardSampler(len(dataset), world, rank))
-    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, shuffle=False,
+    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size if train else 1, shuffle=False,
                       num_workers=args.num_workers, collate_fn=functools.partial(collate, size_divisor=divisor),
                       pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=train,
                       persistent_workers=train and args.num_workers > 0, worker_init_fn=ignore_stop_signals), sampler
@@ -152,9 +174,10 @@ def _log(*a, **k) -> None:
         print(*a, **{"flush": True, **k})
 
 
-def _summary(stats: dict) -> str:
-    return "  ".join(f"{t} AP {s['AP'] * 100:.1f} AP50 {s['AP50'] * 100:.1f} AP75 {s['AP75'] * 100:.1f}"
+def _summary(stats: dict, unreadable: int = 0) -> str:
+    text = "  ".join(f"{t} AP {s['AP'] * 100:.1f} AP50 {s['AP50'] * 100:.1f} AP75 {s['AP75'] * 100:.1f}"
                      for t, s in stats.items())
+    return text + (f" ({unreadable} unreadable images not scored)" if unreadable else "")
 
 
 def main(args) -> int:
@@ -188,7 +211,7 @@ def main(args) -> int:
 
     divisor = backbone.size_divisor
     val_loader, _ = _loader(val_set, args, False, world, rank, divisor)
-    groups = dense_param_groups(model, backbone, args.weight_decay, args.layer_decay)
+    groups = dense_param_groups(model, backbone, args.weight_decay, args.layer_decay, rule="mmdet")
     for g in groups:
         g.pop("param_names", None)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=fused_optimizer_ok(device) or None)
@@ -222,14 +245,15 @@ def main(args) -> int:
 def evaluate_only(run, model, val_loader, val_set, with_masks: bool) -> int:
     """--eval: COCO AP of the loaded weights on val2017; eval.json."""
     args = run.args
-    stats = evaluate(model, val_loader, run.device, val_set, args.amp, with_masks)
+    stats, unreadable = evaluate(model, val_loader, run.device, val_set, args.amp, with_masks)
     if is_main_process():
-        _log(f"evaluation of {len(val_set)} images: {_summary(stats)}")
+        _log(f"evaluation of {len(val_set) - unreadable} images: {_summary(stats, unreadable)}")
         (Path(args.output_dir) / "eval.json").write_text(
-            json.dumps({"weights": args.resume or args.finetune, **stats}, indent=1))
+            json.dumps({"weights": args.resume or args.finetune, **stats, "unreadable_images": unreadable}, indent=1))
         print(summary_line(f"{args.detector} on {args.model} evaluation", "completed", time.time() - run.start_time,
-                           [_summary(stats)], args.output_dir), flush=True)
+                           [_summary(stats, unreadable)], args.output_dir), flush=True)
         run.record.finish("completed", metrics=stats)
+    wait_for_main_process(args.dist_timeout)  # rank 0 scored alone
     cleanup()
     return 0
 
@@ -247,43 +271,55 @@ class DetectionEpochs(Epochs):
         self.train_loader, self.val_loader, self.val_set = train_loader, val_loader, val_set
         self.optimizer, self.scaler, self.with_masks = optimizer, scaler, with_masks
         self.stats: dict = {}
+        self.unreadable = 0
         self.train_stats: dict = {}
+        self._terms: dict = {}  # the loss terms summed on the device over the epoch's steps
+        self._steps = 0
 
     def compute_loss(self, batch):
         imgs, targets, metas = batch
         device = self.run.device
         losses = self.train_model(imgs.to(device, non_blocking=True), [m["size"] for m in metas],
                                   [_to(t, device) for t in targets])
-        return sum(losses.values()), imgs.shape[0], {k: float(v.detach()) for k, v in losses.items()}
+        for k, v in losses.items():  # kept on the device: no host sync per step
+            self._terms[k] = self._terms.get(k, 0) + v.detach().float()
+        self._steps += 1
+        return sum(losses.values()), imgs.shape[0], {"skipped_images": sum(m.get("replaced", 0) for m in metas)}
 
     def train(self, epoch: int, start_step: int) -> dict:
+        self._terms, self._steps = {}, 0
         stats = train_one_epoch(self.train_model, self.train_loader, self.optimizer, self.scaler, self.run.device,
                                 epoch, self.args, self.compute_loss, log_writer=self.run.log_writer,
                                 header=f"Epoch [{epoch}]", stop_flag=self.run.stop, start_step=start_step)
-        # the loop sums extras over steps and over ranks (right for counts): loss terms are means of both
-        n_steps = max(len(self.train_loader), 1)
-        for k in [k for k in stats if k.startswith("loss_")]:
-            stats[k] /= n_steps * self.run.world
+        if self._terms:  # each term's mean over this run's steps and over ranks: one transfer per epoch
+            names = sorted(self._terms)
+            sums = torch.stack([self._terms[k] for k in names]).double()
+            if is_dist():
+                dist.all_reduce(sums)
+            stats.update({k: v / (self._steps * self.run.world) for k, v in zip(names, sums.tolist())})
         self.train_stats = stats
         return stats
 
     def evaluate(self, epoch: int, stats: dict, last: bool) -> EpochSave:
-        self.stats = {}
+        self.stats, self.unreadable = {}, 0
         if last or (epoch + 1) % self.args.eval_freq == 0:
-            self.stats = evaluate(self.model, self.val_loader, self.run.device, self.val_set, self.args.amp,
-                                  self.with_masks)
+            self.stats, self.unreadable = evaluate(self.model, self.val_loader, self.run.device, self.val_set,
+                                                   self.args.amp, self.with_masks)
         improved = bool(self.stats) and self.stats["bbox"]["AP"] > self.best
         if self.stats:
             self.best = max(self.best, self.stats["bbox"]["AP"])
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()},
                   **{f"test_{t}_{k}": v for t, s in self.stats.items() for k, v in s.items()}}
+        if self.unreadable:
+            record["test_unreadable_images"] = self.unreadable
         return EpochSave(record, extra_names=("checkpoint-best.pth",) if improved else ())
 
     def log(self, epoch: int, stats: dict, last: bool) -> None:
         if self.stats:
-            print(f"epoch {epoch}: {_summary(self.stats)} (best box AP {self.best * 100:.1f})", flush=True)
+            print(f"epoch {epoch}: {_summary(self.stats, self.unreadable)} (best box AP {self.best * 100:.1f})",
+                  flush=True)
             (Path(self.args.output_dir) / f"eval_epoch{epoch}.json").write_text(
-                json.dumps({"epoch": epoch, **self.stats}, indent=1))
+                json.dumps({"epoch": epoch, **self.stats, "unreadable_images": self.unreadable}, indent=1))
         writer = self.run.log_writer
         if writer is not None:
             for t, s in self.stats.items():

@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -87,6 +88,8 @@ def validate_args(args) -> None:
     if not 0.0 <= args.vis_mask_ratio < 1.0:
         raise UsageError(f"--vis_mask_ratio must be in [0, 1), got {args.vis_mask_ratio}")
     contract = _describe(args, {})
+    if args.compile and contract.compile_note:
+        raise UsageError(f"--compile does not suit {args.model}: it {contract.compile_note}; drop --compile")
     if args.vis_mask_ratio > 0 and not contract.secondary_mask:
         raise UsageError(f"{args.model} has no secondary masking: use --vis_mask_ratio 0")
     if args.mask_ratio is None:
@@ -173,28 +176,49 @@ def resume(args, model, optimizer, scaler) -> tuple[int, int]:
     return epoch, step
 
 
-def write_figure(args, model, device, epoch: int, log_writer=None) -> Path:
+def figure_images(images, input_size: int) -> torch.Tensor:
+    """The images every reconstruction figure of a run shows: (k <= 4, 3, S, S), normalised, on the CPU.
+
+    Picked once at start-up from the training set's own list (``images``: the data set's ImageList or
+    ShardImages), spread over it, an unreadable pick replaced by the next readable image; decoded in
+    full (no reduced-scale JPEG decoding) as the PIL path would. No figure lists or reads the training
+    set again, so rank 0 spends no time on it while the other ranks wait."""
+    import copy
+    import io
+
+    from PIL import Image
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
     from util.datasets import IMAGENET_MEAN, IMAGENET_STD
-    from util.visualize import caption_for, reconstruct, save_figure
-    images = image_list(args.data_path, "train", labelled=False)
-    tf = transforms.Compose([transforms.Resize(args.input_size, interpolation=InterpolationMode.BICUBIC),
-                             transforms.CenterCrop(args.input_size), transforms.ToTensor(),
-                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    from util.decode import Encoded
     from util.visualize import spread_indices
+    full = copy.copy(images)            # the training list's own settings stay as they are
+    full.min_side, full.raw = None, False
+    tf = transforms.Compose([transforms.Resize(input_size, interpolation=InterpolationMode.BICUBIC),
+                             transforms.CenterCrop(input_size), transforms.ToTensor(),
+                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     picked = []
-    # spread over the (class-sorted) list; unreadable picks are replaced by the next readable image
-    for start in spread_indices(len(images), 4):
-        for i in range(start, len(images)):
+    for start in spread_indices(len(full), 4):
+        for i in range(start, len(full)):
             try:
-                picked.append(tf(images.load(i)[0]))
+                img = full.load(i)[0]
+                if isinstance(img, Encoded):
+                    img = Image.open(io.BytesIO(img.data)).convert("RGB")
+                picked.append(tf(img))
                 break
             except Exception:
                 continue
-    imgs = torch.stack(picked).to(device)
+    if not picked:
+        raise ValueError("no training image could be read for the reconstruction figures")
+    return torch.stack(picked)
+
+
+def write_figure(args, model, device, epoch: int, images: torch.Tensor, log_writer=None) -> Path:
+    """The reconstruction figure of ``images`` (``figure_images``) after ``epoch``."""
     from models.masking import draw_masks, secondary_mask
+    from util.visualize import caption_for, reconstruct, save_figure
+    imgs = images.to(device)
     gen = torch.Generator(device=device).manual_seed(12345)  # the same masks in every figure of a run
     mask = draw_masks(len(imgs), args.token_size, args.mask_ratio, args.mask_regular, generator=gen, device=device,
                       rounding=model.contract.mask_rounding)
@@ -231,6 +255,7 @@ def main(args) -> int:
         loader = GpuDecodeLoader(loader, args.input_size, device)
     steps_per_epoch = len(loader)
     require_a_batch(steps_per_epoch, len(dataset), args, world)
+    figures = figure_images(dataset.images, args.input_size) if is_main_process() else None
 
     model = models.create_model(args.model, **model_kwargs(args, models.describe(args.model))).to(device)
     contract = model.contract
@@ -258,7 +283,7 @@ def main(args) -> int:
         if cpu_note:
             print(cpu_note, flush=True)
     run.open_log_writer()
-    epochs = PretrainEpochs(run, model, train_model, loader, optimizer, scaler, masks, start_epoch)
+    epochs = PretrainEpochs(run, model, train_model, loader, optimizer, scaler, masks, start_epoch, figures)
     return run_epochs(run, epochs, model, optimizer, scaler, sampler, start_epoch, start_step)
 
 
@@ -266,9 +291,10 @@ class PretrainEpochs(Epochs):
     """Pretraining's part of the epoch loop (util.run): the masked-image-modeling epoch, its
     TensorBoard scalars, reconstruction figures and summary."""
 
-    def __init__(self, run, model, train_model, loader, optimizer, scaler, masks, start_epoch: int) -> None:
+    def __init__(self, run, model, train_model, loader, optimizer, scaler, masks, start_epoch: int,
+                 figures: Optional[torch.Tensor] = None) -> None:
         super().__init__(run, start_epoch)
-        self.model, self.train_model = model, train_model
+        self.model, self.train_model, self.figures = model, train_model, figures
         self.loader, self.optimizer, self.scaler, self.masks = loader, optimizer, scaler, masks
         self.stats = {}
 
@@ -282,7 +308,7 @@ class PretrainEpochs(Epochs):
     def log(self, epoch: int, stats: dict, last: bool) -> None:
         writer, args = self.run.log_writer, self.args
         if args.vis_freq > 0 and (epoch + 1) % args.vis_freq == 0 and not last:
-            write_figure(args, self.model, self.run.device, epoch, writer)
+            write_figure(args, self.model, self.run.device, epoch, self.figures, writer)
 
     def complete(self) -> None:
         args = self.args
@@ -292,7 +318,8 @@ class PretrainEpochs(Epochs):
         print(f"training time {datetime.timedelta(seconds=int(time.time() - self.run.start_time))}", flush=True)
         figure = None
         if self.start_epoch < args.epochs or not (Path(args.output_dir) / f"reconstruction-{args.epochs - 1}.png").exists():
-            figure = write_figure(args, self.model, self.run.device, args.epochs - 1, self.run.log_writer)
+            figure = write_figure(args, self.model, self.run.device, args.epochs - 1, self.figures,
+                                  self.run.log_writer)
             print(f"reconstruction figure: {figure.resolve()}", flush=True)
         self.run.close_log_writer()
         self.finish("completed", args.epochs - 1, figure=str(figure.resolve()) if figure else None)
@@ -300,8 +327,10 @@ class PretrainEpochs(Epochs):
     def finish(self, status: str, last_epoch: int, **extra) -> None:
         stats, parts = self.stats, []
         if stats:
+            reserved = (f" (reserved {stats['peak_reserved_mb']:.0f} MB)"
+                        if self.run.device.type == "cuda" and "peak_reserved_mb" in stats else "")
             parts.append(f"final loss {stats['loss']:.4f}, {stats['images_per_sec']:.1f} img/s, "
-                         f"peak mem {stats['peak_mem_mb']:.0f} MB")
+                         f"peak mem {stats['peak_mem_mb']:.0f} MB{reserved}")
         self.run.finish(self.args.model + " pretraining", status, self.start_epoch, last_epoch, parts,
                         final=stats or None, **{k: v for k, v in extra.items() if v is not None})
 

@@ -159,7 +159,7 @@ def build_model(args, device) -> SegmentationModel:
 
 
 def make_optimizer(args, model, device):
-    groups = dense_param_groups(model, model.backbone, args.weight_decay, args.layer_decay)
+    groups = dense_param_groups(model, model.backbone, args.weight_decay, args.layer_decay, rule="beit")
     for g in groups:
         g.pop("param_names", None)
     return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.opt_betas),
@@ -200,7 +200,7 @@ def main(args) -> int:
     val_pairs = find_pairs(args.data_path, "val")
     report_skipped("validation", val_pairs)
     val_set = SegmentationDataset(val_pairs, train=False, reduce_zero_label=args.reduce_zero_label,
-                                  test_scale=tuple(args.img_scale))
+                                  test_scale=tuple(args.img_scale), num_classes=args.nb_classes)
     val_loader = DataLoader(val_set, batch_size=1, sampler=ShardSampler(len(val_set), world, rank),
                             num_workers=args.num_workers, worker_init_fn=ignore_stop_signals)
     model = build_model(args, device)
@@ -229,7 +229,7 @@ def main(args) -> int:
     transform = TrainTransform(args.input_size, tuple(args.img_scale), tuple(args.ratio_range), args.cat_max_ratio,
                                photometric=args.photometric)
     train_set = SegmentationDataset(train_pairs, train=True, reduce_zero_label=args.reduce_zero_label,
-                                    transform=transform)
+                                    transform=transform, num_classes=args.nb_classes)
     sampler = IterationSampler(len(train_set), world, rank, args.seed, args.batch_size, args.iters, args.eval_interval)
     train_loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size, drop_last=True,
                               num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",

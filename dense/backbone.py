@@ -12,7 +12,7 @@ classification head and wraps the model's ``forward_pyramid``:
 Everything is asked from the model (``pyramid_channels``, ``pyramid_strides``,
 ``pyramid_divisor``), never from its name. A single-scale model (a plain ViT: every map at
 the patch stride) gets ViTDet's simple feature pyramid over its last map: strides p/4, p/2,
-p and 2p. Layer-wise lr decay groups come from ``dense_param_groups``.
+p and 2p. Layer-wise lr decay and weight-decay groups come from ``dense_param_groups``.
 """
 from __future__ import annotations
 
@@ -147,16 +147,30 @@ def build_backbone(model_name: str, checkpoint: str = "", drop_path: float = 0.1
     return DenseBackbone(model)
 
 
+DECAY_RULES = ("mmdet", "beit")
+
+
 def dense_param_groups(model: nn.Module, backbone: DenseBackbone, weight_decay: float, layer_decay: float = 1.0,
-                       no_weight_decay: tuple[str, ...] = ()) -> list[dict]:
+                       no_weight_decay: tuple[str, ...] = (), rule: str = "mmdet") -> list[dict]:
     """AdamW groups for a whole dense model holding ``backbone``.
 
     Backbone body parameters get the layer-wise scale ``layer_decay ** (num_layers - id)``
     of util.lr_decay (the reference's layer ids); every other parameter (simple feature
-    pyramid, adapters, neck, head) scale 1. No weight decay for 1-D tensors (norms, biases),
-    the body's ``no_weight_decay()`` names (``pos_embed``, ...) and names containing any of
-    ``no_weight_decay``. Groups carry ``lr_scale`` (read by util.lr_sched).
+    pyramid, adapters, neck, head) scale 1. Groups carry ``lr_scale`` (read by util.lr_sched).
+
+    Weight decay follows the reference's optimizer constructor of each task (``rule``):
+      * ``"mmdet"`` (detection; mmdet's ``custom_keys`` pos_embed / norm / bias, matched against the
+        reference's parameter names): no decay for the body's 1-D tensors (its norms and biases),
+        its ``no_weight_decay()`` names (``pos_embed``, ...) and every bias. Norm weights outside the
+        body (adapter LayerNorms, FPN BatchNorms, head GroupNorms) are decayed: the reference names
+        them ``upK.0``, ``bn``, ``gn``, which match none of the keys.
+      * ``"beit"`` (segmentation; the BEiT layer-decay constructor): no decay for every 1-D tensor
+        and every bias; everything else is decayed, ``pos_embed`` included (that constructor
+        compares ``'pos_embed'`` with the full name ``backbone.pos_embed``, which never matches).
+    Names containing any of ``no_weight_decay`` are never decayed.
     """
+    if rule not in DECAY_RULES:
+        raise ValueError(f"weight-decay rule {rule!r}: valid choices are {', '.join(DECAY_RULES)}")
     body = backbone.body
     body_names = {id(p): n for n, p in body.named_parameters()}
     skip = set(body.no_weight_decay()) if hasattr(body, "no_weight_decay") else set()
@@ -167,7 +181,11 @@ def dense_param_groups(model: nn.Module, backbone: DenseBackbone, weight_decay: 
             continue
         bname = body_names.get(id(p))
         lid = layer_id(body, bname, n_layers) if bname is not None else n_layers
-        no_decay = p.ndim == 1 or (bname in skip) or any(k in name for k in no_weight_decay)
+        if rule == "mmdet":
+            no_decay = name.endswith(".bias") or (bname is not None and (p.ndim == 1 or bname in skip))
+        else:
+            no_decay = p.ndim == 1 or name.endswith(".bias")
+        no_decay = no_decay or any(k in name for k in no_weight_decay)
         key = (lid, no_decay)
         if key not in groups:
             groups[key] = {"params": [], "param_names": [], "lr_scale": layer_decay ** (n_layers - lid),

@@ -9,13 +9,17 @@ training and per-image detections when evaluating:
 images: (N, 3, H, W); image_sizes: [(h_i, w_i)] of the real content (top-left); targets[i]:
 ``boxes`` (G, 4) xyxy input pixels, ``labels`` (G,) in [0, num_classes), and for Mask R-CNN
 ``masks`` (G, h_i, w_i) uint8. Labels are contiguous class indices (no background index).
-Masks come back as (M, h_i, w_i) probabilities.
+Masks come back as (M, 1, 28, 28) probabilities within their boxes (the mask head's output);
+``dense.coco.paste_masks`` pastes them into an image of any size (the original one, in evaluation).
+Boxes are float32 whatever the autocast precision.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
 
 from .backbone import DenseBackbone
 from .gfl import GFLHead
@@ -66,17 +70,27 @@ class _NoResizeTransform(nn.Module):
         return ImageList(batch, sizes), targets
 
     def postprocess(self, result, image_shapes, original_image_sizes):
-        from torchvision.models.detection.roi_heads import paste_masks_in_image
-        for r, shape in zip(result, image_shapes):
-            if "masks" in r:
-                r["masks"] = paste_masks_in_image(r["masks"], r["boxes"], shape)[:, 0]
-        return result
+        return result  # masks stay in their boxes: evaluation pastes them at the original size
+
+
+class Float32BoxCoder(BoxCoder):
+    """torchvision's box coder computing in float32: its decode casts the proposals to the deltas'
+    dtype, so under bf16 autocast every coordinate above 512 px became a multiple of 4 (of 8 above
+    1024), in proposals, training targets and detections. GFL casts its regression to float as well."""
+
+    def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
+        return super().encode_single(reference_boxes.float(), proposals.float())
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        with torch.autocast(rel_codes.device.type, enabled=False):
+            return super().decode_single(rel_codes.float(), boxes.float())
 
 
 class MaskRCNNDetector(nn.Module):
     """torchvision's Mask R-CNN on the same backbone + adapters + FPN (all four backbone maps,
-    P6 by max-pooling: torchvision's and ViTDet's / Swin's Mask R-CNN layout); 1024 RPN
-    proposals per image in training, 1000 in testing, 100 detections (torchvision's defaults)."""
+    P6 by max-pooling: torchvision's and ViTDet's / Swin's Mask R-CNN layout); torchvision's
+    defaults: 2000 RPN proposals per image after NMS in training, 1000 in testing, 512 sampled
+    RoIs, 100 detections. Boxes are encoded and decoded in float32 (``Float32BoxCoder``)."""
 
     def __init__(self, backbone: DenseBackbone, num_classes: int, adapter_dim: int = 768, fpn_dim: int = 256,
                  neck_norm: str = "bn", score_thr: float = 0.05, max_per_img: int = 100) -> None:
@@ -87,6 +101,8 @@ class MaskRCNNDetector(nn.Module):
         self.model = MaskRCNN(neck, num_classes=num_classes + 1, box_score_thresh=score_thr,
                               box_detections_per_img=max_per_img)
         self.model.transform = _NoResizeTransform(backbone.size_divisor)
+        for part in (self.model.rpn, self.model.roi_heads):
+            part.box_coder = Float32BoxCoder(part.box_coder.weights, part.box_coder.bbox_xform_clip)
         self.num_classes = num_classes
 
     @property

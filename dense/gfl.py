@@ -119,6 +119,15 @@ def atss_assign(anchors: Tensor, level_sizes: Sequence[int], gt_boxes: Tensor, t
     return assigned
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm without its refusal of a group that holds one value (one image, one channel
+    per group, a 1x1 map: the coarsest level of a test image of 128 px or less when the head is
+    32 channels wide). Such a value normalises to 0, so the output is the bias, as the formula says."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
 class Scale(nn.Module):
     def __init__(self, value: float = 1.0) -> None:
         super().__init__()
@@ -150,7 +159,7 @@ class GFLHead(nn.Module):
             layers, c = [], in_channels
             for _ in range(stacked_convs):
                 layers += [nn.Conv2d(c, feat_channels, 3, padding=1, bias=False),
-                           nn.GroupNorm(32 if feat_channels % 32 == 0 else 1, feat_channels), nn.ReLU(inplace=True)]
+                           GroupNorm(32 if feat_channels % 32 == 0 else 1, feat_channels), nn.ReLU(inplace=True)]
                 c = feat_channels
             return nn.Sequential(*layers)
 

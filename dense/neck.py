@@ -14,6 +14,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
 from .backbone import DenseBackbone
+from .gfl import GroupNorm
 
 
 class LinearAdapter(nn.Module):
@@ -50,7 +51,7 @@ def norm_layer_for(kind: str) -> Optional[Callable[[int], nn.Module]]:
     if kind == "bn":
         return nn.BatchNorm2d
     if kind == "gn":
-        return lambda c: nn.GroupNorm(32 if c % 32 == 0 else 1, c)
+        return lambda c: GroupNorm(32 if c % 32 == 0 else 1, c)
     if kind == "none":
         return None
     raise ValueError(f"neck norm {kind!r}: valid choices are bn, gn, none")

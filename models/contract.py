@@ -35,6 +35,7 @@ class PretrainContract:
     norm_pix_loss: bool              # built with norm-pix targets
     vis_mask_ratio: float            # built with this secondary-masking ratio (0: off)
     classifier: Optional[str]        # the registered classifier its checkpoint finetunes into
+    compile_note: str = ""           # why --compile does not suit the model (empty: it does)
 
     def grid(self, input_size: int) -> int:
         """The mask-unit grid side for ``input_size`` pixels."""
@@ -69,6 +70,7 @@ class PretrainModel:
     mask_rounding: ClassVar[str] = "keep"
     mask_note: ClassVar[str] = "grey = removed by the mask"
     norm_pix_unit: Optional[int] = None      # None: the mask unit (Hiera sets a part of it)
+    compile_note: ClassVar[str] = ""
     classifier_name: Optional[str] = None
     stride: int
     token_size: int
@@ -89,7 +91,7 @@ class PretrainModel:
             raw_pixel_recipe=bool(self.raw_pixel_recipe), mask_rounding=self.mask_rounding,
             mask_note=self.mask_note, norm_pix_unit=int(self.norm_pix_unit or self.stride),
             norm_pix_loss=bool(self.norm_pix_loss), vis_mask_ratio=float(self.vis_mask_ratio),
-            classifier=self.classifier_name)
+            classifier=self.classifier_name, compile_note=self.compile_note)
 
 
 def blocks_layer_id(name: str, num_layers: int) -> int:

@@ -171,17 +171,28 @@ def group_window_attention(attn: nn.Module, x: Tensor, grouping: WindowGrouping)
     n_groups, g = grouping.plan.num_groups, grouping.plan.group_size
     packed = qkv.reshape(p, -1, 3, heads, hd).index_select(1, grouping.slot_token)
     packed = packed.view(p, n_groups, g, 3, heads, hd)
-    table = attn.relative_position_bias_table
-    table = torch.cat([table, table.new_full((1, heads), float("-inf"))])
-    bias = F.embedding(grouping.rel_index, table).permute(0, 3, 1, 2)            # (G, heads, g, g)
+    # The bias is gathered heads-first from the float32 table (cast afterwards), with rows padded to
+    # g8 = g rounded up to 8 (filler columns cut off), so SDPA gets a mask the memory-efficient
+    # kernel takes without a copy: unit last stride, every other stride a multiple of 8.
+    table_len = attn.relative_position_bias_table.shape[0]
+    table = attn.relative_position_bias_table.t()                               # (heads, T)
+    table = torch.cat([table, table.new_full((heads, 1), float("-inf"))], dim=1)
+    g8 = -(-g // 8) * 8
+    rel = F.pad(grouping.rel_index, (0, g8 - g), value=table_len) if g8 != g else grouping.rel_index
+    bias = table.index_select(1, rel.reshape(-1)).view(heads, n_groups, g, g8)
     if p == 1:
         q, k, v = packed[0].permute(2, 0, 3, 1, 4).unbind(0)                      # (G, heads, g, hd)
-    else:
-        q, k, v = packed.permute(3, 0, 1, 4, 2, 5).reshape(3, p, n_groups * heads, g, hd).unbind(0)
-        bias = bias.reshape(1, n_groups * heads, g, g)
+        bias = bias.to(q.dtype).permute(1, 0, 2, 3)                              # (G, heads, g, g8)
+    else:  # the batch shares the groups: fold (heads, groups) into the head axis, heads outermost
+        q, k, v = packed.permute(3, 0, 4, 1, 2, 5).reshape(3, p, heads * n_groups, g, hd).unbind(0)
+        bias = bias.to(q.dtype).view(1, heads * n_groups, g, g8)
     drop = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=drop)
-    out = out.reshape(p, n_groups, heads, g, hd).permute(0, 1, 3, 2, 4).reshape(p, n_groups * g, heads * hd)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[..., :g], dropout_p=drop)
+    if p == 1:
+        out = out.reshape(p, n_groups, heads, g, hd).permute(0, 1, 3, 2, 4)
+    else:
+        out = out.reshape(p, heads, n_groups, g, hd).permute(0, 2, 3, 1, 4)
+    out = out.reshape(p, n_groups * g, heads * hd)
     out = out.index_select(1, grouping.token_slot).reshape(n, length, heads * hd)
     return attn.proj_drop(attn.proj(out))
 
@@ -202,6 +213,11 @@ class GreenMIMSwin(SwinTransformer, _MAEDecoder, PretrainModel):
     """
 
     family = "greenmim"
+    # Each step plans its window groups on the host from the mask (one device-to-host copy, by design),
+    # and the group shapes change with every mask: torch.compile breaks the graph there and recompiles
+    # every step until its recompile limit, then runs eager anyway.
+    compile_note = ("plans its window groups on the host from every step's mask (data-dependent group "
+                    "shapes: a graph break and a recompile per step)")
     mask_kind = "random"
     default_mask_ratio = 0.75
     supports_secondary_mask = False

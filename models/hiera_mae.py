@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.models.hiera import Hiera, HieraBlock
+from timm.models.hiera import Hiera, HieraBlock, MaskUnitAttention
 from torch import Tensor, nn
 
 from .contract import Classifier, PretrainModel
@@ -45,7 +45,8 @@ from .loss import mae_loss, patchify, unpatchify
 from .masking import random_mask
 from .registry import register_named
 
-__all__ = ["MaskedAutoencoderHiera", "HieraClassifier", "unit_major_to_unrolled", "remap_hiera_checkpoint"]
+__all__ = ["MaskedAutoencoderHiera", "HieraClassifier", "FourDimMaskUnitAttention", "unit_major_to_unrolled",
+           "remap_hiera_checkpoint"]
 
 
 def unit_major_to_unrolled(x: Tensor, levels: int, q_stride: Sequence[int]) -> Tensor:
@@ -63,6 +64,44 @@ def unit_major_to_unrolled(x: Tensor, levels: int, q_stride: Sequence[int]) -> T
         perm += [2 + levels - j, 2 + 2 * levels - j]
     perm += [1, 2 + 2 * levels]
     return x.permute(perm).reshape(n, -1, c)
+
+
+class FourDimMaskUnitAttention(MaskUnitAttention):
+    """timm's ``MaskUnitAttention`` whose mask-unit (windowed) path hands SDPA 4-D tensors.
+
+    timm attends over q/k/v of shape (B, heads, windows, T, head_dim); SDPA's fused GPU kernels take
+    4-D inputs only, so that runs the math kernel (materialised attention). Folding the windows into
+    the head axis, (B, heads * windows, T, head_dim), is the same attention, each (head, window)
+    independent. Same parameters and state dict; the global-attention path is timm's own.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, N, dim) unrolled tokens -> (B, N / q_stride, dim_out)"""
+        if not self.use_mask_unit_attn:
+            return super().forward(x)
+        b, n, _ = x.shape
+        heads, hd = self.heads, self.head_dim
+        windows = n // (self.q_stride * self.window_size)
+        qkv = self.qkv(x).reshape(b, -1, windows, 3, heads, hd).permute(3, 0, 4, 2, 1, 5)
+        q, k, v = qkv.unbind(0)                                        # (B, heads, windows, T, hd)
+        if self.q_stride > 1:  # max-pool q over the unrolled stride (timm's Unroll layout)
+            q = q.view(b, heads, windows, self.q_stride, -1, hd).amax(dim=3)
+        tq, tk = q.shape[3], k.shape[3]
+        q = q.reshape(b, heads * windows, tq, hd)
+        k, v = (t.reshape(b, heads * windows, tk, hd) for t in (k, v))
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = ((q * self.scale) @ k.transpose(-1, -2)).softmax(dim=-1) @ v
+        out = out.view(b, heads, windows, tq, hd).transpose(1, 3).reshape(b, -1, self.dim_out)
+        return self.proj(out)
+
+
+def use_four_dim_attention(model: nn.Module) -> None:
+    """Give every timm ``MaskUnitAttention`` of ``model`` the 4-D mask-unit path (in place)."""
+    for m in model.modules():
+        if type(m) is MaskUnitAttention:
+            m.__class__ = FourDimMaskUnitAttention
 
 
 def remap_hiera_checkpoint(sd: dict) -> dict:
@@ -165,6 +204,7 @@ class MaskedAutoencoderHiera(Hiera, PretrainModel):
         self.decoder_norm = type(self.head.norm)(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.pred_stride ** 2 * in_chans)
         self._init_mae_weights()
+        use_four_dim_attention(self)
 
     def _init_mae_weights(self) -> None:
         """As the original: xavier-uniform Linear layers (encoder too), unit LayerNorms, the patch
@@ -290,6 +330,7 @@ class HieraClassifier(Hiera, Classifier):
                       kwargs.get("mask_unit_size", (8, 8)), kwargs.get("patch_stride", (4, 4)), "Hiera")
         super().__init__(img_size=(img_size, img_size), **kwargs)
         self.img_size = img_size
+        use_four_dim_attention(self)
 
     family = "hiera"
 

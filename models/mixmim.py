@@ -203,25 +203,30 @@ class MixWindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_index(window_size), persistent=False)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def position_bias(self) -> Tensor:
-        """(heads, n, n) bias of every (query, key) pair of a window."""
+    def position_bias(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """(heads, n, n8) bias of every (query, key) pair of a window, gathered from the float32 table
+        and then cast to ``dtype``; rows padded to n8 = n rounded up to 8 (columns >= n are filler),
+        so that ``[..., :n]`` is a mask the memory-efficient kernel takes without a copy."""
         n = self.window_size ** 2
-        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-        return bias.view(n, n, self.num_heads).permute(2, 0, 1)
+        n8 = -(-n // 8) * 8
+        index = F.pad(self.relative_position_index, (0, n8 - n)) if n8 != n else self.relative_position_index
+        bias = self.relative_position_bias_table.t().index_select(1, index.reshape(-1))
+        return bias.view(self.num_heads, n, n8).to(dtype or bias.dtype)
 
     def forward(self, x: Tensor, same: Optional[Tensor] = None) -> Tensor:
-        """x: (B*nW, n, C); same: (B*nW, 1, n, n) bool, True = same source image, or None.
+        """x: (B*nW, n, C); same: (B*nW, 1, n, n8) bool (``MixStage.same_image``), True = same source
+        image, or None.
 
         Returns (B*nW, n, C).
         """
         bw, n, c = x.shape
         h = self.num_heads
         q, k, v = self.qkv(x).view(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.position_bias().to(q.dtype).unsqueeze(0)                  # (1, heads, n, n)
+        bias = self.position_bias(q.dtype).unsqueeze(0)                         # (1, heads, n, n8)
         if same is not None:
             # every row keeps at least its own token, so -inf never empties a row
-            bias = torch.where(same, bias, float("-inf"))                       # (B*nW, heads, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)          # (B*nW, heads, n, C/heads)
+            bias = torch.where(same, bias, float("-inf"))                       # (B*nW, heads, n, n8)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[..., :n])  # (B*nW, heads, n, C/heads)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
 
@@ -259,9 +264,12 @@ class MixStage(nn.Module):
         self.downsample = PatchMerging(dim, 2 * dim) if downsample else None
 
     def same_image(self, labels: Tensor) -> Tensor:
-        """labels: (B, H, W) bool source label -> (B*nW, 1, n, n) bool, True = same source."""
+        """labels: (B, H, W) bool source label -> (B*nW, 1, n, n8) bool, True = same source; rows
+        padded to n8 = n rounded up to 8 with False (``MixWindowAttention.position_bias``)."""
         lw = window_partition(labels.unsqueeze(-1), self.window_size).squeeze(-1)   # (B*nW, n)
-        return (lw.unsqueeze(-1) == lw.unsqueeze(-2)).unsqueeze(1)
+        same = (lw.unsqueeze(-1) == lw.unsqueeze(-2)).unsqueeze(1)
+        n = same.shape[-1]
+        return F.pad(same, (0, -(-n // 8) * 8 - n), value=False)
 
     def forward(self, x: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         """x: (B, H, W, C); labels: (B, H, W) bool or None -> (B, H', W', C') after the merge."""

@@ -14,6 +14,21 @@ integer lattice, so each block evaluates the MLP once per distinct offset and
 gathers the bias per token pair (bitwise the same values as evaluating it per
 pair). Attention goes through ``scaled_dot_product_attention`` with the bias
 (plus the shifted-window mask) as an additive mask.
+
+Precision and layout of the bias: the offset table is computed and gathered in
+float32 (float64 for a float64 model) even under autocast, and only the gathered
+bias is cast to the attention's dtype, so the gradient of the gather accumulates
+in float32. The bias is gathered heads-first, so the mask reaches SDPA with unit
+last stride and every other stride a multiple of 8, which the memory-efficient
+kernel uses as it is (an unaligned mask is padded into a copy on every call).
+
+Shared bias: on a regular token grid (SimMIM's full image, finetuning, dense
+inputs) every window of a block has the same offsets, so the block gathers one
+``(heads, n, n)`` bias instead of one per window. With shifted windows only the
+last window row and column differ (their shift mask, and the wrapped offsets under
+it), so the windows are attended in four groups (interior, last column, last row,
+corner), each with its own shared bias. UM-MAE's compact image carries each
+sample's own kept positions, so there each window keeps its own bias.
 """
 from __future__ import annotations
 
@@ -60,17 +75,21 @@ class Positions:
     (P = batch, or 1 when all samples share them); a stage's own coordinates are
     ``pos / scale``. Offsets between tokens are multiples of ``step``.
     ``extent``: (rows, cols) of the first-stage grid, bounding every coordinate.
+    ``regular``: the positions are one shared lattice (``grid``), so windows at the same
+    place in their window row / column share their offsets (the shared-bias path).
     """
     pos: Tensor
     extent: tuple[int, int]
     scale: int = 1
     step: int = 1
     max_step: int = 1 << 30
+    regular: bool = False
     cache: dict = field(default_factory=dict)
 
     def downsample(self) -> "Positions":
         scale = self.scale * 2
-        return Positions(self.pos[:, ::2, ::2], self.extent, scale, min(scale, self.max_step), self.max_step)
+        return Positions(self.pos[:, ::2, ::2], self.extent, scale, min(scale, self.max_step), self.max_step,
+                         self.regular)
 
     def padded(self, h: int, w: int) -> "Positions":
         """This stage's regular grid extended to ``h x w`` (right / bottom padding for windows).
@@ -83,13 +102,14 @@ class Positions:
         s, dev = self.scale, self.pos.device
         rows = torch.arange(h, device=dev).view(h, 1).expand(h, w) * s
         cols = torch.arange(w, device=dev).view(1, w).expand(h, w) * s
-        return Positions(torch.stack([rows, cols], dim=-1).unsqueeze(0), (h * s, w * s), s, self.step, self.max_step)
+        return Positions(torch.stack([rows, cols], dim=-1).unsqueeze(0), (h * s, w * s), s, self.step, self.max_step,
+                         self.regular)
 
     @staticmethod
     def grid(h: int, w: int, device: torch.device) -> "Positions":
         rows = torch.arange(h, device=device).view(h, 1).expand(h, w)
         cols = torch.arange(w, device=device).view(1, w).expand(h, w)
-        return Positions(torch.stack([rows, cols], dim=-1).unsqueeze(0), (h, w))
+        return Positions(torch.stack([rows, cols], dim=-1).unsqueeze(0), (h, w), regular=True)
 
 
 def _windows(x: Tensor, wh: int, ww: int) -> Tensor:
@@ -106,29 +126,42 @@ def _unwindows(x: Tensor, wh: int, ww: int, b: int, h: int, w: int) -> Tensor:
     return x.reshape(b, h, w, c)
 
 
-def _shift_mask(h: int, w: int, wh: int, ww: int, shift: int, device: torch.device) -> Tensor:
-    """The shifted-window mask: 0 within a region, -100 across regions. (nW, n, n)"""
+def _region_labels(h: int, w: int, wh: int, ww: int, shift: int, device: torch.device) -> Tensor:
+    """The shifted-window regions of the rolled map, per window: (nW, n) float labels."""
     region = torch.zeros(h, w, device=device)
     label = 0
     for hs in (slice(0, -wh), slice(-wh, -shift), slice(-shift, None)):
         for ws in (slice(0, -ww), slice(-ww, -shift), slice(-shift, None)):
             region[hs, ws] = label
             label += 1
-    win = _windows(region.view(1, h, w, 1), wh, ww).squeeze(-1)
+    return _windows(region.view(1, h, w, 1), wh, ww).squeeze(-1)
+
+
+def _shift_mask(h: int, w: int, wh: int, ww: int, shift: int, device: torch.device,
+                windows: Optional[Tensor] = None) -> Tensor:
+    """The shifted-window mask: 0 within a region, -100 across regions. (nW, n, n), or only the
+    windows listed in ``windows`` (raster window ids)."""
+    win = _region_labels(h, w, wh, ww, shift, device)
+    if windows is not None:
+        win = win[windows]
     diff = win.unsqueeze(1) - win.unsqueeze(2)
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
 
 
-def _offset_index(positions: Positions, h: int, w: int, wh: int, ww: int, shift: int) -> tuple[Tensor, int]:
+def _offset_index(positions: Positions, h: int, w: int, wh: int, ww: int, shift: int,
+                  windows: Optional[Tensor] = None) -> tuple[Tensor, int]:
     """Index of every (query, key) offset in the offset table, and the table's half-width.
 
-    Returns idx: (P * nW, n, n) int64, with d = key - query mapped to
-    ``(d_h / step + K_h) * (2 K_w + 1) + (d_w / step + K_w)``.
+    Returns idx: (P * nW, n, n) int64 (or (P * len(windows), n, n) for the raster window ids
+    ``windows``), with d = key - query mapped to ``(d_h / step + K_h) * (2 K_w + 1) + (d_w / step + K_w)``.
     """
     pos = positions.pos
     if shift:
         pos = torch.roll(pos, shifts=(-shift, -shift), dims=(1, 2))
     p = _windows(pos, wh, ww)                              # (P*nW, n, 2)
+    if windows is not None:
+        nw = (h // wh) * (w // ww)
+        p = p.view(-1, nw, wh * ww, 2)[:, windows].reshape(-1, wh * ww, 2)
     d = p.unsqueeze(1) - p.unsqueeze(2)                    # d[b, i, j] = p_j - p_i
     step = positions.step
     kh = (positions.extent[0] - 1) // step
@@ -136,6 +169,71 @@ def _offset_index(positions: Positions, h: int, w: int, wh: int, ww: int, shift:
     d = torch.div(d, step, rounding_mode="floor")
     idx = (d[..., 0] + kh) * (2 * kw + 1) + (d[..., 1] + kw)
     return idx, kh
+
+
+def _aligned(n: int) -> int:
+    """n rounded up to a multiple of 8: the row length of a mask the memory-efficient kernel takes as is."""
+    return -(-n // 8) * 8
+
+
+@dataclass
+class WindowLayout:
+    """How one block (one geometry and shift) attends: built once per forward, shared by the blocks
+    of a stage that have the same geometry.
+
+    index: (R, n, n8) offset index (n8 = n rounded up to 8; padded columns index 0 and are cut off);
+    shift_mask: (S, n, n8) or None, added to every run of S consecutive rows of the gathered bias;
+    groups: None: R = B*nW, one bias per window; else the number
+    of consecutive windows of each group (R groups) in the gathered window order, each attending with
+    its group's bias shared by all its windows; gather / scatter: (B*H*W,) the token order of the
+    grouped windows and back (None: the plain window partition).
+    """
+    index: Tensor
+    shift_mask: Optional[Tensor]
+    positions: Positions
+    groups: Optional[list[int]] = None
+    gather: Optional[Tensor] = None
+    scatter: Optional[Tensor] = None
+
+
+def _pad_cols(t: Tensor, n8: int, value: float = 0) -> Tensor:
+    return t if t.shape[-1] == n8 else F.pad(t, (0, n8 - t.shape[-1]), value=value)
+
+
+def window_layout(positions: Positions, b: int, h: int, w: int, wh: int, ww: int, shift: int,
+                  device: torch.device) -> WindowLayout:
+    """The layout of a block on an h x w map (already padded to window multiples) for batch b."""
+    n, n8 = wh * ww, _aligned(wh * ww)
+    gh, gw = h // wh, w // ww
+    if not positions.regular:
+        idx, _ = _offset_index(positions, h, w, wh, ww, shift)
+        p = positions.pos.shape[0]
+        if p != b:
+            if p != 1:
+                raise ValueError(f"positions for {p} samples, but a batch of {b}")
+            idx = idx.repeat(b, 1, 1)
+        mask = _shift_mask(h, w, wh, ww, shift, device) if shift else None
+        return WindowLayout(_pad_cols(idx, n8), None if mask is None else _pad_cols(mask, n8), positions)
+    if not shift:  # every window has the offsets of the first one
+        idx, _ = _offset_index(positions, h, w, wh, ww, 0, torch.tensor([0], device=device))
+        return WindowLayout(_pad_cols(idx, n8), None, positions, groups=[b * gh * gw])
+    # Rolled by -shift, the last window row and column hold wrapped tokens: four groups of windows
+    # with one offset pattern and one shift-mask pattern each (interior, last column, last row, corner).
+    wid = torch.arange(gh * gw, device=device).view(gh, gw)
+    parts = [wid[:-1, :-1], wid[:-1, -1:], wid[-1:, :-1], wid[-1:, -1:]]
+    reps = torch.stack([part[0, 0] for part in parts])
+    idx, _ = _offset_index(positions, h, w, wh, ww, shift, reps)
+    mask = _shift_mask(h, w, wh, ww, shift, device, reps)
+    # token of the rolled map at (r, c) = token of the map at ((r + shift) % h, (c + shift) % w)
+    src_r = ((torch.arange(h, device=device) + shift) % h).view(gh, 1, wh, 1)
+    src_c = ((torch.arange(w, device=device) + shift) % w).view(1, gw, 1, ww)
+    win_tok = (src_r * w + src_c).reshape(gh * gw, n)                  # window id -> its tokens
+    base = (torch.arange(b, device=device) * (h * w)).view(b, 1, 1)
+    gather = torch.cat([(base + win_tok[part.reshape(-1)]).reshape(-1) for part in parts])
+    scatter = torch.empty_like(gather)
+    scatter[gather] = torch.arange(gather.numel(), device=device)
+    return WindowLayout(_pad_cols(idx, n8), _pad_cols(mask, n8), positions,
+                        groups=[b * part.numel() for part in parts], gather=gather, scatter=scatter)
 
 
 class WindowAttention(nn.Module):
@@ -149,44 +247,49 @@ class WindowAttention(nn.Module):
         self.posmlp = nn.Sequential(nn.Conv2d(2, posmlp_dim, 1), nn.ReLU(), nn.Conv2d(posmlp_dim, num_heads, 1))
 
     def offset_table(self, positions: Positions, dtype: torch.dtype) -> Tensor:
-        """The bias of every offset on the lattice: (T, heads)."""
+        """The bias of every offset on the lattice: (T, heads), in ``dtype`` whatever autocast says."""
         step, scale = positions.step, positions.scale
         kh = (positions.extent[0] - 1) // step
         kw = (positions.extent[1] - 1) // step
         dev = positions.pos.device
-        dh = torch.arange(-kh, kh + 1, device=dev, dtype=dtype) * step / scale
-        dw = torch.arange(-kw, kw + 1, device=dev, dtype=dtype) * step / scale
-        rel = torch.stack(torch.meshgrid(dh, dw, indexing="ij"), dim=-1).reshape(-1, 2)
-        rel = torch.sign(rel) * torch.log1p(rel.abs())
-        w0, b0 = self.posmlp[0].weight, self.posmlp[0].bias
-        w2, b2 = self.posmlp[2].weight, self.posmlp[2].bias
-        hidden = F.relu(F.linear(rel, w0.flatten(1), b0))
-        return F.linear(hidden, w2.flatten(1), b2)
+        with torch.autocast(dev.type, enabled=False):
+            dh = torch.arange(-kh, kh + 1, device=dev, dtype=dtype) * step / scale
+            dw = torch.arange(-kw, kw + 1, device=dev, dtype=dtype) * step / scale
+            rel = torch.stack(torch.meshgrid(dh, dw, indexing="ij"), dim=-1).reshape(-1, 2)
+            rel = torch.sign(rel) * torch.log1p(rel.abs())
+            w0, b0 = self.posmlp[0].weight, self.posmlp[0].bias
+            w2, b2 = self.posmlp[2].weight, self.posmlp[2].bias
+            hidden = F.relu(F.linear(rel, w0.flatten(1).to(dtype), b0.to(dtype)))
+            return F.linear(hidden, w2.flatten(1).to(dtype), b2.to(dtype))
 
-    def forward(self, x: Tensor, bias_index: Tensor, positions: Positions, shift_mask: Optional[Tensor]) -> Tensor:
-        """x: (B*nW, n, C); bias_index: (P*nW, n, n) with P in {1, B}; shift_mask: (nW, n, n) or None."""
+    def position_bias(self, layout: WindowLayout, dtype: torch.dtype) -> Tensor:
+        """(R, heads, n, n) additive mask in ``dtype``, heads-first and 8-aligned (see the module doc)."""
+        r, n, n8 = layout.index.shape
+        table_dtype = torch.float64 if self.qkv.weight.dtype == torch.float64 else torch.float32
+        table = self.offset_table(layout.positions, table_dtype)            # (T, heads)
+        # index_select: its backward (index_add) is deterministic on CPU, unlike table[idx]'s index_put
+        bias = table.t().index_select(1, layout.index.reshape(-1)).view(self.num_heads, r, n, n8)
+        if layout.shift_mask is not None:
+            s = layout.shift_mask.shape[0]
+            bias = (bias.view(self.num_heads, r // s, s, n, n8) + layout.shift_mask).view(self.num_heads, r, n, n8)
+        return bias.to(dtype).permute(1, 0, 2, 3)[..., :n]
+
+    def forward(self, x: Tensor, layout: WindowLayout) -> Tensor:
+        """x: (B*nW, n, C) windows in the layout's order -> (B*nW, n, C)."""
         bw, n, c = x.shape
         heads = self.num_heads
-        table = self.offset_table(positions, torch.float64 if x.dtype == torch.float64 else torch.float32)
-        # index_select: its backward (index_add) is deterministic on CPU, unlike table[idx]'s index_put
-        bias = table.index_select(0, bias_index.reshape(-1)).view(*bias_index.shape, heads)
-        bias = bias.permute(0, 3, 1, 2)                                    # (P*nW, heads, n, n)
-        nw = shift_mask.shape[0] if shift_mask is not None else None
-        if shift_mask is not None:
-            bias = (bias.view(-1, nw, heads, n, n) + shift_mask.to(bias.dtype).unsqueeze(1)).view(-1, heads, n, n)
-        qkv = self.qkv(x).view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        if bias.shape[0] != bw:
-            # Positions shared by the whole batch: fold the windows into the head
-            # axis so the bias broadcasts over the batch without a copy.
-            nwin = bias.shape[0]
-            b = bw // nwin
-            q, k, v = (t.reshape(b, nwin * heads, n, c // heads) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, nwin * heads, n, n))
-            out = out.view(bw, heads, n, c // heads)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+        q, k, v = self.qkv(x).view(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.position_bias(layout, q.dtype)
+        if layout.groups is None:   # one bias per window
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+        else:  # each group's windows share its bias: (1, heads, n, n) broadcast over the group
+            outs, start = [], 0
+            for g, count in enumerate(layout.groups):
+                sl = slice(start, start + count)
+                outs.append(F.scaled_dot_product_attention(q[sl], k[sl], v[sl], attn_mask=bias[g:g + 1]).transpose(1, 2))
+                start += count
+            out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return self.proj(out.reshape(bw, n, c))
 
 
 class SwinBlock(nn.Module):
@@ -211,23 +314,24 @@ class SwinBlock(nn.Module):
         # dense inputs of any size: pad the normalised map to window multiples (right / bottom),
         # attend over the padded windows and crop; window-multiple maps take no padding
         hp, wp = h + (-h) % wh, w + (-w) % ww
-        key = (h, w, wh, ww, shift)
+        key = (b, h, w, wh, ww, shift)
         if key not in positions.cache:
             pos = positions if (hp, wp) == (h, w) else positions.padded(hp, wp)
-            idx, _ = _offset_index(pos, hp, wp, wh, ww, shift)
-            mask = _shift_mask(hp, wp, wh, ww, shift, x.device) if shift else None
-            positions.cache[key] = (idx, mask, pos)
-        idx, mask, pos = positions.cache[key]
+            positions.cache[key] = window_layout(pos, b, hp, wp, wh, ww, shift, x.device)
+        layout = positions.cache[key]
 
         y = self.norm1(x)
         if (hp, wp) != (h, w):
             y = F.pad(y, (0, 0, 0, wp - w, 0, hp - h))
-        if shift:
-            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-        y = self.attn(_windows(y, wh, ww), idx, pos, mask)
-        y = _unwindows(y, wh, ww, b, hp, wp)
-        if shift:
-            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+        if layout.gather is not None:   # shift and group order in one gather, and back
+            y = y.reshape(-1, c).index_select(0, layout.gather).view(-1, wh * ww, c)
+            y = self.attn(y, layout).reshape(-1, c).index_select(0, layout.scatter).view(b, hp, wp, c)
+        else:
+            if shift:
+                y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+            y = _unwindows(self.attn(_windows(y, wh, ww), layout), wh, ww, b, hp, wp)
+            if shift:
+                y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
         if (hp, wp) != (h, w):
             y = y[:, :h, :w]
         x = x + self.drop_path(y)

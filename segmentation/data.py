@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from util.datasets import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, DataError
+from util.datasets import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, DataError, to_rgb8
 
 from .heads import IGNORE_INDEX
 
@@ -100,10 +100,13 @@ def find_pairs(data_path: str, split: str, check_sizes: bool = True) -> Pairs:
     return Pairs(samples, skipped)
 
 
-def load_pair(img_path: str, ann_path: str, reduce_zero_label: bool) -> tuple[Tensor, Tensor]:
-    """-> image (3, H, W) uint8, labels (H, W) int64 (255 = ignore)."""
+def load_pair(img_path: str, ann_path: str, reduce_zero_label: bool, num_classes: Optional[int] = None
+              ) -> tuple[Tensor, Tensor]:
+    """-> image (3, H, W) uint8 (16-bit images scaled to 8 bits), labels (H, W) int64 (255 = ignore).
+    DataError naming the file for a label map that is not single-channel, of another size than its
+    image, or (given ``num_classes``) holding a class outside 0..num_classes - 1."""
     with Image.open(img_path) as im:
-        img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+        img = torch.from_numpy(np.array(to_rgb8(im))).permute(2, 0, 1).contiguous()
     with Image.open(ann_path) as an:
         ann = np.array(an)
     if ann.ndim != 2:
@@ -114,6 +117,14 @@ def load_pair(img_path: str, ann_path: str, reduce_zero_label: bool) -> tuple[Te
                         f"{img.shape[2]}x{img.shape[1]}")
     if reduce_zero_label:
         label = torch.where(label == 0, IGNORE_INDEX + 1, label) - 1  # 0 -> 255, k -> k - 1
+    if num_classes is not None:
+        bad = (label != IGNORE_INDEX) & ((label < 0) | (label >= num_classes))
+        if bool(bad.any()):
+            raw = label[bad] + (1 if reduce_zero_label else 0)
+            raise DataError(f"{ann_path} holds label values {int(raw.min())}..{int(raw.max())} outside the "
+                            f"{num_classes} classes of --nb_classes"
+                            + (" (labels 1..K after reduce_zero_label; 0 is ignored)" if reduce_zero_label else
+                               f" (labels 0..{num_classes - 1}, 255 ignored)"))
     return img, label
 
 
@@ -212,12 +223,15 @@ def sample_seed(seed: int, data_pass: int, index: int) -> int:
 
 class SegmentationDataset(Dataset):
     """Training items keyed (index, seed) -> (image, labels, ok); evaluation items keyed by index
-    -> (resized image, original-size labels, ok). An unreadable pair is named once (warning); in
-    training the next readable pair replaces it, in evaluation it comes back empty with ok = 0."""
+    -> (resized image, original-size labels, ok). An unreadable pair (or one whose labels fall outside
+    ``num_classes``) is named once (warning); in training the next readable pair replaces it, in
+    evaluation it comes back empty with ok = 0."""
 
     def __init__(self, pairs: Pairs, train: bool, reduce_zero_label: bool = True,
-                 transform: Optional[TrainTransform] = None, test_scale=(2048, 512)) -> None:
+                 transform: Optional[TrainTransform] = None, test_scale=(2048, 512),
+                 num_classes: Optional[int] = None) -> None:
         self.pairs, self.train, self.reduce_zero_label = pairs, train, reduce_zero_label
+        self.num_classes = num_classes
         self.transform = transform or TrainTransform()
         self.test_scale = test_scale
         self._warned: set[str] = set()
@@ -227,7 +241,7 @@ class SegmentationDataset(Dataset):
 
     def _load(self, i: int):
         try:
-            return load_pair(*self.pairs.samples[i], self.reduce_zero_label)
+            return load_pair(*self.pairs.samples[i], self.reduce_zero_label, self.num_classes)
         except Exception as e:
             path = self.pairs.samples[i][0]
             if path not in self._warned:

@@ -88,9 +88,10 @@ class FCNHead(nn.Module):
 
 
 def seg_cross_entropy(logits: Tensor, labels: Tensor, avg_non_ignore: bool = False) -> Tensor:
-    """logits (N, K, h, w) are upsampled to labels (N, H, W) before the loss (mmseg)."""
-    logits = _up(logits, labels.shape[-2:])
-    loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE_INDEX, reduction="sum")
+    """logits (N, K, h, w) are upsampled to labels (N, H, W) before the loss (mmseg), in float32
+    (under bf16 autocast the head's logits are bf16: interpolating them there would round again)."""
+    logits = _up(logits.float(), labels.shape[-2:])
+    loss = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE_INDEX, reduction="sum")
     if avg_non_ignore:
         return loss / (labels != IGNORE_INDEX).sum().clamp(min=1)
     return loss / labels.numel()
@@ -127,11 +128,11 @@ class SegmentationModel(nn.Module):
                 for adapt, f, s in zip(self.adapters, feats, self.backbone.strides)]
 
     def forward(self, imgs: Tensor, labels: Optional[Tensor] = None):
-        """imgs: (N, 3, H, W); labels: (N, H, W) int64 with 255 = ignore."""
+        """imgs: (N, 3, H, W); labels: (N, H, W) int64 with 255 = ignore. Logits are float32."""
         feats = self.features(imgs)
         logits = self.decode_head(feats)
-        if labels is None:
-            return _up(logits, imgs.shape[-2:])
+        if labels is None:  # float32 logits, upsampled in float32 (the argmax and window averaging follow)
+            return _up(logits.float(), imgs.shape[-2:])
         parts = {"loss_decode": seg_cross_entropy(logits, labels, self.avg_non_ignore)}
         total = parts["loss_decode"]
         if self.aux_head is not None:

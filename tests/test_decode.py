@@ -131,3 +131,15 @@ def test_loader_benchmark_writes_a_table_and_json(tmp_path, capsys):
     assert paths[:4] == ["folder+pil", "shards+pil", "shards+fast", "folder+fast"]
     assert all(r["per_worker"] > 0 and r["total"] > 0 for r in report["results"])
     assert "| shards+fast |" in capsys.readouterr().out
+
+
+def test_fast_decoding_refuses_the_decompression_bombs_the_pil_path_refuses(monkeypatch):
+    data = photo(64, 48, 0)                       # 3072 pixels: a bomb under a limit of 1000 (PIL refuses > 2x)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    for transform in (FastPretrainTransform(32), PlanTransform(32)):
+        with pytest.raises(Image.DecompressionBombError, match="bomb.jpg: 64x48 = 3,072 pixels, over the limit"):
+            seeded_apply(transform, Encoded(data, "bomb.jpg"), 0)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)   # within twice the limit: decoded, as PIL does
+    assert seeded_apply(FastPretrainTransform(32), Encoded(data, "ok.jpg"), 0).shape == (3, 32, 32)

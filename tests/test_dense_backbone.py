@@ -97,6 +97,23 @@ def test_layer_decay_groups_cover_every_parameter_once():
     assert g["body.pos_embed"]["weight_decay"] == 0.0
 
 
+def test_detection_weight_decay_follows_the_references_custom_keys():
+    """mmdet's custom_keys (pos_embed, norm, bias) match the reference's names: the backbone's norms,
+    pos_embed and every bias are exempt; the norm weights of adapters, FPN and head are decayed."""
+    from dense.detector import build_detector
+    bb = build_backbone("pvt_pico_128")
+    det = build_detector("gfl", bb, 3, adapter_dim=32, fpn_dim=32)
+    g = {n: g["weight_decay"] for g in dense_param_groups(det, bb, 0.05, rule="mmdet") for n in g["param_names"]}
+    body = [n for n in g if n.startswith("neck.backbone.body.")]
+    assert g["neck.backbone.body.pos_embed"] == 0.0
+    assert all(g[n] == 0.0 for n in body if n.endswith(".bias") or "norm" in n)
+    assert g["neck.adapters.0.norm.weight"] == g["neck.adapters.0.proj.weight"] == 0.05  # the reference's up1.0
+    assert g["neck.adapters.0.norm.bias"] == g["neck.adapters.0.proj.bias"] == 0.0
+    norms = [n for n, m in det.named_modules() if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm))]
+    assert norms and all(g[f"{n}.weight"] == 0.05 and g[f"{n}.bias"] == 0.0 for n in norms)
+    assert g["head.scales.0.scale"] == 0.05
+
+
 def test_a_model_without_pyramid_is_refused_by_name():
     with pytest.raises(ValueError, match="no feature pyramid"):
         DenseBackbone(torch.nn.Linear(2, 2))

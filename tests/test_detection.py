@@ -1,22 +1,31 @@
 """main_detection.py and dense/: COCO metrics against hand-computed cases, GFL losses and
-assignment, bad input, training on a tiny generated COCO set (falling loss, exact resume,
-Mask R-CNN box + mask AP)."""
+assignment, bad input (malformed annotation files, unreadable images), mask pasting and RLE,
+training on a tiny generated COCO set (falling loss, exact resume, Mask R-CNN box + mask AP),
+evaluation independent of the batch size."""
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 import main_detection
 from dense.backbone import build_backbone
-from dense.coco import STAT_NAMES, CocoDetection, coco_evaluate, collate, load_coco
+from dense.coco import (STAT_NAMES, CocoDetection, coco_evaluate, collate, load_coco, nearest_index, paste_masks,
+                        region_rle)
 from dense.detector import build_detector
 from dense.gfl import atss_assign, distribution_focal_loss, quality_focal_loss
 from tools.make_tiny_coco import make_tiny_coco
 from util.cli import UsageError
+from util.datasets import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +128,7 @@ def test_invalid_boxes_and_unknown_categories_are_named_skipped_and_counted(tmp_
     (root / "annotations" / "instances_train2017.json").write_text(json.dumps(gt))
     ds = CocoDetection(root, "train", train=True, input_size=64)
     assert ds.skipped == {"invalid box": 2, "unknown category": 1}
-    assert sum(len(v) for v in ds.anns.values()) == n
+    assert len(ds.annotations.labels) == n
     msg = ds.skipped_summary()
     assert "annotation 9001" in msg and "annotation 9003" in msg and "category_id 77" in msg
 
@@ -139,7 +148,190 @@ def test_training_pipeline_keeps_boxes_masks_and_sizes_consistent(tiny_coco):
         assert torch.equal(again[0], img) and torch.equal(again[1]["boxes"], t["boxes"])  # seeded
 
 
+def _copy_coco(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit(root: Path, split: str, fn) -> None:
+    path = root / "annotations" / f"instances_{split}2017.json"
+    gt = json.loads(path.read_text())
+    fn(gt)
+    path.write_text(json.dumps(gt))
+
+
+MALFORMED = {  # what is wrong -> (edit of the val file, words the one-line error must hold)
+    "top level a list": (lambda gt: gt.clear() or None, "top level"),
+    "duplicate annotation ids": (lambda gt: [a.update(id=1) for a in gt["annotations"]], "annotation id 1 appears"),
+    "duplicate image ids": (lambda gt: gt["images"][1].update(id=gt["images"][0]["id"]), "appears more than once"),
+    "orphan annotation": (lambda gt: gt["annotations"][0].update(image_id=12345), "refer to no image"),
+    "width a string": (lambda gt: gt["images"][0].update(width="64"), "width '64'"),
+    "absolute file_name": (lambda gt: gt["images"][0].update(file_name="/etc/hostname"), "leaves"),
+    "file_name leaving the folder": (lambda gt: gt["images"][0].update(file_name="../../x.png"), "leaves"),
+    "no area to score": (lambda gt: gt["annotations"][0].pop("area"), "'area'"),
+    "no iscrowd to score": (lambda gt: gt["annotations"][0].pop("iscrowd"), "'iscrowd'"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_annotation_files_are_refused_in_one_line(tmp_path, tiny_coco, case):
+    root = _copy_coco(tiny_coco, tmp_path / "coco")
+    edit, words = MALFORMED[case]
+    if case == "top level a list":
+        (root / "annotations" / "instances_val2017.json").write_text("[]")
+    else:
+        _edit(root, "val", edit)
+    with pytest.raises(DataError) as e:
+        CocoDetection(root, "val", train=False, test_size=(64, 64))
+    msg = str(e.value)
+    assert "\n" not in msg and "instances_val2017.json" in msg and words in msg, msg
+
+
+def test_unreadable_training_images_are_skipped_named_and_counted(tmp_path, tiny_coco, monkeypatch):
+    """Missing, corrupt, a FIFO, over PIL's pixel limit, or of another size than the file says: each is
+    named once and the next image takes its place; a 16-bit image is scaled, not clipped to white."""
+    root = _copy_coco(tiny_coco, tmp_path / "coco")
+    img = root / "train2017"
+    names = sorted(p.name for p in img.iterdir())
+    (img / names[0]).unlink()                                  # missing
+    (img / names[1]).write_text("not an image")                # corrupt
+    with Image.open(img / names[2]) as im:                     # another size than the annotation file
+        im.resize((im.width // 2, im.height // 2)).save(img / names[2])
+    with Image.open(img / names[3]) as im:                     # 16-bit grey
+        grey = np.asarray(im.convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(img / names[3])
+    assert Image.open(img / names[3]).mode.startswith("I")
+    ds = CocoDetection(root, "train", train=True, input_size=64, ratio_range=(1.0, 1.0))
+    assert len(ds) == 4
+    with pytest.warns(UserWarning) as caught:
+        items = [ds[(i, 0)] for i in range(4)]
+    text = " ".join(str(w.message) for w in caught)
+    assert all(n in text for n in names[:3]) and names[3] not in text
+    assert "FileNotFoundError" in text and "UnidentifiedImageError" in text and "but instances_train2017" in text
+    assert [m["replaced"] for _, _, m in items] == [1, 1, 1, 0]
+    x = items[3][0][:, :items[3][2]["size"][0], :items[3][2]["size"][1]]
+    x8 = ds._item(3, Image.fromarray(grey).convert("RGB"), 0)[0]
+    assert torch.allclose(x, x8[:, :x.shape[1], :x.shape[2]], atol=1e-5)  # not white
+    # a FIFO (would block forever) and an image over PIL's pixel limit are named and skipped as well
+    (img / names[3]).unlink()
+    os.mkfifo(img / names[3])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # every 64-px image is then a decompression bomb
+    ds = CocoDetection(root, "train", train=True, input_size=64)  # (each file is named once per data set)
+    old = signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("blocked on a FIFO")))
+    signal.alarm(20)
+    try:
+        with pytest.warns(UserWarning) as caught, pytest.raises(DataError, match="none of 4 consecutive images"):
+            ds[(3, 0)]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    text = " ".join(str(w.message) for w in caught)
+    assert "not a regular file" in text and "DecompressionBombError" in text
+
+
+def test_an_image_with_too_many_annotations_is_left_out_before_any_allocation(tmp_path, tiny_coco):
+    root = _copy_coco(tiny_coco, tmp_path / "coco")
+    extra = [{"id": 10_000 + k, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2], "iscrowd": 0, "area": 4}
+             for k in range(1001)]
+    _edit(root, "train", lambda gt: gt["annotations"].extend(extra))
+    ds = CocoDetection(root, "train", train=True, input_size=64)
+    assert 1 not in ds.ids.tolist() and len(ds) == 3
+    assert "left out 1 images with more than 1000 usable annotations (first: image 1 (000000.png), 100" \
+        in ds.skipped_summary()
+
+
+# ---- masks -----------------------------------------------------------------------------------
+
+def test_region_rle_equals_pycocotools_encode_of_the_whole_mask():
+    from pycocotools import mask as mask_utils
+    g = np.random.default_rng(0)
+    H, W = 23, 17
+    for trial in range(60):
+        h, w = int(g.integers(1, H + 1)), int(g.integers(1, W + 1))
+        y0, x0 = int(g.integers(0, H - h + 1)), int(g.integers(0, W - w + 1))
+        region = g.random((h, w)) < [0.0, 0.3, 0.7, 1.0][trial % 4]
+        full = np.zeros((H, W), np.uint8)
+        full[y0:y0 + h, x0:x0 + w] = region
+        want = mask_utils.encode(np.asfortranarray(full))
+        assert region_rle(region, y0, x0, (H, W)) == {"size": [H, W], "counts": want["counts"].decode()}
+
+
+def test_masks_are_pasted_as_mmdet_does_at_the_cost_of_their_boxes():
+    """Against a whole-image grid_sample (mmdet's _do_paste_mask formula) for boxes inside, across and
+    beyond the image."""
+    g = torch.Generator().manual_seed(0)
+    H, W = 40, 56
+    probs = torch.rand(5, 1, 28, 28, generator=g)
+    boxes = torch.tensor([[3.2, 4.7, 20.1, 30.3], [0.0, 0.0, 56.0, 40.0], [-5.0, 30.0, 10.0, 60.0],
+                          [50.5, 1.0, 70.0, 12.0], [10.0, 10.0, 10.4, 10.2]])
+    ys = torch.arange(H, dtype=torch.float32) + 0.5
+    xs = torch.arange(W, dtype=torch.float32) + 0.5
+    for (y0, x0, region), p, b in zip(paste_masks(probs, boxes, (H, W)), probs, boxes):
+        gx = (xs - b[0]) / (b[2] - b[0]) * 2 - 1
+        gy = (ys - b[1]) / (b[3] - b[1]) * 2 - 1
+        grid = torch.stack([gx.expand(H, W), gy[:, None].expand(H, W)], -1)[None]
+        want = (F.grid_sample(p[None], grid, align_corners=False)[0, 0] >= 0.5).numpy()
+        got = np.zeros((H, W), bool)
+        got[y0:y0 + region.shape[0], x0:x0 + region.shape[1]] = region
+        assert np.array_equal(got, want)
+
+
+def test_training_masks_cropped_first_equal_resizing_the_whole_mask(tiny_coco):
+    ds = CocoDetection(tiny_coco, "train", train=True, input_size=48, ratio_range=(0.5, 2.0), with_masks=True)
+    for i in range(len(ds)):
+        for seed in range(3):
+            x, t, meta = ds[(i, seed)]
+            h0, w0 = meta["orig_size"]
+            h, w = meta["size"]
+            sl = ds.annotations.rows(i)
+            full = torch.stack([torch.from_numpy(ds.annotations.segm.mask(int(a), h0, w0, b))
+                                for a, b in zip(ds.annotations.ann_index[sl], ds.annotations.boxes[sl])])
+            scale = ds.input_size * __import__("random").Random(seed).uniform(*ds.ratio_range) / max(h0, w0)
+            nh, nw = max(int(h0 * scale + 0.5), 1), max(int(w0 * scale + 0.5), 1)
+            resized = F.interpolate(full[None].float(), size=(nh, nw), mode="nearest")[0].to(torch.uint8)
+            # find the crop offset from the image itself: the kept masks are a window of the resized ones
+            found = False
+            for oy in range(nh - h + 1):
+                for ox in range(nw - w + 1):
+                    win = resized[:, oy:oy + h, ox:ox + w]
+                    cands = [win, win.flip(-1)]
+                    if any(all(any(torch.equal(m, c[k]) for k in range(len(c))) for m in t["masks"]) for c in cands):
+                        found = True
+                        break
+                if found:
+                    break
+            assert found, (i, seed)
+    assert np.array_equal(nearest_index(7, 20, 2, 4), [5, 8, 11, 14])
+
+
+def test_mask_rcnn_boxes_stay_float32_under_bf16_autocast():
+    """torchvision's box coder casts proposals to the deltas' dtype: under bf16 a zero-delta decode moved
+    coordinates above 512 px by up to 4 px. Both coders now decode in float32."""
+    torch.manual_seed(0)
+    det = build_detector("mask_rcnn", build_backbone("swin_pico_128", drop_path=0.0), 3, adapter_dim=32,
+                         fpn_dim=32, score_thr=0.0).eval()
+    props = torch.tensor([[600.3, 700.7, 1100.1, 760.9], [513.37, 514.71, 1023.3, 767.1], [1.5, 2.25, 90.0, 80.0]])
+    for coder in (det.model.rpn.box_coder, det.model.roi_heads.box_coder):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = coder.decode(torch.zeros(3, 4, dtype=torch.bfloat16), [props]).reshape(-1, 4)
+        assert out.dtype == torch.float32
+        assert torch.allclose(out, props, rtol=0, atol=1e-3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (r,) = det(torch.randn(1, 3, 64, 96), [(64, 96)])
+    assert len(r["boxes"]) and r["boxes"].dtype == torch.float32 and r["masks"].shape[1:] == (1, 28, 28)
+
+
 # ---- the models and the program ------------------------------------------------------------
+
+def test_gfl_predicts_one_small_image_with_one_channel_per_group():
+    """At a 64-px test size the coarsest level is 1x1; with one image and a 32-wide head each GroupNorm
+    group holds one value, which nn.GroupNorm refuses."""
+    torch.manual_seed(0)
+    det = build_detector("gfl", build_backbone("swin_pico_128", drop_path=0.0), 3, adapter_dim=32, fpn_dim=32,
+                         neck_norm="gn").eval()
+    with torch.no_grad():
+        (r,) = det(torch.randn(1, 3, 64, 64), [(64, 64)])
+    assert r["boxes"].shape[1] == 4
 
 def test_gfl_loss_falls_when_fitting_a_batch(tiny_coco):
     torch.manual_seed(0)
@@ -177,22 +369,72 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-def test_program_trains_evaluates_and_resumes_exactly(tiny_coco, tmp_path):
-    _run(tiny_coco, tmp_path / "a", "--epochs", "2")
-    _run(tiny_coco, tmp_path / "b", "--epochs", "2", "--exit_after_epoch", "0")
-    _run(tiny_coco, tmp_path / "b", "--epochs", "2")
+def _spy_host_syncs(monkeypatch) -> list:
+    """Record Tensor.__float__ / item / tolist calls made inside a compute_loss (each a host sync)."""
+    import traceback
+    calls = []
+    for name in ("__float__", "item", "tolist"):
+        def spy(self, *a, _orig=getattr(torch.Tensor, name), _name=name, **k):
+            if any(f.name == "compute_loss" for f in traceback.extract_stack(limit=12)):
+                calls.append(_name)
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return calls
+
+
+def test_program_trains_past_unreadable_images_evaluates_and_resumes_exactly(tiny_coco, tmp_path, monkeypatch,
+                                                                           capsys):
+    """One training image missing, one validation image corrupt: each epoch trains on, counts the
+    skip over all ranks and scores the readable images; a run stopped after epoch 0 and resumed ends
+    bit-identical. The logged loss terms are kept on the device (no host sync per step)."""
+    root = _copy_coco(tiny_coco, tmp_path / "coco")
+    (root / "train2017" / "000001.png").unlink()
+    (root / "val2017" / "000000.png").write_text("corrupt")
+    calls = _spy_host_syncs(monkeypatch)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        _run(root, tmp_path / "a", "--epochs", "2")
+    assert calls == []
+    out = capsys.readouterr().out
+    assert "warning: 1 unreadable images skipped in epoch 1 (all ranks)" in out
+    assert "(1 unreadable images not scored)" in out
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        _run(root, tmp_path / "b", "--epochs", "2", "--exit_after_epoch", "0")
+        _run(root, tmp_path / "b", "--epochs", "2")
     a, b = _weights(tmp_path / "a" / "checkpoint-last.pth"), _weights(tmp_path / "b" / "checkpoint-last.pth")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ev = json.loads((tmp_path / "a" / "eval_epoch1.json").read_text())
     assert list(ev["bbox"]) == list(STAT_NAMES) and all(-1 <= v <= 1 for v in ev["bbox"].values())
+    assert ev["unreadable_images"] == 1
     log = [json.loads(l) for l in (tmp_path / "a" / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and all(r["train_loss"] > 0 for r in log)
     assert {"train_loss_cls", "train_loss_bbox", "train_loss_dfl", "test_bbox_AP"} <= set(log[0])
+    assert all(log[0][f"train_loss_{k}"] > 0 for k in ("cls", "bbox", "dfl"))
+    assert [r["train_skipped_images"] for r in log] == [1, 1] and log[0]["test_unreadable_images"] == 1
     # the shared run skeleton: one record per invocation, each with its end and the best box AP
     first, second = (json.loads((tmp_path / "b" / f"run-00{i}.json").read_text())["finished"] for i in (1, 2))
     assert (first["status"], first["epochs_run"], second["status"], second["epochs_run"]) == \
         ("exited after epoch", 1, "completed", 1)
     assert second["best_ap"] == torch.load(tmp_path / "b" / "checkpoint-last.pth", weights_only=False)["best_ap"]
+
+
+def test_evaluation_does_not_depend_on_the_batch_size(tiny_coco, tmp_path, monkeypatch):
+    """Batched evaluation padded each image to its partner's size, which moves a Swin or PVT image's
+    own features; one image per forward gives the same detections at any --batch_size. (Untrained
+    GFL boxes span about 16 strides, clipped to the image: large ground truth makes AP informative.)"""
+    root = _copy_coco(tiny_coco, tmp_path / "coco")
+    _edit(root, "val", lambda gt: gt["annotations"].extend(
+        {"id": 500 + k, "image_id": im["id"], "category_id": 1 + k % 3, "bbox": [1, 2, im["width"] - 3, im["height"] - 4],
+         "iscrowd": 0, "area": (im["width"] - 3) * (im["height"] - 4)} for k, im in enumerate(gt["images"])))
+    scored = []
+    score = main_detection.coco_evaluate
+    monkeypatch.setattr(main_detection, "coco_evaluate", lambda gt, results, *a, **k: (
+        scored.append(sorted(results, key=lambda r: (r["image_id"], -r["score"], r["bbox"]))), score(gt, results, *a, **k))[1])
+    common = ["--eval", "--score_thr", "0", "--test_size", "96", "64", "--no_auto_resume", "--fpn_dim", "64"]
+    for b in (1, 2):
+        _run(root, tmp_path / f"b{b}", *common, "--batch_size", b)
+    ev1, ev2 = (json.loads((tmp_path / f"b{b}" / "eval.json").read_text()) for b in (1, 2))
+    assert ev1["bbox"]["AR100"] > 0 and ev1["bbox"] == ev2["bbox"]
+    assert len(scored[0]) > 0 and scored[0] == scored[1]  # bit-identical detections
 
 
 def test_mask_rcnn_program_reports_box_and_mask_ap(tiny_coco, tmp_path):

@@ -520,3 +520,238 @@ def test_cleanup_joins_the_process_groups_threads_before_the_interpreter_exits(t
     for out, _ in outs:
         before, during, after = map(int, out.split()[-3:])
         assert during > before and after == before, out
+
+
+# ---- the epoch loop: the trained state before any evaluation, crashes recorded, folders locked ----
+
+import socket  # noqa: E402
+import types  # noqa: E402
+
+from util.run import EpochSave, Epochs, Run, log_epoch_stats, run_epochs, train_record  # noqa: E402
+from util.run_record import RunRecord  # noqa: E402
+from util.stop import StopFlag  # noqa: E402
+
+
+class ToyEpochs(Epochs):
+    """One optimizer step per epoch on data seeded by the epoch; the 'evaluation' scores the weights."""
+
+    best_key = "best_score"
+
+    def __init__(self, run, model, opt, start_epoch, best=0.0, crash_in_eval=None):
+        super().__init__(run, start_epoch, best)
+        self.model, self.opt, self.crash, self.evals = model, opt, crash_in_eval, []
+
+    def train(self, epoch, start_step):
+        x = torch.randn(8, 64, generator=torch.Generator().manual_seed(epoch))
+        self.opt.zero_grad()
+        self.model(x).pow(2).mean().backward()
+        self.opt.step()
+        return {"loss": 1.0 + epoch, "images_per_sec": 8.0, "epoch_time_s": 1.0}
+
+    def evaluate(self, epoch, stats, last):
+        self.evals.append(epoch)
+        if epoch == self.crash:
+            raise RuntimeError("evaluation crashed")
+        score = float(self.model.weight.detach().abs().sum())
+        improved = score > self.best
+        self.best = max(self.best, score)
+        return EpochSave({**train_record(epoch, stats), "test_score": score},
+                         extra_names=("checkpoint-best.pth",) if improved else ())
+
+    def finish(self, status, last_epoch, **extra):
+        self.run.finish("toy", status, self.start_epoch, last_epoch, [], **extra)
+
+
+def toy_run(out: Path, record: str, crash_in_eval=None, **flags):
+    args = state_args(out, epochs=3, save_freq=0, exit_after_epoch=-1, seed=0, eval_freq=1, **flags)
+    model, opt = tiny()
+    start, step, ckpt = resume_training_state(args, model, opt, None, log=lambda *a, **k: None)
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(args, torch.device("cpu"), 0, 1, StopFlag(), RunRecord(out / record, {"program": "toy"}))
+    epochs = ToyEpochs(run, model, opt, start, (ckpt or {}).get("best_score", 0.0), crash_in_eval)
+    code = run_epochs(run, epochs, model, opt, None, types.SimpleNamespace(set_epoch=lambda e: None, skip=0),
+                      start, step)
+    return code, epochs, model
+
+
+def test_a_crash_in_evaluation_loses_no_training_and_the_resume_evaluates_first(tmp_path):
+    _, _, reference = toy_run(tmp_path / "ref", "run-001.json")
+    out = tmp_path / "crash"
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        toy_run(out, "run-001.json", crash_in_eval=1)
+    ck = safe_load(out / "checkpoint-last.pth")
+    assert ck["epoch"] == 1 and ck["evaluation_pending"]["stats"]["loss"] == 2.0   # epoch 1's training is on disk
+    assert [json.loads(l)["epoch"] for l in (out / "log.txt").read_text().splitlines()] == [0]
+    finished = json.loads((out / "run-001.json").read_text())["finished"]
+    assert finished["status"] == "crashed" and finished["error"] == "RuntimeError: evaluation crashed"
+    code, epochs, model = toy_run(out, "run-002.json")
+    assert code == 0 and epochs.evals == [1, 2]            # the interrupted evaluation first, then epoch 2's
+    assert torch.equal(model.weight, reference.weight) and torch.equal(model.bias, reference.bias)
+    read = lambda d: [json.loads(l) for l in (d / "log.txt").read_text().splitlines()]  # noqa: E731
+    assert read(out) == read(tmp_path / "ref")              # every line once, with its evaluation
+    assert safe_load(out / "checkpoint-best.pth")["epoch"] == safe_load(tmp_path / "ref" / "checkpoint-best.pth")["epoch"]
+    assert json.loads((out / "run-002.json").read_text())["finished"]["status"] == "completed"
+
+
+KILL_IN_EVALUATION = r"""
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import main_finetune
+real, calls = main_finetune.evaluate, []
+def dying(*a, **k):
+    calls.append(1)
+    if len(calls) == 2:                      # the evaluation after epoch 1: a kill that no handler sees
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **k)
+main_finetune.evaluate = dying
+main_finetune.main(main_finetune.parse_args({argv!r}))
+"""
+
+
+def test_sigkill_during_evaluation_keeps_the_epoch_and_the_resume_is_exact(tmp_path, capsys):
+    import main_finetune
+    from test_finetune import make_labelled
+    data = make_labelled(tmp_path / "data", per_class=2, size=40)
+    argv = ["--model", "swin_pico_128", "--batch_size", "2", "--epochs", "2", "--num_workers", "0", "--device", "cpu",
+            "--log_dir", "", "--print_freq", "1000", "--warmup_epochs", "0", "--data_path", str(data)]
+    assert main_finetune.main(main_finetune.parse_args(argv + ["--output_dir", str(tmp_path / "ref")])) == 0
+    out = tmp_path / "killed"
+    args = argv + ["--output_dir", str(out)]
+    proc = subprocess.run([PY, "-c", KILL_IN_EVALUATION.format(root=str(ROOT), argv=args)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert safe_load(out / "checkpoint-last.pth")["epoch"] == 1          # before: epoch 0, epoch 1 lost
+    capsys.readouterr()
+    assert main_finetune.main(main_finetune.parse_args(args)) == 0
+    text = capsys.readouterr().out
+    assert "epoch 1 trained, its evaluation interrupted" in text and "epoch 1: val top-1" in text, text
+    a, b = weights(tmp_path / "ref"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(l)["epoch"] for l in (out / "log.txt").read_text().splitlines()] == [0, 1]
+
+
+HOLDER = r"""
+import sys, time
+sys.path.insert(0, {root!r})
+from util.output_lock import acquire
+acquire(sys.argv[1], "holder")
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_second_run_on_a_folder_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    from test_finetune import make_labelled
+    out = tmp_path / "out"
+    holder = launch(["-c", HOLDER.format(root=str(ROOT)), out], until="locked")
+    try:
+        for cmd in ([ROOT / "main_pretrain.py", *TINY, "--epochs", "1", "--log_dir", "", "--output_dir", out],
+                    [ROOT / "tools" / "make_shards.py", "--data_path", ROOT / "data" / "sample_images",
+                     "--output_dir", out]):
+            t0 = time.time()
+            r = subprocess.run([PY, *map(str, cmd)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+            assert r.returncode == 2 and time.time() - t0 < 60, r.stderr
+            err = r.stderr.strip().splitlines()[-1]
+            assert f"is in use by holder (PID {holder.pid} on host {socket.gethostname()}" in err, r.stderr
+            assert "Traceback" not in r.stderr and "usage:" not in r.stderr
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]       # nothing written, nothing removed
+    finally:
+        holder.kill()
+        holder.wait()
+    src = make_labelled(tmp_path / "src", per_class=2, size=16)
+    r = subprocess.run([PY, str(ROOT / "tools" / "make_shards.py"), "--data_path", str(src), "--output_dir", str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert f"took over the lock of {out}: its holder, holder (PID {holder.pid}" in r.stdout
+    assert (out / ".lock").read_bytes() == b""                        # released at the end
+
+
+def test_without_flock_a_pid_file_locks_and_a_dead_holders_file_is_taken_over(tmp_path, monkeypatch):
+    import errno
+    from util import output_lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(output_lock.fcntl, "flock", no_flock)
+    lock = output_lock.acquire(tmp_path, "a")
+    assert json.loads((tmp_path / ".lock.pid").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / ".lock.pid").exists()
+    live = {"program": "other", "pid": os.getppid(), "host": socket.gethostname(), "started": "t"}
+    (tmp_path / ".lock.pid").write_text(json.dumps(live))
+    with pytest.raises(output_lock.FolderBusy, match=f"in use by other \\(PID {os.getppid()} on host"):
+        output_lock.acquire(tmp_path, "a")
+    dead = subprocess.run([PY, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / ".lock.pid").write_text(json.dumps({**live, "pid": int(dead)}))
+    notes = []
+    output_lock.acquire(tmp_path, "a", log=notes.append).release()
+    assert f"holder, other (PID {dead} on host" in notes[0] and "no longer running" in notes[0]
+
+
+def test_a_full_tensorboard_folder_does_not_end_the_run(tmp_path, monkeypatch, capsys):
+    class FullDisk:
+        calls = 0
+
+        def __init__(self, log_dir):
+            pass
+
+        def add_scalar(self, *a):
+            FullDisk.calls += 1
+            raise OSError(28, "No space left on device")
+
+        flush = close = lambda self: None
+    monkeypatch.setattr("torch.utils.tensorboard.SummaryWriter", FullDisk)
+    run = Run(state_args(tmp_path, log_dir=str(tmp_path / "tb")), torch.device("cpu"), 0, 1, StopFlag(),
+              RunRecord(None, {}))
+    run.open_log_writer()
+    for epoch in range(3):
+        log_epoch_stats(run, epoch, {"loss": 1.0, "images_per_sec": 2.0})
+    run.close_log_writer()
+    err = capsys.readouterr().err
+    assert FullDisk.calls == 1 and err.count("TensorBoard cannot write to") == 1 and "training goes on" in err
+
+
+def test_an_epoch_over_the_skip_limit_stops_the_run_with_the_list(tmp_path, capsys):
+    from test_pretrain import make_images
+    data = make_images(tmp_path / "data", n=12, size=32)
+    bad = sorted(data.glob("*"))[:3]
+    for p in bad:
+        p.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    args = main_pretrain.parse_args(TINY + ["--epochs", "2", "--num_workers", "2", "--log_dir", "", "--data_path",
+                                            str(data), "--output_dir", str(out), "--max_skipped", "1"])
+    assert main_pretrain.main(args) == 1
+    err = capsys.readouterr().err
+    line = next(l for l in err.splitlines() if l.startswith("error:"))
+    assert "samples of epoch 0 could not be used (all ranks), more than the limit of 1 (--max_skipped" in line
+    assert all(p.name in line for p in bad) and str(out / "skipped-samples.txt") in line, line
+    from util.datasets import read_skip_list    # each worker lists what it met (once each)
+    assert sorted(n for n, _ in read_skip_list(out / "skipped-samples.txt")) == sorted(map(str, bad))
+    assert safe_load(out / "checkpoint-last.pth")["epoch"] == 0      # the epoch trained is kept
+    assert json.loads((out / "run-001.json").read_text())["finished"]["status"] == "failed"
+    from util.datasets import skip_limit
+    assert skip_limit(None, 1000) == 50 and skip_limit(None, 100_000) == 1000 and skip_limit(-1, 10) is None
+
+
+def test_a_full_or_too_deep_output_folder_is_one_line_at_start(tmp_path, monkeypatch):
+    from util import output_lock, run_record
+    deep = tmp_path
+    while len(str(deep)) < 4068:        # (S3: a checkpoint's temporary name no longer fits in PATH_MAX)
+        deep = deep / ("d" * min(200, 4067 - len(str(deep))))
+    deep.mkdir(parents=True)
+    with pytest.raises(UsageError, match="too long for the run's file names"):
+        output_lock.acquire(deep, "x")
+    monkeypatch.setattr(run_record, "_write_json", lambda path, obj: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(UsageError, match="cannot write the run record in .*: No space left on device"):
+        RunRecord.start(state_args(tmp_path / "full"), "x", torch.device("cpu"))
+    assert not list((tmp_path / "full").glob("run-*.json"))
+
+
+def test_a_run_that_fails_outside_the_loop_still_closes_its_record(tmp_path):
+    out = tmp_path / "out"
+    save_epochs(state_args(out), [0])                  # a checkpoint of another model ("lin") in the folder
+    r = subprocess.run([PY, str(ROOT / "main_pretrain.py"), *TINY, "--epochs", "1", "--log_dir", "", "--output_dir",
+                        str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 1 and "is a checkpoint of lin, not --model mae_swin_pico_128" in r.stderr, r.stderr
+    finished = json.loads((out / "run-001.json").read_text())["finished"]
+    assert finished["status"] == "failed" and "ended before the run finished" in finished["error"]

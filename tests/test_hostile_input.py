@@ -219,6 +219,7 @@ WRONG = [
     ("pt", ["--vis_freq", "-1"], "--vis_freq -1"),
     ("ft", ["--start_epoch", "-1"], "--start_epoch -1"),
     ("pt", ["--exit_after_epoch", "-2"], "--exit_after_epoch -2"),
+    ("ft", ["--max_skipped", "-2"], "--max_skipped -2: valid values are an integer >= -1"),
     ("ft", ["--amp", "fp8"], "invalid choice: 'fp8'"),
     ("pt", ["--cpu_matmul", "mkl"], "invalid choice: 'mkl'"),
 ]

@@ -60,3 +60,21 @@ def test_figure_legend_follows_the_models_masks_and_the_header_fits(tmp_path):
     assert header > 60                                    # every caption line got room
     assert (img[header:header + 4] == 255).all()          # nothing drawn into the gap above the panels
     assert spread_indices(100, 4) == [0, 33, 66, 99] and spread_indices(3, 4) == [0, 1, 2]
+
+
+def test_16_bit_images_are_scaled_and_bad_output_or_counts_fail_before_the_model_runs(tmp_path, monkeypatch):
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)   # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    img = rec.load_images([tmp_path / "grey16.png"], 32)[0]
+    mean = float(img.mean() * 0.226 + 0.449)      # back to [0, 1] (roughly: the channels' mean std and mean)
+    assert 0.3 < mean < 0.7, mean                 # a mid-grey ramp, not white (1.0) as convert("RGB") gave
+    built = []
+    monkeypatch.setattr(rec, "build", lambda args: built.append(1))
+    base = ["--checkpoint", "x.pth", "--images", str(tmp_path / "grey16.png")]
+    with pytest.raises(UsageError, match="--output /proc/r3.png cannot be written|folder /proc"):
+        rec.main(rec.get_args_parser().parse_args(base + ["--output", "/proc/r3.png"]))
+    with pytest.raises(UsageError, match="--output .* is a folder"):
+        rec.main(rec.get_args_parser().parse_args(base + ["--output", str(tmp_path)]))
+    with pytest.raises(UsageError, match="--max_images must be >= 1, got 0"):
+        rec.main(rec.get_args_parser().parse_args(base + ["--max_images", "0"]))
+    assert not built

@@ -5,8 +5,10 @@ import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import main_segmentation
@@ -106,6 +108,55 @@ def test_reduce_zero_label_and_aligned_deterministic_crops(tmp_path):
     x, y, _ = SegmentationDataset(pairs, train=True, transform=t)[(0, 1)]
     assert x.shape == (3, 64, 64) and (y[40:] == 255).all() and (y[:, 48:] == 255).all()
     assert (x[:, 40:] == 0).all()
+
+
+def test_out_of_range_labels_and_16_bit_images(tmp_path):
+    """A label map with a class beyond --nb_classes is named and replaced in training, counted as
+    unreadable in evaluation (it ended runs with an IndexError, on CUDA a device-side assert); a
+    16-bit image is scaled to 8 bits, not clipped to white."""
+    root = make_toy_ade(tmp_path / "t", n_train=3, n_val=2)
+    ann = root / "annotations" / "training"
+    bad = sorted(ann.iterdir())[0]
+    lab = np.array(Image.open(bad))
+    lab[:10, :10] = 10  # class 9 after reduce_zero_label; --nb_classes 4
+    Image.fromarray(lab).save(bad)
+    val_bad = sorted((root / "annotations" / "validation").iterdir())[0]
+    Image.fromarray(np.full_like(np.array(Image.open(val_bad)), 7)).save(val_bad)
+    t = TrainTransform(crop=32, scale=(96, 64), ratio_range=(1.0, 1.0), photometric=False)
+    train = SegmentationDataset(find_pairs(str(root), "train"), train=True, transform=t, num_classes=NUM_CLASSES)
+    with pytest.warns(UserWarning) as caught:
+        items = [train[(i, 0)] for i in range(3)]
+    msg = " ".join(str(w.message) for w in caught)
+    assert bad.name in msg and "label values 10..10 outside the 4 classes" in msg
+    assert [ok for _, _, ok in items] == [0, 1, 1]
+    val = SegmentationDataset(find_pairs(str(root), "val"), train=False, num_classes=NUM_CLASSES)
+    with pytest.warns(UserWarning, match=val_bad.name):
+        assert [val[i][2] for i in range(2)] == [0, 1]
+    # 16-bit grey image: the same pixels as its 8-bit twin
+    img = sorted((root / "images" / "training").iterdir())[1]
+    grey = np.array(Image.open(img).convert("L"))
+    Image.fromarray(grey).save(tmp_path / "g8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    a16, _ = load_pair(str(tmp_path / "g16.png"), str(sorted(ann.iterdir())[1]), True)
+    a8, _ = load_pair(str(tmp_path / "g8.png"), str(sorted(ann.iterdir())[1]), True)
+    assert torch.equal(a16, a8) and a16.float().mean() < 250
+
+
+def test_logits_are_upsampled_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    seg = SegmentationModel(build_backbone("swin_pico_128", drop_path=0.0, img_size=64), 4, 16, 16,
+                            aux_channels=8, dropout=0.0).eval()
+    x = torch.randn(1, 3, 64, 64)
+    labels = torch.randint(0, 4, (1, 64, 64))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = seg(x)
+        head = seg.decode_head(seg.features(x))
+        loss, parts = seg(x, labels)
+    assert head.dtype == torch.bfloat16 and out.dtype == torch.float32
+    want = F.interpolate(head.float(), size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.equal(out, want)
+    ce = F.cross_entropy(want, labels, reduction="sum") / labels.numel()
+    assert torch.equal(parts["loss_decode"], ce)
 
 
 def test_iteration_sampler_passes_and_resume():
@@ -242,13 +293,15 @@ def test_pvt_pyramid_shapes_and_layer_decay_groups():
     feats = seg.features(torch.randn(1, 3, 40, 72))  # the backbone pads; the maps are cut back to the image
     assert [tuple(f.shape[-2:]) for f in feats] == [(10, 18), (5, 9), (3, 5), (2, 3)]
     assert seg(torch.randn(1, 3, 40, 72)).shape == (1, 5, 40, 72)
-    groups = dense_param_groups(seg, backbone, 0.05, 0.5)
+    groups = dense_param_groups(seg, backbone, 0.05, 0.5, rule="beit")
     n = len(backbone.body.blocks) + 1
     by_name = {name: g for g in groups for name in g["param_names"]}
     assert by_name["backbone.body.patch_embed.proj.weight"]["lr_scale"] == 0.5 ** n
     assert by_name["backbone.body.blocks.0.attn.q.weight"]["lr_scale"] == 0.5 ** (n - 1)
     assert by_name["decode_head.fuse.0.weight"]["lr_scale"] == 1.0
-    assert by_name["backbone.body.pos_embed"]["weight_decay"] == 0.0
+    # the reference's BEiT constructor: every 1-D tensor exempt, pos_embed decayed (its name check never matches)
+    assert by_name["backbone.body.pos_embed"]["weight_decay"] == 0.05
     assert by_name["decode_head.fuse.1.weight"]["weight_decay"] == 0.0  # a norm
+    assert by_name["backbone.body.blocks.0.norm1.weight"]["weight_decay"] == 0.0
     assert by_name["adapters.0.weight"]["weight_decay"] == 0.05
     assert not any(k.startswith(("backbone.body.head", "backbone.body.fc_norm")) for k in by_name)

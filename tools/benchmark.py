@@ -24,11 +24,21 @@ Memory:
     (unique storages, parameters and buffers excluded), via
     ``torch.autograd.graph.saved_tensors_hooks``. It is reported on GPU too.
 
+Memory on a GPU is also reported as the peak *reserved* by the caching allocator (what runs
+out first): after the timed steps, one more step per model on an emptied cache, the growth of
+``max_memory_reserved`` plus the model's resident bytes.
+
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one forward + backward,
 with attention on SDPA's math backend so that its matmuls are counted on every
-device. A model whose sample carries several images (``images_per_sample``,
+device, at a batch of ``FLOP_BATCH`` samples (the first ones of the batch) and
+scaled to the batch: the count is linear in the batch, and the math backend's
+materialised attention at a batch of 128 would cost seconds and gigabytes.
+A model whose sample carries several images (``images_per_sample``,
 e.g. MixMAE) is reported per image. Ratios are baseline / row, per image: above
 1 means the row is faster / smaller / cheaper than the baseline.
+
+Numerics as in the programs (``util.run.gpu_numerics``): on a GPU fp32 matmuls
+and convolutions run in TF32.
 """
 from __future__ import annotations
 
@@ -57,9 +67,11 @@ from models.masking import random_mask, secondary_mask, uniform_mask
 from util.cpu_perf import (add_cpu_tuning_args, onednn_linear_available, resolve_cpu_matmul, retain_freed_memory,
                            setup_cpu_training)
 from util.loop import autocast, make_scaler
+from util.run import gpu_numerics
 from util.run_record import cpu_name, write_report
 
 MIB = 2 ** 20
+FLOP_BATCH = 2  # samples the FLOPs are counted on (then scaled to the batch)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -175,6 +187,7 @@ class Entry:
     times: list[float] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
     raw_peaks: list[int] = field(default_factory=list)
+    reserved_peak: Optional[int] = None
     last_loss: Optional[Tensor] = None
 
     @property
@@ -253,6 +266,7 @@ def hardware(device: torch.device) -> dict:
 
 def run(args, argv: list[str]) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu_numerics(device)
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu_malloc = "n/a"
@@ -269,7 +283,9 @@ def run(args, argv: list[str]) -> dict:
     static = {}
     for e in entries:
         mask, sm = e.draw()
-        flops = count_flops(e.model, e.imgs, mask, sm, args.amp, device)
+        k = min(FLOP_BATCH, args.batch_size)
+        flops = count_flops(e.model, e.imgs[:k], mask[:k], None if sm is None else sm[:k], args.amp, device)
+        flops = flops * args.batch_size // k
         saved = saved_activation_bytes(e.model, e.imgs, mask, sm, args.amp, device)
         static[e.name] = (flops, saved)
 
@@ -290,6 +306,16 @@ def run(args, argv: list[str]) -> dict:
             if on_gpu:
                 e.raw_peaks.append(torch.cuda.max_memory_allocated(device))
                 e.peaks.append(e.raw_peaks[-1] - before)
+    if on_gpu:  # reserved memory, model by model on an emptied cache (untimed: freeing the cache costs time)
+        for e in entries:
+            mask, sm = e.draw()
+            _sync(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_reserved(device)
+            e.step(args.amp, device, mask, sm)
+            _sync(device)
+            e.reserved_peak = torch.cuda.max_memory_reserved(device) - before + e.resident_bytes()
 
     rows = []
     for e in entries:
@@ -319,6 +345,9 @@ def run(args, argv: list[str]) -> dict:
             "saved_tensor_bytes_per_image": saved / images,
             "peak_mem_bytes": peak,
             "gpu_max_allocated_bytes": max(e.raw_peaks) if e.raw_peaks else None,  # all models' tensors included
+            # what the caching allocator reserves for one step as if the model were alone: the growth of
+            # reserved memory over a step started on an emptied cache, plus the resident bytes
+            "peak_reserved_bytes": e.reserved_peak,
             "memory_bytes": memory,
             "memory_bytes_per_image": memory / images,
             "final_loss": loss if math.isfinite(loss) else None,
@@ -335,6 +364,9 @@ def run(args, argv: list[str]) -> dict:
             "memory": _ratio(base["memory_bytes_per_image"], r["memory_bytes_per_image"]),
             "flops": _ratio(base["flops_per_image"], r["flops_per_image"]),
         }
+        if on_gpu:
+            r["ratios"]["reserved"] = _ratio(base["peak_reserved_bytes"] / base["images_per_step"],
+                                             r["peak_reserved_bytes"] / r["images_per_step"])
     return {
         "hardware": hardware(device),
         "torch": torch.__version__,
@@ -354,7 +386,9 @@ def run(args, argv: list[str]) -> dict:
                           "state and batch" if on_gpu else
                           "saved_tensors: bytes of the tensors saved for backward in one forward "
                           "(unique storages, parameters excluded)"),
-        "flops_metric": "FlopCounterMode, forward + backward, SDPA on the math backend",
+        "flops_metric": f"FlopCounterMode, forward + backward, SDPA on the math backend, counted at batch "
+                        f"{min(FLOP_BATCH, args.batch_size)} and scaled to the batch",
+        "tf32": bool(on_gpu and torch.backends.cuda.matmul.allow_tf32),
         "ratio_definition": "baseline / row, per image (above 1: the row is faster / smaller / cheaper)",
         "baseline": base["model"] if base is not None else None,
         "results": rows,
@@ -367,15 +401,18 @@ def _ratio(a: float, b: float) -> Optional[float]:
 
 def markdown_table(report: dict) -> str:
     mem_name = "peak mem" if report["memory_metric"].startswith("gpu") else "saved for bwd"
+    on_gpu = report["memory_metric"].startswith("gpu")
     head = ["model", "input", "batch", "step (ms)", "img/s", "GFLOPs/img", f"{mem_name} (MiB)"]
+    head += ["reserved (MiB)"] if on_gpu else []
     if report["baseline"]:
-        head += [f"time x (vs {report['baseline']})", "memory x", "FLOPs x"]
+        head += [f"time x (vs {report['baseline']})", "memory x", "FLOPs x"] + (["reserved x"] if on_gpu else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
         cells = [r["model"], str(r["input_size"]), f"{r['batch_size']}x{r['images_per_sample']}"
                  if r["images_per_sample"] != 1 else str(r["batch_size"]),
                  f"{1e3 * r['median_step_s']:.1f}", f"{r['images_per_s']:.1f}", f"{r['flops_per_image'] / 1e9:.2f}",
                  f"{r['memory_bytes'] / MIB:.1f}"]
+        cells += [f"{r['peak_reserved_bytes'] / MIB:.1f}"] if on_gpu else []
         if report["baseline"]:
             cells += [f"{v:.2f}" if v is not None else "-" for v in r["ratios"].values()]
         lines.append("| " + " | ".join(cells) + " |")
@@ -414,6 +451,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         parser.error(f"--device {device} but no CUDA device is available; valid here: cpu")
     if args.amp == "fp16" and not device.startswith("cuda"):
         parser.error("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or none")
+    for name in args.models:
+        note = models.describe(name).compile_note if args.compile else ""
+        if note:
+            parser.error(f"--compile does not suit {name}: it {note}")
     if args.compile and args.warmup < 1:
         print("warning: --compile with --warmup 0: the timed steps include compilation", file=sys.stderr)
     report = run(args, ["python", "tools/benchmark.py"] + argv)

@@ -28,10 +28,16 @@ from util.pretrained import load_pretrained  # noqa: E402
 def export_backbone(checkpoint: str, model_name: str, output: str, input_size: int | None = None) -> Path:
     if model_name not in models.list_models(task="classify"):
         raise UsageError(f"unknown --model {model_name!r}; valid: {', '.join(models.list_models(task='classify'))}")
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out} is a file: name a folder (backbone.pth and backbone.json go into it)")
     kwargs = {"num_classes": 0}
     if input_size:
         kwargs["img_size"] = input_size
-    model = models.create_model(model_name, **kwargs).eval()
+    try:
+        model = models.create_model(model_name, **kwargs).eval()
+    except ValueError as e:  # e.g. an input size the model's windows or patches do not fit
+        raise UsageError(f"--input_size {input_size}: {e}") from None
     report = load_pretrained(model, checkpoint)
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("head.", "fc_norm."))}
     size = input_size or model.contract.input_size
@@ -43,10 +49,12 @@ def export_backbone(checkpoint: str, model_name: str, output: str, input_size: i
             "source_checkpoint": str(checkpoint), "load_report": report.summary(),
             "usage": "models.create_model(model, num_classes=0, img_size=input_size); "
                      "load_state_dict(torch.load('backbone.pth', weights_only=True), strict=False); forward_pyramid"}
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    save_atomic(sd, out / "backbone.pth")
-    (out / "backbone.json").write_text(json.dumps(meta, indent=2))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_atomic(sd, out / "backbone.pth")
+        (out / "backbone.json").write_text(json.dumps(meta, indent=2))
+    except OSError as e:
+        raise UsageError(f"--output {out} cannot be written: {e.strerror or e}") from None
     return out
 
 

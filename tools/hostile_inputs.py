@@ -1,7 +1,9 @@
-"""Memory and time of hostile and sloppy inputs: crafted checkpoints, a 16-bit image, a large JPEG.
+"""Memory and time of hostile and sloppy inputs: crafted checkpoints, a 16-bit image, a large JPEG,
+tar shards (an index claiming 10^10 samples, a brace range of 10^9 names, a 1 GiB member).
 
     python tools/hostile_inputs.py                      # this tree
     python tools/hostile_inputs.py --code /tmp/before   # another checkout (e.g. `git archive` of main)
+    python tools/hostile_inputs.py --shards_only        # only the shard rows (kept beside the others)
 
 Each case runs in its own process (peak RSS = ru_maxrss after minus before the load), with a
 time limit; prints a table and writes benchmarks/hostile_inputs_<label>.json.
@@ -73,6 +75,73 @@ IMAGE = textwrap.dedent("""
                           rss_mb=round(rss / 2 ** 20, 1))))
 """)
 
+SHARD = textwrap.dedent("""
+    import json, resource, sys, time, warnings
+    sys.path[:0] = [{code!r}]
+    from util.datasets import image_list, pretrain_transform
+    from util.shards import ShardStream
+    case, spec = {case!r}, {spec!r}
+    base, t = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            images = image_list(spec, "train", labelled=False)
+            batch = next(iter(ShardStream(images, pretrain_transform(32), 2, 0, train=False)))
+        skipped = [str(w.message) for w in caught if "skipping" in str(w.message)]
+        outcome = "read; " + (skipped[0] if skipped else "nothing skipped")
+    except BaseException as e:
+        outcome = f"{{type(e).__name__}}: {{str(e).splitlines()[0] if str(e) else ''}}"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(json.dumps(dict(case=case, seconds=round(time.perf_counter() - t, 3), rss_mb=round(rss / 2 ** 20, 1),
+                          outcome=outcome[:300])))
+""")
+
+
+def make_shards(d: Path) -> dict[str, str]:
+    """Shard folders of 3 shards x 5 small PNGs with an index, each spoilt one way; case -> --data_path."""
+    import io
+    import shutil
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+    png = buf.getvalue()
+
+    def write(folder: Path, big_member: bool = False) -> None:
+        folder.mkdir()
+        shardlist = []
+        for k in range(3):
+            path = folder / f"train-{k:06d}.tar"
+            with tarfile.open(path, "w") as tar:
+                for i in range(5):
+                    info = tarfile.TarInfo(f"{k}{i:04d}.png")
+                    info.size = len(png)
+                    tar.addfile(info, io.BytesIO(png))
+            shardlist.append({"url": path.name, "nsamples": 5, "filesize": path.stat().st_size})
+        if big_member:  # a 1 GiB member (a sparse file: really present, no disk used) ahead of the others
+            path = folder / "train-000000.tar"
+            with open(path, "wb") as f:
+                info = tarfile.TarInfo("h0000.png")
+                info.size = 1 << 30
+                f.write(info.tobuf())
+                f.seek(512 + (1 << 30))
+                f.write((folder / "train-000001.tar").read_bytes())  # 5 more samples, then the end marker
+            shardlist[0] = {"url": path.name, "nsamples": 6, "filesize": path.stat().st_size}
+        (folder / "train.json").write_text(json.dumps({"shardlist": shardlist, "classes": []}))
+
+    write(d / "huge_count")
+    index = json.loads((d / "huge_count" / "train.json").read_text())
+    index["shardlist"][1]["nsamples"] = 10 ** 10
+    (d / "huge_count" / "train.json").write_text(json.dumps(index))
+    write(d / "big_member", big_member=True)
+    shutil.copytree(d / "huge_count", d / "typo", ignore=shutil.ignore_patterns("*.json"))
+    return {"shard index claims 10^10 samples": str(d / "huge_count"),
+            "brace range of 10^9 shard names": str(d / "typo" / "train-{000000..999999999}.tar"),
+            "1 GiB tar member": str(d / "big_member")}
+
+
 def make_files(d: Path) -> dict[str, Path]:
     """The crafted files, written once (the deflate one takes a few seconds to compress)."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -104,33 +173,42 @@ def main() -> None:
     p.add_argument("--label", default=None, help="name of the JSON file (default: 'after' for this tree)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a case counts as not finishing")
     p.add_argument("--images_only", action="store_true", help="measure only the image rows")
+    p.add_argument("--shards_only", action="store_true", help="measure only the shard rows")
     args = p.parse_args()
     import tempfile
     label = args.label or ("after" if Path(args.code).resolve() == ROOT else "before")
     rows = []
+    def measure(case: str, script: str) -> dict:
+        """One case in its own process: its JSON line, or why there is none."""
+        try:
+            out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            return dict(case=case, seconds=f">{args.timeout:g}", outcome="did not finish")
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else \
+            dict(case=case, outcome=f"crashed: {out.stderr.strip().splitlines()[-1][:200]}")
+
     with tempfile.TemporaryDirectory() as tmp:
-        for case, path in (make_files(Path(tmp)) if not args.images_only else {}).items():
-            script = CASE.format(code=args.code, tests=str(ROOT / "tests"), case=case, tmp=tmp, path=str(path))
-            try:
-                out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                     timeout=args.timeout)
-                row = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else \
-                    dict(case=case, outcome=f"crashed: {out.stderr.strip().splitlines()[-1][:200]}")
-            except subprocess.TimeoutExpired:
-                row = dict(case=case, seconds=f">{args.timeout:g}", outcome="did not finish")
-            rows.append(row)
-        make_images(Path(tmp))
-        out = subprocess.run([sys.executable, "-c", IMAGE.format(code=args.code, tmp=tmp)], capture_output=True,
-                             text=True, timeout=300)
-        rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        for case, spec in (make_shards(Path(tmp)) if not args.images_only else {}).items():
+            rows.append(measure(case, SHARD.format(code=args.code, case=case, spec=spec)))
+        only = args.images_only or args.shards_only
+        for case, path in (make_files(Path(tmp)) if not only else {}).items():
+            rows.append(measure(case, CASE.format(code=args.code, tests=str(ROOT / "tests"), case=case, tmp=tmp,
+                                                  path=str(path))))
+        if not args.shards_only:
+            make_images(Path(tmp))
+            out = subprocess.run([sys.executable, "-c", IMAGE.format(code=args.code, tmp=tmp)],
+                                 capture_output=True, text=True, timeout=300)
+            rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     for r in rows:
         print(" | ".join(f"{k}={v}" for k, v in r.items()))
     dest = ROOT / "benchmarks" / f"hostile_inputs_{label}.json"
-    if args.images_only and dest.exists():  # keep the checkpoint rows of an earlier run
-        old = [r for r in json.loads(dest.read_text())["rows"] if r not in rows and "JPEG" not in r["case"]
-               and "16-bit" not in r["case"]]
-        rows = old + rows
-    dest.write_text(json.dumps(dict(code=args.code, rows=rows), indent=1))
+    code = args.code
+    if (args.images_only or args.shards_only) and dest.exists():  # keep the other rows of an earlier run
+        earlier = json.loads(dest.read_text())
+        mine = {r["case"] for r in rows}
+        code, rows = earlier["code"], [r for r in earlier["rows"] if r["case"] not in mine] + \
+            [{**r, "code": args.code} for r in rows]
+    dest.write_text(json.dumps(dict(code=code, rows=rows), indent=1))
     print(f"wrote {dest}")
 
 

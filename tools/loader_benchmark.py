@@ -207,12 +207,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         images = image_list(str(folder), "train", labelled=False)
         kb = statistics.mean(os.path.getsize(s) for s, _ in images.samples[:200]) / 1024
         desc += f", {kb:.0f} KB on average"
-        from tools.make_shards import write_split
+        from tools.make_shards import new_plan, write_split
         shards = tmp / "shards"
         shards.mkdir()
         import contextlib
         with contextlib.redirect_stderr(io.StringIO()):
-            write_split(images, "train", shards, 64, False, True, args.seed)
+            write_split(images, "train", shards, new_plan(images, "train", folder, 64, False, args.seed, True))
         cpu_paths = [x for x in paths if not x.endswith("gpu")]
         rates = per_worker(cpu_paths + (["shards+gpu"] if "shards+gpu" in paths else []), folder, shards, args)
         gpu_rate = gpu_main_process(folder, shards, args, device) if "shards+gpu" in paths else None

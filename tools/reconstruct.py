@@ -93,28 +93,56 @@ def build(args) -> tuple[torch.nn.Module, argparse.Namespace]:
     return model.eval(), flags
 
 
-def main(args) -> int:
-    from PIL import Image
+def load_images(files: list[Path], input_size: int) -> list[torch.Tensor]:
+    """(3, input_size, input_size) normalised tensors of the readable files, decoded as training decodes
+    them (util.datasets.decode_rgb: 16-bit images scaled to 8 bits, not clipped to white); each
+    unreadable file is named on stderr."""
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
-    from models.masking import draw_masks, secondary_mask
-    from util.datasets import IMAGENET_MEAN, IMAGENET_STD
-    from util.visualize import caption_for, reconstruct, save_figure
-    files = find_images(args.images, args.max_images)
-    model, flags = build(args)
-    tf = transforms.Compose([transforms.Resize(flags.input_size, interpolation=InterpolationMode.BICUBIC),
-                             transforms.CenterCrop(flags.input_size), transforms.ToTensor(),
+    from util.datasets import IMAGENET_MEAN, IMAGENET_STD, decode_rgb
+    tf = transforms.Compose([transforms.Resize(input_size, interpolation=InterpolationMode.BICUBIC),
+                             transforms.CenterCrop(input_size), transforms.ToTensor(),
                              transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     imgs = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                imgs.append(tf(im.convert("RGB")))
+            with open(f, "rb") as fh:
+                imgs.append(tf(decode_rgb(fh, str(f), None, set())))
         except Exception as e:  # a file that is not an image is named, not fatal
             print(f"skipped {f}: {type(e).__name__}: {e}", file=sys.stderr)
+    return imgs
+
+
+def check_output(path: str) -> None:
+    """The figure's file can be written (checked before the model runs), or one line."""
+    out = Path(path)
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise UsageError(f"--output {out} is a folder: name the PNG file to write")
+    if not folder.is_dir():
+        raise UsageError(f"--output {out}: folder {folder} does not exist")
+    existed = out.exists()
+    try:  # (permissions alone do not tell: root passes them, and some folders refuse new files anyway)
+        with open(out, "ab"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--output {out} cannot be written: {e.strerror or e}") from None
+    if not existed:
+        out.unlink()
+
+
+def main(args) -> int:
+    from models.masking import draw_masks, secondary_mask
+    from util.visualize import caption_for, reconstruct, save_figure
+    if args.max_images < 1:
+        raise UsageError(f"--max_images must be >= 1, got {args.max_images}")
+    check_output(args.output)
+    files = find_images(args.images, args.max_images)
+    model, flags = build(args)
+    imgs = load_images(files, flags.input_size)
     if not imgs:
-        raise UsageError("none of the --images could be read")
+        raise UsageError(f"none of the {len(files)} --images could be read (each is named above)")
     imgs = torch.stack(imgs)
     contract = model.contract
     regular = contract.mask_kind == "uniform"
@@ -124,7 +152,10 @@ def main(args) -> int:
     sm = secondary_mask(mask, flags.vis_mask_ratio, generator=gen) if flags.vis_mask_ratio > 0 else None
     panels = reconstruct(model, imgs, mask, sm, denorm=args.denorm)
     caption = f"{flags.model} from {Path(args.checkpoint).name}; {caption_for(model, args.denorm)}"
-    path = save_figure(panels, args.output, caption, contract.stride)
+    try:
+        path = save_figure(panels, args.output, caption, contract.stride)
+    except OSError as e:
+        raise UsageError(f"--output {args.output} cannot be written: {e.strerror or e}") from None
     print(f"wrote {path} ({len(imgs)} images, {flags.model}, {flags.input_size} px, denorm {args.denorm})")
     return 0
 

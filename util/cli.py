@@ -66,6 +66,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit_after_epoch", default=-1, type=int,
                    help="finish this epoch, checkpoint and exit (the schedule still spans --epochs); "
                         "e.g. to fit a job's time slot")
+    p.add_argument("--max_skipped", default=None, type=int,
+                   help="end the run when an epoch skips more unreadable samples than this, all ranks together "
+                        "(-1: never); default: 1%% of the epoch's samples, at least 50. Each skipped sample is "
+                        "named in OUTPUT_DIR/skipped-samples.txt")
     p.add_argument("--print_freq", default=20, type=int, help="progress line every N steps")
     p.add_argument("--world_size", default=1, type=int, help="set by torchrun / submitit")
     p.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="accepted for torch.distributed.launch")

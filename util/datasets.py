@@ -6,7 +6,10 @@
   pretraining, a plain folder of images (searched recursively).
 * Tar shards (webdataset format; a folder of ``.tar`` files or a ``.tar`` pattern): ``util/shards.py``.
 * No ``--data_path``: the bundled sample photographs (``data/sample_images``).
-* An unreadable image is skipped with a warning that names it, and counted (summed over ranks).
+* A sample that cannot be used is skipped: ``skip_sample`` names it (a warning, and a line of the
+  run's ``skipped-samples.txt``), the data set replaces it and flags it (ok = 0); the training loop
+  counts the flags per epoch, summed over ranks, and ``check_skipped`` ends the run with the list
+  when an epoch skipped more than ``--max_skipped``. Every data path uses this one mechanism.
   Files left out when listing (unsupported type, broken link, link loop, unreadable folder)
   are named once with the reason (``report_left_out``).
 * High-bit-depth images are scaled to 8 bits (``to_rgb8``); large JPEGs are decoded at a
@@ -40,6 +43,79 @@ SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "data" / "sample_images"
 
 class DataError(ValueError):
     """A data folder that cannot be used (missing, empty, inconsistent)."""
+
+
+SKIP_LOG_ENV = "MIM_SKIPPED_SAMPLES"      # the run's list of skipped samples (set by util.run.run_epochs)
+SKIP_LIST_NAME = "skipped-samples.txt"    # that list, in --output_dir
+SKIP_COUNT_KEYS = ("skipped_images", "replaced_pairs")  # the loop's per-epoch counts of replaced samples
+SKIP_LIMIT_MIN, SKIP_LIMIT_SHARE = 50, 0.01  # default --max_skipped: 1% of an epoch's samples, at least 50
+
+
+def skip_sample(name: str, error, warned: set, what: str = "image") -> None:
+    """Report a sample that a data path cannot use; the caller replaces it and flags it (ok = 0).
+
+    Named once per data set and process: a warning, and a line ``name<TAB>reason`` appended to the
+    run's skipped-samples.txt (DataLoader workers inherit its path through SKIP_LOG_ENV). One
+    ``write`` per line, so lines of several workers do not interleave."""
+    if name in warned:
+        return
+    warned.add(name)
+    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    reason = " ".join(reason.split())
+    warnings.warn(f"skipping unreadable {what} {name}: {reason}")
+    path = os.environ.get(SKIP_LOG_ENV)
+    if path:
+        try:
+            with open(path, "a") as f:
+                f.write(f"{name}\t{reason}\n")
+        except OSError:
+            pass  # the list is a convenience; the warning has named the sample
+
+
+class TooManySkipped(DataError):
+    """An epoch skipped more samples than --max_skipped allows."""
+
+    def __init__(self, message: str, epoch: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+
+
+def skip_limit(max_skipped: Optional[int], samples: int) -> Optional[int]:
+    """The most samples an epoch of ``samples`` may skip: ``--max_skipped`` (-1: no limit), by default
+    1% of the epoch and at least 50."""
+    if max_skipped is None:
+        return max(SKIP_LIMIT_MIN, math.ceil(SKIP_LIMIT_SHARE * samples))
+    return None if max_skipped < 0 else max_skipped
+
+
+def read_skip_list(path: Path) -> list[tuple[str, str]]:
+    """(name, reason) of each sample in a skipped-samples.txt, once each, in the order first met."""
+    seen: dict[str, str] = {}
+    try:
+        for line in Path(path).read_text(errors="replace").splitlines():
+            name, _, reason = line.partition("\t")
+            seen.setdefault(name, reason)
+    except OSError:
+        pass
+    return list(seen.items())
+
+
+def check_skipped(stats: dict, epoch: int, max_skipped: Optional[int], list_path: Optional[Path],
+                  show: int = 5) -> None:
+    """Raise TooManySkipped when the epoch's skipped samples (``stats``, summed over ranks by the
+    loop) exceed the limit; the message names the first ``show`` of the list and where the rest is."""
+    skipped = sum(int(stats.get(k) or 0) for k in SKIP_COUNT_KEYS)
+    samples = round(float(stats.get("images_per_sec") or 0) * float(stats.get("epoch_time_s") or 0))
+    limit = skip_limit(max_skipped, samples)
+    if limit is None or skipped <= limit:
+        return
+    listed = read_skip_list(list_path) if list_path is not None else []
+    names = "; ".join(f"{n} ({r})" for n, r in listed[:show])
+    more = f" and {len(listed) - show} more" if len(listed) > show else ""
+    where = f"; the list: {list_path}" if listed else ""
+    raise TooManySkipped(f"{skipped} samples of epoch {epoch} could not be used (all ranks), more than the limit of "
+                         f"{limit} (--max_skipped; default 1% of an epoch, at least {SKIP_LIMIT_MIN})"
+                         + (f": {names}{more}" if names else "") + where, epoch)
 
 
 PRETRAIN_SCALE = (0.2, 1.0)
@@ -308,10 +384,7 @@ class SeededImageDataset(Dataset):
                 break
             except Exception as e:  # a corrupt or unreadable file must not kill the run
                 ok = 0
-                path = self.images.samples[i][0]
-                if path not in self._warned:
-                    self._warned.add(path)
-                    warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
+                skip_sample(self.images.samples[i][0], e, self._warned)
         else:
             raise DataError(f"none of {min(n, 50)} consecutive images starting at "
                             f"{self.images.samples[index % n][0]} could be read")
@@ -394,6 +467,8 @@ def build_pretrain_dataset(args) -> SeededImageDataset:
 def _shard_stream(images, transform: Callable, args, train: bool):
     from .distributed import get_rank, get_world_size
     from .shards import ShardStream
+    if train:  # checkpoints record the training shards; a resume on other shards is named (util.train_state)
+        args.data_fingerprint = images.fingerprint()
     return ShardStream(images, transform, args.batch_size, args.seed, train=train, world=get_world_size(),
                        rank=get_rank())
 

@@ -31,24 +31,43 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def local_gpu(local_rank: int, rank: int) -> int:
+    """The CUDA device of a rank: LOCAL_RANK modulo the GPUs this process sees, and a line saying so
+    when they differ (SLURM's --gpus-per-task / --gpu-bind show each task only its own GPU as cuda:0)."""
+    count = torch.cuda.device_count()
+    if count < 1:
+        raise SystemExit("error: CUDA is available but no GPU is visible to this process (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})")
+    gpu = local_rank % count
+    if gpu != local_rank:
+        print(f"rank {rank}: LOCAL_RANK {local_rank}, {count} visible GPU(s) (CUDA_VISIBLE_DEVICES="
+              f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): using cuda:{gpu}", flush=True)
+    return gpu
+
+
 def init_distributed(args) -> None:
     """Read torchrun's (or submitit's) environment; set args.rank / world_size / gpu / distributed.
 
+    A launcher's environment (RANK and WORLD_SIZE) always builds a process group and DDP, one
+    process included, so that a 1-GPU torchrun runs the code path of the 8-GPU run.
     ``args.dist_timeout`` (minutes) bounds collective waits: when a rank dies the
     others fail with an error within that time instead of hanging.
     """
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    launched = "RANK" in env and "WORLD_SIZE" in env
+    if launched:
         args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
         args.gpu = int(env.get("LOCAL_RANK", 0))
     else:  # one process: honour --device cuda:N
         dev = torch.device(args.device) if str(args.device).startswith("cuda") else None
         args.rank, args.world_size, args.gpu = 0, 1, (dev.index or 0) if dev is not None else 0
-    args.distributed = args.world_size > 1
+    args.distributed = launched
     use_cuda = str(args.device).startswith("cuda")
     if use_cuda:
         if not torch.cuda.is_available():
             raise SystemExit(f"error: --device {args.device} but CUDA is not available; use --device cpu")
+        if launched:
+            args.gpu = local_gpu(args.gpu, args.rank)
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"
     if not args.distributed:
@@ -65,9 +84,10 @@ def cleanup() -> None:
     caller is a point all ranks reach together (the end of a run, an agreed stop). The ranks meet once more,
     so that no rank tears the group down while another still talks to it; then the group is destroyed, and
     with it its backend's threads, while the interpreter is still whole (``_release_group``)."""
+    global _main_wait_group
     if not is_dist():
         return
-    world = dist.group.WORLD
+    world, _main_wait_group = dist.group.WORLD, None  # (destroy_process_group ends every group)
     try:
         dist.barrier()
     except RuntimeError:  # a peer already gone: nothing left to wait for
@@ -105,6 +125,30 @@ def _release_group(group) -> None:
                 f.__defaults__ = tuple(None if d is group else d for d in f.__defaults__)
             if f.__kwdefaults__ and any(d is group for d in f.__kwdefaults__.values()):
                 f.__kwdefaults__ = {k: None if d is group else d for k, d in f.__kwdefaults__.items()}
+
+
+# Minutes the other ranks wait for rank 0 in wait_for_main_process: rank 0 alone scores an evaluation
+# (pycocotools on COCO val: minutes, more with masks), writes checkpoints (GBs with SHA-256, on a
+# network file system) and figures. --dist_timeout, which bounds every other wait, is far shorter.
+MAIN_PROCESS_WAIT_MIN = 60.0
+_main_wait_group = None
+
+
+def wait_for_main_process(dist_timeout_min: float = 0.0) -> None:
+    """Every rank calls this, at the same point, after a phase in which rank 0 works alone.
+
+    The other ranks then wait here, in a barrier of a process group of their own whose timeout is
+    ``MAIN_PROCESS_WAIT_MIN`` (or ``dist_timeout_min`` when longer), instead of in the next
+    collective, which the short ``--dist_timeout`` bounds (on NCCL its watchdog would abort the
+    job). The group has the default group's backend (NCCL or gloo) and is made at the first call,
+    which every rank reaches together. No-op without a process group."""
+    global _main_wait_group
+    if not is_dist():
+        return
+    if _main_wait_group is None:
+        minutes = max(MAIN_PROCESS_WAIT_MIN, float(dist_timeout_min))
+        _main_wait_group = dist.new_group(timeout=datetime.timedelta(minutes=minutes))
+    dist.barrier(group=_main_wait_group)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ COMMON_RULES = [
     ("num_workers", at_least(0)), ("clip_grad", NON_NEGATIVE), ("save_freq", at_least(0)),
     ("keep_last", at_least(0)), ("print_freq", at_least(1)), ("start_epoch", at_least(0)),
     ("world_size", at_least(1)), ("dist_timeout", POSITIVE), ("max_checkpoint_gb", POSITIVE),
-    ("exit_after_epoch", at_least(-1)),
+    ("exit_after_epoch", at_least(-1)), ("max_skipped", at_least(-1)),
 ]
 
 # flags of both training programs

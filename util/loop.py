@@ -23,7 +23,7 @@ from torch import Tensor
 from .data_wait import DataWait, warning as data_wait_warning
 from .distributed import all_reduce_mean, get_rank, get_world_size, is_main_process
 from .lr_sched import adjust_learning_rate
-from .stop import StopRequested, agreed_stop, agreed_stop_now, stop_signals_held
+from .stop import StopAgreement, StopRequested, agreed_stop_now, stop_signals_held
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,11 +68,34 @@ def seed_rngs(seed: int, rank: int, epoch: int = 0, step: int = -1) -> None:
     random.seed(s)
 
 
-def peak_memory_mb(device: torch.device) -> float:
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak (each epoch); the CPU's peak resident set size cannot be reset."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    # CPU: the process's peak resident set size (ru_maxrss is KiB on Linux)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, float]:
+    """(allocated, reserved) MiB at their peaks since ``reset_peak_memory``: reserved is what the caching
+    allocator holds, what runs out first. CPU: the process's peak resident set size, twice."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, torch.cuda.max_memory_reserved(device) / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+    return rss, rss
+
+
+def peak_memory_over_ranks(device: torch.device) -> tuple[float, float]:
+    """``peak_memory_mb``, the largest over all ranks (every rank calls this at the same point)."""
+    alloc, reserved = peak_memory_mb(device)
+    if get_world_size() > 1:
+        t = torch.tensor([alloc, reserved], dtype=torch.float64).to(device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        alloc, reserved = t.tolist()
+    return alloc, reserved
+
+
+def _mem_text(device: torch.device) -> str:
+    alloc, reserved = peak_memory_mb(device)
+    return f"mem {alloc:.0f}MB" + (f" (reserved {reserved:.0f}MB)" if device.type == "cuda" else "")
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -108,6 +131,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     lr = optimizer.param_groups[0]["lr"]
     print_freq = max(1, args.print_freq)
     optimizer.zero_grad(set_to_none=True)
+    reset_peak_memory(device)  # this epoch's peak, not the run's (figures and evaluation included)
 
     def check_finite() -> None:
         # Every rank reaches the same logging steps: agree, so that no rank waits for one that stopped.
@@ -122,6 +146,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     # here, after that epoch's normal checkpoint and log line: nothing of it is lost.
     if stop_flag is not None and agreed_stop_now(stop_flag, device):
         raise StopRequested(epoch, start_step)
+    agreement = StopAgreement(stop_flag, device) if stop_flag is not None else None
     with stop_signals_held():  # DataLoader workers start with the stop signals blocked (util.stop)
         batches = iter(loader)
     waited = DataWait()  # time spent waiting for each batch (util/data_wait.py)
@@ -180,23 +205,23 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                 run_eta = eta + per_step * steps * max(getattr(args, "epochs", epoch + 1) - epoch - 1, 0)
                 print(f"{header} [{it + 1}/{steps}] eta {_fmt_eta(eta)} (run {_fmt_eta(run_eta)}) loss {loss_d.item():.4f} "
                       f"(avg {avg:.4f}) lr {lr:.3e} img/s {rate:.1f} data {wait_share:.0%} "
-                      f"mem {peak_memory_mb(device):.0f}MB", flush=True)
+                      f"{_mem_text(device)}", flush=True)
                 if log_writer is not None:
                     x = int((step / steps + epoch) * 1000)
                     log_writer.add_scalar("train/loss", loss_d.item(), x)
                     log_writer.add_scalar("train/lr", lr, x)
                     log_writer.add_scalar("train/data_wait_share", wait_share, x)
         # (not on the last step: the epoch then ends normally and the next one stops before its first step)
-        if stop_flag is not None and boundary and step + 1 < steps and \
-                agreed_stop(stop_flag, step, accum, steps, device):
+        if stop_flag is not None and boundary and step + 1 < steps and agreement(step, accum, steps):
             check_finite()
             raise StopRequested(epoch, step + 1)
 
     check_finite()
     elapsed = time.time() - start
     mean_loss = all_reduce_mean((loss_sum / max(seen, 1)).float()).item()
+    peak_alloc, peak_reserved = peak_memory_over_ranks(device)
     stats = {"loss": mean_loss, "lr": lr, "images_per_sec": images / max(elapsed, 1e-9),
-             "peak_mem_mb": peak_memory_mb(device), "epoch_time_s": elapsed}
+             "peak_mem_mb": peak_alloc, "peak_reserved_mb": peak_reserved, "epoch_time_s": elapsed}
     if world > 1 and extra_sums:  # counts such as skipped images: summed over ranks, not rank 0's alone
         sums = torch.tensor([float(extra_sums[k]) for k in sorted(extra_sums)], device=device, dtype=torch.float64)
         torch.distributed.all_reduce(sums)

@@ -2,24 +2,37 @@
 checkpoint cadence and stop handling, and the end of the run record.
 
 A program (main_pretrain.py, main_finetune.py, main_detection.py, main_segmentation.py) keeps only
-what is its own: flags, data set, model, optimizer and an ``Epochs`` object with its per-epoch hooks; ``run_epochs`` does the rest, in
-this order per epoch: ``train`` -> ``evaluate`` (what to checkpoint) -> save -> ``log`` (rank 0) ->
-the progress line -> ``--exit_after_epoch``. A stop signal or a non-finite loss ends the loop through
-util.stop.finish_interrupted (a resumable checkpoint and the exit code), a finished
-schedule through ``complete``.
+what is its own: flags, data set, model, optimizer and an ``Epochs`` object with its per-epoch hooks;
+``run_epochs`` does the rest, in this order per epoch: ``train`` -> (when the epoch evaluates: the
+trained state to ``checkpoint-last.pth``, marked as awaiting its evaluation) -> ``evaluate`` (what to
+checkpoint) -> save -> ``log`` (rank 0) -> the progress line -> the limit on skipped samples ->
+``--exit_after_epoch``. Saving the trained state before the evaluation means that a crash or a kill
+during a long evaluation loses no training: the resume runs that evaluation first, then goes on.
+
+A stop signal or a non-finite loss ends the loop through util.stop.finish_interrupted (a resumable
+checkpoint and the exit code), a data error or too many skipped samples with one line and status 1,
+any other exception with a ``crashed`` end in the run record (then it propagates), a finished
+schedule through ``complete``. The output folder is locked for the life of the run
+(util/output_lock.py).
 """
 from __future__ import annotations
 
 import datetime
+import os
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .cli import UsageError
-from .distributed import cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_main_process
+from . import output_lock
+from .cli import UsageError, error_line
+from .datasets import SKIP_LIST_NAME, SKIP_LOG_ENV, DataError, check_skipped
+from .distributed import (cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_dist,
+                          is_main_process, wait_for_main_process)
 from .loop import NonFiniteLossError, resolve_amp, seed_rngs
 from .run_record import RunClock, RunRecord, summary_line
 from .stop import StopRequested, finish_interrupted, setup_stop_signals
@@ -38,16 +51,23 @@ class Run:
     record: RunRecord
     start_time: float = field(default_factory=time.time)
     log_writer: Optional[object] = None
+    lock: Optional[output_lock.FolderLock] = None
 
     def open_log_writer(self) -> None:
-        """TensorBoard on rank 0 when --log_dir is given."""
+        """TensorBoard on rank 0 when --log_dir is given; a failing disk turns it off, not the run."""
         if is_main_process() and self.args.log_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self.log_writer = SummaryWriter(log_dir=self.args.log_dir)
+            self.log_writer = TensorBoard(SummaryWriter(log_dir=self.args.log_dir), self.args.log_dir)
 
     def close_log_writer(self) -> None:
         if self.log_writer is not None:
             self.log_writer.close()
+
+    def release(self) -> None:
+        """Give up the output folder's lock (the run wrote its last file)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def finish(self, what: str, status: str, start_epoch: int, last_epoch: int, parts: list[str],
                **fields) -> None:
@@ -57,10 +77,70 @@ class Run:
         args = self.args
         ran = max(0, last_epoch + 1 - start_epoch)
         epochs = (f"epochs {start_epoch}-{last_epoch} of {args.epochs} ({ran} in this run)" if ran else
-                  f"no epoch to run ({args.epochs} done)")
+                  f"no epoch to run ({args.epochs} done)" if start_epoch >= args.epochs else
+                  f"no epoch completed in this run (it began at epoch {start_epoch} of {args.epochs})")
         print(summary_line(what, status, time.time() - self.start_time, [epochs, *parts], args.output_dir),
               flush=True)
         self.record.finish(status, epochs_run=ran, last_epoch=last_epoch, **fields)
+
+
+def gpu_numerics(device: torch.device) -> None:
+    """fp32 matmuls and convolutions in TF32 on a GPU: every program and tools/benchmark.py use this.
+
+    SDPA keeps PyTorch's backend order (on an H100 with cuDNN >= 9.9 cuDNN attention comes first);
+    scripts/gpu_check.sh compares its outputs and mask gradients with the memory-efficient and math
+    kernels at the models' window shapes."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+class TensorBoard:
+    """A SummaryWriter whose failures cannot end the run: the first OSError (a full or vanished
+    --log_dir, raised by its writer thread at the next call) is named once, and TensorBoard stays
+    off for the rest of the run. Every other attribute is the writer's."""
+
+    def __init__(self, writer, log_dir: str) -> None:
+        self._writer, self._log_dir = writer, log_dir
+        self.failed: Optional[BaseException] = None
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._writer, name)
+        if not callable(attr):
+            return attr
+
+        def guarded(*args, **kwargs):
+            if self.failed is not None:
+                return None
+            try:
+                return attr(*args, **kwargs)
+            except OSError as e:
+                self.failed = e
+                print(f"warning: TensorBoard cannot write to {self._log_dir} ({type(e).__name__}: {e}); "
+                      f"training goes on without it", file=sys.stderr, flush=True)
+                try:
+                    self._writer.close()
+                except OSError:
+                    pass
+                return None
+        return guarded
+
+
+def lock_output_dir(args, program: str) -> Optional[output_lock.FolderLock]:
+    """Rank 0 locks --output_dir (util/output_lock.py); every rank fails alike when it is taken."""
+    lock, refusal = None, ""
+    if is_main_process():
+        try:
+            lock = output_lock.acquire(args.output_dir, program, log=lambda m: print(m, flush=True))
+        except UsageError as e:
+            refusal = str(e)
+    if is_dist():
+        box = [refusal]
+        torch.distributed.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise UsageError(refusal)
+    return lock
 
 
 def start_run(args, program: str) -> Run:
@@ -73,12 +153,11 @@ def start_run(args, program: str) -> Run:
     rank, world = get_rank(), get_world_size()
     args.amp = resolve_amp(args.amp, device)
     seed_rngs(args.seed, rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    gpu_numerics(device)
     if args.num_workers is None:
         args.num_workers = default_num_workers(device)
-    return Run(args, device, rank, world, stop, RunRecord.start(args, program, device))
+    lock = lock_output_dir(args, program)  # before anything is written into the folder
+    return Run(args, device, rank, world, stop, RunRecord.start(args, program, device), lock=lock)
 
 
 def effective_lr(args, world_size: int) -> float:
@@ -89,11 +168,15 @@ def effective_lr(args, world_size: int) -> float:
 
 
 def wrap_for_training(model: nn.Module, args, device: torch.device) -> nn.Module:
-    """DDP across the group (when distributed), then torch.compile (with --compile)."""
+    """DDP across the group (when distributed), then torch.compile (with --compile).
+
+    Gradients are views into DDP's all-reduce buckets (``gradient_as_bucket_view``): no second copy
+    of every gradient. Every parameter gets a gradient in every step of every model (tests), so
+    ``find_unused_parameters`` stays off."""
     train_model = model
     if args.distributed:
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if args.compile:
         train_model = torch.compile(train_model)
     return train_model
@@ -121,6 +204,14 @@ class Epochs:
 
     def train(self, epoch: int, start_step: int) -> dict:
         raise NotImplementedError
+
+    def evaluates(self, epoch: int, last: bool) -> bool:
+        """Whether ``evaluate`` runs an evaluation after this epoch (then the trained state is saved
+        before it): programs that override ``evaluate`` evaluate after the last epoch and every
+        --eval_freq epochs (every epoch without that flag)."""
+        if type(self).evaluate is Epochs.evaluate:
+            return False
+        return last or (epoch + 1) % max(1, int(getattr(self.args, "eval_freq", 1) or 1)) == 0
 
     def evaluate(self, epoch: int, stats: dict, last: bool) -> EpochSave:
         return EpochSave({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}})
@@ -162,43 +253,113 @@ def log_epoch_stats(run: Run, epoch: int, stats: dict) -> None:
         print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {epoch} (all ranks)",
               flush=True)
     if run.log_writer is not None:
-        for key in ("loss", "images_per_sec", "peak_mem_mb"):
+        for key in ("loss", "images_per_sec", "peak_mem_mb", "peak_reserved_mb"):
             if key in stats:
                 run.log_writer.add_scalar(f"epoch/{key}", stats[key], epoch)
         run.log_writer.flush()
 
 
+def train_record(epoch: int, stats: dict) -> dict:
+    """The log.txt line of an epoch's training alone."""
+    return {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
+
+
 def run_epochs(run: Run, epochs: Epochs, model: nn.Module, optimizer, scaler, sampler, start_epoch: int,
                start_step: int) -> int:
-    """The epoch loop from ``start_epoch`` (``start_step`` micro-steps into it) to --epochs; the exit code."""
+    """The epoch loop from ``start_epoch`` (``start_step`` micro-steps into it) to --epochs; the exit code.
+
+    A resume whose checkpoint awaits its evaluation (``args.pending_evaluation``, set by
+    util.train_state.resume_training_state) runs that evaluation first."""
     args = run.args
     clock = RunClock(start_epoch, args.epochs)
+    skip_list = Path(args.output_dir) / SKIP_LIST_NAME
+    previous_list = os.environ.get(SKIP_LOG_ENV)
+    os.environ[SKIP_LOG_ENV] = str(skip_list.resolve())  # where every data path lists what it skipped
+    done = start_epoch - 1  # the last epoch whose training is on disk
+
+    def end_epoch(epoch: int, stats: dict, trained_saved: bool) -> Optional[int]:
+        """Evaluate and checkpoint a trained epoch, then log; an exit code when the run ends here."""
+        nonlocal done
+        last = epoch + 1 == args.epochs
+        numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
+        if not trained_saved and epochs.evaluates(epoch, last):
+            # the trained state first: a crash or a kill during the evaluation loses no training
+            save_training_state(args, epoch, model, optimizer, scaler, log_record=train_record(epoch, stats),
+                                append_log=False, extra=epochs.checkpoint_extra(), evaluation_pending=stats)
+            done = epoch
+        save = epochs.evaluate(epoch, stats, last)
+        save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered, log_record=save.log_record,
+                            extra={**epochs.checkpoint_extra(), **(save.extra or {})},
+                            extra_names=save.extra_names)
+        done = epoch
+        if is_main_process():
+            epochs.log(epoch, stats, last)
+            log_epoch_stats(run, epoch, stats)
+            print(clock.line(epoch), flush=True)
+        wait_for_main_process(getattr(args, "dist_timeout", 0))  # rank 0 scored, saved and logged alone
+        check_skipped(stats, epoch, getattr(args, "max_skipped", None), skip_list)
+        if epoch == args.exit_after_epoch and not last:
+            if is_main_process():
+                print(f"--exit_after_epoch {epoch}: checkpoint written; exiting", flush=True)
+            epochs.finish("exited after epoch", epoch)
+            cleanup()
+            return 0
+        return None
+
     try:
+        pending = getattr(args, "pending_evaluation", None)
+        if pending is not None:
+            del args.pending_evaluation
+            if is_main_process():
+                print(f"epoch {pending['epoch']}: its training is on disk, its evaluation was interrupted; "
+                      f"evaluating it now", flush=True)
+            code = end_epoch(pending["epoch"], pending["stats"], trained_saved=True)
+            if code is not None:
+                return code
         for epoch in range(start_epoch, args.epochs):
             step0 = start_step if epoch == start_epoch else 0
             sampler.set_epoch(epoch)
             sampler.skip = step0 * args.batch_size
             stats = epochs.train(epoch, step0)
-            last = epoch + 1 == args.epochs
-            save = epochs.evaluate(epoch, stats, last)
-            numbered = last or (args.save_freq > 0 and (epoch + 1) % args.save_freq == 0)
-            save_training_state(args, epoch, model, optimizer, scaler, numbered=numbered, log_record=save.log_record,
-                                extra={**epochs.checkpoint_extra(), **(save.extra or {})},
-                                extra_names=save.extra_names)
-            if is_main_process():
-                epochs.log(epoch, stats, last)
-                log_epoch_stats(run, epoch, stats)
-                print(clock.line(epoch), flush=True)
-            if epoch == args.exit_after_epoch and not last:
-                if is_main_process():
-                    print(f"--exit_after_epoch {epoch}: checkpoint written; exiting", flush=True)
-                epochs.finish("exited after epoch", epoch)
-                cleanup()
-                return 0
+            code = end_epoch(epoch, stats, trained_saved=False)
+            if code is not None:
+                return code
+        epochs.complete()
+        cleanup()
+        return 0
     except (StopRequested, NonFiniteLossError) as e:
         code = finish_interrupted(e, args, model, optimizer, scaler, run.stop, extra=epochs.checkpoint_extra())
         epochs.finish("stopped" if isinstance(e, StopRequested) else "failed", e.epoch - 1, reason=str(e))
         return code
-    epochs.complete()
-    cleanup()
-    return 0
+    except DataError as e:  # bad data (too many skipped samples, a shard unlike its index): one line
+        message = error_line(e)
+        if is_main_process():
+            print(f"error: {message}; stopping. Last good checkpoint: {_last_good(args.output_dir)}",
+                  file=sys.stderr, flush=True)
+        epochs.finish("failed", done, reason=message)
+        cleanup()
+        return 1
+    except Exception as e:
+        _record_crash(epochs, run, done, e)
+        raise
+    finally:
+        if previous_list is None:
+            os.environ.pop(SKIP_LOG_ENV, None)
+        else:
+            os.environ[SKIP_LOG_ENV] = previous_list
+        run.release()
+
+
+def _last_good(output_dir: str) -> str:
+    from .checkpoint import list_checkpoints
+    found = list_checkpoints(output_dir)
+    return str(found[0]) if found else "none"
+
+
+def _record_crash(epochs: Epochs, run: Run, done: int, e: BaseException) -> None:
+    """A run that ends in an unexpected exception still gets its end in the run record (rank 0)."""
+    error = f"{type(e).__name__}: {error_line(e)}"[:2000]
+    try:
+        epochs.finish("crashed", done, error=error)
+    except Exception:  # the program's summary needs state the crash left unset: the record alone
+        run.record.finish("crashed", last_epoch=done, error=error)

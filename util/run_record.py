@@ -5,10 +5,13 @@ number, so a reused folder keeps the records of earlier runs and resumes): the f
 the command line, the versions of Python, torch, torchvision, timm and CUDA, the git commit of
 the code when it is a git checkout, the world size and every rank's device. At the end the same
 file gets a ``finished`` entry (status, wall time, final metrics), and the program prints the
-one-line summary made by :func:`summary_line`.
+one-line summary made by :func:`summary_line`. A run that ends otherwise (outside the training loop,
+which records its own ends) gets ``finished`` when the interpreter exits: ``crashed`` with an
+uncaught exception, ``failed`` after a one-line error.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -109,6 +112,20 @@ class RunRecord:
     def __init__(self, path: Optional[Path], record: dict) -> None:
         self.path, self.record = path, record
         self.t0 = time.time()
+        if path is not None:  # a run that ends any other way still closes its record
+            atexit.register(self._close_unfinished)
+
+    def _close_unfinished(self) -> None:
+        """At exit, a record without ``finished`` gets one: ``crashed`` with the uncaught exception, else
+        ``failed`` (a one-line error ended the program). The training loop records its own ends; this
+        covers start-up and the programs' own code."""
+        if self.path is None or "finished" in self.record or not self.path.parent.is_dir():
+            return
+        error = getattr(sys, "last_value", None)
+        if error is not None:
+            self.finish("crashed", error=f"{type(error).__name__}: {error}"[:2000])
+        else:
+            self.finish("failed", error="the program ended before the run finished (its log has the reason)")
 
     @classmethod
     def start(cls, args, program: str, device: torch.device) -> "RunRecord":
@@ -136,9 +153,16 @@ class RunRecord:
             "environment": {k: os.environ[k] for k in env_keys if k in os.environ},
         }
         out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = cls._claim(out)
-        _write_json(path, record)
+        path = None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            path = cls._claim(out)
+            _write_json(path, record)
+        except OSError as e:  # a full or read-only disk: one line, and no empty record left behind
+            if path is not None:
+                path.unlink(missing_ok=True)
+            from .cli import UsageError
+            raise UsageError(f"cannot write the run record in {out}: {e.strerror or e}") from None
         return cls(path, record)
 
     @staticmethod
@@ -159,15 +183,23 @@ class RunRecord:
         """Add facts learnt after the start (e.g. the checkpoint resumed from)."""
         if self.path is not None:
             self.record.update(fields)
-            _write_json(self.path, self.record)
+            self._write()
 
     def finish(self, status: str, **fields) -> None:
+        """The ``finished`` entry: status (completed, stopped, failed, crashed, ...), time, results."""
         if self.path is None:
             return
         self.record["finished"] = {
             "status": status, "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "wall_time_s": round(time.time() - self.t0, 3), **fields}
-        _write_json(self.path, self.record)
+        self._write()
+
+    def _write(self) -> None:
+        """A record that cannot be updated (the disk filled up) is named, never the end of the run."""
+        try:
+            _write_json(self.path, self.record)
+        except OSError as e:
+            print(f"warning: cannot update the run record {self.path}: {e.strerror or e}", file=sys.stderr, flush=True)
 
 
 def summary_line(what: str, status: str, wall_s: float, parts: list[str], output_dir: str) -> str:

@@ -3,7 +3,7 @@
 A cluster stops a job by signalling every process of it: torchrun forwards what its agent receives,
 SLURM signals the whole job step (SIGUSR2 ahead of preemption, SIGTERM at the time limit), and
 ``kill -- -PGID`` reaches DataLoader workers as well as ranks. The ranks turn the first signal into a
-request (``StopFlag``), agree on the step at which to honour it (``agreed_stop``), write a resumable
+request (``StopFlag``), agree on the step at which to honour it (``StopAgreement``), write a resumable
 checkpoint there and exit 0 (``finish_interrupted``); workers ignore the signals, which the ranks own.
 
 Because workers ignore SIGTERM, the SIGTERM that multiprocessing sends its daemonic children when the
@@ -197,26 +197,59 @@ def stop_check_due(step: int, accum: int, steps: int) -> bool:
     return ((step + 1) // accum) % STOP_CHECK_EVERY == 0 or step + 1 == steps
 
 
-def agreed_stop(stop_flag: Callable[[], bool], step: int, accum: int, steps: int, device: torch.device) -> bool:
-    """Whether to stop at this step boundary. Ranks receive a signal at slightly different
-    times, so in a distributed run they agree (all-reduce MAX) every few optimizer steps and
-    all stop at the same step; a single process stops at the first boundary."""
-    if get_world_size() == 1:
-        return stop_flag()
-    if not stop_check_due(step, accum, steps):
-        return False
-    flag = torch.tensor([1.0 if stop_flag() else 0.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+class StopAgreement:
+    """Whether to stop at a step boundary. Ranks receive a signal at slightly different times, so in a
+    distributed run they agree (all-reduce MAX) every few optimizer steps (``stop_check_due``) and all
+    stop at the same step; a single process stops at the first boundary.
+
+    On a GPU the agreement never waits for the device: each check builds its flag on the device (no
+    copy from host memory), all-reduces it, copies the result to pinned host memory behind an event,
+    and reads the result of the *previous* check, whose event has long completed; so a request is
+    honoured one check later than it arrived, on every rank at the same step. Elsewhere (gloo on
+    the CPU, where the all-reduce is a host call anyway) each check reads its own result.
+    """
+
+    def __init__(self, stop_flag: Callable[[], bool], device: torch.device, pipelined: Optional[bool] = None) -> None:
+        self.stop_flag, self.device = stop_flag, device
+        self.pipelined = device.type == "cuda" if pipelined is None else pipelined
+        self._pending: Optional[tuple[torch.Tensor, object]] = None  # (host result, its CUDA event or None)
+
+    def __call__(self, step: int, accum: int, steps: int) -> bool:
+        if get_world_size() == 1:
+            return self.stop_flag()
+        if not stop_check_due(step, accum, steps):
+            return False
+        if not self.pipelined:
+            return _all_reduce_flag(self.stop_flag(), self.device)
+        flag = torch.full((1,), 1.0 if self.stop_flag() else 0.0, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        event = None
+        if flag.is_cuda:
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flag = host
+        previous, self._pending = self._pending, (flag, event)
+        if previous is None:
+            return False
+        if previous[1] is not None and not previous[1].query():  # recorded a check ago: finished long since
+            previous[1].synchronize()
+        return bool(previous[0].item())
+
+
+def _all_reduce_flag(flag: bool, device: torch.device) -> bool:
+    t = torch.full((1,), 1.0 if flag else 0.0, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def agreed_stop_now(stop_flag: Callable[[], bool], device: torch.device) -> bool:
-    """Whether any rank has a stop request (every rank calls this at the same point)."""
+    """Whether any rank has a stop request (every rank calls this at the same point; waits for the device,
+    so it is for epoch boundaries)."""
     if get_world_size() == 1:
         return stop_flag()
-    flag = torch.tensor([1.0 if stop_flag() else 0.0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+    return _all_reduce_flag(stop_flag(), device)
 
 
 def finish_interrupted(exc: Exception, args, model, optimizer, scaler, stop, extra: Optional[dict] = None) -> int:

@@ -12,7 +12,13 @@ Write order at the end of an epoch: ``checkpoint-{epoch}.pth`` (when due) and
 ``checkpoint-best.pth``, then ``checkpoint-last.pth``, then the epoch's
 ``log.txt`` line. Each checkpoint carries that line, so a kill before it was
 written is repaired on resume; a kill at any other point leaves every file
-whole (util.checkpoint.save_atomic).
+whole (util.checkpoint.save_atomic). An epoch that evaluates is first saved to
+``checkpoint-last.pth`` alone, marked ``evaluation_pending`` (its training statistics);
+a resume from that file runs the evaluation before the next epoch (util.run.run_epochs).
+
+For tar shards, ``data`` records the training shards (``ShardImages.fingerprint``: names,
+samples and sizes, and their digest, also in the sidecar): a resume on other shards is named,
+and refused mid-epoch, where the recorded position would mean other samples.
 """
 from __future__ import annotations
 
@@ -49,16 +55,22 @@ def effective_batch(args) -> int:
 
 def save_training_state(args, epoch: int, model, optimizer, scaler, next_step: int = 0, numbered: bool = False,
                         extra_names: tuple[str, ...] = (), extra: Optional[dict] = None,
-                        log_record: Optional[dict] = None) -> None:
+                        log_record: Optional[dict] = None, append_log: bool = True,
+                        evaluation_pending: Optional[dict] = None) -> None:
     """Rank 0 writes ``checkpoint-{epoch}.pth`` (when ``numbered``) and ``extra_names``, then
-    ``checkpoint-last.pth``, then ``log_record`` as a line of log.txt; every file atomically."""
+    ``checkpoint-last.pth``, then ``log_record`` as a line of log.txt (unless ``append_log`` is off:
+    the checkpoint still carries it); every file atomically. ``evaluation_pending``: the epoch's
+    training statistics, when its evaluation is still to run."""
     if not is_main_process():
         return
     world = _world(args)
     progress = {"epoch": epoch, "next_step": next_step, "samples": next_step * args.batch_size * world,
                 "batch_size": args.batch_size, "world_size": world, "accum_iter": max(1, args.accum_iter),
                 "timeline": int(getattr(args, "timeline", 0)), "model_name": args.model,
-                "finished": not next_step and epoch + 1 >= args.epochs}
+                "finished": not next_step and evaluation_pending is None and epoch + 1 >= args.epochs}
+    data = getattr(args, "data_fingerprint", None)
+    if isinstance(data, dict):
+        progress["data_digest"] = data["digest"]
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
              "scaler": scaler.state_dict() if scaler is not None else {},
              "args": argparse.Namespace(**{k: v for k, v in vars(args).items() if _plain(v)}),
@@ -67,6 +79,10 @@ def save_training_state(args, epoch: int, model, optimizer, scaler, next_step: i
         state["next_step"] = next_step
     if log_record is not None:
         state["log_record"] = log_record
+    if evaluation_pending is not None:
+        state["evaluation_pending"] = {"stats": dict(evaluation_pending)}
+    if isinstance(data, dict):
+        state["data"] = data
     if extra:
         state.update(extra)
     out = Path(args.output_dir)
@@ -75,7 +91,7 @@ def save_training_state(args, epoch: int, model, optimizer, scaler, next_step: i
     for name in extra_names:
         ckpt_util.save_atomic(state, out / name)
     ckpt_util.save_atomic(state, out / ckpt_util.LAST_NAME, meta=progress)
-    if log_record is not None:
+    if log_record is not None and append_log:
         with open(out / "log.txt", "a") as f:
             f.write(json.dumps(log_record) + "\n")
     if numbered:
@@ -173,6 +189,43 @@ def _repair_log(ckpt: dict, out: Path, log) -> None:
         log(f"log.txt: restored the line of epoch {record['epoch']} from the checkpoint", flush=True)
 
 
+def describe_data_change(saved: dict, now: dict) -> str:
+    """What differs between two shard fingerprints, naming shards where both lists are known."""
+    old_rows, new_rows = saved.get("list"), now.get("list")
+    if isinstance(old_rows, list) and isinstance(new_rows, list):
+        before = {r[0]: tuple(r[1:]) for r in old_rows if isinstance(r, (list, tuple)) and r}
+        after = {r[0]: tuple(r[1:]) for r in new_rows}
+        parts = []
+        for label, names in (("added", [n for n in after if n not in before]),
+                             ("removed", [n for n in before if n not in after]),
+                             ("changed", [n for n in after if n in before and after[n] != before[n]])):
+            if names:
+                parts.append(f"{len(names)} {label} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        if not parts and [r[0] for r in old_rows] != [r[0] for r in new_rows]:
+            parts.append("the same shards in another order")
+        if parts:
+            return "; ".join(parts)
+    return (f"{saved.get('shards')} shards of {saved.get('samples')} samples then, {now.get('shards')} of "
+            f"{now.get('samples')} now")
+
+
+def _check_data(ckpt: dict, args, path: Path, explicit: bool, log) -> None:
+    """Name a resume on other training shards; refuse it mid-epoch unless asked (the position it
+    records would mean other samples)."""
+    saved, now = ckpt.get("data"), getattr(args, "data_fingerprint", None)
+    if not isinstance(saved, dict) or not isinstance(now, dict) or saved.get("digest") == now.get("digest"):
+        return
+    change = describe_data_change(saved, now)
+    if ckpt.get("next_step") and not (explicit or getattr(args, "allow_changed_args", False)):
+        from .cli import UsageError
+        raise UsageError(f"{path} stopped mid-epoch {ckpt['epoch']} on other training shards ({change}): its "
+                         f"position would now mean other samples. Restore the shards, resume from the last "
+                         f"end-of-epoch checkpoint (move {path.name} away), or continue anyway with "
+                         f"--allow_changed_args")
+    log(f"warning: the training shards changed since {path.name} was written: {change}"
+        + ("; continuing mid-epoch at the same sample count" if ckpt.get("next_step") else ""), flush=True)
+
+
 def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[int, int, Optional[dict]]:
     """Restore from --resume, or the checkpoint in --output_dir with the most progress that fits (--auto_resume).
 
@@ -229,6 +282,7 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
             raise UsageError(f"{path} was written with other run-shaping flags: {listing}. Resume with the "
                              f"same flags, or continue with the new ones with --allow_changed_args (or an "
                              f"explicit --resume {path})")
+    _check_data(ckpt, args, path, explicit, log)
     prog = ckpt.get("progress") if isinstance(ckpt.get("progress"), dict) else {}
     saved_timeline = int(prog.get("timeline") or 0)
     # an explicit --resume starts a branch that outranks every file already in --output_dir
@@ -243,9 +297,14 @@ def resume_training_state(args, model, optimizer, scaler, log=print) -> tuple[in
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    if is_main_process():
+    pending = ckpt.get("evaluation_pending") if not ckpt.get("next_step") else None
+    if is_main_process() and not isinstance(pending, dict):  # (a pending evaluation writes the line itself)
         _repair_log(ckpt, out, log)
-    if epoch >= args.epochs:
+    if isinstance(pending, dict):
+        args.pending_evaluation = {"epoch": epoch - 1, "stats": dict(pending.get("stats") or {})}
+        log(f"resumed from {path} (epoch {epoch - 1} trained, its evaluation interrupted: it runs first; then "
+            f"continuing at epoch {epoch}, step 0)", flush=True)
+    elif epoch >= args.epochs:
         log(f"run already finished: {path} holds epoch {epoch - 1}, the last of --epochs {args.epochs}; "
             f"nothing to train", flush=True)
     else:
