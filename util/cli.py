@@ -135,9 +135,32 @@ def check_output_dirs(args) -> None:
         check_output_dir(args.log_dir)
 
 
+def error_line(e: BaseException) -> str:
+    """An error's message on one line. For an error raised in a DataLoader worker, torch re-raises it in
+    the main process with the worker's whole traceback as its text; the worker's own message is its last
+    entry (``<module>.<ErrorName>: <message>``), and is what is returned."""
+    text = str(e).strip()
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        lines = text.splitlines()
+        for i in range(len(lines) - 1, -1, -1):
+            head, sep, rest = lines[i].partition(": ")
+            if sep and head.rsplit(".", 1)[-1] == type(e).__name__:
+                text = " ".join([rest, *lines[i + 1:]])
+                break
+    return " ".join(text.split()) or type(e).__name__
+
+
 def run_main(fn: Callable[[], int]) -> None:
-    """Run a program's main; usage and checkpoint errors become one line on stderr."""
+    """Run a program's main and exit with its status. Usage and checkpoint errors, unusable data
+    (``DataError``, also when a DataLoader worker found it) and file-system errors naming their file
+    become one line on stderr; any other error keeps its traceback. Whatever the ending, DataLoader
+    workers still alive are ended (``util.stop.end_workers``): they ignore SIGTERM, and the process
+    would otherwise wait for them for ever at exit."""
+    from .datasets import DataError
+    from .stop import end_workers
     prog = os.path.basename(sys.argv[0])
+    rank = os.environ.get("RANK")
+    where = f"rank {rank}: " if rank is not None else ""
     try:
         code = fn()
     except UsageError as e:
@@ -149,9 +172,19 @@ def run_main(fn: Callable[[], int]) -> None:
     except KeyboardInterrupt:  # Ctrl-C before the stop handlers were installed: nothing trained yet
         print(f"{prog}: interrupted before training started; nothing to save", file=sys.stderr)
         code = 130
+    except DataError as e:
+        print(f"{prog}: {where}error: {error_line(e)}", file=sys.stderr, flush=True)
+        code = 1
+    except OSError as e:
+        if not e.filename:  # not about a file: an unexpected failure, whose traceback is wanted
+            end_workers()
+            raise
+        print(f"{prog}: {where}error: {e}", file=sys.stderr, flush=True)
+        code = 1
     except Exception:
-        rank = os.environ.get("RANK")
         if rank is not None:  # a rank's failure reaches the log with its rank number
             print(f"{prog}: rank {rank} failed:", file=sys.stderr, flush=True)
+        end_workers()  # before the traceback is printed: it holds the DataLoader iterator alive
         raise
+    end_workers()
     sys.exit(code)

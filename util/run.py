@@ -21,7 +21,6 @@ import datetime
 import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from . import output_lock
-from .cli import UsageError
+from .cli import UsageError, error_line
 from .datasets import SKIP_LIST_NAME, SKIP_LOG_ENV, DataError, check_skipped
 from .distributed import (cleanup, default_num_workers, get_rank, get_world_size, init_distributed, is_dist,
                           is_main_process, wait_for_main_process)
@@ -265,17 +264,6 @@ def train_record(epoch: int, stats: dict) -> dict:
     return {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
 
 
-def _original_message(e: BaseException) -> str:
-    """The message of an error, the one raised in a DataLoader worker included (the loader re-raises it
-    with the worker's traceback as its text: its last line is the original)."""
-    text = str(e).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1].strip()
-        head, sep, rest = last.partition(": ")
-        text = rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
-    return " ".join(text.split())
-
-
 def run_epochs(run: Run, epochs: Epochs, model: nn.Module, optimizer, scaler, sampler, start_epoch: int,
                start_step: int) -> int:
     """The epoch loop from ``start_epoch`` (``start_step`` micro-steps into it) to --epochs; the exit code.
@@ -344,10 +332,7 @@ def run_epochs(run: Run, epochs: Epochs, model: nn.Module, optimizer, scaler, sa
         epochs.finish("stopped" if isinstance(e, StopRequested) else "failed", e.epoch - 1, reason=str(e))
         return code
     except DataError as e:  # bad data (too many skipped samples, a shard unlike its index): one line
-        # the loader that raised it sits in the traceback's frames: free it now, so that its workers are shut
-        # down here (alive at exit, they would keep the process waiting for them)
-        traceback.clear_frames(e.__traceback__)
-        message = _original_message(e)
+        message = error_line(e)
         if is_main_process():
             print(f"error: {message}; stopping. Last good checkpoint: {_last_good(args.output_dir)}",
                   file=sys.stderr, flush=True)
@@ -373,7 +358,7 @@ def _last_good(output_dir: str) -> str:
 
 def _record_crash(epochs: Epochs, run: Run, done: int, e: BaseException) -> None:
     """A run that ends in an unexpected exception still gets its end in the run record (rank 0)."""
-    error = f"{type(e).__name__}: {_original_message(e)}"[:2000]
+    error = f"{type(e).__name__}: {error_line(e)}"[:2000]
     try:
         epochs.finish("crashed", done, error=error)
     except Exception:  # the program's summary needs state the crash left unset: the record alone
