@@ -15,3 +15,18 @@ class CheckpointError(RuntimeError):
 
 class DataError(ValueError):
     """A data folder that cannot be used (missing, empty, inconsistent)."""
+
+
+def error_line(e: BaseException) -> str:
+    """An error's message on one line. For an error raised in a DataLoader worker, torch re-raises it in
+    the main process with the worker's whole traceback as its text; the worker's own message is its last
+    entry (``<module>.<ErrorName>: <message>``), and is what is returned."""
+    text = str(e).strip()
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        lines = text.splitlines()
+        for i in range(len(lines) - 1, -1, -1):
+            head, sep, rest = lines[i].partition(": ")
+            if sep and head.rsplit(".", 1)[-1] == type(e).__name__:
+                text = " ".join([rest, *lines[i + 1:]])
+                break
+    return " ".join(text.split()) or type(e).__name__

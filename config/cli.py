@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from errors import CheckpointError, UsageError
+from errors import CheckpointError, DataError, UsageError, error_line
 from config.rules import COMMON_RULES, check_existing, check_ranges
 from engine.cpu_perf import add_cpu_tuning_args
 from engine.run import RunConfig
@@ -214,8 +214,15 @@ def write_recipe(config, rank: int = 0) -> Optional[Path]:
 
 
 def run_main(fn: Callable[[], int]) -> None:
-    """Run a program's main; usage and checkpoint errors become one line on stderr."""
+    """Run a program's main and exit with its status. Usage and checkpoint errors, unusable data
+    (``DataError``, also when a DataLoader worker found it) and file-system errors naming their file
+    become one line on stderr; any other error keeps its traceback. Whatever the ending, DataLoader
+    workers still alive are ended (``engine.stop.end_workers``): they ignore SIGTERM, and the process
+    would otherwise wait for them for ever at exit."""
+    from engine.stop import end_workers
     prog = os.path.basename(sys.argv[0])
+    rank = os.environ.get("RANK")
+    where = f"rank {rank}: " if rank is not None else ""
     try:
         code = fn()
     except UsageError as e:
@@ -227,9 +234,19 @@ def run_main(fn: Callable[[], int]) -> None:
     except KeyboardInterrupt:  # Ctrl-C before the stop handlers were installed: nothing trained yet
         print(f"{prog}: interrupted before training started; nothing to save", file=sys.stderr)
         code = 130
+    except DataError as e:
+        print(f"{prog}: {where}error: {error_line(e)}", file=sys.stderr, flush=True)
+        code = 1
+    except OSError as e:
+        if not e.filename:  # not about a file: an unexpected failure, whose traceback is wanted
+            end_workers()
+            raise
+        print(f"{prog}: {where}error: {e}", file=sys.stderr, flush=True)
+        code = 1
     except Exception:
-        rank = os.environ.get("RANK")
         if rank is not None:  # a rank's failure reaches the log with its rank number
             print(f"{prog}: rank {rank} failed:", file=sys.stderr, flush=True)
+        end_workers()  # before the traceback is printed: it holds the DataLoader iterator alive
         raise
+    end_workers()
     sys.exit(code)

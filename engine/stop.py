@@ -5,10 +5,19 @@ SLURM signals the whole job step (SIGUSR2 ahead of preemption, SIGTERM at the ti
 ``kill -- -PGID`` reaches DataLoader workers as well as ranks. The ranks turn the first signal into a
 request (``StopFlag``), agree on the step at which to honour it (``StopAgreement``), write a resumable
 checkpoint there and exit 0 (``finish_interrupted``); workers ignore the signals, which the ranks own.
+
+Because workers ignore SIGTERM, the SIGTERM that multiprocessing sends its daemonic children when the
+main process exits does not end them; ``end_workers`` (run at exit, before multiprocessing's own exit
+handler joins them) ends them with SIGKILL instead, and each worker dies with its parent
+(``PR_SET_PDEATHSIG``) when that exits without running its exit handlers (a second signal, SIGKILL).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
+import multiprocessing
+import multiprocessing.util  # its exit handler must be registered before ours (atexit runs LIFO)
 import os
 import signal
 import sys
@@ -95,10 +104,63 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
     A signal sent to the process group (``kill -- -PGID``, torchrun, scancel, SLURM's preemption
     signal) reaches every worker too; by default it would kill them, and the main process would fail
-    with 'DataLoader worker is killed by signal' instead of checkpointing."""
+    with 'DataLoader worker is killed by signal' instead of checkpointing. Since SIGTERM no longer
+    ends a worker, it is tied to its parent's life instead (``_die_with_parent``); the main process
+    ends the workers left at its exit (``end_workers``)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    _die_with_parent()
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the thread that started it ends (the rank's main thread,
+    which creates the DataLoader iterators). Covers a parent that exits without its exit handlers
+    (``os._exit`` after a second stop signal, SIGKILL, the OOM killer); torch's own check notices a dead
+    parent only between batches, so a worker blocked on a read (a FIFO, a hung file system) would
+    otherwise outlive it. Elsewhere than Linux, nothing to do."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl (an unusual libc): torch's parent check remains
+        return
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os._exit(1)
+
+
+def end_workers(timeout: float = 5.0) -> list[int]:
+    """SIGKILL and reap the daemonic child processes still alive (DataLoader workers); returns their pids.
+
+    At interpreter exit multiprocessing sends its daemonic children SIGTERM and then joins them
+    without a time limit. Workers ignore SIGTERM (``ignore_stop_signals``), so a process leaving
+    with a loader still alive (an error raised while iterating: the traceback keeps the iterator)
+    would wait for them for ever. Killing is safe here: workers only read data, and their results
+    are no longer wanted. Registered to run at exit before multiprocessing's own handler; the
+    programs' exit path (``config.cli.run_main``) also calls it directly."""
+    alive = [p for p in multiprocessing.active_children() if p.daemon]
+    if not alive:
+        return []
+    # torch's SIGCHLD handler would report each killed worker as a failure ('DataLoader worker is
+    # killed by signal'), raised wherever the main thread is: these deaths are expected
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL) if main else None
+    try:
+        for p in alive:
+            p.kill()
+        for p in alive:
+            p.join(timeout)
+    finally:
+        if main:
+            signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
+    return [p.pid for p in alive]
+
+
+atexit.register(end_workers)
 
 
 @contextlib.contextmanager

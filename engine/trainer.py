@@ -32,7 +32,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -46,7 +45,7 @@ from engine.schedule import Schedule
 from engine.state import TrainState, weights_digest
 from engine.step import NonFiniteLossError, StepLoop, StepOutput, StepSettings
 from engine.stop import StopRequested, finish_interrupted
-from errors import DataError, UsageError
+from errors import DataError, UsageError, error_line
 from imagedata.datasets import SKIP_LIST_NAME, SKIP_LOG_ENV, check_skipped
 
 
@@ -198,10 +197,7 @@ class Trainer:
             self._finish("stopped" if isinstance(e, StopRequested) else "failed", e.epoch - 1, reason=str(e))
             return code
         except DataError as e:  # bad data (too many skipped samples, a shard unlike its index): one line
-            # the loader that raised it sits in the traceback's frames: free it now, so that its workers are
-            # shut down here (alive at exit, they would keep the process waiting for them)
-            traceback.clear_frames(e.__traceback__)
-            message = original_message(e)
+            message = error_line(e)
             if is_main_process():
                 found = list_checkpoints(run.output_dir)
                 print(f"error: {message}; stopping. Last good checkpoint: {found[0] if found else 'none'}",
@@ -210,7 +206,7 @@ class Trainer:
             cleanup()
             return 1
         except Exception as e:  # the run record still gets its end (rank 0), then the error propagates
-            error = f"{type(e).__name__}: {original_message(e)}"[:2000]
+            error = f"{type(e).__name__}: {error_line(e)}"[:2000]
             try:
                 self._finish("crashed", self.done, error=error)
             except Exception:  # the task's summary needs state the crash left unset: the record alone
@@ -305,17 +301,6 @@ class Trainer:
 def train_record(period: int, stats: dict) -> dict:
     """The log.txt line of a period's training alone."""
     return {"epoch": period, **{f"train_{k}": v for k, v in stats.items()}}
-
-
-def original_message(e: BaseException) -> str:
-    """The message of an error, the one raised in a DataLoader worker included (the loader re-raises it
-    with the worker's traceback as its text: its last line is the original)."""
-    text = str(e).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1].strip()
-        head, sep, rest = last.partition(": ")
-        text = rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
-    return " ".join(text.split())
 
 
 def evaluate_only(run: Run, task: Task) -> int:

@@ -216,6 +216,27 @@ def test_rank_exception_reaches_the_log_with_its_rank(monkeypatch, capsys):
     assert "rank 3 failed" in capsys.readouterr().err
 
 
+def test_data_and_file_errors_end_the_program_in_one_line(monkeypatch, capsys):
+    from config.cli import run_main
+    from errors import DataError
+    monkeypatch.setenv("RANK", "1")
+    # as torch re-raises an error of a DataLoader worker: the worker's traceback is the message
+    worker = DataError("Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call "
+                       "last):\n  File \"x.py\", line 3, in f\n    raise DataError(m)\nerrors.DataError: "
+                       "shard /d/train-000001.tar cannot be read: ReadError: unexpected end of data")
+    full = OSError(28, "No space left on device")
+    full.filename = "/out/checkpoint-last.pth"
+    for error, line in ((worker, "shard /d/train-000001.tar cannot be read: ReadError: unexpected end of data"),
+                        (full, "[Errno 28] No space left on device: '/out/checkpoint-last.pth'")):
+        def fail():
+            raise error
+        with pytest.raises(SystemExit) as e:
+            run_main(fail)
+        assert e.value.code == 1 and capsys.readouterr().err.splitlines()[-1].endswith(f"rank 1: error: {line}")
+    with pytest.raises(ConnectionResetError):   # an OSError about no file keeps its traceback
+        run_main(lambda: (_ for _ in ()).throw(ConnectionResetError(104, "reset by peer")))
+
+
 @pytest.mark.parametrize("accum", [1, 2, 3, 4, 8])
 def test_ranks_check_for_a_stop_at_least_every_four_optimizer_steps(accum):
     from engine.stop import STOP_CHECK_EVERY, stop_check_due
@@ -419,6 +440,87 @@ def test_hung_rank_default_is_short_and_documented():
     from config.cli import DIST_TIMEOUT_MIN
     assert main_pretrain.get_args_parser().parse_args([]).dist_timeout == DIST_TIMEOUT_MIN <= 3
     assert f"`--dist_timeout`, {DIST_TIMEOUT_MIN:g} minutes by default" in (ROOT / "PRETRAIN.md").read_text()
+
+
+# A program run with DataLoader workers (which ignore SIGTERM) whose main process fails, or is killed: started
+# through this wrapper, which makes the failure happen where users meet it (an optimizer step, mid-epoch, a
+# worker blocked on a read that never returns).
+FAILING_RUN = """
+import os, runpy, sys, time
+import torch, torch.utils.data
+how = sys.argv[1]
+if how == "raise":
+    def step(self, *a, **k):
+        raise RuntimeError("injected failure in the main process")
+    torch.optim.AdamW.step = step
+else:  # a worker blocks as on a hung file system, once it said so
+    from imagedata.datasets import SeededImageDataset
+    def getitem(self, key):
+        if torch.utils.data.get_worker_info() is not None:
+            print("worker", os.getpid(), "blocked", flush=True)
+            time.sleep(3600)
+    SeededImageDataset.__getitem__ = getitem
+sys.argv = ["main_pretrain.py", *sys.argv[2:]]
+runpy.run_path("main_pretrain.py", run_name="__main__")
+"""
+WORKERS = TINY + ["--num_workers", "2", "--epochs", "1", "--log_dir", ""]
+
+
+def test_an_unexpected_error_with_loader_workers_ends_the_process_with_its_traceback(tmp_path):
+    from programs import run_to_exit
+    code, out, left = run_to_exit(["-c", FAILING_RUN, "raise", *WORKERS, "--output_dir", tmp_path], timeout=90)
+    assert code == 1, out[-2000:]          # None: still waiting at exit for the workers
+    assert "RuntimeError: injected failure in the main process" in out and "Traceback" in out
+    assert left == []
+
+
+def test_a_killed_main_process_takes_its_workers_with_it(tmp_path):
+    from programs import session_members
+    proc = subprocess.Popen([PY, "-c", FAILING_RUN, "block", *WORKERS, "--output_dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        read_until(proc, "worker ")
+        assert len(session_members(proc.pid)) >= 2
+        proc.kill()
+        proc.wait()
+        wait_for(lambda: session_members(proc.pid) == [], 20, "the workers to end with their parent")
+    finally:
+        for pid in session_members(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+GLOO_RANK = """
+import os, sys
+import torch, torch.distributed as dist
+from engine.distributed import cleanup
+torch.set_num_threads(1)
+threads = lambda: len(os.listdir("/proc/self/task"))
+torch.ones(2).add_(1)
+before = threads()
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=int(sys.argv[1]), world_size=2)
+model = torch.nn.Linear(2, 1)
+torch.optim.AdamW(model.parameters())   # imports torch._dynamo, and with it torch.distributed.nn.functional
+t = torch.ones(2)
+dist.all_reduce(t)
+during = threads()
+cleanup()
+print("threads", before, during, threads(), flush=True)
+"""
+
+
+def test_cleanup_joins_the_process_groups_threads_before_the_interpreter_exits(tmp_path):
+    # gloo's threads still running while the interpreter finalizes abort a good run now and then ('terminate
+    # called without an active exception'); tools/teardown_stress.py measures how often
+    procs = [subprocess.Popen([PY, "-c", GLOO_RANK, str(r), str(tmp_path / "store")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    outs = [p.communicate(timeout=400) for p in procs]   # (a loaded machine imports torch._dynamo slowly)
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]
+    for out, _ in outs:
+        before, during, after = map(int, out.split()[-3:])
+        assert during > before and after == before, out
 
 
 # ---- the epoch loop: the trained state before any evaluation, crashes recorded, folders locked ----

@@ -358,8 +358,8 @@ SUM_PROBE = textwrap.dedent("""
     loop = StepLoop(model, opt, None, torch.device("cpu"), StepSettings(print_every=100))
     stats = loop.run(loader, 0, 0, len(loader), compute, lambda step: 0.0, periods=1)
     print(rank, stats["skipped_images"], flush=True)
-    dist.barrier()  # neither rank tears gloo down while the other still talks to it (abort at exit otherwise)
-    dist.destroy_process_group()
+    from engine.distributed import cleanup
+    cleanup()
 """)
 
 

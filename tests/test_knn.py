@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine_finetune import knn_accuracy, knn_classify, knn_topk
+from engine.distributed import cleanup
 
 
 def _exact_scores(train, labels, queries, num_classes, k, t):
@@ -59,8 +60,7 @@ def _rank(rank, world, port, out):
             (bank[40:], labels[40:], queries, qlabels))
     res.append(knn_accuracy(*part, num_classes=4, k=20, chunk=8, bank_chunk=16))
     (out / f"rank{rank}.json").write_text(json.dumps(res))
-    dist.barrier()  # neither rank tears gloo down while the other still talks to it (abort at exit otherwise)
-    dist.destroy_process_group()
+    cleanup()
 
 
 def test_sharded_bank_over_two_gloo_ranks_matches_one_process(tmp_path):
