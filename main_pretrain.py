@@ -19,7 +19,6 @@ import models
 from config.cli import HelpFormatter, add_common_args, parse, run_main, write_recipe
 from config.pretrain import PretrainConfig, check_flags, model_kwargs, resolve
 from config.sections import effective_lr, step_settings
-from engine.checkpoint import safe_load, unwrap_state_dict
 from engine.cpu_perf import setup_cpu_training
 from engine.distributed import is_main_process
 from engine.loaders import train_loader
@@ -33,6 +32,7 @@ from engine_pretrain import PretrainTask
 from errors import DataError, UsageError
 from imagedata.datasets import build_pretrain_dataset, data_fingerprint, image_list, report_left_out
 from imagedata.decode import DECODERS, GpuDecodeLoader, use_decoder
+from util.pretrained import load_pretraining_weights
 from util.visualize import figure_images
 
 __all__ = ["effective_lr", "get_args_parser", "main", "parse_args"]
@@ -127,8 +127,7 @@ def main(config: PretrainConfig) -> int:
     state = TrainState(RunFlags.of(config), model, optimizer, make_scaler(config.amp, run.device),
                        data=data_fingerprint(dataset))
     if state.resume() is None and config.load_from:
-        model.load_state_dict(unwrap_state_dict(safe_load(config.load_from)), strict=True)
-        print(f"initialised weights from {config.load_from}")
+        print(f"initialised weights: {load_pretraining_weights(model, config.load_from).summary()}")
     state.train_model = wrap_for_training(model, run, config.compile)
     eff_batch = config.batch_size * config.accum_iter * run.world
     run.note(f"{config.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {config.num_images} "

@@ -3,8 +3,10 @@ model says what it is through its ``contract`` (models.contract)."""
 # importing the model files registers their factories
 from . import greenmim, hiera_mae, mae, mixmim, pvt, simmim, swin, swin_timm, vit  # noqa: F401
 from .contract import ClassifierContract, PretrainContract, PretrainOutput
+from .portable import load_exported, save_exported
 from .registry import (Variant, classifier_for, create_model, describe, describe_class, is_model, list_models,
                        pretrain_only_prefixes, register)
 
 __all__ = ["ClassifierContract", "PretrainContract", "PretrainOutput", "classifier_for", "create_model", "describe", "is_model",
-           "list_models", "pretrain_only_prefixes", "register", "Variant", "describe_class"]
+           "list_models", "load_exported", "pretrain_only_prefixes", "register", "save_exported", "Variant",
+           "describe_class"]

@@ -97,6 +97,12 @@ class PretrainModel:
     norm_pix_loss: bool
     vis_mask_ratio: float
 
+    def checkpoint_filter(self, state_dict: dict) -> dict:
+        """The model's mapping of foreign checkpoint layouts onto its own keys (models.checkpoint_maps):
+        what ``--load_from`` reads to continue another code base's pretraining."""
+        from .checkpoint_maps import to_family
+        return to_family(state_dict, self.family, type(self).__name__)
+
     def no_weight_decay_pretrain(self) -> set[str]:
         """Parameters pretraining does not decay; the reference decays every >1-D tensor (tokens too)."""
         return set()
@@ -142,8 +148,9 @@ class Classifier:
         return len(self.blocks) + 1
 
     def checkpoint_filter(self, state_dict: dict) -> dict:
-        """The model's mapping of foreign checkpoint layouts onto its own keys (default: none)."""
-        return state_dict
+        """The model's mapping of foreign checkpoint layouts onto its own keys (models.checkpoint_maps)."""
+        from .checkpoint_maps import to_family
+        return to_family(state_dict, self.family, type(self).__name__)
 
     def lrd_layer_id(self, param_name: str) -> int:
         return blocks_layer_id(param_name, self.lrd_num_layers())

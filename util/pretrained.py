@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import models
+from models.checkpoint_maps import ForeignCheckpointError, describe_formats, identify
 from models.dense import DenseBackbone, has_pyramid
 from models.pos_embed import resize_pos_embed
 from errors import CheckpointError
@@ -39,11 +40,12 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
     head_reinitialised: bool = False
+    layout: str = ""          # the foreign layout the file was read as (models.checkpoint_maps), if any
 
     def summary(self) -> str:
         def short(keys):
             return ", ".join(keys[:6]) + (f", ... (+{len(keys) - 6})" if len(keys) > 6 else "")
-        parts = [f"loaded {self.loaded} tensors from {self.path}",
+        parts = [f"loaded {self.loaded} tensors from {self.path}" + (f" ({self.layout})" if self.layout else ""),
                  f"missing {len(self.missing)}" + (f" [{short(self.missing)}]" if self.missing else ""),
                  f"unexpected {len(self.unexpected)}" + (f" [{short(self.unexpected)}]" if self.unexpected else "")]
         if self.dropped:
@@ -86,10 +88,10 @@ def load_pretrained(model: nn.Module, path: str | Path, head_init_std: float = 2
 def load_state(model: nn.Module, sd: dict, path: str, head_init_std: float = 2e-5) -> LoadReport:
     """``load_pretrained`` for a state dict already read (``path`` names it in messages); works on
     the meta device too, so a test can check every registered pair without weights."""
-    sd = model.checkpoint_filter(sd)  # the model's mapping of foreign key layouts (models.contract.Classifier)
+    report = LoadReport(path, layout=_layout(sd))
+    sd = _mapped(model, sd, path)
     contract = model.contract
     pretrain_only = models.pretrain_only_prefixes()  # whichever method wrote the file: each names its own
-    report = LoadReport(path)
     own = model.state_dict()
     sd = dict(sd)
     for k in list(sd):
@@ -124,7 +126,7 @@ def load_state(model: nn.Module, sd: dict, path: str, head_init_std: float = 2e-
             what.append("mis-shaped " + ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
                                                   for k in mismatched[:5]))
         raise CheckpointError(f"{path} does not fit {type(model).__name__} ({'; '.join(what)}); the file "
-                              f"looks like {guess_architecture(sd)}")
+                              f"looks like {guess_architecture(sd)}{_foreign_note(report.layout)}")
     result = model.load_state_dict(sd, strict=False)
     report.missing = list(result.missing_keys)
     report.unexpected = list(result.unexpected_keys)
@@ -136,6 +138,45 @@ def load_state(model: nn.Module, sd: dict, path: str, head_init_std: float = 2e-
         nn.init.zeros_(head.bias)
         report.head_reinitialised = True
     return report
+
+
+def load_pretraining_weights(model: nn.Module, path: str | Path) -> LoadReport:
+    """``--load_from``: every tensor of a pretraining model from ``path`` (ours, an export, or another
+    code base's pretraining checkpoint, models.checkpoint_maps), strictly; CheckpointError otherwise."""
+    from engine.safe_archive import expect_model
+    expect_model(model)
+    sd = unwrap_state_dict(_read_weights(path))
+    report = LoadReport(str(path), layout=_layout(sd))
+    sd = _mapped(model, sd, str(path))
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        what = [f"{n} {len(ks)} {ks[:4]}" for n, ks in (("missing", missing), ("unexpected", unexpected),
+                                                      ("mis-shaped", mismatched)) if ks]
+        raise CheckpointError(f"{path} does not fit {type(model).__name__} ({'; '.join(what)})"
+                              f"{_foreign_note(report.layout)}")
+    model.load_state_dict(sd, strict=True)
+    report.loaded = len(sd)
+    return report
+
+
+def _layout(sd: dict) -> str:
+    fmt = identify(sd)
+    return f"{fmt.title} layout" if fmt else ""
+
+
+def _mapped(model: nn.Module, sd: dict, path: str) -> dict:
+    """The model's mapping of foreign key layouts onto its own keys (models.contract)."""
+    try:
+        return dict(model.checkpoint_filter(sd))
+    except ForeignCheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _foreign_note(layout: str) -> str:
+    return "" if layout else f". Foreign layouts read: {describe_formats()}"
 
 
 def _read_weights(path: str | Path):
