@@ -1,0 +1,475 @@
+"""Does pretraining pay off in detection and segmentation? A small replica of the paper's dense transfer.
+
+Real silhouettes composed into scenes (tools/make_dense_scenes.py: animal-mnist animals pasted on
+textured backgrounds, 64-128 px, exact boxes, masks and label maps), real programs run as
+subprocesses, as in the classification experiment (tools/experiment.py, FINETUNE.md):
+
+  1. pretrain each encoder once on the 6,400 unlabelled 32-px silhouettes of the train scenes' pool
+     (main_pretrain.py; the classification experiment's recipe): UM-MAE and SimMIM, Swin and PVT;
+  2. optionally an intermediate classification finetuning on the same silhouettes with labels
+     (main_finetune.py), the paper's ImageNet-finetuned starting point (arm ``ummae_ift``);
+  3. for every backbone and starting point (``scratch``: random initialisation) and seed, GFL
+     detection (main_detection.py) and UperNet segmentation (main_segmentation.py) trained on the
+     train scenes for the same number of optimizer steps; box AP and mIoU on the test scenes at the
+     END of training (never the best evaluation), mean +- std over seeds; results.json and a figure.
+
+Every program records its wall time and process CPU time (user + system, from wait4: the fair cost
+on a shared machine). Finished runs are reused, so an interrupted table continues where it stopped.
+
+    python tools/dense_experiment.py --out work_dirs/dense                       # the table (DETECTION.md)
+    python tools/dense_experiment.py --out work_dirs/dense --phase dev --seeds 0 \
+        --backbones pvt --inits scratch ummae --tag lr3e-3 --det_lr 3e-3           # a recipe check on dev
+    python tools/dense_experiment.py --out /tmp/dense_smoke --smoke              # pipeline check, ~1 min
+
+``--phase dev`` trains on the same train scenes and evaluates on the dev scenes (silhouettes never
+pretrained on, never in a train or test scene); every recipe choice was made that way, never on
+the test scenes. Each dev invocation appends a record to dev_results.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools.experiment import ARMS as PRETRAIN_ARMS, hardware, mean_std, run_timed  # noqa: E402
+from tools.make_dense_scenes import SceneSpec, write_scenes  # noqa: E402
+
+BACKBONES = {"swin": "swin_pico_p1_32", "pvt": "pvt_pico_p1_32"}
+# starting point -> the pretraining arm of tools/experiment.py (its model and masking flags)
+INITS = {"scratch": None, "ummae": "ummae", "simmim": "simmim", "ummae_ift": "ummae"}
+TASKS = ("det", "seg")
+NUM_CLASSES = 10
+
+
+@dataclass
+class Recipe:
+    """One dense task's finetuning recipe (the same for every backbone and starting point, except the
+    learning rate and layer decay, which scratch runs take from their own fields)."""
+    steps: int
+    lr: float
+    scratch_lr: float
+    layer_decay: float = 1.0
+    batch: int = 8
+    warmup_frac: float = 0.1
+    input_size: int = 64          # the scenes' long side is resized to this (x the training ratio)
+    ratio_range: tuple[float, float] = (0.75, 1.25)
+    width: int = 64               # detection: adapters and FPN; segmentation: adapters and UperNet
+    aux_width: int = 32           # segmentation: the FCN head
+    drop_path: float = 0.1
+
+
+@dataclass
+class Config:
+    out: Path
+    scenes: SceneSpec = field(default_factory=SceneSpec)
+    pretrain_epochs: int = 10
+    pretrain_batch: int = 128
+    pretrain_blr: float = 6e-3
+    det: Recipe = field(default_factory=lambda: Recipe(steps=500, lr=2e-3, scratch_lr=2e-3))
+    seg: Recipe = field(default_factory=lambda: Recipe(steps=500, lr=2e-3, scratch_lr=2e-3))
+    ift_steps: int = 600          # intermediate classification finetuning (classification experiment's recipe)
+    ift_blr: float = 1.6e-2
+    ift_layer_decay: float = 0.85
+    seeds: tuple[int, ...] = (0, 1, 2)
+    backbones: tuple[str, ...] = ("swin", "pvt")
+    inits: tuple[str, ...] = ("scratch", "ummae", "simmim")
+    ift_backbones: tuple[str, ...] = ()   # backbones that also get the ummae_ift arm
+    jobs: int = 2
+    threads: int = 1
+    tag: str = ""
+
+
+def smoke_config(out: Path) -> Config:
+    tiny = dict(steps=2, batch=4, input_size=32, width=32, aux_width=16)
+    return Config(out=out, scenes=SceneSpec(n_train=8, n_dev=4, n_test=4, min_size=48, max_size=64, min_object=16,
+                                            max_object=32, max_objects=2, per_class=2),
+                  pretrain_epochs=1, pretrain_batch=8, ift_steps=2, seeds=(0,),
+                  det=Recipe(lr=1e-3, scratch_lr=1e-3, **tiny), seg=Recipe(lr=1e-3, scratch_lr=1e-3, **tiny))
+
+
+# ---------------------------------------------------------------------------------------- jobs
+
+@dataclass
+class Job:
+    key: tuple
+    run: Callable[[], dict]
+    deps: tuple = ()
+    cost: float = 1.0             # rough CPU cost, to start long jobs first
+
+
+def _common(out: Path) -> list[str]:
+    return ["--device", "cpu", "--num_workers", "0", "--log_dir=", "--print_freq", "50", "--output_dir", str(out)]
+
+
+def _reuse_or_run(out: Path, cmd: list[str], threads: int, done: Callable[[], bool]) -> dict:
+    if (out / "time.json").is_file() and done():
+        return json.loads((out / "time.json").read_text())
+    return run_timed(cmd, out, threads)
+
+
+def pretrain_arm(backbone: str, init: str):
+    name = f"{INITS[init]}_{backbone}"
+    return next(a for a in PRETRAIN_ARMS if a.name == name)
+
+
+def pretrain_job(cfg: Config, backbone: str, method: str) -> Job:
+    arm = pretrain_arm(backbone, method)
+    out = cfg.out / "pretrain" / arm.name
+    cmd = [sys.executable, "main_pretrain.py", "--model", arm.pretrain_model, *arm.pretrain_flags,
+           "--data_path", str(cfg.out / "data" / "pretrain"), "--batch_size", str(cfg.pretrain_batch),
+           "--epochs", str(cfg.pretrain_epochs), "--warmup_epochs", "1", "--blr", str(cfg.pretrain_blr),
+           "--weight_decay", "0.05", "--vis_freq", "0", "--save_freq", "0", "--seed", "0", *_common(out)]
+    return Job(("pretrain", arm.name),
+               lambda: _reuse_or_run(out, cmd, cfg.threads, (out / "checkpoint-last.pth").is_file),
+               cost=3.0 if method == "simmim" else 1.0)
+
+
+def ift_job(cfg: Config, backbone: str) -> Job:
+    """UM-MAE encoder -> classification finetuning on the labelled pool-A silhouettes (val: pool B)."""
+    arm = pretrain_arm(backbone, "ummae")
+    out = cfg.out / "ift" / arm.name
+    n_train = sum(1 for _ in (cfg.out / "data" / "classify" / "train").rglob("*.png"))
+    batch = min(32, n_train)
+    epochs = max(1, math.ceil(cfg.ift_steps / max(1, n_train // batch)))
+    cmd = [sys.executable, "main_finetune.py", "--model", arm.classifier, "--nb_classes", str(NUM_CLASSES),
+           "--data_path", str(cfg.out / "data" / "classify"),
+           "--finetune", str(cfg.out / "pretrain" / arm.name / "checkpoint-last.pth"),
+           "--batch_size", str(batch), "--epochs", str(epochs), "--warmup_epochs", str(max(1, round(0.1 * epochs))),
+           "--blr", str(cfg.ift_blr), "--layer_decay", str(cfg.ift_layer_decay), "--weight_decay", "0.05",
+           "--drop_path", "0.1", "--aa", "none", "--reprob", "0", "--smoothing", "0.1", "--min_crop_scale", "0.35",
+           "--eval_freq", str(epochs), "--save_freq", "0", "--seed", "0", "--no_auto_resume", *_common(out)]
+    return Job(("ift", arm.name), lambda: _reuse_or_run(out, cmd, cfg.threads, (out / "checkpoint-last.pth").is_file),
+               deps=(("pretrain", arm.name),), cost=1.0)
+
+
+def start_weights(cfg: Config, backbone: str, init: str) -> tuple[list[str], tuple]:
+    """(--finetune flags, the jobs they need) of a starting point."""
+    if init == "scratch":
+        return [], ()
+    arm = pretrain_arm(backbone, init)
+    stage = "ift" if init == "ummae_ift" else "pretrain"
+    return ["--finetune", str(cfg.out / stage / arm.name / "checkpoint-last.pth")], ((stage, arm.name),)
+
+
+def dense_dir(cfg: Config, phase: str, task: str, backbone: str, init: str, seed: int) -> Path:
+    tag = f"_{cfg.tag}" if cfg.tag else ""
+    return cfg.out / phase / task / f"{init}_{backbone}{tag}_seed{seed}"
+
+
+def last_record(out: Path, key: str) -> dict:
+    """The last log.txt line that holds ``key``: the end-of-training evaluation."""
+    rows = [json.loads(l) for l in (out / "log.txt").read_text().splitlines() if l.strip()]
+    hits = [r for r in rows if key in r]
+    if not hits:
+        raise RuntimeError(f"{out / 'log.txt'} has no {key}")
+    return hits[-1]
+
+
+def det_job(cfg: Config, phase: str, backbone: str, init: str, seed: int) -> Job:
+    r, out = cfg.det, dense_dir(cfg, phase, "det", backbone, init, seed)
+    n_train = cfg.scenes.n_train                   # every scene has at least one animal
+    steps_per_epoch = max(1, n_train // r.batch)
+    epochs = max(1, math.ceil(r.steps / steps_per_epoch))
+    weights, deps = start_weights(cfg, backbone, init)
+    pretrained = init != "scratch"
+    cmd = [sys.executable, "main_detection.py", "--detector", "gfl", "--model", BACKBONES[backbone], *weights,
+           "--data_path", str(cfg.out / "data" / f"coco_{phase}"), "--batch_size", str(r.batch),
+           "--epochs", str(epochs), "--input_size", str(r.input_size), "--ratio_range", *map(str, r.ratio_range),
+           "--test_size", str(r.input_size), str(r.input_size),
+           "--lr", str(r.lr if pretrained else r.scratch_lr),
+           "--layer_decay", str(r.layer_decay if pretrained else 1.0),
+           "--warmup_iters", str(max(1, round(r.warmup_frac * epochs * steps_per_epoch))),
+           "--adapter_dim", str(r.width), "--fpn_dim", str(r.width), "--drop_path", str(r.drop_path),
+           "--eval_freq", str(epochs), "--save_freq", str(epochs), "--seed", str(seed), "--no_auto_resume",
+           *_common(out)]
+
+    def run() -> dict:
+        t = _reuse_or_run(out, cmd, cfg.threads, lambda: _has(out, "test_bbox_AP"))
+        rec = last_record(out, "test_bbox_AP")
+        return {"AP": 100 * rec["test_bbox_AP"], "AP50": 100 * rec["test_bbox_AP50"],
+                "AP75": 100 * rec["test_bbox_AP75"], "steps": epochs * steps_per_epoch, "time": t}
+    return Job(("det", phase, backbone, init, seed), run, deps, cost=2.0 if backbone == "swin" else 1.0)
+
+
+def seg_job(cfg: Config, phase: str, backbone: str, init: str, seed: int) -> Job:
+    r, out = cfg.seg, dense_dir(cfg, phase, "seg", backbone, init, seed)
+    weights, deps = start_weights(cfg, backbone, init)
+    pretrained = init != "scratch"
+    cmd = [sys.executable, "main_segmentation.py", "--model", BACKBONES[backbone], *weights,
+           "--data_path", str(cfg.out / "data" / f"ade_{phase}"), "--batch_size", str(r.batch),
+           "--iters", str(r.steps), "--eval_interval", str(r.steps), "--input_size", str(r.input_size),
+           "--img_scale", str(r.input_size), str(r.input_size), "--ratio_range", *map(str, r.ratio_range),
+           "--no_reduce_zero_label", "--nb_classes", str(NUM_CLASSES + 1), "--test_mode", "whole",
+           "--test_stride", str(r.input_size), "--lr", str(r.lr if pretrained else r.scratch_lr),
+           "--layer_decay", str(r.layer_decay if pretrained else 1.0),
+           "--warmup_iters", str(max(1, round(r.warmup_frac * r.steps))), "--channels", str(r.width),
+           "--aux_channels", str(r.aux_width), "--drop_path", str(r.drop_path), "--seed", str(seed),
+           "--no_auto_resume", *_common(out)]
+
+    def run() -> dict:
+        t = _reuse_or_run(out, cmd, cfg.threads, lambda: _has(out, "whole_mIoU"))
+        rec = last_record(out, "whole_mIoU")
+        return {"mIoU": 100 * rec["whole_mIoU"], "aAcc": 100 * rec["whole_aAcc"], "steps": r.steps, "time": t}
+    return Job(("seg", phase, backbone, init, seed), run, deps, cost=2.0 if backbone == "swin" else 1.0)
+
+
+def _has(out: Path, key: str) -> bool:
+    try:
+        last_record(out, key)
+        return True
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def run_jobs(jobs: list[Job], workers: int) -> dict:
+    """Run ``jobs`` on ``workers`` threads (each job one program), a job once all its deps are done,
+    the costliest ready job first. A failed job fails its dependants; the rest go on; errors are
+    raised at the end."""
+    results: dict = {}
+    failed: dict = {}
+    pending = {j.key: j for j in jobs}
+    running: dict = {}
+    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+        while pending or running:
+            for key, job in list(pending.items()):
+                if any(d in failed for d in job.deps):
+                    failed[key] = f"needs {[d for d in job.deps if d in failed]}"
+                    del pending[key]
+            ready = sorted((j for j in pending.values() if all(d in results for d in j.deps)),
+                           key=lambda j: -j.cost)
+            for job in ready[:max(0, workers - len(running))]:
+                running[pool.submit(job.run)] = job.key
+                del pending[job.key]
+            if not running:
+                if pending:  # a dependency that is not among the jobs
+                    raise RuntimeError(f"jobs wait on missing dependencies: {sorted(pending)}")
+                break
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                key = running.pop(fut)
+                try:
+                    results[key] = fut.result()
+                    shown = {k: v for k, v in results[key].items() if k not in ("time", "command")}
+                    print(f"[{time.strftime('%H:%M:%S')}] done {key}: {shown} "
+                          f"({results[key].get('time', results[key]).get('wall_s')} s)", flush=True)
+                except Exception as e:  # keep the other runs going; report at the end
+                    failed[key] = str(e)
+                    print(f"[{time.strftime('%H:%M:%S')}] FAILED {key}: {e}", flush=True)
+    if failed:
+        raise RuntimeError("some runs failed:\n" + "\n".join(f"{k}: {v}" for k, v in failed.items()))
+    return results
+
+
+def plan(cfg: Config, phase: str) -> list[Job]:
+    jobs: dict = {}
+    for b in cfg.backbones:
+        inits = list(cfg.inits) + (["ummae_ift"] if b in cfg.ift_backbones and "ummae_ift" not in cfg.inits else [])
+        for init in inits:
+            if init != "scratch":
+                j = pretrain_job(cfg, b, INITS[init])
+                jobs[j.key] = j
+            if init == "ummae_ift":
+                j = ift_job(cfg, b)
+                jobs[j.key] = j
+            for s in cfg.seeds:
+                for j in (det_job(cfg, phase, b, init, s), seg_job(cfg, phase, b, init, s)):
+                    jobs[j.key] = j
+    return list(jobs.values())
+
+
+# ---------------------------------------------------------------------------------------- the table
+
+def prepare_data(cfg: Config) -> Path:
+    return write_scenes(cfg.out / "data", cfg.scenes)
+
+
+def arm_rows(cfg: Config, done: dict, phase: str) -> dict:
+    rows: dict = {}
+    for (kind, *rest), res in done.items():
+        if kind not in TASKS:
+            continue
+        _, b, init, seed = rest
+        row = rows.setdefault(f"{init}_{b}", {"backbone": b, "init": init, "det": {}, "seg": {}})
+        row[kind][seed] = res
+    for name, row in rows.items():
+        for task, metric in (("det", "AP"), ("seg", "mIoU")):
+            runs = [row[task][s] for s in sorted(row[task])]
+            row[task] = {**mean_std([round(r[metric], 2) for r in runs]),
+                         "steps": runs[0]["steps"] if runs else None,
+                         "seeds": sorted(row[task]) if isinstance(row[task], dict) else [],
+                         "wall_s": [r["time"]["wall_s"] for r in runs], "cpu_s": [r["time"]["cpu_s"] for r in runs]}
+            if task == "det":
+                row[task]["AP50"] = mean_std([round(r["AP50"], 2) for r in runs])["mean"]
+                row[task]["AP75"] = mean_std([round(r["AP75"], 2) for r in runs])["mean"]
+        if row["init"] != "scratch":
+            arm = pretrain_arm(row["backbone"], row["init"])
+            t = done[("pretrain", arm.name)]
+            row["pretrain"] = {"model": arm.pretrain_model, "wall_s": t["wall_s"], "cpu_s": t["cpu_s"]}
+            if row["init"] == "ummae_ift":
+                ti = done[("ift", arm.name)]
+                row["ift"] = {"wall_s": ti["wall_s"], "cpu_s": ti["cpu_s"],
+                              "val_top1": last_record(cfg.out / "ift" / arm.name, "test_acc1")["test_acc1"]}
+    return rows
+
+
+def setup_of(cfg: Config) -> dict:
+    d = asdict(cfg)
+    d["out"] = str(cfg.out)
+    return json.loads(json.dumps(d))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_table(cfg: Config, phase: str = "test") -> dict:
+    """``phase`` "test": the table (evaluated on the test scenes); "dev": a recipe check (dev scenes)."""
+    t0 = time.time()
+    prepare_data(cfg)
+    done = run_jobs(plan(cfg, phase), cfg.jobs)
+    rows = arm_rows(cfg, done, phase)
+    wall = round(time.time() - t0, 1)
+    cpu = round(sum(r.get("cpu_s", 0) for r in done.values() if "cpu_s" in r)
+                + sum(r["time"]["cpu_s"] for r in done.values() if "time" in r), 1)
+    result = {"phase": phase, "arms": rows, "gains": gains(rows), "setup": setup_of(cfg), "total_wall_s": wall,
+              "total_program_cpu_s": cpu, "hardware": hardware(), "commit": git_commit(),
+              "command": " ".join([Path(sys.executable).name] + sys.argv),
+              "scenes": json.loads((cfg.out / "data" / "scenes.json").read_text())["stats"]}
+    if phase == "dev":
+        with open(cfg.out / "dev_results.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+    else:
+        (cfg.out / "results.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def gains(rows: dict) -> dict:
+    """Per backbone: each pretrained arm minus scratch (points), and UM-MAE vs SimMIM (points and the
+    ratio of pretraining wall / CPU time) - the quantities the targets are stated in."""
+    out: dict = {}
+    for b in BACKBONES:
+        base = rows.get(f"scratch_{b}")
+        g: dict = {}
+        for init in ("ummae", "simmim", "ummae_ift"):
+            r = rows.get(f"{init}_{b}")
+            if r and base:
+                g[f"{init}_vs_scratch"] = {t: round(r[t]["mean"] - base[t]["mean"], 2) for t in TASKS}
+        um, sm = rows.get(f"ummae_{b}"), rows.get(f"simmim_{b}")
+        if um and sm:
+            g["ummae_vs_simmim"] = {t: round(um[t]["mean"] - sm[t]["mean"], 2) for t in TASKS}
+            g["pretrain_time_ratio"] = {k: round(um["pretrain"][k] / sm["pretrain"][k], 3) for k in ("wall_s", "cpu_s")}
+        if g:
+            out[b] = g
+    return out
+
+
+def plot(result: dict, out: Path) -> Path:
+    """Box AP and mIoU (mean +- std over seeds) against pretraining CPU time; scratch at 0."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    markers = {"scratch": "o", "ummae": "s", "simmim": "D", "ummae_ift": "^"}
+    for ax, (task, label) in zip(axes, (("det", "GFL box AP, test scenes"), ("seg", "UperNet mIoU, test scenes"))):
+        for i, b in enumerate(BACKBONES):
+            pts = []
+            for init, mk in markers.items():
+                r = result["arms"].get(f"{init}_{b}")
+                if not r:
+                    continue
+                x = r["pretrain"]["cpu_s"] + r.get("ift", {}).get("cpu_s", 0) if "pretrain" in r else 0.0
+                ax.errorbar(x, r[task]["mean"], yerr=r[task]["std"], fmt=mk, color=f"C{i}", capsize=3,
+                            label=f"{init} {b}")
+                if init in ("scratch", "ummae", "simmim"):
+                    pts.append((x, r[task]["mean"]))
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=f"C{i}", lw=0.8, alpha=0.5)
+        ax.set_xlabel("pretraining CPU time (s; 0 = scratch)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path = out / "dense_vs_pretrain_time.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def print_table(result: dict) -> None:
+    print(f"{'arm':<18} {'pretrain wall/cpu s':>20} {'box AP':>15} {'mIoU':>15} {'dense cpu s':>12}")
+    for name, r in result["arms"].items():
+        pre = f"{r['pretrain']['wall_s']:.0f}/{r['pretrain']['cpu_s']:.0f}" if "pretrain" in r else "-"
+        cpu = sum(r["det"]["cpu_s"]) + sum(r["seg"]["cpu_s"])
+        print(f"{name:<18} {pre:>20} {r['det']['mean']:>7.2f} +- {r['det']['std']:<4.2f} "
+              f"{r['seg']['mean']:>7.2f} +- {r['seg']['std']:<4.2f} {cpu:>12.0f}")
+    for b, g in result["gains"].items():
+        print(f"{b}: {json.dumps(g)}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="work_dirs/dense")
+    p.add_argument("--smoke", action="store_true", help="a miniature of every step (pipeline check, not accuracy)")
+    p.add_argument("--phase", choices=["test", "dev"], default="test",
+                   help="test: the table on the test scenes; dev: a recipe check on the dev scenes")
+    p.add_argument("--backbones", nargs="+", choices=list(BACKBONES), default=None)
+    p.add_argument("--inits", nargs="+", choices=list(INITS), default=None)
+    p.add_argument("--ift_backbones", nargs="*", choices=list(BACKBONES), default=None,
+                   help="backbones that also get the ummae_ift arm (UM-MAE -> classification finetune -> dense)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--jobs", type=int, default=None, help="programs run side by side (default 2)")
+    p.add_argument("--tag", default=None, help="names a recipe variant's run folders (dev phase)")
+    p.add_argument("--plot_only", action="store_true", help="redraw the figure and the table from results.json")
+    for t in TASKS:
+        for k, typ in (("steps", int), ("lr", float), ("scratch_lr", float), ("layer_decay", float),
+                       ("input_size", int), ("batch", int), ("width", int)):
+            p.add_argument(f"--{t}_{k}", type=typ, default=None, help=f"{t} recipe: {k} (default: Config)")
+        p.add_argument(f"--{t}_ratio_range", type=float, nargs=2, default=None)
+    p.add_argument("--pretrain_epochs", type=int, default=None)
+    a = p.parse_args(argv)
+    out = Path(a.out).resolve()
+    if a.plot_only:
+        result = json.loads((out / "results.json").read_text())
+        plot(result, out)
+        print_table(result)
+        return 0
+    cfg = smoke_config(out) if a.smoke else Config(out=out)
+    for k in ("backbones", "inits", "ift_backbones", "seeds"):
+        if getattr(a, k) is not None:
+            setattr(cfg, k, tuple(getattr(a, k)))
+    for k in ("jobs", "tag", "pretrain_epochs"):
+        if getattr(a, k) is not None:
+            setattr(cfg, k, getattr(a, k))
+    for t in TASKS:
+        changes = {k: getattr(a, f"{t}_{k}") for k in ("steps", "lr", "scratch_lr", "layer_decay", "input_size",
+                                                      "batch", "width", "ratio_range")
+                   if getattr(a, f"{t}_{k}") is not None}
+        if "ratio_range" in changes:
+            changes["ratio_range"] = tuple(changes["ratio_range"])
+        setattr(cfg, t, replace(getattr(cfg, t), **changes))
+    result = run_table(cfg, a.phase)
+    if a.phase == "test":
+        plot(result, out)
+    print_table(result)
+    print(f"total wall time {result['total_wall_s']:.0f} s; "
+          f"{'results in ' + str(out / 'results.json') if a.phase == 'test' else 'appended to dev_results.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
