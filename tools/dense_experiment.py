@@ -4,17 +4,17 @@ Real silhouettes composed into scenes (tools/make_dense_scenes.py: animal-mnist 
 textured backgrounds, 64-128 px, exact boxes, masks and label maps), real programs run as
 subprocesses, as in the classification experiment (tools/experiment.py, FINETUNE.md):
 
-  1. pretrain each encoder once on the 6,400 unlabelled 32-px silhouettes of the train scenes' pool
-     (main_pretrain.py; the classification experiment's recipe): UM-MAE and SimMIM, Swin and PVT;
-  2. optionally an intermediate classification finetuning on the same silhouettes with labels
-     (main_finetune.py), the paper's ImageNet-finetuned starting point (arm ``ummae_ift``);
-  3. for every backbone and starting point (``scratch``: random initialisation) and seed, GFL
+  1. pretrain each encoder once on the 2,000 unlabelled train scenes (main_pretrain.py, 128 px):
+     UM-MAE and SimMIM, Swin and PVT (the pico models with 4-px patches);
+  2. for every backbone, starting point (``scratch``: random initialisation) and seed, GFL
      detection (main_detection.py) and UperNet segmentation (main_segmentation.py) trained on the
      train scenes for the same number of optimizer steps; box AP and mIoU on the test scenes at the
-     END of training (never the best evaluation), mean +- std over seeds; results.json and a figure.
+     END of training (the run record's last evaluation, never the best one), mean +- std over seeds;
+     results.json and a figure.
 
 Every program records its wall time and process CPU time (user + system, from wait4: the fair cost
-on a shared machine). Finished runs are reused, so an interrupted table continues where it stopped.
+on a shared machine). A finished run (same command, run record ``completed``) is reused, so an
+interrupted table continues where it stopped; an unfinished one is started again in a clean folder.
 
     python tools/dense_experiment.py --out work_dirs/dense                       # the table (DETECTION.md)
     python tools/dense_experiment.py --out work_dirs/dense --phase dev --seeds 0 \
@@ -31,6 +31,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -42,12 +43,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.experiment import ARMS as PRETRAIN_ARMS, hardware, mean_std, run_timed  # noqa: E402
+from tools.experiment import hardware, mean_std, run_timed  # noqa: E402
 from tools.make_dense_scenes import SceneSpec, write_scenes  # noqa: E402
 
-BACKBONES = {"swin": "swin_pico_p1_32", "pvt": "pvt_pico_p1_32"}
-# starting point -> the pretraining arm of tools/experiment.py (its model and masking flags)
-INITS = {"scratch": None, "ummae": "ummae", "simmim": "simmim", "ummae_ift": "ummae"}
+BACKBONES = {"swin": "swin_pico_128", "pvt": "pvt_pico_128"}
+# pretraining method -> (model of a backbone, main_pretrain.py flags); the flags are the
+# classification experiment's (tools/experiment.py)
+PRETRAIN = {
+    "ummae": ({"swin": "mae_swin_pico_128", "pvt": "mae_pvt_pico_128"},
+              ("--mask_regular", "--vis_mask_ratio", "0.25", "--norm_pix_loss")),
+    "simmim": ({"swin": "simmim_swin_pico_128", "pvt": "simmim_pvt_pico_128"}, ("--mask_ratio", "0.75")),
+}
+INITS = ("scratch", *PRETRAIN)
 TASKS = ("det", "seg")
 NUM_CLASSES = 10
 
@@ -62,7 +69,7 @@ class Recipe:
     layer_decay: float = 1.0
     batch: int = 8
     warmup_frac: float = 0.1
-    input_size: int = 64          # the scenes' long side is resized to this (x the training ratio)
+    input_size: int = 128         # the scenes' long side is resized to this (x the training ratio)
     ratio_range: tuple[float, float] = (0.75, 1.25)
     width: int = 64               # detection: adapters and FPN; segmentation: adapters and UperNet
     aux_width: int = 32           # segmentation: the FCN head
@@ -73,28 +80,25 @@ class Recipe:
 class Config:
     out: Path
     scenes: SceneSpec = field(default_factory=SceneSpec)
-    pretrain_epochs: int = 10
+    pretrain_epochs: int = 20
     pretrain_batch: int = 128
     pretrain_blr: float = 6e-3
+    pretrain_warmup: int = 2
     det: Recipe = field(default_factory=lambda: Recipe(steps=500, lr=2e-3, scratch_lr=2e-3))
     seg: Recipe = field(default_factory=lambda: Recipe(steps=500, lr=2e-3, scratch_lr=2e-3))
-    ift_steps: int = 600          # intermediate classification finetuning (classification experiment's recipe)
-    ift_blr: float = 1.6e-2
-    ift_layer_decay: float = 0.85
     seeds: tuple[int, ...] = (0, 1, 2)
     backbones: tuple[str, ...] = ("swin", "pvt")
-    inits: tuple[str, ...] = ("scratch", "ummae", "simmim")
-    ift_backbones: tuple[str, ...] = ()   # backbones that also get the ummae_ift arm
+    inits: tuple[str, ...] = INITS
     jobs: int = 2
     threads: int = 1
     tag: str = ""
 
 
 def smoke_config(out: Path) -> Config:
-    tiny = dict(steps=2, batch=4, input_size=32, width=32, aux_width=16)
+    tiny = dict(steps=2, batch=4, input_size=64, width=32, aux_width=16)
     return Config(out=out, scenes=SceneSpec(n_train=8, n_dev=4, n_test=4, min_size=48, max_size=64, min_object=16,
                                             max_object=32, max_objects=2, per_class=2),
-                  pretrain_epochs=1, pretrain_batch=8, ift_steps=2, seeds=(0,),
+                  pretrain_epochs=1, pretrain_batch=8, pretrain_warmup=0, seeds=(0,),
                   det=Recipe(lr=1e-3, scratch_lr=1e-3, **tiny), seg=Recipe(lr=1e-3, scratch_lr=1e-3, **tiny))
 
 
@@ -106,74 +110,79 @@ class Job:
     run: Callable[[], dict]
     deps: tuple = ()
     cost: float = 1.0             # rough CPU cost, to start long jobs first
+    command: tuple = ()           # the program run (for the record and the tests)
+    out: Path | None = None       # its output folder
 
 
 def _common(out: Path) -> list[str]:
     return ["--device", "cpu", "--num_workers", "0", "--log_dir=", "--print_freq", "50", "--output_dir", str(out)]
 
 
-def _reuse_or_run(out: Path, cmd: list[str], threads: int, done: Callable[[], bool]) -> dict:
-    if (out / "time.json").is_file() and done():
-        return json.loads((out / "time.json").read_text())
-    return run_timed(cmd, out, threads)
+def finished_record(out: Path) -> dict:
+    """The ``finished`` entry of the newest run record (run-NNN.json) in ``out``; a run that did not
+    complete (stopped by a signal, crashed, still running) is an error naming the record."""
+    records = sorted(out.glob("run-[0-9]*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    if not records:
+        raise RuntimeError(f"{out}: no run record (run-NNN.json): the program did not start")
+    fin = json.loads(records[-1].read_text()).get("finished")
+    status = fin.get("status") if fin else "not finished"
+    if status != "completed":
+        raise RuntimeError(f"{records[-1]}: the run ended with status {status!r}, not 'completed'")
+    return fin
 
 
-def pretrain_arm(backbone: str, init: str):
-    name = f"{INITS[init]}_{backbone}"
-    return next(a for a in PRETRAIN_ARMS if a.name == name)
+def _completed(out: Path, cmd: list[str]) -> dict | None:
+    """The time.json of a finished run of exactly ``cmd`` in ``out``, else None."""
+    try:
+        t = json.loads((out / "time.json").read_text())
+        finished_record(out)
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return t if t.get("command") == " ".join(cmd) else None
+
+
+def _reuse_or_run(out: Path, cmd: list[str], threads: int) -> dict:
+    """Reuse a completed run of ``cmd``; otherwise run it in a clean ``out`` (no stale checkpoint,
+    log line or record of an earlier attempt) and check that it completed (a program stopped by a
+    signal exits 0 after its checkpoint)."""
+    t = _completed(out, cmd)
+    if t is not None:
+        return t
+    shutil.rmtree(out, ignore_errors=True)
+    t = run_timed(cmd, out, threads)
+    finished_record(out)
+    return t
+
+
+def pretrain_dir(cfg: Config, backbone: str, method: str) -> Path:
+    return cfg.out / "pretrain" / f"{method}_{backbone}"
 
 
 def pretrain_job(cfg: Config, backbone: str, method: str) -> Job:
-    arm = pretrain_arm(backbone, method)
-    out = cfg.out / "pretrain" / arm.name
-    cmd = [sys.executable, "main_pretrain.py", "--model", arm.pretrain_model, *arm.pretrain_flags,
-           "--data_path", str(cfg.out / "data" / "pretrain"), "--batch_size", str(cfg.pretrain_batch),
-           "--epochs", str(cfg.pretrain_epochs), "--warmup_epochs", "1", "--blr", str(cfg.pretrain_blr),
-           "--weight_decay", "0.05", "--vis_freq", "0", "--save_freq", "0", "--seed", "0", *_common(out)]
-    return Job(("pretrain", arm.name),
-               lambda: _reuse_or_run(out, cmd, cfg.threads, (out / "checkpoint-last.pth").is_file),
-               cost=3.0 if method == "simmim" else 1.0)
-
-
-def ift_job(cfg: Config, backbone: str) -> Job:
-    """UM-MAE encoder -> classification finetuning on the labelled pool-A silhouettes (val: pool B)."""
-    arm = pretrain_arm(backbone, "ummae")
-    out = cfg.out / "ift" / arm.name
-    n_train = sum(1 for _ in (cfg.out / "data" / "classify" / "train").rglob("*.png"))
-    batch = min(32, n_train)
-    epochs = max(1, math.ceil(cfg.ift_steps / max(1, n_train // batch)))
-    cmd = [sys.executable, "main_finetune.py", "--model", arm.classifier, "--nb_classes", str(NUM_CLASSES),
-           "--data_path", str(cfg.out / "data" / "classify"),
-           "--finetune", str(cfg.out / "pretrain" / arm.name / "checkpoint-last.pth"),
-           "--batch_size", str(batch), "--epochs", str(epochs), "--warmup_epochs", str(max(1, round(0.1 * epochs))),
-           "--blr", str(cfg.ift_blr), "--layer_decay", str(cfg.ift_layer_decay), "--weight_decay", "0.05",
-           "--drop_path", "0.1", "--aa", "none", "--reprob", "0", "--smoothing", "0.1", "--min_crop_scale", "0.35",
-           "--eval_freq", str(epochs), "--save_freq", "0", "--seed", "0", "--no_auto_resume", *_common(out)]
-    return Job(("ift", arm.name), lambda: _reuse_or_run(out, cmd, cfg.threads, (out / "checkpoint-last.pth").is_file),
-               deps=(("pretrain", arm.name),), cost=1.0)
+    models, flags = PRETRAIN[method]
+    out = pretrain_dir(cfg, backbone, method)
+    cmd = [sys.executable, "main_pretrain.py", "--model", models[backbone], *flags,
+           "--data_path", str(cfg.out / "data" / "pretrain_scenes"), "--batch_size", str(cfg.pretrain_batch),
+           "--epochs", str(cfg.pretrain_epochs), "--warmup_epochs", str(cfg.pretrain_warmup),
+           "--blr", str(cfg.pretrain_blr), "--weight_decay", "0.05", "--vis_freq", "0", "--save_freq", "0",
+           "--seed", "0", *_common(out)]
+    # SimMIM encodes every token, UM-MAE a quarter: about 2.3x the CPU time (Swin, 128 px)
+    return Job(("pretrain", backbone, method), lambda: _reuse_or_run(out, cmd, cfg.threads),
+               cost=(6.0 if method == "simmim" else 3.0) * (2.0 if backbone == "swin" else 1.0),
+               command=tuple(cmd), out=out)
 
 
 def start_weights(cfg: Config, backbone: str, init: str) -> tuple[list[str], tuple]:
     """(--finetune flags, the jobs they need) of a starting point."""
     if init == "scratch":
         return [], ()
-    arm = pretrain_arm(backbone, init)
-    stage = "ift" if init == "ummae_ift" else "pretrain"
-    return ["--finetune", str(cfg.out / stage / arm.name / "checkpoint-last.pth")], ((stage, arm.name),)
+    return (["--finetune", str(pretrain_dir(cfg, backbone, init) / "checkpoint-last.pth")],
+            (("pretrain", backbone, init),))
 
 
 def dense_dir(cfg: Config, phase: str, task: str, backbone: str, init: str, seed: int) -> Path:
     tag = f"_{cfg.tag}" if cfg.tag else ""
     return cfg.out / phase / task / f"{init}_{backbone}{tag}_seed{seed}"
-
-
-def last_record(out: Path, key: str) -> dict:
-    """The last log.txt line that holds ``key``: the end-of-training evaluation."""
-    rows = [json.loads(l) for l in (out / "log.txt").read_text().splitlines() if l.strip()]
-    hits = [r for r in rows if key in r]
-    if not hits:
-        raise RuntimeError(f"{out / 'log.txt'} has no {key}")
-    return hits[-1]
 
 
 def det_job(cfg: Config, phase: str, backbone: str, init: str, seed: int) -> Job:
@@ -195,11 +204,12 @@ def det_job(cfg: Config, phase: str, backbone: str, init: str, seed: int) -> Job
            *_common(out)]
 
     def run() -> dict:
-        t = _reuse_or_run(out, cmd, cfg.threads, lambda: _has(out, "test_bbox_AP"))
-        rec = last_record(out, "test_bbox_AP")
-        return {"AP": 100 * rec["test_bbox_AP"], "AP50": 100 * rec["test_bbox_AP50"],
-                "AP75": 100 * rec["test_bbox_AP75"], "steps": epochs * steps_per_epoch, "time": t}
-    return Job(("det", phase, backbone, init, seed), run, deps, cost=2.0 if backbone == "swin" else 1.0)
+        t = _reuse_or_run(out, cmd, cfg.threads)
+        box = finished_record(out)["final_val"]["bbox"]   # the evaluation after the last epoch
+        return {"AP": 100 * box["AP"], "AP50": 100 * box["AP50"], "AP75": 100 * box["AP75"],
+                "steps": epochs * steps_per_epoch, "time": t}
+    return Job(("det", phase, backbone, init, seed), run, deps, cost=2.0 if backbone == "swin" else 1.5,
+               command=tuple(cmd), out=out)
 
 
 def seg_job(cfg: Config, phase: str, backbone: str, init: str, seed: int) -> Job:
@@ -218,18 +228,11 @@ def seg_job(cfg: Config, phase: str, backbone: str, init: str, seed: int) -> Job
            "--no_auto_resume", *_common(out)]
 
     def run() -> dict:
-        t = _reuse_or_run(out, cmd, cfg.threads, lambda: _has(out, "whole_mIoU"))
-        rec = last_record(out, "whole_mIoU")
-        return {"mIoU": 100 * rec["whole_mIoU"], "aAcc": 100 * rec["whole_aAcc"], "steps": r.steps, "time": t}
-    return Job(("seg", phase, backbone, init, seed), run, deps, cost=2.0 if backbone == "swin" else 1.0)
-
-
-def _has(out: Path, key: str) -> bool:
-    try:
-        last_record(out, key)
-        return True
-    except (OSError, RuntimeError, ValueError):
-        return False
+        t = _reuse_or_run(out, cmd, cfg.threads)
+        whole = finished_record(out)["final_val"]["whole"]  # the evaluation after the last iteration
+        return {"mIoU": 100 * whole["mIoU"], "aAcc": 100 * whole["aAcc"], "steps": r.steps, "time": t}
+    return Job(("seg", phase, backbone, init, seed), run, deps, cost=2.0 if backbone == "swin" else 1.5,
+               command=tuple(cmd), out=out)
 
 
 def run_jobs(jobs: list[Job], workers: int) -> dict:
@@ -274,13 +277,9 @@ def run_jobs(jobs: list[Job], workers: int) -> dict:
 def plan(cfg: Config, phase: str) -> list[Job]:
     jobs: dict = {}
     for b in cfg.backbones:
-        inits = list(cfg.inits) + (["ummae_ift"] if b in cfg.ift_backbones and "ummae_ift" not in cfg.inits else [])
-        for init in inits:
+        for init in cfg.inits:
             if init != "scratch":
-                j = pretrain_job(cfg, b, INITS[init])
-                jobs[j.key] = j
-            if init == "ummae_ift":
-                j = ift_job(cfg, b)
+                j = pretrain_job(cfg, b, init)
                 jobs[j.key] = j
             for s in cfg.seeds:
                 for j in (det_job(cfg, phase, b, init, s), seg_job(cfg, phase, b, init, s)):
@@ -313,13 +312,9 @@ def arm_rows(cfg: Config, done: dict, phase: str) -> dict:
                 row[task]["AP50"] = mean_std([round(r["AP50"], 2) for r in runs])["mean"]
                 row[task]["AP75"] = mean_std([round(r["AP75"], 2) for r in runs])["mean"]
         if row["init"] != "scratch":
-            arm = pretrain_arm(row["backbone"], row["init"])
-            t = done[("pretrain", arm.name)]
-            row["pretrain"] = {"model": arm.pretrain_model, "wall_s": t["wall_s"], "cpu_s": t["cpu_s"]}
-            if row["init"] == "ummae_ift":
-                ti = done[("ift", arm.name)]
-                row["ift"] = {"wall_s": ti["wall_s"], "cpu_s": ti["cpu_s"],
-                              "val_top1": last_record(cfg.out / "ift" / arm.name, "test_acc1")["test_acc1"]}
+            t = done[("pretrain", row["backbone"], row["init"])]
+            row["pretrain"] = {"model": PRETRAIN[row["init"]][0][row["backbone"]], "wall_s": t["wall_s"],
+                               "cpu_s": t["cpu_s"]}
     return rows
 
 
@@ -365,7 +360,7 @@ def gains(rows: dict) -> dict:
     for b in BACKBONES:
         base = rows.get(f"scratch_{b}")
         g: dict = {}
-        for init in ("ummae", "simmim", "ummae_ift"):
+        for init in PRETRAIN:
             r = rows.get(f"{init}_{b}")
             if r and base:
                 g[f"{init}_vs_scratch"] = {t: round(r[t]["mean"] - base[t]["mean"], 2) for t in TASKS}
@@ -384,7 +379,7 @@ def plot(result: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    markers = {"scratch": "o", "ummae": "s", "simmim": "D", "ummae_ift": "^"}
+    markers = {"scratch": "o", "ummae": "s", "simmim": "D"}
     for ax, (task, label) in zip(axes, (("det", "GFL box AP, test scenes"), ("seg", "UperNet mIoU, test scenes"))):
         for i, b in enumerate(BACKBONES):
             pts = []
@@ -392,11 +387,10 @@ def plot(result: dict, out: Path) -> Path:
                 r = result["arms"].get(f"{init}_{b}")
                 if not r:
                     continue
-                x = r["pretrain"]["cpu_s"] + r.get("ift", {}).get("cpu_s", 0) if "pretrain" in r else 0.0
+                x = r["pretrain"]["cpu_s"] if "pretrain" in r else 0.0
                 ax.errorbar(x, r[task]["mean"], yerr=r[task]["std"], fmt=mk, color=f"C{i}", capsize=3,
                             label=f"{init} {b}")
-                if init in ("scratch", "ummae", "simmim"):
-                    pts.append((x, r[task]["mean"]))
+                pts.append((x, r[task]["mean"]))
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=f"C{i}", lw=0.8, alpha=0.5)
         ax.set_xlabel("pretraining CPU time (s; 0 = scratch)")
@@ -429,11 +423,10 @@ def main(argv=None) -> int:
                    help="test: the table on the test scenes; dev: a recipe check on the dev scenes")
     p.add_argument("--backbones", nargs="+", choices=list(BACKBONES), default=None)
     p.add_argument("--inits", nargs="+", choices=list(INITS), default=None)
-    p.add_argument("--ift_backbones", nargs="*", choices=list(BACKBONES), default=None,
-                   help="backbones that also get the ummae_ift arm (UM-MAE -> classification finetune -> dense)")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--jobs", type=int, default=None, help="programs run side by side (default 2)")
     p.add_argument("--tag", default=None, help="names a recipe variant's run folders (dev phase)")
+    p.add_argument("--pretrain_only", action="store_true", help="only the pretraining runs (they serve every phase)")
     p.add_argument("--plot_only", action="store_true", help="redraw the figure and the table from results.json")
     for t in TASKS:
         for k, typ in (("steps", int), ("lr", float), ("scratch_lr", float), ("layer_decay", float),
@@ -449,7 +442,7 @@ def main(argv=None) -> int:
         print_table(result)
         return 0
     cfg = smoke_config(out) if a.smoke else Config(out=out)
-    for k in ("backbones", "inits", "ift_backbones", "seeds"):
+    for k in ("backbones", "inits", "seeds"):
         if getattr(a, k) is not None:
             setattr(cfg, k, tuple(getattr(a, k)))
     for k in ("jobs", "tag", "pretrain_epochs"):
@@ -462,6 +455,11 @@ def main(argv=None) -> int:
         if "ratio_range" in changes:
             changes["ratio_range"] = tuple(changes["ratio_range"])
         setattr(cfg, t, replace(getattr(cfg, t), **changes))
+    if a.pretrain_only:
+        prepare_data(cfg)
+        done = run_jobs([j for j in plan(cfg, a.phase) if j.key[0] == "pretrain"], cfg.jobs)
+        print(json.dumps({"/".join(k[1:]): v for k, v in done.items()}, indent=1))
+        return 0
     result = run_table(cfg, a.phase)
     if a.phase == "test":
         plot(result, out)

@@ -29,10 +29,12 @@ Written once under ``--out``:
     ade_dev/ , ade_test/                 ADE20K layout (images/, annotations/ {training,validation});
                                          label 0 = background, k+1 = class k (--no_reduce_zero_label,
                                          11 classes)
+    pretrain_scenes/train/scene/*.png    the train scenes, unlabelled: the dense experiment's
+                                         pretraining set (links to scenes/train)
     pretrain/train/<class>/*.png         pool A as 32-px images (the silhouette centred on black, as
-                                         the classification experiment): pretraining, labels unused
-    classify/{train,val}/<class>/*.png   pool A labelled / pool B: the optional intermediate
-                                         classification finetuning (never a test silhouette)
+                                         the classification experiment), labels unused
+    classify/{train,val}/<class>/*.png   pool A labelled / pool B: an intermediate classification
+                                         finetuning (never a test silhouette)
     scenes.json                          the settings, counts and silhouette ids of every part;
                                          a finished write is reused when the settings match
 """
@@ -226,6 +228,15 @@ def _save32(img28: np.ndarray, path: Path) -> None:
     Image.fromarray(canvas).convert("RGB").save(path)
 
 
+def _link_pretrain_scenes(root: Path) -> None:
+    """pretrain_scenes/train/scene/: the train scenes as one unlabelled image folder (what
+    main_pretrain.py reads); idempotent."""
+    for src in sorted((root / "scenes" / "train").glob("*.png")):
+        dst = root / "pretrain_scenes" / "train" / "scene" / src.name
+        if not dst.exists():
+            _link(src, dst)
+
+
 def write_scenes(out: str | os.PathLike, spec: SceneSpec = SceneSpec()) -> Path:
     """Write the whole set once (see the module docstring); an existing set with the same settings is
     reused. Returns ``out``."""
@@ -233,10 +244,11 @@ def write_scenes(out: str | os.PathLike, spec: SceneSpec = SceneSpec()) -> Path:
     marker = root / "scenes.json"
     settings = asdict(spec)
     if marker.is_file() and json.loads(marker.read_text()).get("settings") == settings:
+        _link_pretrain_scenes(root)
         return root
     if marker.exists():
         marker.unlink()  # a set written with other settings: rewrite it
-    for part in ("scenes", "coco_dev", "coco_test", "ade_dev", "ade_test", "pretrain", "classify"):
+    for part in ("scenes", "coco_dev", "coco_test", "ade_dev", "ade_test", "pretrain", "classify", "pretrain_scenes"):
         shutil.rmtree(root / part, ignore_errors=True)
     images, labels = load_animal_mnist()
     pools = silhouette_pools(labels, spec)
@@ -261,6 +273,7 @@ def write_scenes(out: str | os.PathLike, spec: SceneSpec = SceneSpec()) -> Path:
                 stem = f"scene_{split}_{Path(name).stem}"
                 _link(root / "scenes" / split / name, root / f"ade_{held}" / "images" / ade / f"{stem}.png")
                 _link(root / "scenes" / f"{split}_labels" / name, root / f"ade_{held}" / "annotations" / ade / f"{stem}.png")
+    _link_pretrain_scenes(root)
     pretrain_ids = set(pools["train"])
     for held in ("dev", "test"):  # the promise of the set, checked on what was written
         assert not set(used[held]) & pretrain_ids, f"{held} scenes contain pretraining silhouettes"
