@@ -150,7 +150,16 @@ def test_dense_smoke_end_to_end(tmp_path):
         assert "loaded" in log and "pretrain/ummae_pvt/checkpoint-last.pth" in log
         cmd = json.loads((out / "test" / task / "scratch_pvt_seed0" / "time.json").read_text())["command"]
         assert f"{out / 'data' / ('coco_test' if task == 'det' else 'ade_test')} " in cmd and "--finetune" not in cmd
-    assert (out / "dense_vs_pretrain_time.png").stat().st_size > 1000
+    assert (out / "dense_vs_pretrain_time.png").stat().st_size > 1000 and res["partial"] is False
+
+    # --partial starts nothing: the finished seed 0 tabulated again, seed 1 listed as missing
+    proc = subprocess.run(base + ["--inits", "scratch", "ummae", "--seeds", "0", "1", "--partial"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "PARTIAL TABLE: 4 runs missing" in proc.stdout, proc.stdout + proc.stderr
+    part = json.loads((out / "results.json").read_text())
+    assert part["partial"] and ["det", "test", "pvt", "ummae", 1] in part["missing"]
+    assert part["arms"]["ummae_pvt"]["seg"]["runs"] == res["arms"]["ummae_pvt"]["seg"]["runs"]
+    assert not (out / "test" / "det" / "scratch_pvt_seed1").exists()
 
     pre_time = (out / "pretrain" / "ummae_pvt" / "time.json").read_text()
     proc = subprocess.run(base + ["--inits", "ummae", "--phase", "dev", "--tag", "t1", "--det_lr", "5e-4"], cwd=ROOT,

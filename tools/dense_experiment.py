@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import fcntl
 import json
 import math
 import shutil
@@ -110,6 +111,7 @@ class Job:
     run: Callable[[], dict]
     deps: tuple = ()
     cost: float = 1.0             # rough CPU cost, to start long jobs first
+    rank: int = -1                # started in order of rank (the seed: a table fills seed by seed), then cost
     command: tuple = ()           # the program run (for the record and the tests)
     out: Path | None = None       # its output folder
 
@@ -144,14 +146,19 @@ def _completed(out: Path, cmd: list[str]) -> dict | None:
 def _reuse_or_run(out: Path, cmd: list[str], threads: int) -> dict:
     """Reuse a completed run of ``cmd``; otherwise run it in a clean ``out`` (no stale checkpoint,
     log line or record of an earlier attempt) and check that it completed (a program stopped by a
-    signal exits 0 after its checkpoint)."""
-    t = _completed(out, cmd)
-    if t is not None:
+    signal exits 0 after its checkpoint). Two invocations that need the same run (a pretraining
+    shared by a dev check and the table) take turns on a lock beside ``out``, so the second one
+    reuses the first one's run instead of wiping it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)    # released when the file closes or this process dies
+        t = _completed(out, cmd)
+        if t is not None:
+            return t
+        shutil.rmtree(out, ignore_errors=True)
+        t = run_timed(cmd, out, threads)
+        finished_record(out)
         return t
-    shutil.rmtree(out, ignore_errors=True)
-    t = run_timed(cmd, out, threads)
-    finished_record(out)
-    return t
 
 
 def pretrain_dir(cfg: Config, backbone: str, method: str) -> Path:
@@ -209,7 +216,7 @@ def det_job(cfg: Config, phase: str, backbone: str, init: str, seed: int) -> Job
         return {"AP": 100 * box["AP"], "AP50": 100 * box["AP50"], "AP75": 100 * box["AP75"],
                 "steps": epochs * steps_per_epoch, "time": t}
     return Job(("det", phase, backbone, init, seed), run, deps, cost=2.0 if backbone == "swin" else 1.5,
-               command=tuple(cmd), out=out)
+               rank=seed, command=tuple(cmd), out=out)
 
 
 def seg_job(cfg: Config, phase: str, backbone: str, init: str, seed: int) -> Job:
@@ -232,7 +239,7 @@ def seg_job(cfg: Config, phase: str, backbone: str, init: str, seed: int) -> Job
         whole = finished_record(out)["final_val"]["whole"]  # the evaluation after the last iteration
         return {"mIoU": 100 * whole["mIoU"], "aAcc": 100 * whole["aAcc"], "steps": r.steps, "time": t}
     return Job(("seg", phase, backbone, init, seed), run, deps, cost=2.0 if backbone == "swin" else 1.5,
-               command=tuple(cmd), out=out)
+               rank=seed, command=tuple(cmd), out=out)
 
 
 def run_jobs(jobs: list[Job], workers: int) -> dict:
@@ -250,7 +257,7 @@ def run_jobs(jobs: list[Job], workers: int) -> dict:
                     failed[key] = f"needs {[d for d in job.deps if d in failed]}"
                     del pending[key]
             ready = sorted((j for j in pending.values() if all(d in results for d in j.deps)),
-                           key=lambda j: -j.cost)
+                           key=lambda j: (j.rank, -j.cost))
             for job in ready[:max(0, workers - len(running))]:
                 running[pool.submit(job.run)] = job.key
                 del pending[job.key]
@@ -304,11 +311,10 @@ def arm_rows(cfg: Config, done: dict, phase: str) -> dict:
     for name, row in rows.items():
         for task, metric in (("det", "AP"), ("seg", "mIoU")):
             runs = [row[task][s] for s in sorted(row[task])]
-            row[task] = {**mean_std([round(r[metric], 2) for r in runs]),
-                         "steps": runs[0]["steps"] if runs else None,
-                         "seeds": sorted(row[task]) if isinstance(row[task], dict) else [],
+            stats = mean_std([round(r[metric], 2) for r in runs]) if runs else {"runs": [], "mean": None, "std": None}
+            row[task] = {**stats, "steps": runs[0]["steps"] if runs else None, "seeds": sorted(row[task]),
                          "wall_s": [r["time"]["wall_s"] for r in runs], "cpu_s": [r["time"]["cpu_s"] for r in runs]}
-            if task == "det":
+            if task == "det" and runs:
                 row[task]["AP50"] = mean_std([round(r["AP50"], 2) for r in runs])["mean"]
                 row[task]["AP75"] = mean_std([round(r["AP75"], 2) for r in runs])["mean"]
         if row["init"] != "scratch":
@@ -332,17 +338,31 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_table(cfg: Config, phase: str = "test") -> dict:
-    """``phase`` "test": the table (evaluated on the test scenes); "dev": a recipe check (dev scenes)."""
+def collect(jobs: list[Job]) -> tuple[dict, list]:
+    """The finished runs among ``jobs`` (nothing is started) and the keys of the others."""
+    done, missing = {}, []
+    for j in jobs:
+        if j.out is not None and _completed(j.out, list(j.command)) is not None:
+            done[j.key] = j.run()
+        else:
+            missing.append(j.key)
+    return done, missing
+
+
+def run_table(cfg: Config, phase: str = "test", partial: bool = False) -> dict:
+    """``phase`` "test": the table (evaluated on the test scenes); "dev": a recipe check (dev scenes).
+    ``partial``: start nothing, tabulate the runs finished so far (results.json says which are missing)."""
     t0 = time.time()
     prepare_data(cfg)
-    done = run_jobs(plan(cfg, phase), cfg.jobs)
+    jobs = plan(cfg, phase)
+    done, missing = collect(jobs) if partial else (run_jobs(jobs, cfg.jobs), [])
     rows = arm_rows(cfg, done, phase)
-    wall = round(time.time() - t0, 1)
-    cpu = round(sum(r.get("cpu_s", 0) for r in done.values() if "cpu_s" in r)
-                + sum(r["time"]["cpu_s"] for r in done.values() if "time" in r), 1)
-    result = {"phase": phase, "arms": rows, "gains": gains(rows), "setup": setup_of(cfg), "total_wall_s": wall,
-              "total_program_cpu_s": cpu, "hardware": hardware(), "commit": git_commit(),
+    times = [r.get("time", r) for r in done.values()]
+    result = {"phase": phase, "partial": bool(missing), "missing": [list(k) for k in missing],
+              "arms": rows, "gains": gains(rows), "setup": setup_of(cfg),
+              "invocation_wall_s": round(time.time() - t0, 1),
+              "program_wall_s_sum": round(sum(t["wall_s"] for t in times), 1),
+              "program_cpu_s_sum": round(sum(t["cpu_s"] for t in times), 1), "hardware": hardware(), "commit": git_commit(),
               "command": " ".join([Path(sys.executable).name] + sys.argv),
               "scenes": json.loads((cfg.out / "data" / "scenes.json").read_text())["stats"]}
     if phase == "dev":
@@ -351,6 +371,10 @@ def run_table(cfg: Config, phase: str = "test") -> dict:
     else:
         (cfg.out / "results.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 2)
 
 
 def gains(rows: dict) -> dict:
@@ -363,10 +387,10 @@ def gains(rows: dict) -> dict:
         for init in PRETRAIN:
             r = rows.get(f"{init}_{b}")
             if r and base:
-                g[f"{init}_vs_scratch"] = {t: round(r[t]["mean"] - base[t]["mean"], 2) for t in TASKS}
+                g[f"{init}_vs_scratch"] = {t: _diff(r[t]["mean"], base[t]["mean"]) for t in TASKS}
         um, sm = rows.get(f"ummae_{b}"), rows.get(f"simmim_{b}")
         if um and sm:
-            g["ummae_vs_simmim"] = {t: round(um[t]["mean"] - sm[t]["mean"], 2) for t in TASKS}
+            g["ummae_vs_simmim"] = {t: _diff(um[t]["mean"], sm[t]["mean"]) for t in TASKS}
             g["pretrain_time_ratio"] = {k: round(um["pretrain"][k] / sm["pretrain"][k], 3) for k in ("wall_s", "cpu_s")}
         if g:
             out[b] = g
@@ -385,11 +409,12 @@ def plot(result: dict, out: Path) -> Path:
             pts = []
             for init, mk in markers.items():
                 r = result["arms"].get(f"{init}_{b}")
-                if not r:
+                if not r or r[task]["mean"] is None:
                     continue
                 x = r["pretrain"]["cpu_s"] if "pretrain" in r else 0.0
+                n = len(r[task]["runs"])
                 ax.errorbar(x, r[task]["mean"], yerr=r[task]["std"], fmt=mk, color=f"C{i}", capsize=3,
-                            label=f"{init} {b}")
+                            label=f"{init} {b}" + ("" if n == len(result["setup"]["seeds"]) else f" ({n} seed)"))
                 pts.append((x, r[task]["mean"]))
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=f"C{i}", lw=0.8, alpha=0.5)
@@ -397,6 +422,8 @@ def plot(result: dict, out: Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if result.get("partial"):
+        fig.suptitle(f"PARTIAL: {len(result['missing'])} runs of the table missing", fontsize=9, color="C3")
     fig.tight_layout()
     path = out / "dense_vs_pretrain_time.png"
     fig.savefig(path, dpi=120)
@@ -404,13 +431,21 @@ def plot(result: dict, out: Path) -> Path:
     return path
 
 
+def _cell(stats: dict) -> str:
+    if stats["mean"] is None:
+        return "-"
+    return f"{stats['mean']:.2f} +- {stats['std']:.2f} (n={len(stats['runs'])})"
+
+
 def print_table(result: dict) -> None:
-    print(f"{'arm':<18} {'pretrain wall/cpu s':>20} {'box AP':>15} {'mIoU':>15} {'dense cpu s':>12}")
+    if result.get("partial"):
+        print(f"PARTIAL TABLE: {len(result['missing'])} runs missing: {result['missing']}")
+    print(f"{'arm':<14} {'pretrain wall/cpu s':>20} {'box AP':>22} {'mIoU':>22} {'dense wall/cpu s':>17}")
     for name, r in result["arms"].items():
         pre = f"{r['pretrain']['wall_s']:.0f}/{r['pretrain']['cpu_s']:.0f}" if "pretrain" in r else "-"
+        wall = sum(r["det"]["wall_s"]) + sum(r["seg"]["wall_s"])
         cpu = sum(r["det"]["cpu_s"]) + sum(r["seg"]["cpu_s"])
-        print(f"{name:<18} {pre:>20} {r['det']['mean']:>7.2f} +- {r['det']['std']:<4.2f} "
-              f"{r['seg']['mean']:>7.2f} +- {r['seg']['std']:<4.2f} {cpu:>12.0f}")
+        print(f"{name:<14} {pre:>20} {_cell(r['det']):>22} {_cell(r['seg']):>22} {f'{wall:.0f}/{cpu:.0f}':>17}")
     for b, g in result["gains"].items():
         print(f"{b}: {json.dumps(g)}")
 
@@ -427,6 +462,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=None, help="programs run side by side (default 2)")
     p.add_argument("--tag", default=None, help="names a recipe variant's run folders (dev phase)")
     p.add_argument("--pretrain_only", action="store_true", help="only the pretraining runs (they serve every phase)")
+    p.add_argument("--partial", action="store_true",
+                   help="start nothing: tabulate the finished runs (results.json lists the missing ones)")
     p.add_argument("--plot_only", action="store_true", help="redraw the figure and the table from results.json")
     for t in TASKS:
         for k, typ in (("steps", int), ("lr", float), ("scratch_lr", float), ("layer_decay", float),
@@ -460,11 +497,12 @@ def main(argv=None) -> int:
         done = run_jobs([j for j in plan(cfg, a.phase) if j.key[0] == "pretrain"], cfg.jobs)
         print(json.dumps({"/".join(k[1:]): v for k, v in done.items()}, indent=1))
         return 0
-    result = run_table(cfg, a.phase)
+    result = run_table(cfg, a.phase, partial=a.partial)
     if a.phase == "test":
         plot(result, out)
     print_table(result)
-    print(f"total wall time {result['total_wall_s']:.0f} s; "
+    print(f"programs: {result['program_wall_s_sum']:.0f} wall s, {result['program_cpu_s_sum']:.0f} CPU s in all; "
+          f"this invocation {result['invocation_wall_s']:.0f} s; "
           f"{'results in ' + str(out / 'results.json') if a.phase == 'test' else 'appended to dev_results.jsonl'}")
     return 0
 
