@@ -125,6 +125,38 @@ def test_a_run_that_stopped_early_is_an_error_not_a_result(scenes, tmp_path):
     assert job.run()["mIoU"] == result["mIoU"] and (job.out / "time.json").stat().st_mtime_ns == stamp  # reused
 
 
+FAKE_PROGRAM = """
+import json, pathlib, sys, time
+out, release = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+with open(out.parent / "starts.txt", "a") as f:
+    f.write("start\\n")
+while not release.exists():
+    time.sleep(0.02)
+out.mkdir(parents=True, exist_ok=True)
+(out / "run-001.json").write_text(json.dumps({"finished": {"status": "completed"}}))
+"""
+
+
+def test_two_invocations_share_a_run_instead_of_wiping_it(tmp_path):
+    """A dev check and the table both need the same pretraining: while the first invocation runs
+    it, the second waits on the lock and then reuses it (one start, not two)."""
+    from tools.dense_experiment import _reuse_or_run
+    out, release = tmp_path / "runs" / "pretrain", tmp_path / "release"
+    cmd = [sys.executable, "-c", FAKE_PROGRAM, str(out), str(release)]
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(_reuse_or_run(out, cmd, threads=1))) for _ in range(2)]
+    threads[0].start()
+    while not (tmp_path / "runs" / "starts.txt").exists():
+        time.sleep(0.02)
+    threads[1].start()
+    time.sleep(1.0)                         # time for a second start, if the lock did not hold it
+    release.write_text("go")
+    for t in threads:
+        t.join(60)
+    assert (tmp_path / "runs" / "starts.txt").read_text().count("start") == 1
+    assert len(results) == 2 and results[0] == results[1] and results[0]["returncode"] == 0
+
+
 def test_dense_smoke_end_to_end(tmp_path):
     """tools/dense_experiment.py --smoke on PVT: scenes, UM-MAE pretraining on the unlabelled train
     scenes, GFL and UperNet from scratch and from the pretrained encoder, as the real programs;
