@@ -33,8 +33,9 @@ Written once under ``--out``:
                                          pretraining set (links to scenes/train)
     pretrain/train/<class>/*.png         pool A as 32-px images (the silhouette centred on black, as
                                          the classification experiment), labels unused
-    classify/{train,val}/<class>/*.png   pool A labelled / pool B: an intermediate classification
-                                         finetuning (never a test silhouette)
+    classify/{train,val}/<class>/*.png   pool A labelled / pool B: for an intermediate classification
+                                         finetuning (never a test silhouette; the dense experiment
+                                         does not run one yet)
     scenes.json                          the settings, counts and silhouette ids of every part;
                                          a finished write is reused when the settings match
 """
