@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tools.make_dense_scenes import SceneSpec, silhouette_pools, write_scenes
-from util.animal_mnist import load_animal_mnist, split_indices
+from imagedata.animal_mnist import load_animal_mnist, split_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = SceneSpec(n_train=6, n_dev=3, n_test=3, min_size=40, max_size=72, min_object=16, max_object=36,

@@ -13,7 +13,7 @@ mask loses those pixels (a placement that would hide more than 30 % of an earlie
 leave it under 16 px, is redrawn). So every box (the mask's tight box), instance mask and label
 map is exact. Deterministic for a seed.
 
-Which silhouettes go where (animal-mnist's fixed split of ``util.animal_mnist.split_indices``,
+Which silhouettes go where (animal-mnist's fixed split of ``imagedata.animal_mnist.split_indices``,
 seed 0: 2,000 test silhouettes, 8,000 others):
 
     train scenes   silhouettes of pool A (640 per class of the 8,000)   also the pretraining images
@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from util.animal_mnist import CLASSES, load_animal_mnist, split_indices  # noqa: E402
+from imagedata.animal_mnist import CLASSES, load_animal_mnist, split_indices  # noqa: E402
 
 SPLITS = ("train", "dev", "test")
 
