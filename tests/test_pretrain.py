@@ -1,6 +1,7 @@
 """The pretraining program: learning, DDP, exact resume, outputs and bad input."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,8 +97,9 @@ def test_torchrun_two_ranks_match_each_other_and_one_process(tmp_path):
                            "--output_dir", str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    digests = {l.split()[1].rstrip(":"): l.split()[-1] for l in proc.stdout.splitlines() if "weights digest" in l}
-    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    # both ranks print at the same moment into torchrun's one stdout: read the lines wherever they landed
+    digests = dict(re.findall(r"rank (\d+): final weights digest ([0-9a-f]+)", proc.stdout))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], proc.stdout[-2000:]
     run(common + ["--batch_size", "4", "--output_dir", str(tmp_path / "single")])
     a, b = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single")
     for k in a:
