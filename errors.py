@@ -6,7 +6,20 @@ engine and the data packages can all import them without importing each other.
 
 
 class UsageError(ValueError):
-    """A flag combination or input that cannot work; reported as one line before any compute (exit 2)."""
+    """A flag combination or input that cannot work; reported before any compute (exit 2). One
+    problem is one line; ``UsageError.many`` lists every problem a command line has in one message,
+    so that a user fixes them all in one attempt (``problems``: each on its own)."""
+
+    def __init__(self, message: str = "", problems: "list[str] | None" = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
+
+    @classmethod
+    def many(cls, problems: "list[str]") -> "UsageError":
+        """One error for ``problems`` (one line each): the line itself when there is one."""
+        if len(problems) == 1:
+            return cls(problems[0])
+        return cls(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems), problems)
 
 
 class CheckpointError(RuntimeError):

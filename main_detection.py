@@ -19,14 +19,16 @@ from pathlib import Path
 
 import torch
 
-import models
-from config.cli import HelpFormatter, add_common_args, parse, run_main, write_recipe
-from config.detection import DetectConfig, resolve
+from config.cli import (HelpFormatter, add_common_args, check_task_checkpoint, dense_backbone, parse, run_main, weights_to_evaluate,
+                        write_recipe)
+from config.detection import ARCHITECTURE, EVAL_SETTINGS, MARKER, DetectConfig, resolve
+from config.rules import Problems
 from config.sections import step_settings
 from detection.coco import CocoDetection, check_layout, collate
 from detection.detector import DETECTORS, build_detector
 from engine.cpu_perf import setup_cpu_training
 from engine.distributed import is_main_process
+from engine.evaluate import load_trained_weights
 from engine.loaders import eval_loader, train_loader
 from engine.optim import dense_param_groups, make_adamw
 from engine.run import start_run, wrap_for_training
@@ -69,7 +71,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--score_thr", type=float, default=0.05, help="test: minimum class score")
     p.add_argument("--max_dets", type=int, default=100, help="test: detections per image")
     p.add_argument("--data_path", default=None, type=str, help="COCO layout: annotations/, train2017/, val2017/")
-    p.add_argument("--eval", action="store_true", help="evaluate only")
+    p.add_argument("--eval", action="store_true",
+                   help="evaluate the weights of --resume (a checkpoint of this program, e.g. "
+                        "OUTPUT_DIR/checkpoint-best.pth) only; its detector, backbone and test settings are used "
+                        "unless given")
+    p.add_argument("--random_weights", action="store_true",
+                   help="with --eval: evaluate an untrained detector on purpose (a baseline); --eval refuses it "
+                        "otherwise")
     p.add_argument("--eval_freq", type=int, default=1, help="evaluate every N epochs (and after the last)")
     add_common_args(p)
     p.set_defaults(save_freq=5, print_freq=50)
@@ -79,22 +87,30 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def parse_args(argv=None) -> DetectConfig:
     """Flags -> config: every flag combination that cannot work fails here, before any compute (and
     before launch.slurm submits a job)."""
-    return configure(parse(get_args_parser(), argv, Path(__file__).name))
+    return configure(parse(get_args_parser(), argv, Path(__file__).name, architecture=ARCHITECTURE + EVAL_SETTINGS,
+                           marker=MARKER))
 
 
 def configure(flags: argparse.Namespace) -> DetectConfig:
-    """The config of parsed flags (the model described once, on the meta device; the data listed)."""
-    classifiers = models.list_models(task="classify")
-    if flags.model not in classifiers:
-        raise UsageError(f"unknown --model {flags.model!r}; valid backbones are classifiers: {', '.join(classifiers)}")
+    """The config of parsed flags (the model described once, on the meta device; the data listed).
+    Every problem found is named in one UsageError."""
+    problems = Problems()
+    contract, problem = dense_backbone(flags.model)
+    problems.add(problem)
     if flags.data_path is None:
-        raise UsageError("--data_path is required: a COCO folder with annotations/instances_{train,val}2017.json, "
-                         "train2017/ and val2017/")
-    config = resolve(flags, models.describe(flags.model, num_classes=0))
-    try:
-        check_layout(flags.data_path, ["val"] if flags.eval else ["train", "val"])
-    except DataError as e:
-        raise UsageError(str(e)) from None
+        problems.add("--data_path is required: a COCO folder with annotations/instances_{train,val}2017.json, "
+                     "train2017/ and val2017/")
+    else:
+        try:
+            check_layout(flags.data_path, ["val"] if flags.eval else ["train", "val"])
+        except DataError as e:
+            problems.add(str(e))
+    for problem in check_task_checkpoint(flags, MARKER, "main_detection.py", "detection heads", ARCHITECTURE):
+        problems.add(problem)
+    config = None
+    with problems.check():
+        config = resolve(flags, contract)
+    problems.raise_any()
     return config
 
 
@@ -106,7 +122,10 @@ def log(*a, **k) -> None:
 def main(config: DetectConfig) -> int:
     run, config = start_run(config, f"main_detection ({'eval' if config.eval else 'train'})")
     train_set, val_set = coco_sets(config)
-    backbone = build_backbone(config.model, config.finetune, drop_path=config.drop_path, log=log)
+    evaluated = weights_to_evaluate(config) if config.eval and not config.random_weights else ""
+    # the backbone's starting weights: none when a trained checkpoint (resumed or evaluated) brings them all
+    start = "" if config.resume or evaluated else config.finetune
+    backbone = build_backbone(config.model, start, drop_path=config.drop_path, log=log)
     model = build_detector(config.detector, backbone, len(val_set.cat_ids), adapter_dim=config.adapter_dim,
                            fpn_dim=config.fpn_dim, neck_norm=config.neck_norm, score_thr=config.score_thr,
                            max_per_img=config.max_dets)
@@ -119,16 +138,24 @@ def main(config: DetectConfig) -> int:
     # one image per evaluation forward, as mmdet: the numbers do not depend on --batch_size or the world size
     val = eval_loader(val_set, 1, run.world, run.rank, config.num_workers, run.device, config.pin_mem,
                       collate=collate_fn)
+    if config.eval:
+        if evaluated:
+            load_trained_weights(model, evaluated, ARCHITECTURE)
+            log(f"evaluating {evaluated}: {config.detector} on {config.model}, test size "
+                f"{config.test_size[0]}x{config.test_size[1]}")
+        else:
+            log(f"evaluating an untrained {config.detector} on {config.model} (--random_weights)")
+        return evaluate_only(run, DetectTask(config, model, model, run, val, val_set))
     optimizer = make_adamw(dense_param_groups(model, backbone, config.weight_decay, config.layer_decay), config.lr,
                            run.device)
     state = TrainState(RunFlags.of(config), model, optimizer, make_scaler(config.amp, run.device),
                        best_key=DetectTask.best_key)
-    state.resume(log=log)
-    if config.eval:
-        return evaluate_only(run, DetectTask(config, model, model, run, val, val_set))
     loader = train_loader(train_set, config.batch_size, run.world, run.rank, config.seed, config.num_workers,
                           run.device, config.pin_mem, collate=collate_fn)
     require_a_batch(len(loader), len(train_set), config.batch_size, run.world)
+    steps = len(loader)
+    check_warmup(config.warmup_iters, steps, config)
+    state.resume(log=log)
     state.train_model = wrap_for_training(model, run, config.compile)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.note(f"{config.detector} on {config.model}: {n_params / 1e6:.2f}M parameters; {len(val_set.cat_ids)} classes; "
@@ -136,7 +163,6 @@ def main(config: DetectConfig) -> int:
              f"{run.world}", cpu=cpu_note or None, start={"epoch": state.epoch, "step": state.step}, num_train=len(train_set),
              num_val=len(val_set), num_classes=len(val_set.cat_ids))
     write_recipe(config, run.rank)
-    steps = len(loader)
     # the cosine schedule is in epochs: warmup iterations (optimizer steps) and the floor converted
     schedule = CosineSchedule(config.lr, config.lr * config.min_lr_ratio,
                               config.warmup_iters / (steps / config.accum_iter), config.epochs)
@@ -144,6 +170,17 @@ def main(config: DetectConfig) -> int:
     return Trainer(run, state, task, loader, schedule, Periods(steps, steps * config.epochs), step_settings(config),
                    evaluate=Cadence(config.eval_freq * steps), save=Cadence(config.save_freq * steps),
                    exit_after=config.exit_after_epoch).fit()
+
+
+def check_warmup(warmup_iters: int, steps: int, config: DetectConfig) -> None:
+    """A warmup as long as the run never reaches --lr (a smoke run with the recipe's 2000 steps trains at
+    ~1e-7): refused, as segmentation refuses it, once the number of steps per epoch is known."""
+    total = steps * config.epochs // config.accum_iter
+    if warmup_iters >= total:
+        raise UsageError(f"--warmup_iters {warmup_iters} is not shorter than the run's {total} optimizer steps "
+                         f"({steps} per epoch x --epochs {config.epochs} / --accum_iter {config.accum_iter}): the lr "
+                         f"would never reach --lr; use --warmup_iters {max(0, total // 10)} (a tenth of the run) or "
+                         f"fewer")
 
 
 def coco_sets(config: DetectConfig) -> tuple[CocoDetection | None, CocoDetection]:

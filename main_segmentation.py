@@ -11,16 +11,20 @@ and checkpoints record the interval and the iteration in it. ``--eval`` evaluate
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import torch
 
-import models
-from config.cli import HelpFormatter, add_common_args, parse, run_main, write_recipe
+from config.cli import (HelpFormatter, add_common_args, check_task_checkpoint, dense_backbone, parse, run_main, weights_to_evaluate,
+                        write_recipe)
+from config.rules import Problems
 from config.sections import step_settings
-from config.segmentation import SegmentConfig, resolve
+from config.segmentation import ARCHITECTURE, EVAL_SETTINGS, MARKER, SegmentConfig, resolve
 from engine.cpu_perf import setup_cpu_training
 from engine.distributed import is_main_process
+from engine.evaluate import load_trained_weights
 from engine.loaders import eval_loader, train_loader
 from engine.optim import dense_param_groups, make_adamw
 from engine.run import Run, start_run, wrap_for_training
@@ -31,7 +35,7 @@ from engine.trainer import Cadence, Periods, Trainer, evaluate_only
 from engine_segmentation import SegmentTask
 from errors import DataError, UsageError
 from models.dense import dense_models
-from segmentation.data import IterationSampler, SegmentationDataset, TrainTransform, find_pairs
+from segmentation.data import IterationSampler, SegmentationDataset, TrainTransform, find_pairs, label_range
 from segmentation.heads import SegmentationModel
 from segmentation.metrics import class_names_for
 from util.pretrained import build_backbone
@@ -75,41 +79,72 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--eval_interval", type=int, default=16_000, help="evaluate and checkpoint every N iterations")
     p.add_argument("--finetune", default="", help="backbone weights (the reference uses the ImageNet-finetuned "
                                                   "classifier checkpoint)")
-    p.add_argument("--nb_classes", default=150, type=int)
+    p.add_argument("--nb_classes", default=150, type=int,
+                   help="classes after --reduce_zero_label (ADE20K: 150; the toy set of segmentation.toy: 4); "
+                        "checked against the first label maps at start-up")
     p.add_argument("--data_path", default=None, type=str,
                    help="ADE20K layout: images/{training,validation}, annotations/{training,validation}")
-    p.add_argument("--eval", action="store_true", help="evaluate only")
+    p.add_argument("--eval", action="store_true",
+                   help="evaluate the weights of --resume (a checkpoint of this program, e.g. "
+                        "OUTPUT_DIR/checkpoint-best.pth) only; its backbone, heads and test settings are used unless "
+                        "given")
+    p.add_argument("--random_weights", action="store_true",
+                   help="with --eval: evaluate untrained heads on purpose (a baseline); --eval refuses it otherwise")
     # an evaluation interval is this program's period (what the others call an epoch)
     add_common_args(p, save_help="write checkpoint-{interval}.pth every N evaluation intervals",
                     exit_help="finish this evaluation interval (counted from 0), checkpoint and exit")
-    p.set_defaults(save_freq=1, num_workers=4)
+    p.set_defaults(save_freq=1, num_workers=4)  # (the reference's workers per GPU, not the automatic rule)
+    next(a for a in p._actions if a.dest == "num_workers").help = "DataLoader worker processes per rank"
     return p
 
 
 def parse_args(argv=None, defaults: dict | None = None) -> SegmentConfig:
     """Flags -> config: every flag combination that cannot work fails here, before any compute (and
     before launch.slurm submits a job)."""
-    return configure(parse(get_args_parser(), argv, Path(__file__).name, defaults))
+    return configure(parse(get_args_parser(), argv, Path(__file__).name, defaults,
+                           architecture=ARCHITECTURE + EVAL_SETTINGS, marker=MARKER))
 
 
 def configure(flags: argparse.Namespace) -> SegmentConfig:
-    """The config of parsed flags (the model described once, on the meta device; the data listed)."""
+    """The config of parsed flags (the model described once, on the meta device; the data listed and
+    its first label maps read against --nb_classes). Every problem found is named in one UsageError."""
+    problems = Problems()
+    contract, problem = dense_backbone(flags.model, flags.input_size)
+    problems.add(problem)
     if flags.data_path is None:
-        raise UsageError("--data_path is required: a folder in ADE20K layout (images/, annotations/)")
-    if flags.model not in models.list_models(task="classify"):
-        raise UsageError(f"unknown --model {flags.model!r}; valid backbones: {', '.join(dense_models())}")
-    try:
-        contract = models.describe(flags.model, num_classes=0, img_size=flags.input_size)
-    except ValueError as e:
-        raise UsageError(f"--input_size {flags.input_size}: {e}") from None
-    config = resolve(flags, contract, dense_models)
-    try:  # the layout and the pairing by name; main reads the sizes once
-        find_pairs(flags.data_path, "val", check_sizes=False)
-        if not flags.eval:
-            find_pairs(flags.data_path, "train", check_sizes=False)
-    except DataError as e:
-        raise UsageError(str(e)) from None
+        problems.add("--data_path is required: a folder in ADE20K layout (images/, annotations/)")
+    else:
+        try:  # the layout and the pairing by name; main reads the sizes once
+            val = find_pairs(flags.data_path, "val", check_sizes=False)
+            if not flags.eval:
+                find_pairs(flags.data_path, "train", check_sizes=False)
+            problems.add(check_labels(val, flags))
+        except DataError as e:
+            problems.add(str(e))
+    for problem in check_task_checkpoint(flags, MARKER, "main_segmentation.py", "segmentation heads", ARCHITECTURE):
+        problems.add(problem)
+    config = None
+    with problems.check():
+        config = resolve(flags, contract, dense_models)
+    problems.raise_any()
     return config
+
+
+def check_labels(val, flags: argparse.Namespace) -> str:
+    """The first validation label maps against --nb_classes: a class beyond it is a problem (returned);
+    far fewer classes than it (the toy set's 4 trained as ADE20K's 150) a warning."""
+    top, read = label_range(val, flags.reduce_zero_label)
+    if top is None:
+        return ""
+    zero = " after --reduce_zero_label (raw value - 1; 0 is ignored)" if flags.reduce_zero_label else ""
+    if top >= flags.nb_classes:
+        return (f"--nb_classes {flags.nb_classes}, but the label maps hold class {top}{zero} (in the first {read} "
+                f"validation maps): use --nb_classes {top + 1} or more")
+    if top + 1 <= flags.nb_classes // 2 and os.environ.get("RANK", "0") == "0":
+        print(f"warning: the first {read} validation label maps use classes 0..{top}{zero}, but --nb_classes is "
+              f"{flags.nb_classes}: if the data set has {top + 1} classes, pass --nb_classes {top + 1} (mIoU "
+              f"averages over the classes present)", file=sys.stderr, flush=True)
+    return ""
 
 
 def report_skipped(split: str, pairs, limit: int = 10) -> None:
@@ -133,12 +168,19 @@ def main(config: SegmentConfig) -> int:
     run.log(setup_cpu_training(model, run.device, config.cpu_matmul, compiled=config.compile and not config.eval))
     groups = dense_param_groups(model, model.backbone, config.weight_decay, config.layer_decay, rule="beit")
     optimizer = make_adamw(groups, config.lr, run.device, betas=config.opt_betas)
+    if config.eval:
+        evaluated = weights_to_evaluate(config) if not config.random_weights else ""
+        if evaluated:
+            load_trained_weights(model, evaluated, ARCHITECTURE)
+            run.log(f"evaluating {evaluated}: UperNet on {config.model}, {config.nb_classes} classes, "
+                    f"{config.test_mode} inference")
+        else:
+            run.log(f"evaluating untrained heads on {config.model} (--random_weights)")
+        return evaluate_only(run, SegmentTask(config, model, model, run, val, names))
     periods = Periods(config.eval_interval, config.iters, unit="iteration")
     state = TrainState(RunFlags.of(config, epochs=periods.count), model, optimizer, make_scaler(config.amp, run.device),
                        best_key=SegmentTask.best_key)
     state.resume(log=lambda *a, **k: print(*a, **k) if is_main_process() else None)
-    if config.eval:
-        return evaluate_only(run, SegmentTask(config, model, model, run, val, names))
     per_norm = config.batch_size * (run.world if run.distributed and run.device.type == "cuda" else 1)
     if per_norm < 2:
         raise UsageError(f"--batch_size {config.batch_size}: the BatchNorm after UperNet's 1x1 pooling needs at least "
@@ -164,7 +206,9 @@ def main(config: SegmentConfig) -> int:
 def build_model(config: SegmentConfig, run: Run) -> SegmentationModel:
     # built at the crop size, as the reference: PVT's / ViT's position grid is resized once at loading
     # (PVT-S: 64x64 -> 128x128), then learnt at that size; other input sizes resize it on the fly
-    backbone = build_backbone(config.model, config.finetune if config.finetune and not config.resume else "",
+    # the backbone's starting weights: none when a trained checkpoint (resumed or evaluated) brings them all
+    start = "" if config.resume or (config.eval and not config.random_weights) else config.finetune
+    backbone = build_backbone(config.model, start,
                               config.drop_path, img_size=config.input_size, log=run.log)
     model = SegmentationModel(backbone, config.nb_classes, adapter_dim=config.channels, channels=config.channels,
                               dropout=config.dropout, aux_channels=config.aux_channels, aux_weight=config.aux_weight,

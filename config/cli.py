@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from errors import CheckpointError, DataError, UsageError, error_line
-from config.rules import COMMON_RULES, check_existing, check_ranges
+from config.rules import COMMON_RULES, Problems, check_existing, check_ranges, unknown_choice
 from engine.cpu_perf import add_cpu_tuning_args
 from engine.run import RunConfig
 
@@ -95,25 +96,32 @@ def add_common_args(p: argparse.ArgumentParser, save_help: str = "write checkpoi
 
 
 def resolve_run(flags) -> dict:
-    """The run section's values (engine.run.RunConfig) from the common flags, checked; no side effects."""
-    check_existing(flags, ["resume"])  # paths first: a typo fails before anything else is looked at
-    check_ranges(flags, COMMON_RULES)
+    """The run section's values (engine.run.RunConfig) from the common flags, checked (every problem in
+    one UsageError); no side effects."""
+    problems = Problems()
+    with problems.check():
+        check_existing(flags, ["resume"])
+    with problems.check():
+        check_ranges(flags, COMMON_RULES)
     amp = flags.amp
     if flags.bf16:
         if amp not in (None, "bf16"):
-            raise UsageError(f"--bf16 contradicts --amp {amp}")
+            problems.add(f"--bf16 contradicts --amp {amp}")
         amp = "bf16"
+    import torch
     device = flags.device if flags.device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} but no CUDA device is available; valid here: cpu")
-    if not str(device).startswith(("cuda", "cpu")):
-        raise UsageError(f"--device {device!r}: valid choices are cuda, cuda:N, cpu")
-    if amp == "fp16" and not str(device).startswith("cuda"):
-        raise UsageError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or --amp none")
+        problems.add(f"--device {device} but no CUDA device is available; valid here: cpu")
+    elif not str(device).startswith(("cuda", "cpu")):
+        problems.add(f"--device {device!r}: valid choices are cuda, cuda:N, cpu")
+    elif amp == "fp16" and not str(device).startswith("cuda"):
+        problems.add("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or --amp none")
     log_dir = os.path.join(flags.output_dir, "tensorboard") if flags.log_dir is None else (flags.log_dir or None)
-    check_output_dir(flags.output_dir)
-    if log_dir:
-        check_output_dir(log_dir)
+    with problems.check():
+        check_output_dir(flags.output_dir)
+        if log_dir:
+            check_output_dir(log_dir)
+    problems.raise_any()
     values = {f.name: getattr(flags, f.name) for f in dataclasses.fields(RunConfig) if hasattr(flags, f.name)}
     values.update(device=device, amp=amp, log_dir=log_dir,
                   cpu_matmul=flags.cpu_matmul or ("onednn" if flags.cpu_tuning else "aten"),
@@ -146,20 +154,122 @@ def flag_fields(config_type) -> list[str]:
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], program: str,
-          defaults: Optional[dict] = None) -> argparse.Namespace:
+          defaults: Optional[dict] = None, architecture: Sequence[str] = (), marker: str = "") -> argparse.Namespace:
     """The program's flags: the parser's defaults, then ``defaults``, then a recipe (--config FILE), then
-    the command line. ``program``: the file name the run record shows in the launch command."""
+    the architecture flags a trained checkpoint stores (``architecture``: read from ``--resume``, or
+    from ``--finetune`` under ``--eval``; see ``weights_to_evaluate``; only from a checkpoint of this
+    program: one whose flags include ``marker``), then the command line.
+    ``program``: the file name the run record shows in the launch command. Sets ``flags.stored``
+    to that checkpoint's flags (None when none was read)."""
     if defaults:
         parser.set_defaults(**defaults)
     known = flag_names(parser)
-    if "config" in known:
-        first, _ = parser.parse_known_args(argv)
-        if first.config:
-            parser.set_defaults(**load_recipe(first.config, known))
+    first, _ = parser.parse_known_args(argv)
+    if getattr(first, "config", None):
+        parser.set_defaults(**load_recipe(first.config, known))
+    stored = None
+    source = weights_to_evaluate(first) if architecture else ""
+    if source and Path(source).is_file():
+        stored = checkpoint_flags(source)
+        if stored is not None and marker in stored:
+            parser.set_defaults(**{k: tuple(stored[k]) if isinstance(stored[k], list) else stored[k]
+                                   for k in architecture if k in stored})
     flags = parser.parse_args(argv)
+    flags.stored = stored
     if argv is not None:  # called in-process (tools, tests): the run record shows these flags
         flags.launch_command = [program, *argv]
     return flags
+
+
+def weights_to_evaluate(flags: argparse.Namespace) -> str:
+    """The trained checkpoint whose architecture a dense program rebuilds: ``--resume``, or under
+    ``--eval`` the ``--finetune`` file ('' when neither)."""
+    return getattr(flags, "resume", "") or (getattr(flags, "finetune", "") if getattr(flags, "eval", False) else "")
+
+
+def checkpoint_flags(path: str) -> Optional[dict]:
+    """The flags a checkpoint stores (``config``, else the reference's ``args``); None when it keeps none."""
+    from engine.checkpoint import safe_load
+    ckpt = safe_load(path)
+    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(stored, dict):
+        stored = vars(ckpt["args"]) if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace) \
+            else None
+    return stored
+
+
+def check_task_checkpoint(flags: argparse.Namespace, marker: str, program: str, heads: str,
+                          architecture: Sequence[str]) -> list[str]:
+    """The problems of the trained checkpoint a dense program resumes or evaluates (``weights_to_evaluate``):
+    one written by another program (``marker``: a flag only ``program`` stores; ``heads``: what
+    that other checkpoint lacks, e.g. 'detection heads'), and architecture flags given on the
+    command line that contradict the ones it stores (parse took the stored ones as defaults).
+    Also the refusal of ``--eval`` without weights."""
+    import models
+    source = weights_to_evaluate(flags)
+    flag = "--resume" if getattr(flags, "resume", "") else "--finetune"
+    if flags.eval and not source and not getattr(flags, "random_weights", False):
+        return [f"--eval needs the weights to evaluate: --resume OUTPUT_DIR/checkpoint-best.pth (a checkpoint "
+                f"written by {program}); --random_weights evaluates an untrained model on purpose"]
+    stored = getattr(flags, "stored", None)
+    if not source or not Path(source).is_file() or (flags.eval and getattr(flags, "random_weights", False)):
+        return []
+    if stored is None or marker not in stored:
+        name = (stored or {}).get("model")
+        kind = ("a pretraining checkpoint" if isinstance(name, str) and name in models.list_models(task="pretrain")
+                else "a classifier checkpoint" if isinstance(name, str) and models.is_model(name)
+                else "not a checkpoint written by " + program)
+        of = f" of {name}" if kind != "not a checkpoint written by " + program and name else ""
+        what = f"{flag} {source} is {kind}{of}: it holds no {heads}"
+        if flags.eval:
+            return [f"{what}, so --eval would score untrained heads. Evaluate a checkpoint written by {program} "
+                    f"(OUTPUT_DIR/checkpoint-best.pth or checkpoint-last.pth), or train from these weights with "
+                    f"--finetune {source} (without --eval)"]
+        return [f"{what}: start a training run from its weights with --finetune {source} (--resume continues a "
+                f"run of {program})"]
+    given = [k for k in architecture if k in stored and _plain(stored[k]) != _plain(getattr(flags, k, None))]
+    if given:
+        theirs = " ".join(f"--{k} {_shown(stored[k])}" for k in given)
+        yours = " ".join(f"--{k} {_shown(getattr(flags, k))}" for k in given)
+        return [f"{flag} {source} was trained with {theirs}, but the command line gives {yours}: drop these "
+                f"flags (the checkpoint's own are used)"]
+    return []
+
+
+def dense_backbone(name: str, img_size: Optional[int] = None):
+    """(contract, problem) of ``--model`` in a dense program: a classifier with a feature pyramid gives its
+    contract (described on the meta device, at ``img_size`` when given) and ''; anything else None and
+    the line naming the valid backbones (listing them describes every classifier: only on this path)."""
+    import models
+    if name in models.list_models(task="classify"):
+        try:
+            contract = models.describe(name, num_classes=0, **({} if img_size is None else {"img_size": img_size}))
+        except ValueError as e:
+            return None, f"--input_size {img_size}: {e}"
+        if contract.pyramid is not None:
+            return contract, ""
+        return None, (f"--model {name} is a classifier without a feature pyramid for dense prediction; valid "
+                      f"backbones: {', '.join(dense_models())}")
+    hint = ""
+    if name in models.list_models(task="pretrain"):
+        hint = (f" (a pretraining model: its checkpoint's backbone is --model {models.classifier_for(name)}, loaded "
+                f"with --finetune CHECKPOINT)")
+    return None, unknown_choice("model", name, dense_models(), "valid backbones", hint)
+
+
+@functools.lru_cache(maxsize=1)
+def dense_models() -> list[str]:
+    """The classifiers a dense program accepts (models.dense.dense_models, computed once per process)."""
+    from models.dense import dense_models as listed
+    return listed()
+
+
+def _plain(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _shown(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
 def load_recipe(path: str, known: Iterable[str]) -> dict:
@@ -171,12 +281,7 @@ def load_recipe(path: str, known: Iterable[str]) -> dict:
     if not p.is_file():
         raise UsageError(f"--config {path} does not exist")
     if p.suffix in (".pth", ".pt"):
-        from engine.checkpoint import safe_load
-        ckpt = safe_load(p)
-        stored = ckpt.get("config") if isinstance(ckpt, dict) else None
-        if not isinstance(stored, dict):
-            stored = vars(ckpt["args"]) if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace) \
-                else None
+        stored = checkpoint_flags(path)
         if stored is None:
             raise UsageError(f"--config {path}: the checkpoint keeps no flags ('config' or 'args')")
         return {k: v for k, v in stored.items() if k in known and k != "config"}

@@ -2,10 +2,12 @@
 that names the valid values, before any model, data or process group is built."""
 from __future__ import annotations
 
+import contextlib
+import difflib
 import math
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from errors import UsageError
 
@@ -26,15 +28,62 @@ def at_least(k: int) -> tuple[Callable, str]:
     return (lambda v: v >= k, f"an integer >= {k}")
 
 
+class Problems:
+    """What is wrong with a command line, collected so that one message lists all of it.
+
+        problems = Problems()
+        with problems.check():      # a check that raises UsageError: its problems are kept
+            check_ranges(flags, RULES)
+        problems.add("--x 3 ...")   # a problem found directly
+        problems.raise_any()        # UsageError.many(every problem), or nothing
+    """
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def add(self, problem: str) -> None:
+        """Keep ``problem`` ('' is no problem)."""
+        if problem and problem not in self.found:
+            self.found.append(problem)
+
+    @contextlib.contextmanager
+    def check(self) -> Iterator[None]:
+        try:
+            yield
+        except UsageError as e:
+            for p in e.problems:
+                self.add(p)
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise UsageError.many(self.found)
+
+
 def check_ranges(args, rules: Iterable[tuple[str, tuple[Callable, str]]]) -> None:
-    """``rules``: (flag, (test, valid)); a flag absent from ``args`` or set to None is skipped."""
+    """``rules``: (flag, (test, valid)); a flag absent from ``args`` or set to None is skipped.
+    Every flag out of range is named, in one error."""
+    problems = []
     for flag, (ok, valid) in rules:
         value = getattr(args, flag, None)
         if value is None:
             continue
         values = value if isinstance(value, (list, tuple)) else [value]
         if not all(ok(v) for v in values):
-            raise UsageError(f"--{flag} {' '.join(map(str, values))}: valid values are {valid}")
+            problems.append(f"--{flag} {' '.join(map(str, values))}: valid values are {valid}")
+    if problems:
+        raise UsageError.many(problems)
+
+
+def unknown_choice(flag: str, value: str, valid: Sequence[str], what: str = "valid", hint: str = "",
+                   limit: int = 40) -> str:
+    """The line for a value that is none of ``valid``: the closest names first ("did you mean"),
+    then the valid values (at most ``limit``, the rest counted); ``hint`` says more about ``value`` (and
+    replaces the close names: it names the right one)."""
+    close = [] if hint else difflib.get_close_matches(value, list(valid), n=3, cutoff=0.6)
+    shown = list(valid)[:limit]
+    rest = f", ... ({len(valid) - limit} more)" if len(valid) > limit else ""
+    mean = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown --{flag} {value!r}{hint}{mean}; {what}: {', '.join(shown)}{rest}"
 
 
 def check_existing(args, flags: Iterable[str], kind: str = "file") -> None:

@@ -48,6 +48,8 @@ from engine.stop import StopRequested, finish_interrupted
 from errors import DataError, UsageError, error_line
 from imagedata.datasets import SKIP_LIST_NAME, SKIP_LOG_ENV, check_skipped
 
+BEST_NAME = "checkpoint-best.pth"
+
 
 @dataclass
 class Evaluation:
@@ -235,14 +237,17 @@ class Trainer:
         if evaluation is not None:
             self.evaluation = evaluation
             if evaluation.score is not None:
-                improved = evaluation.score > state.best
+                # the first evaluation writes checkpoint-best.pth even at a score of 0 (a smoke run's AP):
+                # the file the docs evaluate always exists once a run has evaluated
+                improved = evaluation.score > state.best or (
+                    evaluation.score == state.best and not (Path(self.run.output_dir) / BEST_NAME).is_file())
                 state.best = max(state.best, evaluation.score)
                 state.best_epoch = period if improved else state.best_epoch
             evaluation.best = state.best
         record = {**train_record(period, stats), **(evaluation.record if evaluation is not None else {})}
         state.save(period, numbered=self.save_cadence.due(end, total), log_record=record,
                    extra=evaluation.checkpoint if evaluation is not None else None,
-                   extra_names=("checkpoint-best.pth",) if improved else ())
+                   extra_names=(BEST_NAME,) if improved else ())
         self.done = period
         if is_main_process():
             self.task.log(period, stats, evaluation)

@@ -128,6 +128,29 @@ def load_pair(img_path: str, ann_path: str, reduce_zero_label: bool, num_classes
     return img, label
 
 
+def label_range(pairs: Pairs, reduce_zero_label: bool, limit: int = 16) -> tuple[Optional[int], int]:
+    """The largest class index (after ``reduce_zero_label``; 255, ignored, left out) in the first ``limit``
+    label maps of ``pairs`` that can be read, and how many were read: a cheap start-up look at whether
+    --nb_classes fits the data (None when no labelled pixel was found)."""
+    top, read = None, 0
+    for _, ann_path in pairs.samples[:limit]:
+        try:
+            with Image.open(ann_path) as an:
+                ann = np.array(an)
+        except OSError:
+            continue
+        if ann.ndim != 2:
+            continue
+        values = np.unique(ann)
+        if reduce_zero_label:
+            values = values[values != 0] - 1
+        values = values[values != IGNORE_INDEX]
+        read += 1
+        if values.size:
+            top = max(top if top is not None else -1, int(values.max()))
+    return top, read
+
+
 def rescale_size(h: int, w: int, scale: tuple[float, float]) -> tuple[int, int]:
     """mmcv's keep-ratio rescale: the largest size with long side <= max(scale), short <= min(scale)."""
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))

@@ -1,0 +1,170 @@
+"""What a new user meets first: evaluation that evaluates the trained weights, advice that fits the
+program, every problem of a command line in one message (tiny data, the pico models)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_detection
+import main_segmentation
+from errors import CheckpointError, UsageError
+from segmentation.toy import make_toy_ade
+from tools.make_tiny_coco import make_tiny_coco
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    return make_tiny_coco(tmp_path_factory.mktemp("coco"), n_train=4, n_val=2, size=64)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy_ade(tmp_path_factory.mktemp("toy_seg"), n_train=4, n_val=2)
+
+
+@pytest.fixture(scope="module")
+def pretraining_checkpoint(tmp_path_factory) -> Path:
+    """A file shaped like main_pretrain.py's checkpoints: encoder weights and the run's flags."""
+    path = tmp_path_factory.mktemp("pre") / "checkpoint-0.pth"
+    torch.save({"model": {"patch_embed.proj.weight": torch.zeros(1)}, "epoch": 0, "model_name": "mae_swin_pico_128",
+                "config": {"model": "mae_swin_pico_128", "mask_ratio": 0.75}}, path)
+    return path
+
+
+def det_args(coco, out, *extra) -> list[str]:
+    return ["--data_path", str(coco), "--output_dir", str(out), "--log_dir", "", "--device", "cpu",
+            "--num_workers", "0", "--print_freq", "100", *map(str, extra)]
+
+
+# the run's architecture differs from every default: --eval must read it from the checkpoint
+DET_TRAIN = ["--model", "swin_pico_128", "--input_size", "64", "--test_size", "64", "64", "--batch_size", "2",
+             "--adapter_dim", "32", "--fpn_dim", "32", "--neck_norm", "gn", "--warmup_iters", "1", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def detection_run(coco, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("det")
+    assert main_detection.main(main_detection.parse_args(det_args(coco, out, *DET_TRAIN))) == 0
+    return out
+
+
+def test_a_smoke_run_leaves_a_best_checkpoint_that_eval_scores_without_repeating_its_flags(
+        coco, detection_run, tmp_path, capsys):
+    """One epoch of an untrained detector scores AP ~0: checkpoint-best.pth is still written, and the
+    documented `--eval --resume OUTPUT_DIR/checkpoint-best.pth` rebuilds the detector (adapter, FPN,
+    neck, test size) from the checkpoint: no changed-flags warning, no training log copied."""
+    best = detection_run / "checkpoint-best.pth"
+    assert best.is_file()
+    capsys.readouterr()
+    ev = tmp_path / "ev"
+    assert main_detection.main(main_detection.parse_args(det_args(coco, ev, "--eval", "--resume", best))) == 0
+    out = capsys.readouterr().out
+    assert "changed flags" not in out and "restored the line" not in out and "resumed" not in out
+    assert "evaluating " + str(best) in out
+    assert not (ev / "log.txt").exists() and not (ev / "tensorboard").exists()
+    result = json.loads((ev / "eval.json").read_text())
+    trained = json.loads((detection_run / "eval_epoch0.json").read_text())
+    assert result["weights"] == str(best) and result["bbox"] == trained["bbox"]
+
+
+def test_eval_refuses_to_score_untrained_weights_unless_asked(coco, detection_run, pretraining_checkpoint, tmp_path):
+    with pytest.raises(UsageError, match=r"^--eval needs the weights to evaluate: --resume OUTPUT_DIR/checkpoint-best"):
+        main_detection.parse_args(det_args(coco, tmp_path, "--eval"))
+    with pytest.raises(UsageError, match=r"pretraining checkpoint of mae_swin_pico_128: it holds no detection heads, "
+                                         r"so --eval would score untrained heads"):
+        main_detection.parse_args(det_args(coco, tmp_path, "--eval", "--model", "swin_pico_128", "--finetune",
+                                           pretraining_checkpoint))
+    config = main_detection.parse_args(det_args(coco, tmp_path, "--eval", "--random_weights"))
+    assert config.random_weights and not config.auto_resume
+
+
+def test_resume_advice_fits_detection(coco, detection_run, pretraining_checkpoint, tmp_path):
+    """A pretraining checkpoint given to --resume is told to be --finetune (detection has no
+    --model mae_...); flags contradicting a trained checkpoint's architecture are named."""
+    with pytest.raises(UsageError) as e:
+        main_detection.parse_args(det_args(coco, tmp_path, "--model", "swin_pico_128", "--resume",
+                                           pretraining_checkpoint))
+    assert f"start a training run from its weights with --finetune {pretraining_checkpoint}" in str(e.value)
+    assert "--model mae_" not in str(e.value)
+    with pytest.raises(UsageError, match=r"was trained with --detector gfl --fpn_dim 32, but the command line gives "
+                                         r"--detector mask_rcnn --fpn_dim 64: drop these flags"):
+        main_detection.parse_args(det_args(coco, tmp_path, "--eval", "--resume", detection_run / "checkpoint-best.pth",
+                                           "--detector", "mask_rcnn", "--fpn_dim", "64"))
+
+
+def test_unknown_backbones_are_named_from_what_the_program_accepts(coco, tmp_path):
+    with pytest.raises(UsageError) as e:
+        main_detection.parse_args(det_args(coco, tmp_path, "--model", "swin_pico_12"))
+    text = str(e.value)
+    assert "did you mean swin_pico_128" in text and "hiera" not in text and "mixmim" not in text
+    with pytest.raises(UsageError, match=r"a pretraining model: its checkpoint's backbone is --model swin_pico_128"):
+        main_detection.parse_args(det_args(coco, tmp_path, "--model", "mae_swin_pico_128"))
+    with pytest.raises(UsageError, match=r"--model hiera_pico_128 is a classifier without a feature pyramid"):
+        main_segmentation.parse_args(["--data_path", str(tmp_path), "--model", "hiera_pico_128"])
+
+
+def test_detection_lists_every_problem_and_refuses_a_warmup_longer_than_the_run(coco, tmp_path):
+    with pytest.raises(UsageError) as e:
+        main_detection.parse_args(det_args(tmp_path / "nowhere", tmp_path, "--model", "nope", "--epochs", "0",
+                                           "--warmup_iters", "-1"))
+    problems = e.value.problems
+    assert len(problems) == 4 and str(e.value).startswith("4 problems:\n  - unknown --model 'nope'")
+    assert any("not a folder" in p for p in problems) and any("--epochs" in p for p in problems)
+    config = main_detection.parse_args(det_args(coco, tmp_path, *DET_TRAIN[:-4], "--epochs", "2"))  # warmup 2000
+    with pytest.raises(UsageError, match=r"--warmup_iters 2000 is not shorter than the run's 4 optimizer steps"):
+        main_detection.main(config)
+
+
+SEG = ["--device", "cpu", "--log_dir", "", "--num_workers", "0", "--print_freq", "100", "--model", "swin_pico_128",
+       "--input_size", "64", "--img_scale", "96", "64", "--batch_size", "2"]
+SEG_RUN = ["--channels", "32", "--aux_channels", "16", "--nb_classes", "4", "--iters", "2", "--eval_interval", "2",
+           "--warmup_iters", "1", "--test_stride", "32"]
+
+
+def test_segmentation_eval_reads_the_heads_from_the_checkpoint(toy, tmp_path, capsys):
+    """--eval without --channels / --aux_channels / --nb_classes / --test_stride: the checkpoint's are
+    used; a pretraining checkpoint's missing heads are refused rather than scored."""
+    run = tmp_path / "run"
+    assert main_segmentation.main(main_segmentation.parse_args(
+        SEG + SEG_RUN + ["--data_path", str(toy), "--output_dir", str(run)])) == 0
+    trained = json.loads((run / "eval_iter_2.json").read_text())["slide"]
+    ev = tmp_path / "ev"
+    config = main_segmentation.parse_args(["--data_path", str(toy), "--output_dir", str(ev), "--device", "cpu",
+                                           "--num_workers", "0", "--eval", "--resume", str(run / "checkpoint-best.pth")])
+    assert (config.channels, config.aux_channels, config.nb_classes, config.test_stride) == (32, 16, 4, 32)
+    capsys.readouterr()
+    assert main_segmentation.main(config) == 0
+    out = capsys.readouterr().out
+    assert "changed flags" not in out and "--epochs" not in out and not (ev / "log.txt").exists()
+    assert json.loads((ev / "eval.json").read_text())["slide"]["mIoU"] == trained["mIoU"]
+
+
+def test_segmentation_eval_of_a_pretraining_checkpoint_is_refused(toy, pretraining_checkpoint, tmp_path):
+    with pytest.raises(UsageError, match=r"holds no segmentation heads, so --eval would score untrained heads"):
+        main_segmentation.parse_args(SEG + SEG_RUN + ["--data_path", str(toy), "--output_dir", str(tmp_path),
+                                                      "--eval", "--finetune", str(pretraining_checkpoint)])
+
+
+def test_segmentation_checks_labels_against_nb_classes_and_lists_every_problem(toy, tmp_path, capsys):
+    """The newcomer's toy run: the recipe's --test_stride and --warmup_iters named at once with the
+    label range, and the toy set's 4 classes under the default 150 warned about."""
+    with pytest.raises(UsageError) as e:
+        main_segmentation.parse_args(SEG + ["--data_path", str(toy), "--output_dir", str(tmp_path), "--iters", "8",
+                                            "--nb_classes", "3"])
+    problems = e.value.problems
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("--nb_classes 3, but the label maps hold class 3") and "use --nb_classes 4" in problems[0]
+    assert any(p.startswith("--test_stride 341 exceeds the window --input_size 64") for p in problems)
+    assert any(p.startswith("--warmup_iters 1500 must be in [0, --iters 8)") for p in problems)
+    main_segmentation.parse_args(SEG + SEG_RUN[:4] + SEG_RUN[6:] + ["--data_path", str(toy), "--output_dir", str(tmp_path)])
+    assert "pass --nb_classes 4" in capsys.readouterr().err
+
+
+def test_a_trained_checkpoint_that_does_not_fit_names_the_architecture_flags(toy, tmp_path):
+    from engine.evaluate import load_trained_weights
+    path = tmp_path / "c.pth"
+    torch.save({"model": {"weight": torch.zeros(3, 2)}}, path)
+    with pytest.raises(CheckpointError, match=r"weight has shape \(3, 2\), the model \(2, 2\)\. The architecture "
+                                              r"flags \(--channels\) come from the checkpoint"):
+        load_trained_weights(torch.nn.Linear(2, 2, bias=False), str(path), ("channels",))
