@@ -165,7 +165,7 @@ def main(config: FinetuneConfig) -> int:
         return evaluate_only(run, ClassifyTask(config, model, model, run, val, state.checkpoint))
     state.train_model = wrap_for_training(model, run, config.compile)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    run.note(f"{config.model}: {n_train / 1e6:.2f}M trainable parameters; {config.num_train} train / "
+    run.note(f"{config.model}: {count_text(n_train)} trainable parameters; {config.num_train} train / "
              f"{config.num_val} val images; lr {config.lr:.3e}; amp {config.amp}; mode "
              f"{'linear probe' if config.linprobe else 'finetune'}; world {run.world}",
              cpu=cpu_note or None, start={"epoch": state.epoch, "step": state.step}, lr=config.lr,
@@ -177,6 +177,12 @@ def main(config: FinetuneConfig) -> int:
     return Trainer(run, state, task, loader, CosineSchedule(config.lr, config.min_lr, config.warmup_epochs, config.epochs),
                    Periods(steps, steps * config.epochs), step_settings(config), evaluate=Cadence(config.eval_freq * steps),
                    save=Cadence(config.save_freq * steps), exit_after=config.exit_after_epoch).fit()
+
+
+def count_text(n: int) -> str:
+    """A parameter count as people read it: millions from one million on, else the exact number (a linear
+    probe's head is thousands, which '0.00M' hid)."""
+    return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n:,}"
 
 
 def build_model(config: FinetuneConfig, device: torch.device) -> torch.nn.Module:

@@ -73,4 +73,15 @@ def step_settings(config) -> StepSettings:
     """How the micro-steps of a run go, from its config."""
     return StepSettings(accum=config.accum_iter, clip=config.clip_grad, amp=config.amp, print_every=config.print_freq,
                         seed=config.seed, num_workers=config.num_workers, max_skipped=config.max_skipped,
-                        dist_timeout=config.dist_timeout)
+                        dist_timeout=config.dist_timeout, data_advice=data_advice(config))
+
+
+def data_advice(config) -> str:
+    """What the data-wait warning may suggest: only what this program offers (--decode where it has the
+    flag; tar shards for the image programs, pretraining and finetuning, which read them)."""
+    tips = ["raise --num_workers"]
+    if hasattr(config, "decode"):
+        tips.append("try --decode fast or gpu")
+    if isinstance(config, EpochSchedule):
+        tips.append("read tar shards (tools/make_shards.py; PRETRAIN.md, data loading)")
+    return ", ".join(tips[:-1]) + (" or " if len(tips) > 1 else "") + tips[-1]

@@ -5,7 +5,8 @@ spends blocked on data (DataLoader workers behind, the first batch of an epoch w
 start). Its share of the wall time goes to the progress line (since the previous line), to the
 epoch's statistics (``data_wait_s``, ``data_wait_share``: log.txt's ``train_data_wait_*``), and
 to TensorBoard (``train/data_wait_share``, ``epoch/data_wait_share``); over ``WARN_SHARE`` of an
-epoch earns a one-line warning. In a distributed run the epoch figure is the largest over ranks
+epoch and at least ``WARN_SECONDS`` earns a one-line warning, whose advice names only what the program
+offers (``StepSettings.data_advice``). In a distributed run the epoch figure is the largest over ranks
 (the slowest rank's loader holds every rank back at the next all-reduce).
 
 On a GPU the step's kernels run asynchronously, so host time between batches is not GPU time;
@@ -20,6 +21,10 @@ from typing import Iterable, Iterator
 import torch
 
 WARN_SHARE = 0.10
+# a share alone fires on tiny epochs (a tenth of a 2-second epoch is the workers starting): the wait
+# must also be long enough to be worth acting on
+WARN_SECONDS = 1.0
+DEFAULT_ADVICE = "raise --num_workers"
 
 
 class DataWait:
@@ -58,11 +63,12 @@ class DataWait:
         return {"data_wait_s": wait, "data_wait_share": share}
 
 
-def warning(stats: dict, epoch: int, num_workers) -> str | None:
-    """The one-line warning for an epoch that waited more than WARN_SHARE of its time for data."""
-    share = stats.get("data_wait_share", 0.0)
-    if share <= WARN_SHARE:
+def warning(stats: dict, period: str, num_workers, advice: str = DEFAULT_ADVICE) -> str | None:
+    """The one-line warning for a period (``period``: its name, e.g. 'epoch 3' or 'iterations 0-500')
+    that waited more than WARN_SHARE of its time and WARN_SECONDS for data; ``advice``: what this
+    program can do about it."""
+    share, seconds = stats.get("data_wait_share", 0.0), stats.get("data_wait_s", 0.0)
+    if share <= WARN_SHARE or seconds < WARN_SECONDS:
         return None
-    return (f"warning: epoch {epoch} waited {share:.0%} of its time for data ({stats['data_wait_s']:.1f} s; "
-            f"--num_workers {num_workers}): raise --num_workers, try --decode fast or gpu, or tar shards "
-            f"(PRETRAIN.md, data loading)")
+    return (f"warning: {period} waited {share:.0%} of its time for data ({seconds:.1f} s; "
+            f"--num_workers {num_workers}): {advice}")

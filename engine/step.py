@@ -119,6 +119,7 @@ class StepSettings:
     num_workers: Optional[int] = None   # named by the data-wait warning
     max_skipped: Optional[int] = None   # unreadable samples a period may skip (None: the default share, -1: any)
     dist_timeout: float = 0.0           # minutes a collective waits (the wait for rank 0's work is longer)
+    data_advice: str = "raise --num_workers"   # the data-wait warning's advice (what the program offers)
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
@@ -141,10 +142,11 @@ class StepLoop:
 
     def run(self, batches: Iterable, period: int, first: int, length: int,
             compute_loss: Callable[[object], StepOutput], lr_at: Callable[[int], float], header: str = "",
-            periods: Optional[int] = None) -> dict:
+            periods: Optional[int] = None, name: str = "") -> dict:
         """Micro-steps ``first`` .. ``length - 1`` of ``period`` (``batches`` yields exactly those);
         ``lr_at(step)`` is the schedule's lr at micro-step ``step`` of this period, ``periods`` the
-        run's length (for the whole-run ETA). Returns the period's statistics; raises
+        run's length (for the whole-run ETA), ``name`` the period as warnings name it (default 'epoch N').
+        Returns the period's statistics; raises
         NonFiniteLossError (on a logging step or at the end, before anything is saved) and StopRequested.
         """
         s, model, device = self.settings, self.model, self.device
@@ -198,7 +200,7 @@ class StepLoop:
         stats = totals.stats(lr, timer.elapsed(), world)
         stats.update(waited.epoch_stats(device))
         if is_main_process():
-            note = data_wait_warning(stats, period, s.num_workers)
+            note = data_wait_warning(stats, name or f"epoch {period}", s.num_workers, s.data_advice)
             if note:
                 print(note, flush=True)
             if self.log_writer is not None:
@@ -228,7 +230,7 @@ class StepLoop:
         now = time.time()
         rate = timer.rate(totals.images, now)
         wait_share = waited.interval_share()
-        per_step = (now - timer.start) / (it + 1)
+        per_step = timer.per_step(it, now)
         eta = per_step * (length - step - 1)
         # the whole run at this period's step rate (the end-of-period line adds evaluation and checkpoints)
         run_eta = eta + per_step * length * max((periods or period + 1) - period - 1, 0)
@@ -249,6 +251,15 @@ class _Timer:
     def __init__(self, first: int, length: int) -> None:
         self.start = self.last = time.time()
         self.last_images = 0
+        self.first_done: Optional[float] = None   # when the period's first step ended
+
+    def per_step(self, it: int, now: float) -> float:
+        """Seconds per step for the ETAs: after the first step, the time since it ended over the steps
+        since (the first one carries worker start-up and warm-up, which made early ETAs swing)."""
+        if it == 0 or self.first_done is None:
+            self.first_done = now if self.first_done is None else self.first_done
+            return now - self.start
+        return (now - self.first_done) / it
 
     def rate(self, images: int, now: float) -> float:
         rate = (images - self.last_images) / max(now - self.last, 1e-9)

@@ -126,6 +126,12 @@ class Periods:
         """Micro-steps done at the end of ``period``."""
         return period * self.length + self.size(period)
 
+    def name(self, period: int) -> str:
+        """The period as messages name it: 'epoch 3', or 'iterations 16000-32000'."""
+        if self.unit == "epoch":
+            return f"epoch {period}"
+        return f"iterations {period * self.length}-{self.end(period)}"
+
     def header(self, period: int) -> str:
         if self.unit == "epoch":
             return f"Epoch [{period}]"
@@ -187,7 +193,7 @@ class Trainer:
                 self.task.begin(period, first)
                 self.stats = steps.run(batches, period, first, periods.size(period), self.task.compute_loss,
                                        lambda step: self.schedule(period, step, periods.length),
-                                       periods.header(period), periods.count)
+                                       periods.header(period), periods.count, periods.name(period))
                 if self._end_period(period, clock, skip_list):
                     return 0
             self._complete()
@@ -252,7 +258,7 @@ class Trainer:
         if is_main_process():
             self.task.log(period, stats, evaluation)
             self._log_stats(period)
-            print(clock.line(period), flush=True)
+            print(self._clock_line(clock, period), flush=True)
         wait_for_main_process(self.settings.dist_timeout)  # rank 0 scored, saved and logged alone
         check_skipped(stats, period, self.settings.max_skipped, skip_list)
         if period == self.exit_after and not last:
@@ -263,11 +269,24 @@ class Trainer:
             return True
         return False
 
+    def _clock_line(self, clock: RunClock, period: int) -> str:
+        """The end-of-period line in the program's unit (epochs, or segmentation's iterations)."""
+        if self.periods.unit == "epoch":
+            return clock.line(period)
+        p = self.periods
+        done = p.end(period) - p.end(clock.start_epoch - 1) if clock.start_epoch > 0 else p.end(period)
+        elapsed = time.time() - clock.t0
+        left = p.total - p.end(period)
+        eta = elapsed / max(done, 1) * left
+        return (f"iteration {p.end(period)}/{p.total} done; {datetime.timedelta(seconds=int(elapsed))} elapsed in "
+                f"this run, run eta {datetime.timedelta(seconds=int(eta))} ({left} iterations left)")
+
     def _log_stats(self, period: int) -> None:
         """Rank 0: what every program reports per period (unreadable images, TensorBoard scalars)."""
         stats, writer = self.stats, self.run.log_writer
         if stats.get("skipped_images"):
-            print(f"warning: {stats['skipped_images']} unreadable images skipped in epoch {period} (all ranks)",
+            print(f"warning: {stats['skipped_images']} unreadable images skipped in {self.periods.name(period)} "
+                  f"(all ranks)",
                   flush=True)
         if writer is not None:
             for key in ("loss", "images_per_sec", "peak_mem_mb", "peak_reserved_mb"):
@@ -294,9 +313,16 @@ class Trainer:
             return
         count, first = self.periods.count, self.first_period
         ran = max(0, last_period + 1 - first)
-        epochs = (f"epochs {first}-{last_period} of {count} ({ran} in this run)" if ran else
-                  f"no epoch to run ({count} done)" if first >= count else
-                  f"no epoch completed in this run (it began at epoch {first} of {count})")
+        if self.periods.unit == "epoch":
+            epochs = (f"epochs {first}-{last_period} of {count} ({ran} in this run)" if ran else
+                      f"no epoch to run ({count} done)" if first >= count else
+                      f"no epoch completed in this run (it began at epoch {first} of {count})")
+        else:  # segmentation counts iterations
+            p = self.periods
+            begun = p.end(first - 1) if first > 0 else 0
+            epochs = (f"iterations {begun}-{p.end(last_period)} of {p.total} ({p.end(last_period) - begun} in this run)"
+                      if ran else f"no iteration to run ({p.total} done)" if first >= count else
+                      f"no evaluation interval completed in this run (it began at iteration {begun} of {p.total})")
         parts, record = self.task.finish(self.stats, self.evaluation, self.state.best, self.state.best_epoch)
         self.run.summary(self.task.what, status, [epochs, *parts])
         self.run.record.finish(status, epochs_run=ran, last_epoch=last_period,

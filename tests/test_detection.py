@@ -489,7 +489,7 @@ def test_evaluation_does_not_depend_on_the_batch_size(tiny_coco, tmp_path, monke
     score = engine_detection.coco_evaluate
     monkeypatch.setattr(engine_detection, "coco_evaluate", lambda gt, results, *a, **k: (
         scored.append(sorted(results, key=lambda r: (r["image_id"], -r["score"], r["bbox"]))), score(gt, results, *a, **k))[1])
-    common = ["--eval", "--score_thr", "0", "--test_size", "96", "64", "--no_auto_resume", "--fpn_dim", "64"]
+    common = ["--eval", "--random_weights", "--score_thr", "0", "--test_size", "96", "64", "--fpn_dim", "64"]
     for b in (1, 2):
         _run(root, tmp_path / f"b{b}", *common, "--batch_size", b)
     ev1, ev2 = (json.loads((tmp_path / f"b{b}" / "eval.json").read_text()) for b in (1, 2))

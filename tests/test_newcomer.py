@@ -129,6 +129,8 @@ def test_segmentation_eval_reads_the_heads_from_the_checkpoint(toy, tmp_path, ca
     assert main_segmentation.main(main_segmentation.parse_args(
         SEG + SEG_RUN + ["--data_path", str(toy), "--output_dir", str(run)])) == 0
     trained = json.loads((run / "eval_iter_2.json").read_text())["slide"]
+    out = capsys.readouterr().out  # the training run speaks its unit, iterations
+    assert "iteration 2/2 done" in out and "iterations 0-2 of 2 (2 in this run)" in out and "epoch" not in out
     ev = tmp_path / "ev"
     config = main_segmentation.parse_args(["--data_path", str(toy), "--output_dir", str(ev), "--device", "cpu",
                                            "--num_workers", "0", "--eval", "--resume", str(run / "checkpoint-best.pth")])
@@ -168,3 +170,41 @@ def test_a_trained_checkpoint_that_does_not_fit_names_the_architecture_flags(toy
     with pytest.raises(CheckpointError, match=r"weight has shape \(3, 2\), the model \(2, 2\)\. The architecture "
                                               r"flags \(--channels\) come from the checkpoint"):
         load_trained_weights(torch.nn.Linear(2, 2, bias=False), str(path), ("channels",))
+
+
+def test_reconstruct_blames_the_checkpoint_not_a_model_flag_never_given(tmp_path):
+    """A finetuned classifier's checkpoint, no --model: the message names the file and the pretraining
+    models of its backbone, not a --model the user never typed."""
+    from tools import reconstruct
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": {}, "epoch": 0, "model_name": "swin_pico_128", "config": {"model": "swin_pico_128"}}, path)
+    args = reconstruct.get_args_parser().parse_args(["--checkpoint", str(path), "--images", str(tmp_path)])
+    with pytest.raises(UsageError) as e:
+        reconstruct.build(args)
+    text = str(e.value)
+    assert text.startswith(f"{path} holds swin_pico_128, not a pretraining model") and "--model" not in text
+    assert "a checkpoint of mae_swin_pico_128" in text
+    args.model = "mae_swin_pico_12"
+    with pytest.raises(UsageError, match=r"unknown --model 'mae_swin_pico_12'; did you mean mae_swin_pico_128"):
+        reconstruct.build(args)
+
+
+def test_data_wait_warning_needs_real_waiting_and_names_only_the_programs_own_flags():
+    from config.sections import data_advice
+    from engine.data_wait import warning
+    tiny = {"data_wait_share": 0.5, "data_wait_s": 0.05}  # half of a 0.1-second epoch: workers starting
+    assert warning(tiny, "epoch 0", 1) is None
+    slow = {"data_wait_share": 0.5, "data_wait_s": 30.0}
+    from config.segmentation import SegmentConfig
+    from config.finetune import FinetuneConfig
+    seg_advice = data_advice(object.__new__(SegmentConfig))
+    assert seg_advice == "raise --num_workers"
+    line = warning(slow, "iterations 0-500", 1, seg_advice)
+    assert line.startswith("warning: iterations 0-500 waited 50%") and "--decode" not in line and "shards" not in line
+    ft_advice = data_advice(object.__new__(FinetuneConfig))
+    assert "--decode" not in ft_advice and "tools/make_shards.py" in ft_advice
+
+
+def test_parameter_counts_below_a_million_are_shown_exactly():
+    from main_finetune import count_text
+    assert count_text(1_290) == "1,290" and count_text(28_288_354) == "28.29M"

@@ -25,6 +25,7 @@ from engine.checkpoint import safe_load, unwrap_state_dict  # noqa: E402
 from errors import UsageError  # noqa: E402
 from config.cli import run_main  # noqa: E402
 from config.pretrain import model_kwargs  # noqa: E402
+from config.rules import unknown_choice  # noqa: E402
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -65,6 +66,22 @@ def find_images(paths: list[str], limit: int) -> list[Path]:
     return found[:limit]
 
 
+def not_pretraining(name: str, checkpoint: str, given: bool) -> str:
+    """Why ``name`` cannot draw a reconstruction: blamed on --model only when the user gave it; a
+    classifier (a finetuning or dense checkpoint's model) names the pretraining models of its backbone."""
+    pretraining = models.list_models(task="pretrain")
+    if given:
+        subject = f"--model {name!r} is not a pretraining model"
+    else:
+        subject = f"{checkpoint} holds {name}, not a pretraining model (it has no decoder to reconstruct with)"
+    if models.is_model(name):
+        own = [p for p in pretraining if models.classifier_for(p) == name]
+        hint = (f"; a checkpoint of {', '.join(own)} (main_pretrain.py's output) draws reconstructions" if own else
+                "; reconstructions need a checkpoint written by main_pretrain.py")
+        return subject + hint
+    return unknown_choice("model", name, pretraining, "valid pretraining models")
+
+
 def build(args) -> tuple[torch.nn.Module, argparse.Namespace]:
     """The model the checkpoint holds, its flags merged with the command line's."""
     ckpt = safe_load(args.checkpoint)
@@ -74,8 +91,7 @@ def build(args) -> tuple[torch.nn.Module, argparse.Namespace]:
         raise UsageError(f"{args.checkpoint} does not name its model (a reference checkpoint?): pass --model; "
                          f"valid: {', '.join(models.list_models(task='pretrain'))}")
     if name not in models.list_models(task="pretrain"):
-        raise UsageError(f"--model {name!r} is not a pretraining model; valid: "
-                         f"{', '.join(models.list_models(task='pretrain'))}")
+        raise UsageError(not_pretraining(name, args.checkpoint, given=bool(args.model)))
     flags = argparse.Namespace(model=name)
     for key, default in (("input_size", None), ("mask_ratio", None), ("vis_mask_ratio", 0.0),
                          ("norm_pix_loss", False), ("reference_decoder_order", False)):
