@@ -14,36 +14,15 @@ Evaluation: the 12 COCO numbers by pycocotools after every ``--eval_freq`` epoch
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
 
-import torch
-
-from config.cli import (HelpFormatter, add_common_args, check_task_checkpoint, dense_backbone, parse, run_main, weights_to_evaluate,
-                        write_recipe)
-from config.detection import ARCHITECTURE, EVAL_SETTINGS, MARKER, DetectConfig, resolve
-from config.rules import Problems
-from config.sections import step_settings
-from detection.coco import CocoDetection, check_layout, collate
-from detection.detector import DETECTORS, build_detector
-from engine.cpu_perf import setup_cpu_training
-from engine.distributed import is_main_process
-from engine.evaluate import load_trained_weights
-from engine.loaders import eval_loader, train_loader
-from engine.optim import dense_param_groups, make_adamw
-from engine.run import start_run, wrap_for_training
-from engine.schedule import CosineSchedule
-from engine.state import RunFlags, TrainState
-from engine.step import make_scaler
-from engine.trainer import Cadence, Periods, Trainer, evaluate_only, require_a_batch
-from engine_detection import DetectTask
-from errors import DataError, UsageError
-from util.pretrained import build_backbone
+from config.cli import ArgumentParser, HelpFormatter, add_common_args, answer_usage_first
+from detection import DETECTORS
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("UM-MAE detection finetuning (GFL / Mask R-CNN, COCO)", add_help=add_help,
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser("UM-MAE detection finetuning (GFL / Mask R-CNN, COCO)", add_help=add_help,
+                       formatter_class=HelpFormatter)
     p.add_argument("--detector", default="gfl", choices=DETECTORS,
                    help="gfl: the reference's GFL head; mask_rcnn: torchvision's Mask R-CNN (box + mask AP)")
     p.add_argument("--batch_size", default=2, type=int,
@@ -82,6 +61,33 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_common_args(p)
     p.set_defaults(save_freq=5, print_freq=50)
     return p
+
+
+# --help and flag errors answer before torch, torchvision and timm load
+answer_usage_first(get_args_parser, __name__ == "__main__")
+
+import functools  # noqa: E402
+import torch  # noqa: E402
+from config.cli import (check_task_checkpoint, dense_backbone, parse, run_main, weights_to_evaluate,  # noqa: E402
+                        write_recipe)
+from config.detection import ARCHITECTURE, EVAL_SETTINGS, MARKER, DetectConfig, resolve  # noqa: E402
+from config.rules import Problems  # noqa: E402
+from config.sections import step_settings  # noqa: E402
+from detection.coco import CocoDetection, check_layout, collate  # noqa: E402
+from detection.detector import build_detector  # noqa: E402
+from engine.cpu_perf import setup_cpu_training  # noqa: E402
+from engine.distributed import is_main_process  # noqa: E402
+from engine.evaluate import load_trained_weights  # noqa: E402
+from engine.loaders import eval_loader, train_loader  # noqa: E402
+from engine.optim import dense_param_groups, make_adamw  # noqa: E402
+from engine.run import start_run, wrap_for_training  # noqa: E402
+from engine.schedule import CosineSchedule  # noqa: E402
+from engine.state import RunFlags, TrainState  # noqa: E402
+from engine.step import make_scaler  # noqa: E402
+from engine.trainer import Cadence, Periods, Trainer, evaluate_only, require_a_batch  # noqa: E402
+from engine_detection import DetectTask  # noqa: E402
+from errors import DataError, UsageError  # noqa: E402
+from util.pretrained import build_backbone  # noqa: E402
 
 
 def parse_args(argv=None) -> DetectConfig:

@@ -12,39 +12,15 @@ head, LARS (main_linprobe.py sets MAE's recipe); ``--knn`` = k-NN accuracy of fr
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
-import torch
-
-import models
-from config.cli import HelpFormatter, add_common_args, parse, run_main, write_recipe
-from config.finetune import FinetuneConfig, check_flags, resolve
-from config.sections import effective_lr, step_settings
-from engine.checkpoint import stored_model_name
-from engine.cpu_perf import setup_cpu_training
-from engine.distributed import is_main_process
-from engine.lars import LARS
-from engine.loaders import TrainLoader, eval_loader, train_loader
-from engine.optim import make_adamw, param_groups_lrd
-from engine.run import Run, start_run, wrap_for_training
-from engine.schedule import CosineSchedule
-from engine.state import RunFlags, TrainState
-from engine.step import make_scaler
-from engine.trainer import Cadence, Periods, Trainer, evaluate_only, require_a_batch
-from engine_finetune import ClassifyTask, KnnTask, use_linear_probe
-from errors import DataError, UsageError
-from imagedata.datasets import build_finetune_dataset, data_fingerprint, eval_transform, finetune_train_transform, \
-    image_list, report_left_out
-from util.pretrained import load_pretrained
+from config.cli import ArgumentParser, HelpFormatter, add_common_args, answer_usage_first
 
 DEFAULT_MODEL = "swin_tiny_256"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("UM-MAE finetuning / linear probing / k-NN", add_help=add_help,
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser("UM-MAE finetuning / linear probing / k-NN", add_help=add_help, formatter_class=HelpFormatter)
     p.add_argument("--batch_size", default=64, type=int, help="images per GPU (effective = batch * accum * GPUs)")
     p.add_argument("--epochs", default=50, type=int, help="length of the schedule")
     p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
@@ -98,6 +74,34 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="evaluate on val/ every N epochs and after the last (best checkpoint among those)")
     add_common_args(p)
     return p
+
+
+# --help and flag errors answer before torch, torchvision and timm load (also for main_linprobe.py)
+answer_usage_first(get_args_parser, __name__ == "__main__")
+
+from dataclasses import replace  # noqa: E402
+from typing import Optional  # noqa: E402
+import torch  # noqa: E402
+import models  # noqa: E402
+from config.cli import parse, run_main, write_recipe  # noqa: E402
+from config.finetune import FinetuneConfig, check_flags, resolve  # noqa: E402
+from config.sections import effective_lr, step_settings  # noqa: E402
+from engine.checkpoint import stored_model_name  # noqa: E402
+from engine.cpu_perf import setup_cpu_training  # noqa: E402
+from engine.distributed import is_main_process  # noqa: E402
+from engine.lars import LARS  # noqa: E402
+from engine.loaders import TrainLoader, eval_loader, train_loader  # noqa: E402
+from engine.optim import make_adamw, param_groups_lrd  # noqa: E402
+from engine.run import Run, start_run, wrap_for_training  # noqa: E402
+from engine.schedule import CosineSchedule  # noqa: E402
+from engine.state import RunFlags, TrainState  # noqa: E402
+from engine.step import make_scaler  # noqa: E402
+from engine.trainer import Cadence, Periods, Trainer, evaluate_only, require_a_batch  # noqa: E402
+from engine_finetune import ClassifyTask, KnnTask, use_linear_probe  # noqa: E402
+from errors import DataError, UsageError  # noqa: E402
+from imagedata.datasets import (build_finetune_dataset, data_fingerprint, eval_transform,  # noqa: E402
+                                finetune_train_transform, image_list, report_left_out)
+from util.pretrained import load_pretrained  # noqa: E402
 
 
 def parse_args(argv=None, defaults: dict | None = None) -> FinetuneConfig:

@@ -11,41 +11,15 @@ and checkpoints record the interval and the iteration in it. ``--eval`` evaluate
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
-import torch
-
-from config.cli import (HelpFormatter, add_common_args, check_task_checkpoint, dense_backbone, parse, run_main, weights_to_evaluate,
-                        write_recipe)
-from config.rules import Problems
-from config.sections import step_settings
-from config.segmentation import ARCHITECTURE, EVAL_SETTINGS, MARKER, SegmentConfig, resolve
-from engine.cpu_perf import setup_cpu_training
-from engine.distributed import is_main_process
-from engine.evaluate import load_trained_weights
-from engine.loaders import eval_loader, train_loader
-from engine.optim import dense_param_groups, make_adamw
-from engine.run import Run, start_run, wrap_for_training
-from engine.schedule import PolySchedule
-from engine.state import RunFlags, TrainState
-from engine.step import make_scaler
-from engine.trainer import Cadence, Periods, Trainer, evaluate_only
-from engine_segmentation import SegmentTask
-from errors import DataError, UsageError
-from models.dense import dense_models
-from segmentation.data import IterationSampler, SegmentationDataset, TrainTransform, find_pairs, label_range
-from segmentation.heads import SegmentationModel
-from segmentation.metrics import class_names_for
-from util.pretrained import build_backbone
+from config.cli import ArgumentParser, HelpFormatter, add_common_args, answer_usage_first
 
 TEST_MODES = ("slide", "whole", "both")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("UM-MAE semantic segmentation (UperNet)", add_help=add_help,
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser("UM-MAE semantic segmentation (UperNet)", add_help=add_help, formatter_class=HelpFormatter)
     p.add_argument("--batch_size", default=2, type=int, help="images per GPU (reference: 2 x 8 GPUs)")
     p.add_argument("--iters", default=160_000, type=int, help="training iterations (optimizer steps x accum_iter)")
     p.add_argument("--accum_iter", default=1, type=int)
@@ -96,6 +70,36 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(save_freq=1, num_workers=4)  # (the reference's workers per GPU, not the automatic rule)
     next(a for a in p._actions if a.dest == "num_workers").help = "DataLoader worker processes per rank"
     return p
+
+
+# --help and flag errors answer before torch, torchvision and timm load
+answer_usage_first(get_args_parser, __name__ == "__main__")
+
+import os  # noqa: E402
+import sys  # noqa: E402
+import torch  # noqa: E402
+from config.cli import (check_task_checkpoint, dense_backbone, parse, run_main, weights_to_evaluate,  # noqa: E402
+                        write_recipe)
+from config.rules import Problems  # noqa: E402
+from config.sections import step_settings  # noqa: E402
+from config.segmentation import ARCHITECTURE, EVAL_SETTINGS, MARKER, SegmentConfig, resolve  # noqa: E402
+from engine.cpu_perf import setup_cpu_training  # noqa: E402
+from engine.distributed import is_main_process  # noqa: E402
+from engine.evaluate import load_trained_weights  # noqa: E402
+from engine.loaders import eval_loader, train_loader  # noqa: E402
+from engine.optim import dense_param_groups, make_adamw  # noqa: E402
+from engine.run import Run, start_run, wrap_for_training  # noqa: E402
+from engine.schedule import PolySchedule  # noqa: E402
+from engine.state import RunFlags, TrainState  # noqa: E402
+from engine.step import make_scaler  # noqa: E402
+from engine.trainer import Cadence, Periods, Trainer, evaluate_only  # noqa: E402
+from engine_segmentation import SegmentTask  # noqa: E402
+from errors import DataError, UsageError  # noqa: E402
+from models.dense import dense_models  # noqa: E402
+from segmentation.data import IterationSampler, SegmentationDataset, TrainTransform, find_pairs, label_range  # noqa: E402
+from segmentation.heads import SegmentationModel  # noqa: E402
+from segmentation.metrics import class_names_for  # noqa: E402
+from util.pretrained import build_backbone  # noqa: E402
 
 
 def parse_args(argv=None, defaults: dict | None = None) -> SegmentConfig:

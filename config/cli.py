@@ -9,18 +9,56 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-import torch
-
 from errors import CheckpointError, DataError, UsageError, error_line
 from config.rules import COMMON_RULES, Problems, check_existing, check_ranges, unknown_choice
-from engine.cpu_perf import add_cpu_tuning_args
-from engine.run import RunConfig
+from engine.cpu_flags import add_cpu_tuning_args
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose flag errors are the error line first (named after the program's file,
+    as its other errors are), close flag names for an unknown one, and a pointer to --help instead
+    of the usage wall."""
+
+    def error(self, message: str):
+        prog = os.path.basename(sys.argv[0]) or self.prog
+        if message.startswith("unrecognized arguments: "):
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            close = {m for arg in message.split(": ", 1)[1].split() if arg.startswith("-")
+                     for m in difflib.get_close_matches(arg.split("=")[0], known, n=2, cutoff=0.7)}
+            if close:
+                message += f" (did you mean {' or '.join(sorted(close))}?)"
+        self.exit(2, f"{prog}: error: {message}\n(python {prog} --help lists every flag)\n")
+
+
+# a recipe whose values are the defaults of the early parse: main_linprobe.py runs main_finetune.py's
+# parser with its recipe, and asks for the early answer before importing main_finetune
+_usage_first_recipe: Optional[str] = None
+
+
+def answer_usage_first_with(recipe: str) -> None:
+    """A program that is another's parser plus ``recipe`` asks for that parser's early answer
+    (``answer_usage_first``), with the recipe's values as defaults, before importing it."""
+    global _usage_first_recipe
+    _usage_first_recipe = recipe
+
+
+def answer_usage_first(get_args_parser: Callable[[], argparse.ArgumentParser], as_program: bool) -> None:
+    """Called where a program's parser is defined, above its heavy imports (torch, torchvision, timm):
+    run as a program (``as_program``, or asked by ``answer_usage_first_with``), parse the command line
+    once, so that --help and a wrong flag answer at once; the real parse follows. Otherwise nothing."""
+    if not as_program and _usage_first_recipe is None:
+        return
+    parser = get_args_parser()
+    if _usage_first_recipe is not None:
+        parser.set_defaults(**load_recipe(_usage_first_recipe, flag_names(parser)))
+    parser.parse_args()
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -122,6 +160,7 @@ def resolve_run(flags) -> dict:
         if log_dir:
             check_output_dir(log_dir)
     problems.raise_any()
+    from engine.run import RunConfig
     values = {f.name: getattr(flags, f.name) for f in dataclasses.fields(RunConfig) if hasattr(flags, f.name)}
     values.update(device=device, amp=amp, log_dir=log_dir,
                   cpu_matmul=flags.cpu_matmul or ("onednn" if flags.cpu_tuning else "aten"),

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 
 from models.dense import DenseBackbone
+from . import DETECTORS
 from .gfl import GFLHead
 from .neck import DenseNeck
 
@@ -121,7 +122,6 @@ class MaskRCNNDetector(nn.Module):
         return out
 
 
-DETECTORS = ("gfl", "mask_rcnn")
 
 
 def build_detector(kind: str, backbone: DenseBackbone, num_classes: int, **kwargs) -> nn.Module:

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.cpu_flags import add_cpu_tuning_args  # noqa: F401  (re-exported: tools/benchmark.py)
+
 __all__ = ["retain_freed_memory", "onednn_linear_available", "use_onednn_linear", "OneDNNLinear",
            "setup_cpu_training", "add_cpu_tuning_args"]
 
@@ -164,13 +166,3 @@ def setup_cpu_training(model: nn.Module, device: torch.device, cpu_matmul: str, 
     else:
         notes.append("linear layers: aten (MKL/OpenBLAS)")
     return "CPU tuning: " + "; ".join(notes)
-
-
-def add_cpu_tuning_args(p) -> None:
-    """The flags that opt in (shared by the programs and the benchmark)."""
-    p.add_argument("--cpu_tuning", action="store_true",
-                   help="CPU runs: turn on the optional CPU optimisation of engine/cpu_perf.py (fp32 linear layers "
-                        "on oneDNN and a malloc that keeps freed memory); off by default, ignored on CUDA")
-    p.add_argument("--cpu_matmul", default=None, choices=["onednn", "aten"],
-                   help="CPU runs: fp32 linear layers on oneDNN or on aten's BLAS (MKL/OpenBLAS); default: onednn "
-                        "with --cpu_tuning, else aten")

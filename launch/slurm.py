@@ -190,9 +190,18 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() or 1
 
 
+def submitted_line(job_id: str, job_dir: str, local: bool) -> str:
+    """What the user needs after submitting: where the job runs, which log to follow, where its outputs go."""
+    folder = job_dir.replace("%j", job_id)
+    log = Path(folder) / f"{job_id}_0_log.out"
+    where = ("runs in the background on this machine (--local); this command returns at once" if local else
+             f"is queued on SLURM (squeue -j {job_id})")
+    return f"submitted job {job_id}: it {where}. Follow its output with: tail -f {log}; checkpoints in {folder}"
+
+
 def main(program: ModuleType, argv=None) -> int:
     """Validate, submit, print the job id."""
     args = prepare(program, argv)
     job = submit(program.__name__, args)
-    print(f"submitted job {job.job_id}; logs and checkpoints in {args.job_dir.replace('%j', str(job.job_id))}")
+    print(submitted_line(str(job.job_id), args.job_dir, args.local))
     return 0

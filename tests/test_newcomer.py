@@ -208,3 +208,46 @@ def test_data_wait_warning_needs_real_waiting_and_names_only_the_programs_own_fl
 def test_parameter_counts_below_a_million_are_shown_exactly():
     from main_finetune import count_text
     assert count_text(1_290) == "1,290" and count_text(28_288_354) == "28.29M"
+
+
+PROGRAMS = ["main_detection.py", "main_segmentation.py", "main_finetune.py", "main_linprobe.py", "tools/reconstruct.py"]
+_PROBE = """
+import runpy, sys
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("torch", "torchvision", "timm") if m in sys.modules)
+print("HEAVY", ",".join(heavy) or "none", "CODE", code, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_help_and_a_wrong_flag_answer_before_torch_loads(program):
+    """--help and a mistyped flag are answered by argparse before torch, torchvision or timm are
+    imported; the error comes first, with the close flag name and a pointer to --help, no usage wall."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    required = ["--checkpoint", "c.pth", "--images", "x"] if program == "tools/reconstruct.py" else []
+    for args, code in ((["--help"], 0), ([*required, "--batch_sise", "3"], 2)):
+        done = subprocess.run([sys.executable, "-c", _PROBE, program, *args], cwd=root, capture_output=True, text=True,
+                              timeout=120)
+        assert f"HEAVY none CODE {code}" in done.stderr, (program, args, done.stderr[-2000:])
+        if code:
+            name = Path(program).name
+            lines = done.stderr.splitlines()
+            assert lines[0].startswith(f"{name}: error: unrecognized arguments: --batch_sise 3"), lines
+            assert "usage:" not in done.stderr and f"python {name} --help lists every flag" in lines[1]
+            if program != "tools/reconstruct.py":
+                assert "(did you mean --batch_size?)" in lines[0]
+        else:
+            assert "(default: " in done.stdout
+
+
+def test_a_local_submission_says_it_runs_in_the_background_and_which_log_to_follow():
+    from launch.slurm import submitted_line
+    line = submitted_line("123", "/jobs/%j", local=True)
+    assert "runs in the background on this machine" in line and "tail -f /jobs/123/123_0_log.out" in line
+    assert "squeue -j 123" in submitted_line("123", "/jobs/%j", local=False)

@@ -16,23 +16,16 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import models  # noqa: E402
-from engine.checkpoint import safe_load, unwrap_state_dict  # noqa: E402
-from errors import UsageError  # noqa: E402
-from config.cli import run_main  # noqa: E402
-from config.pretrain import model_kwargs  # noqa: E402
-from config.rules import unknown_choice  # noqa: E402
+from config.cli import ArgumentParser, answer_usage_first, run_main  # noqa: E402
 
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="pretraining checkpoint (ours or the reference's full one)")
     p.add_argument("--images", nargs="+", required=True, help="image files and/or folders (searched recursively)")
     p.add_argument("--output", default="reconstruction.png", help="PNG to write")
@@ -50,6 +43,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the masks")
     p.add_argument("--max_images", type=int, default=16, help="at most this many images (one row each)")
     return p
+
+
+# --help and flag errors answer before torch loads
+answer_usage_first(get_args_parser, __name__ == "__main__")
+
+import torch  # noqa: E402
+
+import models  # noqa: E402
+from engine.checkpoint import safe_load, unwrap_state_dict  # noqa: E402
+from errors import UsageError  # noqa: E402
+from config.pretrain import model_kwargs  # noqa: E402
+from config.rules import unknown_choice  # noqa: E402
 
 
 def find_images(paths: list[str], limit: int) -> list[Path]:
