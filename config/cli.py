@@ -34,7 +34,7 @@ class ArgumentParser(argparse.ArgumentParser):
                      for m in difflib.get_close_matches(arg.split("=")[0], known, n=2, cutoff=0.7)}
             if close:
                 message += f" (did you mean {' or '.join(sorted(close))}?)"
-        self.exit(2, f"{prog}: error: {message}\n(python {prog} --help lists every flag)\n")
+        self.exit(2, f"{prog}: error: {message}; python {prog} --help lists every flag\n")
 
 
 # a recipe whose values are the defaults of the early parse: main_linprobe.py runs main_finetune.py's

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from config.cli import resolve_run
-from config.rules import (DECAY, NON_NEGATIVE, POSITIVE, TRAINING_RULES, UNIT, UNIT_RIGHT_OPEN, at_least,
-                          check_auto_augment, check_existing, check_ranges)
+from config.rules import (DECAY, NON_NEGATIVE, POSITIVE, TRAINING_RULES, UNIT, UNIT_RIGHT_OPEN, Problems,
+                          at_least, check_auto_augment, check_existing, check_ranges)
 from config.sections import DataConfig, EpochSchedule, OptimConfig
 from engine.run import RunConfig
 from engine.state import register_shaping, shaping
@@ -78,25 +78,38 @@ class FinetuneConfig(RunConfig, DataConfig, OptimConfig, EpochSchedule):
 
 
 def check_flags(flags: argparse.Namespace) -> None:
-    """What the flags alone can tell, before the model is described or the data listed."""
-    check_existing(flags, ["finetune"])
+    """What the flags alone can tell, before the model is described or the data listed; every problem
+    found is named in one UsageError."""
+    problems = Problems()
+    with problems.check():
+        check_existing(flags, ["finetune"])
     if not (flags.data_path or "").endswith(".tar"):  # (a shard pattern is checked by image_list)
-        check_existing(flags, ["data_path"], kind="dir")
-    check_ranges(flags, FINETUNE_RULES)
+        with problems.check():
+            check_existing(flags, ["data_path"], kind="dir")
+    with problems.check():
+        check_ranges(flags, FINETUNE_RULES)
     if flags.remode not in RANDOM_ERASING_MODES:
-        raise UsageError(f"--remode {flags.remode!r}: valid choices are {', '.join(RANDOM_ERASING_MODES)}")
+        problems.add(f"--remode {flags.remode!r}: valid choices are {', '.join(RANDOM_ERASING_MODES)}")
     if flags.cutmix_minmax is not None:
         if len(flags.cutmix_minmax) != 2:
-            raise UsageError(f"--cutmix_minmax takes two numbers (min max), got {flags.cutmix_minmax}")
-        if not flags.cutmix_minmax[0] < flags.cutmix_minmax[1]:
-            raise UsageError(f"--cutmix_minmax {flags.cutmix_minmax[0]} {flags.cutmix_minmax[1]}: valid values are "
-                             f"min < max, both in (0, 1]")
-    if not (flags.linprobe or flags.knn or flags.eval):
-        check_auto_augment(no_policy(flags.aa))
+            problems.add(f"--cutmix_minmax takes two numbers (min max), got {flags.cutmix_minmax}")
+        elif not flags.cutmix_minmax[0] < flags.cutmix_minmax[1]:
+            problems.add(f"--cutmix_minmax {flags.cutmix_minmax[0]} {flags.cutmix_minmax[1]}: valid values are "
+                         f"min < max, both in (0, 1]")
+    training = not (flags.knn or flags.eval)
+    if training:
+        with problems.check():
+            if not flags.linprobe:
+                check_auto_augment(no_policy(flags.aa))
+        if flags.warmup_epochs >= flags.epochs > 0:
+            problems.add(f"--warmup_epochs {flags.warmup_epochs} is not shorter than --epochs {flags.epochs}: the lr "
+                         f"would never reach its peak; use --warmup_epochs {flags.epochs // 10} (a tenth of the run) "
+                         f"or fewer")
     if flags.linprobe and flags.knn:
-        raise UsageError("--linprobe and --knn are different modes: choose one")
+        problems.add("--linprobe and --knn are different modes: choose one")
     if not 0.0 < flags.min_crop_scale <= 1.0:
-        raise UsageError(f"--min_crop_scale must be in (0, 1], got {flags.min_crop_scale}")
+        problems.add(f"--min_crop_scale must be in (0, 1], got {flags.min_crop_scale}")
+    problems.raise_any()
 
 
 def resolve(flags: argparse.Namespace, contract: ClassifierContract, train: Optional[ImageList],

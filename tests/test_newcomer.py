@@ -239,7 +239,7 @@ def test_help_and_a_wrong_flag_answer_before_torch_loads(program):
             name = Path(program).name
             lines = done.stderr.splitlines()
             assert lines[0].startswith(f"{name}: error: unrecognized arguments: --batch_sise 3"), lines
-            assert "usage:" not in done.stderr and f"python {name} --help lists every flag" in lines[1]
+            assert "usage:" not in done.stderr and lines[0].endswith(f"; python {name} --help lists every flag")
             if program != "tools/reconstruct.py":
                 assert "(did you mean --batch_size?)" in lines[0]
         else:
@@ -251,3 +251,15 @@ def test_a_local_submission_says_it_runs_in_the_background_and_which_log_to_foll
     line = submitted_line("123", "/jobs/%j", local=True)
     assert "runs in the background on this machine" in line and "tail -f /jobs/123/123_0_log.out" in line
     assert "squeue -j 123" in submitted_line("123", "/jobs/%j", local=False)
+
+
+def test_finetune_lists_every_problem_and_refuses_a_warmup_longer_than_the_run(tmp_path):
+    import main_finetune
+    (tmp_path / "train").mkdir()
+    with pytest.raises(UsageError) as e:
+        main_finetune.parse_args(["--model", "swin_pico_128", "--data_path", str(tmp_path), "--device", "cpu",
+                                  "--output_dir", str(tmp_path / "o"), "--epochs", "2", "--remode", "bogus",
+                                  "--min_crop_scale", "0"])
+    problems = e.value.problems
+    assert len(problems) == 3, problems
+    assert "--warmup_epochs 5 is not shorter than --epochs 2" in problems[1] and "--remode 'bogus'" in problems[0]
