@@ -263,3 +263,25 @@ def test_finetune_lists_every_problem_and_refuses_a_warmup_longer_than_the_run(t
     problems = e.value.problems
     assert len(problems) == 3, problems
     assert "--warmup_epochs 5 is not shorter than --epochs 2" in problems[1] and "--remode 'bogus'" in problems[0]
+
+
+USER_DOCS = ["README.md", "FINETUNE.md", "DETECTION.md", "SEGMENTATION.md"]
+# words about how the project was made, which mean nothing to a user of it
+HISTORY = [r"\bissue #?\d+", r"\bsession \d+", r"\bspec §", r"\bthis change\b", r"\bthe previous code\b",
+           r"\bthis machine\b", r"\bthis project's machine\b", r"\bnot run here\b", r"\bwork item"]
+
+
+@pytest.mark.parametrize("doc", USER_DOCS)
+def test_user_docs_speak_of_the_project_as_it_is(doc):
+    """No development history in a user document, and every module or tool it runs exists."""
+    import re
+    root = Path(__file__).resolve().parents[1]
+    text = (root / doc).read_text()
+    found = [m.group(0) for pattern in HISTORY for m in re.finditer(pattern, text, re.IGNORECASE)]
+    assert found == [], (doc, found)
+    modules = set(re.findall(r"python -m ((?:tools|segmentation|detection|engine|models)(?:\.\w+)+)", text))
+    modules |= {m for m in re.findall(r"from ((?:tools|engine|models|util)\.\w+) import", text)}
+    missing = [m for m in sorted(modules) if not (root / (m.replace(".", "/") + ".py")).is_file()]
+    files = set(re.findall(r"\b((?:tools|scripts)/\w+\.(?:py|sh))\b", text))
+    missing += [f for f in sorted(files) if not (root / f).is_file()]
+    assert missing == [], (doc, missing)
