@@ -8,12 +8,12 @@ engine.lars.LARS (momentum 0.9, trust coefficient 0.001). All main_finetune.py f
 """
 from pathlib import Path
 
-from config.cli import answer_usage_first_with, flag_names, load_recipe, run_main
+from config.cli import answer_usage_first_with, flag_names, load_recipe, recipe_defaults, run_main
 
 RECIPE = Path(__file__).resolve().parent / "recipes" / "linprobe.yaml"
 
 if __name__ == "__main__":  # main_finetune.py answers --help and flag errors (with this recipe) before torch loads
-    answer_usage_first_with(str(RECIPE))
+    answer_usage_first_with(recipe_defaults(str(RECIPE)))
 
 from main_finetune import get_args_parser, main, parse_args  # noqa: E402
 

@@ -5,9 +5,13 @@
 Preemption and timeouts requeue the job, which resumes at the step where it stopped
 (launch/slurm.py). `--local` runs the same job with submitit's local executor.
 """
-import main_detection
+from config.cli import answer_usage_first_with, run_main
 from launch import slurm
-from config.cli import run_main
+
+if __name__ == "__main__":  # main_detection.py answers --help and flag errors with this parser before torch loads
+    answer_usage_first_with(slurm.early_parser("main_detection"))
+
+import main_detection  # noqa: E402
 
 if __name__ == "__main__":
     run_main(lambda: slurm.main(main_detection))

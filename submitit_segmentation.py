@@ -5,9 +5,13 @@
 Preemption and timeouts requeue the job, which resumes at the iteration where it stopped
 (launch/slurm.py). `--local` runs the same job with submitit's local executor.
 """
-import main_segmentation
+from config.cli import answer_usage_first_with, run_main
 from launch import slurm
-from config.cli import run_main
+
+if __name__ == "__main__":  # main_segmentation.py answers --help and flag errors with this parser before torch loads
+    answer_usage_first_with(slurm.early_parser("main_segmentation"))
+
+import main_segmentation  # noqa: E402
 
 if __name__ == "__main__":
     run_main(lambda: slurm.main(main_segmentation))

@@ -37,27 +37,35 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{prog}: error: {message}; python {prog} --help lists every flag\n")
 
 
-# a recipe whose values are the defaults of the early parse: main_linprobe.py runs main_finetune.py's
-# parser with its recipe, and asks for the early answer before importing main_finetune
-_usage_first_recipe: Optional[str] = None
+# how a program that runs another's parser builds its own from it (main_linprobe.py: main_finetune.py's
+# with a recipe; submitit_*.py: the program's plus SLURM's flags); set before importing that program
+_usage_first_parser: Optional[Callable[[Callable[..., argparse.ArgumentParser]], argparse.ArgumentParser]] = None
 
 
-def answer_usage_first_with(recipe: str) -> None:
-    """A program that is another's parser plus ``recipe`` asks for that parser's early answer
-    (``answer_usage_first``), with the recipe's values as defaults, before importing it."""
-    global _usage_first_recipe
-    _usage_first_recipe = recipe
+def answer_usage_first_with(build: Callable[[Callable[..., argparse.ArgumentParser]], argparse.ArgumentParser]
+                            ) -> None:
+    """A program built on another one's parser asks for that program's early answer (``answer_usage_first``)
+    before importing it; ``build(get_args_parser)`` is its own parser."""
+    global _usage_first_parser
+    _usage_first_parser = build
 
 
-def answer_usage_first(get_args_parser: Callable[[], argparse.ArgumentParser], as_program: bool) -> None:
+def recipe_defaults(recipe: str) -> Callable[[Callable[..., argparse.ArgumentParser]], argparse.ArgumentParser]:
+    """For ``answer_usage_first_with``: the program's parser with ``recipe``'s values as its defaults."""
+    def build(get_args_parser):
+        parser = get_args_parser()
+        parser.set_defaults(**load_recipe(recipe, flag_names(parser)))
+        return parser
+    return build
+
+
+def answer_usage_first(get_args_parser: Callable[..., argparse.ArgumentParser], as_program: bool) -> None:
     """Called where a program's parser is defined, above its heavy imports (torch, torchvision, timm):
     run as a program (``as_program``, or asked by ``answer_usage_first_with``), parse the command line
     once, so that --help and a wrong flag answer at once; the real parse follows. Otherwise nothing."""
-    if not as_program and _usage_first_recipe is None:
+    if not as_program and _usage_first_parser is None:
         return
-    parser = get_args_parser()
-    if _usage_first_recipe is not None:
-        parser.set_defaults(**load_recipe(_usage_first_recipe, flag_names(parser)))
+    parser = _usage_first_parser(get_args_parser) if _usage_first_parser is not None else get_args_parser()
     parser.parse_args()
 
 

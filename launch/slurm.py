@@ -29,8 +29,7 @@ from types import ModuleType
 
 import submitit
 
-from config.cli import HelpFormatter, parse
-from engine.stop import stopped_by
+from config.cli import ArgumentParser, HelpFormatter, parse
 from errors import UsageError
 
 
@@ -78,6 +77,7 @@ class Trainer:
         program: ModuleType = importlib.import_module(self.program)
         submitit_handler = signal.getsignal(signal.SIGUSR2)
         code = program.main(program.configure(args))  # installs the stop handlers (engine.stop), SIGUSR2 among them
+        from engine.stop import stopped_by  # (torch: imported by the job, not by --help)
         if stopped_by() == signal.SIGUSR2 and env.global_rank == 0:
             # checkpoint written at a step boundary: let submitit requeue through its own handler
             signal.signal(signal.SIGUSR2, submitit_handler)
@@ -158,11 +158,18 @@ def build_parser(program: ModuleType) -> argparse.ArgumentParser:
             action.help = "checkpoints, log.txt, run records and figures (default: the job folder)"
         elif action.dest == "dist_url":
             action.help = "rendezvous URL (default: a fresh file in the job folder)"
-    parser = argparse.ArgumentParser(f"submitit for {program.__name__}", parents=[program_parser],
+    parser = ArgumentParser(f"submitit for {program.__name__}", parents=[program_parser],
                                      formatter_class=HelpFormatter)
     add_slurm_args(parser)
     parser.set_defaults(output_dir="", log_dir=None, dist_url="")
     return parser
+
+
+def early_parser(name: str):
+    """For config.cli.answer_usage_first_with: the wrapper's parser (program ``name``'s flags + SLURM's),
+    built from the program's parser before the program's heavy modules load."""
+    from types import SimpleNamespace
+    return lambda get_args_parser: build_parser(SimpleNamespace(__name__=name, get_args_parser=get_args_parser))
 
 
 def prepare(program: ModuleType, argv=None) -> argparse.Namespace:

@@ -210,7 +210,8 @@ def test_parameter_counts_below_a_million_are_shown_exactly():
     assert count_text(1_290) == "1,290" and count_text(28_288_354) == "28.29M"
 
 
-PROGRAMS = ["main_detection.py", "main_segmentation.py", "main_finetune.py", "main_linprobe.py", "tools/reconstruct.py"]
+PROGRAMS = ["main_detection.py", "main_segmentation.py", "main_finetune.py", "main_linprobe.py", "tools/reconstruct.py",
+            "submitit_detection.py", "submitit_segmentation.py", "submitit_finetune.py"]
 _PROBE = """
 import runpy, sys
 sys.argv = [sys.argv[1], *sys.argv[2:]]
