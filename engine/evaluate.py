@@ -9,6 +9,7 @@ from typing import Sequence
 from torch import nn
 
 from engine import checkpoint as ckpt_util
+from engine.state import _misfit as misfit
 from errors import CheckpointError
 
 
@@ -22,19 +23,10 @@ def load_trained_weights(model: nn.Module, path: str, architecture: Sequence[str
     weights = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(weights, dict):
         raise CheckpointError(f"{path} holds no model weights (no 'model' state dict)")
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    shapes = [k for k in own if k in weights and getattr(weights[k], "shape", None) != own[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s) ({', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s) ({', '.join(unexpected[:3])})")
-    problems += [f"{k} has shape {tuple(weights[k].shape)}, the model {tuple(own[k].shape)}" for k in shapes[:3]]
-    if problems:
+    reason = misfit(ckpt, model, None)
+    if reason:
         flags = ", ".join(f"--{f}" for f in architecture)
-        raise CheckpointError(f"{path} does not fit the model these flags build: {'; '.join(problems)}"
+        raise CheckpointError(f"{path} does not fit the model these flags build: {reason}"
                               + (f". The architecture flags ({flags}) come from the checkpoint unless given on "
                                  f"the command line: drop the ones given" if flags else ""))
     model.load_state_dict(weights, strict=True)
