@@ -101,10 +101,9 @@ def check_flags(flags: argparse.Namespace) -> None:
         with problems.check():
             if not flags.linprobe:
                 check_auto_augment(no_policy(flags.aa))
-        if flags.warmup_epochs >= flags.epochs > 0:
-            problems.add(f"--warmup_epochs {flags.warmup_epochs} is not shorter than --epochs {flags.epochs}: the lr "
-                         f"would never reach its peak; use --warmup_epochs {flags.epochs // 10} (a tenth of the run) "
-                         f"or fewer")
+        if flags.warmup_epochs > flags.epochs > 0:  # (a warmup over the whole run still reaches the peak lr)
+            problems.add(f"--warmup_epochs {flags.warmup_epochs} is longer than --epochs {flags.epochs}: the lr "
+                         f"would never reach its peak; use --warmup_epochs {max(1, flags.epochs // 10)} or fewer")
     if flags.linprobe and flags.knn:
         problems.add("--linprobe and --knn are different modes: choose one")
     if not 0.0 < flags.min_crop_scale <= 1.0:

@@ -263,7 +263,7 @@ def test_finetune_lists_every_problem_and_refuses_a_warmup_longer_than_the_run(t
                                   "--min_crop_scale", "0"])
     problems = e.value.problems
     assert len(problems) == 3, problems
-    assert "--warmup_epochs 5 is not shorter than --epochs 2" in problems[1] and "--remode 'bogus'" in problems[0]
+    assert "--warmup_epochs 5 is longer than --epochs 2" in problems[1] and "--remode 'bogus'" in problems[0]
 
 
 USER_DOCS = ["README.md", "FINETUNE.md", "DETECTION.md", "SEGMENTATION.md"]
