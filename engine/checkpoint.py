@@ -298,6 +298,20 @@ def stored_model_name(path: str | os.PathLike) -> Optional[str]:
     return getattr(args, "model", None) if isinstance(getattr(args, "model", None), str) else None
 
 
+def stored_pixel_flags(path: str | os.PathLike) -> Optional[dict]:
+    """``in_chans``, ``norm_mean`` and ``norm_std`` as a checkpoint's run kept them in its flags
+    (imagedata.normstats), or None when it kept none (the reference's, a bare state dict)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return None
+    flags = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(flags, dict) or not flags.get("norm_mean"):
+        return None
+    return {k: flags.get(k) for k in ("in_chans", "norm_mean", "norm_std")}
+
+
 def load_latest(output_dir: str | os.PathLike, log=print,
                 check: Optional[Callable[[Path, dict], Optional[str]]] = None) -> Optional[tuple[Path, dict]]:
     """The checkpoint in ``output_dir`` with the most recorded progress that verifies, loads and fits.

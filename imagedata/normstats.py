@@ -155,15 +155,15 @@ def write_stats(pixels: Pixels, path: Path, key: Optional[dict] = None) -> None:
     os.replace(tmp, path)
 
 
-def stored(config_or_flags, in_chans: Optional[int] = None) -> Optional[Pixels]:
-    """The statistics a checkpoint's flags (``norm_mean`` / ``norm_std``) hold, or None for a run
-    that stored none (the reference's checkpoints, ours before they were kept: ImageNet's)."""
-    get = config_or_flags.get if isinstance(config_or_flags, dict) else lambda k, d=None: getattr(config_or_flags, k, d)
-    mean, std = get("norm_mean"), get("norm_std")
-    if not mean or not std:
+def stored(checkpoint: str | os.PathLike) -> Optional[Pixels]:
+    """The channels and statistics a checkpoint's run kept (engine.checkpoint.stored_pixel_flags), or
+    None for one that kept none (the reference's, a bare state dict: RGB with ImageNet's)."""
+    from engine.checkpoint import stored_pixel_flags
+    flags = stored_pixel_flags(checkpoint) if checkpoint else None
+    if not flags or not flags.get("norm_mean") or not flags.get("norm_std"):
         return None
-    chans = int(get("in_chans") or len(mean))
-    return Pixels(chans, tuple(float(x) for x in mean), tuple(float(x) for x in std))
+    mean, std = flags["norm_mean"], flags["norm_std"]
+    return Pixels(int(flags.get("in_chans") or len(mean)), tuple(float(x) for x in mean), tuple(float(x) for x in std))
 
 
 def describe(pixels: Pixels) -> str:
