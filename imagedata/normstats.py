@@ -169,7 +169,7 @@ def stored(checkpoint: str | os.PathLike) -> Optional[Pixels]:
 def describe(pixels: Pixels) -> str:
     """One line for logs: the channels and the statistics."""
     fmt = lambda xs: "[" + ", ".join(f"{x:.4g}" for x in xs) + "]"  # noqa: E731
-    return f"{pixels.in_chans} channels, mean {fmt(pixels.mean)}, std {fmt(pixels.std)}"
+    return f"{pixels.in_chans} channel{'s' if pixels.in_chans != 1 else ''}, mean {fmt(pixels.mean)}, std {fmt(pixels.std)}"
 
 
 def run_pixels(config, images, log=print) -> Pixels:
