@@ -12,7 +12,10 @@ from typing import Optional
 
 from torch import nn
 
-from errors import CheckpointError
+
+class ChannelCountError(ValueError):
+    """Weights of another channel count than the model's that cannot be adapted (the loader reports it
+    as a checkpoint error)."""
 
 
 def first_conv_key(model: nn.Module) -> Optional[str]:
@@ -26,7 +29,7 @@ def first_conv_key(model: nn.Module) -> Optional[str]:
 def adapt_input_channels(model: nn.Module, state_dict: dict, path: str) -> str:
     """Adapt ``state_dict``'s patch-embedding weight (in place) to the model's input channels when it
     has 3 and the model another count; returns what was done ("" when nothing). Any other pair of
-    channel counts is a CheckpointError naming both."""
+    channel counts is a ChannelCountError naming both."""
     key = first_conv_key(model)
     if key is None or key not in state_dict:
         return ""
@@ -36,7 +39,7 @@ def adapt_input_channels(model: nn.Module, state_dict: dict, path: str) -> str:
         return ""
     have, want = int(weight.shape[1]), int(own.shape[1])
     if have != 3:
-        raise CheckpointError(f"{path} was trained on {have}-channel images and the model takes {want}: build it "
+        raise ChannelCountError(f"{path} was trained on {have}-channel images and the model takes {want}: build it "
                               f"with --in_chans {have} (only RGB weights are adapted to another channel count)")
     from timm.models import adapt_input_conv
     state_dict[key] = adapt_input_conv(want, weight.float()).to(weight.dtype)

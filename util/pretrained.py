@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import models
-from models.channels import adapt_input_channels
+from models.channels import ChannelCountError, adapt_input_channels
 from models.checkpoint_maps import ForeignCheckpointError, describe_formats, identify
 from models.dense import DenseBackbone, has_pyramid
 from models.pos_embed import resize_pos_embed
@@ -105,7 +105,10 @@ def load_state(model: nn.Module, sd: dict, path: str, head_init_std: float = 2e-
     for k in [k for k in sd if k.startswith("head.")]:
         if k not in own or own[k].shape != sd[k].shape:
             del sd[k]
-    report.adapted = adapt_input_channels(model, sd, path)  # RGB weights into an --in_chans N model
+    try:
+        report.adapted = adapt_input_channels(model, sd, path)  # RGB weights into an --in_chans N model
+    except ChannelCountError as e:
+        raise CheckpointError(str(e)) from None
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         extra = contract.prefix_tokens
         grid = int(round((own["pos_embed"].shape[1] - extra) ** 0.5))
