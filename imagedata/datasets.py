@@ -12,8 +12,10 @@
   when an epoch skipped more than ``--max_skipped``. Every data path uses this one mechanism.
   Files left out when listing (unsupported type, broken link, link loop, unreadable folder)
   are named once with the reason (``report_left_out``).
-* High-bit-depth images are scaled to 8 bits (``to_rgb8``); large JPEGs are decoded at a
-  reduced scale when the crop allows (``ImageList.min_side``).
+* With 3 channels, high-bit-depth images are scaled to 8 bits (``to_rgb8``); large JPEGs are
+  decoded at a reduced scale when the crop allows (``ImageList.min_side``). Another channel count
+  (``Pixels.in_chans``) reads every file at full precision (imagedata/channels.py); the transforms
+  normalise with ``Pixels.mean`` / ``std`` (imagedata/normstats.py).
 * Augmentation randomness is seeded per (seed, epoch, sample), so a run gives the
   same crops whatever the number of workers, and a resumed run the same as an
   uninterrupted one.
