@@ -46,8 +46,9 @@ def display_bands(in_chans: int, bands: Optional[Sequence[int]] = None) -> tuple
 
 
 def display_scale(original: Tensor, pixels: Pixels, bands: Sequence[int]) -> Optional[tuple[Tensor, Tensor]]:
-    """(low, high) per shown band, (1, B, 1, 1): the originals' 1st and 99th percentiles (None: RGB, shown as 0..1)."""
-    if pixels.in_chans == 3 and tuple(bands) == (0, 1, 2) and pixels == RGB:
+    """(low, high) per shown band, (1, B, 1, 1): the originals' 1st and 99th percentiles (None: 8-bit RGB,
+    shown as 0..1)."""
+    if pixels.in_chans == 3 and tuple(bands) == (0, 1, 2):  # 8-bit RGB: shown as it is
         return None
     x = _denormalise(original.float(), pixels)[:, list(bands)].transpose(0, 1).reshape(len(bands), -1)
     q = torch.quantile(x, torch.tensor([0.01, 0.99], device=x.device), dim=1)   # (2, B)
