@@ -23,7 +23,7 @@ from config.channels import add_pixel_args
 from config.cli import HelpFormatter, add_common_args, parse, run_main, write_recipe
 from config.finetune import FinetuneConfig, check_flags, resolve
 from config.sections import effective_lr, step_settings
-from engine.checkpoint import stored_model_name
+from engine.checkpoint import stored_model_name, stored_pixels
 from engine.cpu_perf import setup_cpu_training
 from engine.distributed import is_main_process
 from engine.lars import LARS
@@ -40,7 +40,7 @@ from imagedata.datasets import build_finetune_dataset, data_fingerprint, eval_tr
     image_list, report_left_out
 from imagedata.channels import check_channels
 from imagedata.normstats import describe as describe_pixels
-from imagedata.normstats import run_pixels, stored
+from imagedata.normstats import run_pixels
 from util.pretrained import load_pretrained
 
 DEFAULT_MODEL = "swin_tiny_256"
@@ -135,7 +135,7 @@ def configure(flags: argparse.Namespace) -> FinetuneConfig:
     for split in (train, val):
         if split is not None:
             report_left_out(split)
-    config = resolve(flags, contract, train, val, stored(flags.finetune))
+    config = resolve(flags, contract, train, val, stored_pixels(flags.finetune) if flags.finetune else None)
     try:
         check_channels(val, config.in_chans)  # the data's channels against --in_chans (or the checkpoint's)
     except DataError as e:

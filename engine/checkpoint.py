@@ -298,18 +298,22 @@ def stored_model_name(path: str | os.PathLike) -> Optional[str]:
     return getattr(args, "model", None) if isinstance(getattr(args, "model", None), str) else None
 
 
-def stored_pixel_flags(path: str | os.PathLike) -> Optional[dict]:
-    """``in_chans``, ``norm_mean`` and ``norm_std`` as a checkpoint's run kept them in its flags
-    (imagedata.normstats), or None when it kept none (the reference's, a bare state dict)."""
+def stored_pixels(path: str | os.PathLike):
+    """The channels and normalisation statistics a checkpoint's run kept in its flags (``in_chans``,
+    ``norm_mean``, ``norm_std``: imagedata.normstats) as ``imagedata.channels.Pixels``, or None when it
+    kept none (the reference's, a bare state dict: RGB with ImageNet's); read as stored_model_name reads."""
+    from imagedata.channels import Pixels
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:
             return None
     flags = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(flags, dict) or not flags.get("norm_mean"):
+    if not isinstance(flags, dict) or not flags.get("norm_mean") or not flags.get("norm_std"):
         return None
-    return {k: flags.get(k) for k in ("in_chans", "norm_mean", "norm_std")}
+    mean, std = flags["norm_mean"], flags["norm_std"]
+    return Pixels(int(flags.get("in_chans") or len(mean)), tuple(float(x) for x in mean),
+                  tuple(float(x) for x in std))
 
 
 def load_latest(output_dir: str | os.PathLike, log=print,

@@ -9,9 +9,9 @@
 
 The statistics are of the values the model's data path produces before normalising: 8-bit RGB as
 ToTensor scales it (/ 255) with 3 channels, ``imagedata.channels.to_tensor`` otherwise. A run keeps
-them in its config (``norm_mean``, ``norm_std``), so its checkpoints, its run record and
-``config.yaml`` carry them; finetuning, k-NN, the linear probe, reconstruction and export take them
-from the checkpoint unless ``--norm_stats`` says otherwise.
+them in its config (``norm_mean``, ``norm_std``), so its checkpoints and its run record carry them
+(engine.checkpoint.stored_pixels reads them back); finetuning, k-NN, the linear probe,
+reconstruction and export take them from the checkpoint unless ``--norm_stats`` says otherwise.
 """
 from __future__ import annotations
 
@@ -153,17 +153,6 @@ def write_stats(pixels: Pixels, path: Path, key: Optional[dict] = None) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"mean": list(pixels.mean), "std": list(pixels.std), "key": key}, indent=1) + "\n")
     os.replace(tmp, path)
-
-
-def stored(checkpoint: str | os.PathLike) -> Optional[Pixels]:
-    """The channels and statistics a checkpoint's run kept (engine.checkpoint.stored_pixel_flags), or
-    None for one that kept none (the reference's, a bare state dict: RGB with ImageNet's)."""
-    from engine.checkpoint import stored_pixel_flags
-    flags = stored_pixel_flags(checkpoint) if checkpoint else None
-    if not flags or not flags.get("norm_mean") or not flags.get("norm_std"):
-        return None
-    mean, std = flags["norm_mean"], flags["norm_std"]
-    return Pixels(int(flags.get("in_chans") or len(mean)), tuple(float(x) for x in mean), tuple(float(x) for x in std))
 
 
 def describe(pixels: Pixels) -> str:

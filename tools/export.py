@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 from config.cli import run_main  # noqa: E402
 from config.pretrain import model_kwargs  # noqa: E402
-from engine.checkpoint import safe_load  # noqa: E402
+from engine.checkpoint import safe_load, stored_pixels  # noqa: E402
 from errors import CheckpointError, UsageError  # noqa: E402
-from imagedata.normstats import stored  # noqa: E402
 from models.checkpoint_maps import timm_target  # noqa: E402
 from util.pretrained import load_pretrained, load_pretraining_weights  # noqa: E402
 
@@ -62,7 +61,7 @@ def export(checkpoint: str, model_name: str, output: str, nb_classes: int = 0, i
         raise UsageError(f"unknown --model {model_name!r}; valid: {', '.join(models.list_models())}")
     pretraining = model_name in models.list_models(task="pretrain")
     extra: dict = {"source_checkpoint": str(checkpoint)}
-    pixels = stored(checkpoint) if str(checkpoint).endswith(".pth") else None  # the run's channels and statistics
+    pixels = stored_pixels(checkpoint) if str(checkpoint).endswith(".pth") else None  # the run's channels and statistics
     if pixels is not None:
         extra.update(in_chans=pixels.in_chans, norm_mean=list(pixels.mean), norm_std=list(pixels.std))
     if pretraining:
