@@ -109,7 +109,7 @@ class PretrainTask(Task):
                           rounding=self.model.contract.mask_rounding)
         sm = secondary_mask(mask, c.vis_mask_ratio, generator=gen) if c.vis_mask_ratio > 0 else None
         path = write_reconstruction(self.model, imgs, mask, sm, Path(c.output_dir) / f"reconstruction-{period}.png",
-                                    f"{c.model}, epoch {period}", c.denorm)
+                                    f"{c.model}, epoch {period}", c.denorm, pixels=c.pixels)
         writer = self.run.log_writer
         if writer is not None:
             import numpy as np

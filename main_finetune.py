@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from config.cli import ArgumentParser, HelpFormatter, add_common_args, answer_usage_first
+from config.pixel_flags import add_pixel_args
 
 DEFAULT_MODEL = "swin_tiny_256"
 
@@ -72,6 +73,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--knn_t", type=float, default=0.07, help="k-NN: temperature of the similarity weights")
     p.add_argument("--eval_freq", type=int, default=1,
                    help="evaluate on val/ every N epochs and after the last (best checkpoint among those)")
+    add_pixel_args(p, finetune=True)  # --in_chans, --norm_stats (config/pixel_flags.py)
     add_common_args(p)
     return p
 
@@ -86,7 +88,7 @@ import models  # noqa: E402
 from config.cli import parse, run_main, write_recipe  # noqa: E402
 from config.finetune import FinetuneConfig, check_flags, resolve  # noqa: E402
 from config.sections import effective_lr, step_settings  # noqa: E402
-from engine.checkpoint import stored_model_name  # noqa: E402
+from engine.checkpoint import stored_model_name, stored_pixels  # noqa: E402
 from engine.cpu_perf import setup_cpu_training  # noqa: E402
 from engine.distributed import is_main_process  # noqa: E402
 from engine.lars import LARS  # noqa: E402
@@ -101,6 +103,9 @@ from engine_finetune import ClassifyTask, KnnTask, use_linear_probe  # noqa: E40
 from errors import DataError, UsageError  # noqa: E402
 from imagedata.datasets import (build_finetune_dataset, data_fingerprint, eval_transform,  # noqa: E402
                                 finetune_train_transform, image_list, report_left_out)
+from imagedata.channels import check_channels  # noqa: E402
+from imagedata.normstats import describe as describe_pixels  # noqa: E402
+from imagedata.normstats import run_pixels  # noqa: E402
 from util.pretrained import load_pretrained  # noqa: E402
 
 
@@ -134,7 +139,12 @@ def configure(flags: argparse.Namespace) -> FinetuneConfig:
     for split in (train, val):
         if split is not None:
             report_left_out(split)
-    return resolve(flags, contract, train, val)
+    config = resolve(flags, contract, train, val, stored_pixels(flags.finetune) if flags.finetune else None)
+    try:
+        check_channels(val, config.in_chans)  # the data's channels against --in_chans (or the checkpoint's)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    return config
 
 
 def classifier_of(checkpoint: str) -> str | None:
@@ -147,7 +157,13 @@ def classifier_of(checkpoint: str) -> str | None:
 
 def main(config: FinetuneConfig) -> int:
     run, config = start_run(config, f"main_finetune ({config.mode})")
-    val_set = build_finetune_dataset(config.data_path, "val", config.input_size, config.batch_size, config.seed)
+    # --in_chans / --norm_stats: the checkpoint's statistics, or those named (auto: of the training set)
+    pixels = run_pixels(config, image_list(config.data_path, "val" if config.eval else "train", labelled=True),
+                        log=print if is_main_process() else lambda *a: None)
+    config = replace(config, norm_mean=pixels.mean, norm_std=pixels.std)
+    run.log(f"pixels: {describe_pixels(pixels)} (--norm_stats {config.norm_stats})")
+    val_set = build_finetune_dataset(config.data_path, "val", config.input_size, config.batch_size, config.seed,
+                                     pixels=pixels)
     val = eval_loader(val_set, config.batch_size, run.world, run.rank, config.num_workers, run.device, config.pin_mem,
                       shard=config.dist_eval or config.knn)
     model = build_model(config, run.device)
@@ -156,7 +172,7 @@ def main(config: FinetuneConfig) -> int:
     run.log(cpu_note)
     if config.knn:
         bank = build_finetune_dataset(config.data_path, "train", config.input_size, config.batch_size, config.seed,
-                                      transform=eval_transform(config.input_size))
+                                      transform=eval_transform(config.input_size, pixels), pixels=pixels)
         bank = eval_loader(bank, config.batch_size, run.world, run.rank, config.num_workers, run.device,
                            config.pin_mem, shard=True)
         return evaluate_only(run, KnnTask(config, model, run, bank, val))
@@ -174,7 +190,8 @@ def main(config: FinetuneConfig) -> int:
              f"{'linear probe' if config.linprobe else 'finetune'}; world {run.world}",
              cpu=cpu_note or None, start={"epoch": state.epoch, "step": state.step}, lr=config.lr,
              num_train=config.num_train,
-             num_val=config.num_val, nb_classes=config.nb_classes)
+             num_val=config.num_val, nb_classes=config.nb_classes, in_chans=pixels.in_chans,
+             norm_mean=list(pixels.mean), norm_std=list(pixels.std))
     write_recipe(config, run.rank)
     task = ClassifyTask(config, model, state.train_model, run, val)
     steps = len(loader)
@@ -211,9 +228,10 @@ def make_optimizer(config: FinetuneConfig, model: torch.nn.Module, device: torch
 def classification_loader(config: FinetuneConfig, run: Run) -> tuple[TrainLoader, Optional[dict]]:
     """The training loader, and the fingerprint of its shards (None for image folders) for checkpoints."""
     transform = finetune_train_transform(config.input_size, config.color_jitter, config.min_crop_scale, config.aa,
-                                         config.reprob, config.remode, config.recount)
+                                         config.reprob, config.remode, config.recount, config.pixels)
     train_set = build_finetune_dataset(config.data_path, "train", config.input_size, config.batch_size, config.seed,
-                                       transform=transform, training=True, world=run.world, rank=run.rank)
+                                       transform=transform, training=True, world=run.world, rank=run.rank,
+                                       pixels=config.pixels)
     loader = train_loader(train_set, config.batch_size, run.world, run.rank, config.seed, config.num_workers,
                           run.device, config.pin_mem)
     require_a_batch(len(loader), len(train_set), config.batch_size, run.world)

@@ -16,6 +16,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 import models
+from config.pixel_flags import add_pixel_args
 from config.cli import HelpFormatter, add_common_args, parse, run_main, write_recipe
 from config.pretrain import PretrainConfig, check_flags, model_kwargs, resolve
 from config.sections import effective_lr, step_settings
@@ -31,7 +32,10 @@ from engine.trainer import Cadence, Periods, Trainer, require_a_batch
 from engine_pretrain import PretrainTask
 from errors import DataError, UsageError
 from imagedata.datasets import build_pretrain_dataset, data_fingerprint, image_list, report_left_out
+from imagedata.channels import check_channels
 from imagedata.decode import DECODERS, GpuDecodeLoader, use_decoder
+from imagedata.normstats import describe as describe_pixels
+from imagedata.normstats import run_pixels
 from util.pretrained import load_pretraining_weights
 from util.visualize import figure_images
 
@@ -72,6 +76,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--decode", default="pil", choices=DECODERS,
                    help="pil: PIL in the workers; fast: simplejpeg + torch's uint8 resize in the workers; gpu: "
                         "workers read bytes, the main process decodes and crops on the GPU (imagedata/decode.py)")
+    add_pixel_args(p)  # --in_chans, --norm_stats (config/pixel_flags.py)
     add_common_args(p)
     return p
 
@@ -98,6 +103,7 @@ def configure(flags: argparse.Namespace) -> PretrainConfig:
         raise UsageError(f"--input_size {flags.input_size}: {e}") from None
     try:
         images = image_list(flags.data_path, "train", labelled=False)
+        check_channels(images, flags.in_chans)  # the data's channels against --in_chans
     except DataError as e:
         raise UsageError(str(e)) from None
     report_left_out(images)
@@ -107,14 +113,20 @@ def configure(flags: argparse.Namespace) -> PretrainConfig:
 def main(config: PretrainConfig) -> int:
     run, config = start_run(config, "main_pretrain")
     config = replace(config, lr=effective_lr(config, run.world))
+    # --in_chans / --norm_stats: the statistics (auto: computed once, cached in --output_dir) join the config,
+    # so checkpoints, config.yaml and the run record keep them (imagedata/normstats.py)
+    pixels = run_pixels(config, image_list(config.data_path, "train", labelled=False),
+                        log=print if is_main_process() else lambda *a: None)
+    config = replace(config, norm_mean=pixels.mean, norm_std=pixels.std)
+    run.log(f"pixels: {describe_pixels(pixels)} (--norm_stats {config.norm_stats})")
     dataset = build_pretrain_dataset(config.data_path, config.input_size, config.batch_size, config.seed, run.world,
-                                     run.rank)
+                                     run.rank, pixels)
     collate = use_decoder(dataset, config.decode, config.input_size)  # --decode fast / gpu (imagedata/decode.py)
     wrap = (lambda loader: GpuDecodeLoader(loader, config.input_size, run.device)) if config.decode == "gpu" else None
     loader = train_loader(dataset, config.batch_size, run.world, run.rank, config.seed, config.num_workers,
                           run.device, config.pin_mem, collate=collate, wrap=wrap)
     require_a_batch(len(loader), len(dataset), config.batch_size, run.world)
-    figures = figure_images(dataset.images, config.input_size) if is_main_process() else None
+    figures = figure_images(dataset.images, config.input_size, pixels) if is_main_process() else None
 
     model = models.create_model(config.model, **config.model_kwargs(models.describe_class(config.model).build_options))
     model = model.to(run.device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
@@ -134,7 +146,8 @@ def main(config: PretrainConfig) -> int:
              f"images, {len(loader)} steps/epoch; effective batch {eff_batch}, lr {config.lr:.3e} (blr "
              f"{config.lr * 256 / eff_batch:.3e}); amp {config.amp}; device {run.device}; world {run.world}",
              cpu=cpu_note or None, start={"epoch": state.epoch, "step": state.step}, lr=config.lr, effective_batch=eff_batch,
-             steps_per_epoch=len(loader), num_images=len(dataset))
+             steps_per_epoch=len(loader), num_images=len(dataset), in_chans=pixels.in_chans,
+             norm_mean=list(pixels.mean), norm_std=list(pixels.std))
     write_recipe(config, run.rank)
     task = PretrainTask(config, model, state.train_model, run, figures)
     periods = Periods(len(loader), len(loader) * config.epochs)

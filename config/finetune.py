@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from config.channels import PixelConfig, check_pixel_flags, pixel_values
 from config.cli import resolve_run
 from config.rules import (DECAY, NON_NEGATIVE, POSITIVE, TRAINING_RULES, UNIT, UNIT_RIGHT_OPEN, Problems,
                           at_least, check_auto_augment, check_existing, check_ranges)
@@ -14,6 +15,7 @@ from config.sections import DataConfig, EpochSchedule, OptimConfig
 from engine.run import RunConfig
 from engine.state import register_shaping, shaping
 from errors import UsageError
+from imagedata.channels import Pixels, check_colour_ops
 from imagedata.datasets import ImageList, num_classes_of
 from models import ClassifierContract
 
@@ -28,7 +30,7 @@ RANDOM_ERASING_MODES = ("pixel", "rand", "const")
 
 @register_shaping
 @dataclass(frozen=True, kw_only=True)
-class FinetuneConfig(RunConfig, DataConfig, OptimConfig, EpochSchedule):
+class FinetuneConfig(RunConfig, DataConfig, OptimConfig, EpochSchedule, PixelConfig):
     """Everything a finetuning, linear-probe, k-NN or evaluation run is, resolved."""
     model: str                                    # a registered classifier
     drop_path: float = shaping()
@@ -74,6 +76,8 @@ class FinetuneConfig(RunConfig, DataConfig, OptimConfig, EpochSchedule):
                       drop_path_rate=0.0 if (self.linprobe or self.knn) else self.drop_path, img_size=self.input_size)
         if "global_pool" in options:
             kwargs["global_pool"] = self.global_pool
+        if self.in_chans != 3:  # --in_chans (config.channels)
+            kwargs["in_chans"] = self.in_chans
         return kwargs
 
 
@@ -88,6 +92,8 @@ def check_flags(flags: argparse.Namespace) -> None:
             check_existing(flags, ["data_path"], kind="dir")
     with problems.check():
         check_ranges(flags, FINETUNE_RULES)
+    with problems.check():
+        check_pixel_flags(flags)
     if flags.remode not in RANDOM_ERASING_MODES:
         problems.add(f"--remode {flags.remode!r}: valid choices are {', '.join(RANDOM_ERASING_MODES)}")
     if flags.cutmix_minmax is not None:
@@ -112,10 +118,14 @@ def check_flags(flags: argparse.Namespace) -> None:
 
 
 def resolve(flags: argparse.Namespace, contract: ClassifierContract, train: Optional[ImageList],
-            val: ImageList) -> FinetuneConfig:
+            val: ImageList, stored: Optional[Pixels] = None) -> FinetuneConfig:
     """The run's config from its flags, its classifier's contract (built at --input_size) and the
-    splits found (``train`` None: an evaluate-only run). Pure: checks and defaults only."""
+    splits found (``train`` None: an evaluate-only run); ``stored``: the channels and statistics
+    the --finetune checkpoint keeps. Pure: checks and defaults only."""
     run = resolve_run(flags)
+    pixels = pixel_values(flags, stored)  # --in_chans, --norm_stats (config.channels)
+    if not (flags.eval or flags.linprobe or flags.knn):
+        check_colour_ops(pixels["in_chans"], no_policy(flags.aa), flags.color_jitter)
     mixup = flags.mixup > 0 or flags.cutmix > 0 or flags.cutmix_minmax is not None
     if mixup and flags.batch_size % 2 and not (flags.eval or flags.linprobe or flags.knn):
         raise UsageError(f"Mixup/CutMix needs an even --batch_size (got {flags.batch_size})")
@@ -127,6 +137,7 @@ def resolve(flags: argparse.Namespace, contract: ClassifierContract, train: Opti
                          f"{found} classes")
     values = {f.name: getattr(flags, f.name) for f in dataclasses.fields(FinetuneConfig) if hasattr(flags, f.name)}
     values.update(run)
+    values.update(pixels)
     values.update(input_size=contract.input_size, nb_classes=found, aa=no_policy(flags.aa), cutmix_minmax=tuple(flags.cutmix_minmax) if flags.cutmix_minmax is not None else None,
                   num_train=len(train) if train is not None else 0, num_val=len(val))
     if flags.eval and flags.finetune:

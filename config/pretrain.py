@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from config.channels import PixelConfig, check_pixel_flags, pixel_values
 from config.cli import resolve_run
 from config.rules import TRAINING_RULES, at_least, check_existing, check_ranges
 from config.sections import DataConfig, EpochSchedule, MaskConfig, OptimConfig
@@ -16,7 +17,7 @@ from models import PretrainContract
 
 @register_shaping
 @dataclass(frozen=True, kw_only=True)
-class PretrainConfig(RunConfig, DataConfig, OptimConfig, EpochSchedule, MaskConfig):
+class PretrainConfig(RunConfig, DataConfig, OptimConfig, EpochSchedule, MaskConfig, PixelConfig):
     """Everything a pretraining run is, resolved: main_pretrain.py's flags by name."""
     model: str                              # a registered pretraining model
     norm_pix_loss: bool = shaping()         # per-unit normalised pixel targets
@@ -44,6 +45,8 @@ def model_kwargs(flags, options: tuple[str, ...]) -> dict:
         kwargs["mask_ratio"] = flags.mask_ratio
     if "reference_decoder_order" in options:
         kwargs["reference_decoder_order"] = flags.reference_decoder_order
+    if getattr(flags, "in_chans", None) not in (None, 3):  # --in_chans (config.channels)
+        kwargs["in_chans"] = flags.in_chans
     return kwargs
 
 
@@ -51,6 +54,7 @@ def check_flags(flags: argparse.Namespace) -> None:
     """What the flags alone can tell, before the model is described."""
     check_existing(flags, ["load_from"])
     check_ranges(flags, TRAINING_RULES + [("vis_freq", at_least(0))])
+    check_pixel_flags(flags)
     if not 0.0 <= flags.vis_mask_ratio < 1.0:
         raise UsageError(f"--vis_mask_ratio must be in [0, 1), got {flags.vis_mask_ratio}")
 
@@ -82,6 +86,7 @@ def resolve(flags: argparse.Namespace, contract: PretrainContract, num_images: i
         raise UsageError(f"--mask_ratio must be in (0, 1), got {mask_ratio}")
     values = {f.name: getattr(flags, f.name) for f in dataclasses.fields(PretrainConfig) if hasattr(flags, f.name)}
     values.update(run)
+    values.update(pixel_values(flags))  # --in_chans, --norm_stats (config.channels)
     values.update(input_size=input_size, token_size=expected, mask_ratio=mask_ratio, mask_regular=regular,
                   num_images=num_images)
     return PretrainConfig(**values)

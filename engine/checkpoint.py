@@ -298,6 +298,24 @@ def stored_model_name(path: str | os.PathLike) -> Optional[str]:
     return getattr(args, "model", None) if isinstance(getattr(args, "model", None), str) else None
 
 
+def stored_pixels(path: str | os.PathLike):
+    """The channels and normalisation statistics a checkpoint's run kept in its flags (``in_chans``,
+    ``norm_mean``, ``norm_std``: imagedata.normstats) as ``imagedata.channels.Pixels``, or None when it
+    kept none (the reference's, a bare state dict: RGB with ImageNet's); read as stored_model_name reads."""
+    from imagedata.channels import Pixels
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return None
+    flags = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(flags, dict) or not flags.get("norm_mean") or not flags.get("norm_std"):
+        return None
+    mean, std = flags["norm_mean"], flags["norm_std"]
+    return Pixels(int(flags.get("in_chans") or len(mean)), tuple(float(x) for x in mean),
+                  tuple(float(x) for x in std))
+
+
 def load_latest(output_dir: str | os.PathLike, log=print,
                 check: Optional[Callable[[Path, dict], Optional[str]]] = None) -> Optional[tuple[Path, dict]]:
     """The checkpoint in ``output_dir`` with the most recorded progress that verifies, loads and fits.

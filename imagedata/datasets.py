@@ -12,8 +12,10 @@
   when an epoch skipped more than ``--max_skipped``. Every data path uses this one mechanism.
   Files left out when listing (unsupported type, broken link, link loop, unreadable folder)
   are named once with the reason (``report_left_out``).
-* High-bit-depth images are scaled to 8 bits (``to_rgb8``); large JPEGs are decoded at a
-  reduced scale when the crop allows (``ImageList.min_side``).
+* With 3 channels, high-bit-depth images are scaled to 8 bits (``to_rgb8``); large JPEGs are
+  decoded at a reduced scale when the crop allows (``ImageList.min_side``). Another channel count
+  (``Pixels.in_chans``) reads every file at full precision (imagedata/channels.py); the transforms
+  normalise with ``Pixels.mean`` / ``std`` (imagedata/normstats.py).
 * Augmentation randomness is seeded per (seed, epoch, sample), so a run gives the
   same crops whatever the number of workers, and a resumed run the same as an
   uninterrupted one.
@@ -33,6 +35,10 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from errors import DataError
+from imagedata.channels import RGB, ChannelMismatch, Pixels, load_pixels
+from imagedata.channels import eval_transform as array_eval_transform
+from imagedata.channels import finetune_transform as array_finetune_transform
+from imagedata.channels import pretrain_transform as array_pretrain_transform
 from imagedata.images import (IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, PRETRAIN_SCALE, SAMPLE_IMAGES, SKIP_LOG_ENV,
                               Encoded, decode_rgb, sample_seed, seeded_apply, skip_sample)
 from imagedata.shards import ShardStream, is_shard_spec, shard_images
@@ -89,13 +95,16 @@ def check_skipped(stats: dict, epoch: int, max_skipped: Optional[int], list_path
 
 
 
-def pretrain_transform(input_size: int) -> Callable:
-    """The reference's pretraining augmentation (its randomness: torch's generator only)."""
+def pretrain_transform(input_size: int, pixels: Pixels = RGB) -> Callable:
+    """The reference's pretraining augmentation (its randomness: torch's generator only); for another
+    channel count, its crop and flip on full-precision arrays (imagedata.channels)."""
+    if pixels.arrays:
+        return array_pretrain_transform(input_size, pixels.mean, pixels.std)
     tf = transforms.Compose([
         transforms.RandomResizedCrop(input_size, scale=PRETRAIN_SCALE, interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(pixels.mean, pixels.std),
     ])
     tf.torch_rng_only = True
     return tf
@@ -118,6 +127,7 @@ class ImageList(Dataset):
         self.min_side: Optional[int] = None
         self._warned_huge: set[str] = set()
         self.raw = False  # load gives the file's bytes (imagedata.images.Encoded): --decode fast / gpu
+        self.in_chans = 3  # another count: load gives (C, H, W) float at full precision (imagedata.channels)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -127,8 +137,17 @@ class ImageList(Dataset):
         if self.raw:
             with open(path, "rb") as f:
                 return Encoded(f.read(), path), label
+        if self.in_chans != 3:
+            with open(path, "rb") as f:
+                return load_pixels(f.read(), path, self.in_chans), label
         with open(path, "rb") as f:
             return decode_rgb(f, path, self.min_side, self._warned_huge), label
+
+    def raw_bytes(self, index: int) -> tuple[bytes, str]:
+        """The file's bytes and its name (for checks and statistics that read the data as it is)."""
+        path = self.samples[index][0]
+        with open(path, "rb") as f:
+            return f.read(), path
 
 
 
@@ -306,6 +325,8 @@ class SeededImageDataset(Dataset):
                 if self.images.raw:  # --decode fast/gpu: the transform decodes, so its failure is the file's
                     return seeded_apply(self.transform, img, seed), label, ok
                 break
+            except ChannelMismatch:
+                raise  # the data set does not fit the model: not a sample to skip
             except Exception as e:  # a corrupt or unreadable file must not kill the run
                 ok = 0
                 skip_sample(self.images.samples[i][0], e, self._warned)
@@ -355,19 +376,20 @@ class ShardSampler(Sampler):
 
 
 def build_pretrain_dataset(data_path: Optional[str], input_size: int, batch_size: int, seed: int, world: int = 1,
-                           rank: int = 0) -> SeededImageDataset | ShardStream:
+                           rank: int = 0, pixels: Pixels = RGB) -> SeededImageDataset | ShardStream:
     """The pretraining images with the reference's augmentation (``pretrain_transform``); tar shards
     give a ``ShardStream`` of this rank's batches."""
     images = image_list(data_path, "train", labelled=False)
+    images.in_chans = pixels.in_chans
     # The few bundled photos are repeated so that an epoch holds many random crops of them.
     repeats = 1
     if data_path is None:
         repeats = max(1, math.ceil(16 * batch_size * world / len(images)))
     images.min_side = needed_side(input_size, PRETRAIN_SCALE[0])
     if not isinstance(images, ImageList):
-        return ShardStream(images, pretrain_transform(input_size), batch_size, seed, train=True, world=world,
+        return ShardStream(images, pretrain_transform(input_size, pixels), batch_size, seed, train=True, world=world,
                            rank=rank)
-    return SeededImageDataset(images, pretrain_transform(input_size), repeats=repeats)
+    return SeededImageDataset(images, pretrain_transform(input_size, pixels), repeats=repeats)
 
 
 def needed_side(input_size: int, min_scale: float, min_ratio: float = 3 / 4) -> int:
@@ -377,25 +399,31 @@ def needed_side(input_size: int, min_scale: float, min_ratio: float = 3 / 4) -> 
     return math.ceil(input_size / math.sqrt(min_scale * min_ratio))
 
 
-def eval_transform(input_size: int) -> Callable:
+def eval_transform(input_size: int, pixels: Pixels = RGB) -> Callable:
     """The reference's evaluation transform: resize to size / crop_pct, centre crop.
     crop_pct = 224/256 up to 224 px, 1.0 above."""
+    if pixels.arrays:
+        return array_eval_transform(input_size, pixels.mean, pixels.std)
     crop_pct = 224 / 256 if input_size <= 224 else 1.0
     return transforms.Compose([
         transforms.Resize(int(input_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(pixels.mean, pixels.std),
     ])
 
 
 def finetune_train_transform(input_size: int, color_jitter: Optional[float], min_crop_scale: float,
-                             aa: Optional[str], reprob: float, remode: str, recount: int) -> Callable:
-    """timm's training transform: RandomResizedCrop, flip, RandAugment, random erasing."""
+                             aa: Optional[str], reprob: float, remode: str, recount: int,
+                             pixels: Pixels = RGB) -> Callable:
+    """timm's training transform: RandomResizedCrop, flip, RandAugment, random erasing (for another
+    channel count: the geometric part and random erasing, imagedata.channels)."""
+    if pixels.arrays:
+        return array_finetune_transform(input_size, min_crop_scale, reprob, remode, recount, pixels.mean, pixels.std)
     from timm.data import create_transform
     return create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
                             scale=(min_crop_scale, 1.0), auto_augment=aa, interpolation="bicubic", re_prob=reprob,
-                            re_mode=remode, re_count=recount, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                            re_mode=remode, re_count=recount, mean=pixels.mean, std=pixels.std)
 
 
 def num_classes_of(images: ImageList) -> int:
@@ -406,16 +434,17 @@ def num_classes_of(images: ImageList) -> int:
 
 def build_finetune_dataset(data_path: str, split: str, input_size: int, batch_size: int, seed: int,
                            transform: Optional[Callable] = None, training: bool = False, world: int = 1,
-                           rank: int = 0) -> SeededImageDataset | ShardStream:
+                           rank: int = 0, pixels: Pixels = RGB) -> SeededImageDataset | ShardStream:
     """``split`` in {'train', 'val'}: ImageNet layout, the reference's list files or tar shards
     (labelled), with ``transform`` (default: the evaluation transform). ``training``: the transform
     is a training one (its crops decide how far JPEGs may be decoded at reduced scale; shards shuffle)."""
     images = image_list(data_path, split, labelled=True)
+    images.in_chans = pixels.in_chans
     if training:
         images.min_side = needed_side(input_size, 0.08)  # timm's RandomResizedCrop scale (0.08, 1)
     else:  # the evaluation transform resizes the shorter side to input / crop_pct
         images.min_side = math.ceil(input_size / (224 / 256 if input_size <= 224 else 1.0))
-    transform = transform or eval_transform(input_size)
+    transform = transform or eval_transform(input_size, pixels)
     if not isinstance(images, ImageList):  # training shards are shuffled; evaluation shards read in order
         return ShardStream(images, transform, batch_size, seed, train=training, world=world, rank=rank)
     return SeededImageDataset(images, transform)

@@ -70,6 +70,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from errors import DataError
+from imagedata.channels import ChannelMismatch, load_pixels
 from imagedata.images import IMG_EXTENSIONS, Encoded, decode_rgb, sample_seed, seeded_apply, skip_sample
 
 SHUFFLE_BUFFER = 1000  # samples held per worker for the within-worker shuffle (~100 MB of ImageNet JPEGs)
@@ -310,10 +311,27 @@ class ShardImages:
         self.labelled = labelled
         self.left_out: list = []
         self.min_side: Optional[int] = None
+        self.in_chans = 3  # another count: samples decode to (C, H, W) float at full precision (imagedata.channels)
         self._warned: set = set()
 
     def __len__(self) -> int:
         return sum(self.counts)
+
+    def _sample(self, index: int) -> dict:
+        for url, n in zip(self.urls, self.counts):
+            if index < n:
+                for sample in read_shard(url, index, index + 1):
+                    if "__error__" in sample:
+                        raise DataError(f"sample {sample['__key__']} in {url}: {sample['__error__']}")
+                    return sample
+                break
+            index -= n
+        raise IndexError(index)
+
+    def raw_bytes(self, index: int) -> tuple[bytes, str]:
+        """A sample's image bytes and its name (reads the shard up to it)."""
+        sample = self._sample(index)
+        return image_bytes(sample)[1], f"{sample.get('__key__')} in {sample.get('__url__')}"
 
     def fingerprint(self, list_limit: int = 20_000) -> dict:
         """What identifies the data a position in an epoch refers to: each shard's name, samples and
@@ -326,15 +344,7 @@ class ShardImages:
 
     def load(self, index: int):
         """Random access (reads the shard up to the sample): for a few figure images, not for training."""
-        for url, n in zip(self.urls, self.counts):
-            if index < n:
-                for sample in read_shard(url, index, index + 1):
-                    if "__error__" in sample:
-                        raise DataError(f"sample {sample['__key__']} in {url}: {sample['__error__']}")
-                    return decode_sample(sample, self.min_side, self._warned)
-                break
-            index -= n
-        raise IndexError(index)
+        return decode_sample(self._sample(index), self.min_side, self._warned, in_chans=self.in_chans)
 
 
 def _read_index(urls: list[str], split: str) -> Optional[dict]:
@@ -447,10 +457,13 @@ def label_of(sample: dict, classes: int = 0) -> int:
     return label
 
 
-def decode_sample(sample: dict, min_side: Optional[int], warned: set, classes: int = 0):
+def decode_sample(sample: dict, min_side: Optional[int], warned: set, classes: int = 0, in_chans: int = 3):
+    """(image, label): 8-bit RGB PIL image, or with another ``in_chans`` (C, H, W) float at full precision."""
     _, data = image_bytes(sample)
     name = f"{sample.get('__key__')} in {sample.get('__url__')}"
     label = label_of(sample, classes)
+    if in_chans != 3:
+        return load_pixels(data, name, in_chans), label
     return decode_rgb(io.BytesIO(data), name, min_side, warned), label
 
 
@@ -592,8 +605,10 @@ class ShardStream(IterableDataset):
             if self.raw:  # --decode fast / gpu: the transform decodes the bytes
                 img, label = Encoded(image_bytes(sample)[1], name), label_of(sample, classes)
             else:
-                img, label = decode_sample(sample, self.images.min_side, self._warned, classes)
+                img, label = decode_sample(sample, self.images.min_side, self._warned, classes, self.images.in_chans)
             return seeded_apply(self.transform, img, sample_seed(self.seed, self.epoch, pos)), label
+        except ChannelMismatch:
+            raise  # the data set does not fit the model: not a sample to skip
         except Exception as e:  # a corrupt image must not end the run: named, replaced by the caller
             skip_sample(name, e, self._warned)
             return None

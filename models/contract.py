@@ -20,11 +20,11 @@ MaskKind = Literal["uniform", "random", "any"]
 class PretrainOutput(NamedTuple):
     """What every pretraining model's ``forward(imgs, mask, sm_mask=None)`` returns.
 
-    imgs: (N, 3, H, W); mask: (N, L) bool, True = removed, L = token_size**2 mask units in raster
+    imgs: (N, C, H, W), C = the contract's in_chans; mask: (N, L) bool, True = removed, L = token_size**2 mask units in raster
     order; sm_mask: (N, L) bool, the secondary mask (kept units hidden behind a learnt token), or
     None for none. Masks come only from the caller: a model draws none itself."""
     loss: Tensor        # scalar: the method's reconstruction loss
-    pred: Tensor        # (N, L, stride * stride * 3): per-unit predictions, raster order (in training
+    pred: Tensor        # (N, L, stride * stride * C): per-unit predictions, raster order (in training
                         # mode some models predict only the removed units; the others are 0)
     mask: Tensor        # (N, L): the mask the model used (MixMAE pairs its samples' masks)
 
@@ -51,6 +51,7 @@ class PretrainContract:
     classifier: Optional[str]        # the registered classifier its checkpoint finetunes into
     pretrain_only: tuple[str, ...] = ()  # parameter-name prefixes a classifier drops when it loads the checkpoint
     compile_note: str = ""           # why --compile does not suit the model (empty: it does)
+    in_chans: int = 3                # image channels the model takes (its pixel targets have as many)
 
     def grid(self, input_size: int) -> int:
         """The mask-unit grid side for ``input_size`` pixels."""
@@ -70,6 +71,14 @@ class ClassifierContract:
     prefix_tokens: int = 0                # tokens before the patches in pos_embed (resized without them)
     pyramid: Optional[tuple[tuple[int, ...], tuple[int, ...]]] = None  # (channels, strides) of forward_pyramid
     pyramid_divisor: int = 0                  # forward_pyramid pads its input to a multiple of this
+    in_chans: int = 3                         # image channels it takes
+
+
+def input_channels(model) -> int:
+    """The channels a model's first convolution (its patch embedding) takes."""
+    from torch import nn
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return int(first.in_channels) if first is not None else 3
 
 
 class PretrainModel:
@@ -118,7 +127,7 @@ class PretrainModel:
             mask_note=self.mask_note, norm_pix_unit=int(self.norm_pix_unit or self.stride),
             norm_pix_loss=bool(self.norm_pix_loss), vis_mask_ratio=float(self.vis_mask_ratio),
             classifier=self.classifier_name, pretrain_only=tuple(self.pretrain_only),
-            compile_note=self.compile_note)
+            compile_note=self.compile_note, in_chans=input_channels(self))
 
 
 def blocks_layer_id(name: str, num_layers: int) -> int:
@@ -166,4 +175,4 @@ class Classifier:
                                   num_layers=self.lrd_num_layers(), layer_id=self.lrd_layer_id,
                                   no_weight_decay=frozenset(nwd), head=self.head_path, prefix_tokens=int(self.prefix_tokens),
                                   pyramid=pyramid,
-                                  pyramid_divisor=divisor)
+                                  pyramid_divisor=divisor, in_chans=input_channels(self))

@@ -13,7 +13,9 @@
 The input may be any file ``--finetune`` / ``--load_from`` reads, the original SimMIM, GreenMIM and
 MixMIM checkpoints included (models.checkpoint_maps). The folder loads back with
 ``ummae_models.load_exported(folder)`` (pip install .; models.portable), strictly; where timm has the
-network, ``config.json["timm"]`` gives the ``timm.create_model`` call (FINETUNE.md).
+network, ``config.json["timm"]`` gives the ``timm.create_model`` call (FINETUNE.md). A checkpoint
+that keeps its run's channels and normalisation statistics passes them on (``config.json``:
+``in_chans``, ``norm_mean``, ``norm_std``; the model is built with those channels).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 from config.cli import run_main  # noqa: E402
 from config.pretrain import model_kwargs  # noqa: E402
-from engine.checkpoint import safe_load  # noqa: E402
+from engine.checkpoint import safe_load, stored_pixels  # noqa: E402
 from errors import CheckpointError, UsageError  # noqa: E402
 from models.checkpoint_maps import timm_target  # noqa: E402
 from util.pretrained import load_pretrained, load_pretraining_weights  # noqa: E402
@@ -59,6 +61,9 @@ def export(checkpoint: str, model_name: str, output: str, nb_classes: int = 0, i
         raise UsageError(f"unknown --model {model_name!r}; valid: {', '.join(models.list_models())}")
     pretraining = model_name in models.list_models(task="pretrain")
     extra: dict = {"source_checkpoint": str(checkpoint)}
+    pixels = stored_pixels(checkpoint) if str(checkpoint).endswith(".pth") else None  # the run's channels and statistics
+    if pixels is not None:
+        extra.update(in_chans=pixels.in_chans, norm_mean=list(pixels.mean), norm_std=list(pixels.std))
     if pretraining:
         if nb_classes or timm_layout:
             raise UsageError(f"{model_name} is a pretraining model: --nb_classes and --timm apply to classifiers")
@@ -68,6 +73,8 @@ def export(checkpoint: str, model_name: str, output: str, nb_classes: int = 0, i
         extra["classifier"] = models.classifier_for(model_name)
     else:
         kwargs = {"num_classes": nb_classes}
+        if pixels is not None and pixels.in_chans != 3:
+            kwargs["in_chans"] = pixels.in_chans
         if input_size:
             kwargs["img_size"] = input_size
         if "global_pool" in models.describe_class(model_name).build_options and not global_pool:
@@ -87,7 +94,7 @@ def export(checkpoint: str, model_name: str, output: str, nb_classes: int = 0, i
         if hasattr(model, "forward_pyramid"):  # what a dense head needs to know
             size = input_size or model.contract.input_size
             with torch.no_grad():
-                feats = model.eval().forward_pyramid(torch.zeros(1, 3, size, size))
+                feats = model.eval().forward_pyramid(torch.zeros(1, model.contract.in_chans, size, size))
             extra["stage_channels"] = [int(f.shape[1]) for f in feats]
             extra["stage_strides"] = [int(size // f.shape[-1]) for f in feats]
     model.eval()

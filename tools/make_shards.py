@@ -7,8 +7,9 @@ Input: any layout ``--data_path`` reads (ImageNet ``train/<class>/*`` and ``val/
 reference's ``train.txt`` / ``val.txt`` lists, or for pretraining a plain folder of images).
 Output, per split: ``<split>-000000.tar``, ... with ``--shard_size`` samples each, and
 ``<split>.json`` (samples per shard and the class names, webdataset's wids shard-index layout).
-Each sample holds the image file's bytes unchanged (``<key>.jpg``, ``.png``, ...) and, for labelled
-splits, ``<key>.cls`` (the class index, as ImageFolder / the list file gives it).
+Each sample holds the image file's bytes unchanged (``<key>.jpg``, ``.png``, ``.tiff``, ``.npy``, ...)
+and, for labelled splits, ``<key>.cls`` (the class index, as ImageFolder / the list file gives it):
+16-bit PNGs, float TIFFs and ``.npy`` arrays keep their dtype (no 8-bit round trip; ``--in_chans``).
 
 Training samples are shuffled once (``--seed``) before writing: the loader's per-epoch shuffle
 permutes shards and mixes within a buffer, so shards must not hold one class each. Files that

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config.cli import ArgumentParser, answer_usage_first, run_main  # noqa: E402
 
-IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".npy")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="norm-pix de-normalisation: nearest seen unit's statistics, or the true (leaking) ones")
     p.add_argument("--seed", type=int, default=0, help="seed of the masks")
     p.add_argument("--max_images", type=int, default=16, help="at most this many images (one row each)")
+    # channels and statistics (imagedata/channels.py, imagedata/normstats.py)
+    p.add_argument("--norm_stats", default=None,
+                   help="imagenet or a JSON FILE of per-channel mean/std; default: the checkpoint's, else imagenet")
+    p.add_argument("--vis_bands", type=int, nargs="+", default=None,
+                   help="channels shown: one (grey) or three (as R, G, B); default: 0 1 2, or 0 for 1-2 channels")
     return p
 
 
@@ -102,6 +107,8 @@ def build(args) -> tuple[torch.nn.Module, argparse.Namespace]:
                          ("norm_pix_loss", False), ("reference_decoder_order", False)):
         value = getattr(args, key)
         setattr(flags, key, value if value is not None else saved.get(key, default))
+    flags.pixels = checkpoint_pixels(args.norm_stats, saved)
+    flags.in_chans = flags.pixels.in_chans
     kwargs = model_kwargs(flags, models.describe_class(name).build_options)
     model = models.create_model(name, **kwargs)
     state = unwrap_state_dict(ckpt)
@@ -115,18 +122,40 @@ def build(args) -> tuple[torch.nn.Module, argparse.Namespace]:
     return model.eval(), flags
 
 
-def load_images(files: list[Path], input_size: int) -> list[torch.Tensor]:
-    """(3, input_size, input_size) normalised tensors of the readable files, decoded as training decodes
-    them (imagedata.images.decode_rgb: 16-bit images scaled to 8 bits, not clipped to white); each
-    unreadable file is named on stderr."""
+def checkpoint_pixels(norm_stats, saved: dict):
+    """The channels and statistics of the figure: the checkpoint's (its run's flags), unless --norm_stats."""
+    from imagedata.channels import RGB, Pixels
+    from imagedata.normstats import read_file
+    in_chans = int(saved.get("in_chans") or 3)
+    if norm_stats == "imagenet" or (norm_stats is None and not saved.get("norm_mean")):
+        if in_chans != 3:
+            raise UsageError(f"--norm_stats imagenet has 3 channels, the checkpoint's model takes {in_chans}: "
+                             f"pass a JSON FILE")
+        return RGB
+    if norm_stats is not None:
+        return read_file(norm_stats, in_chans)
+    return Pixels(in_chans, tuple(saved["norm_mean"]), tuple(saved["norm_std"]))
+
+
+def load_images(files: list[Path], input_size: int, pixels=None) -> list[torch.Tensor]:
+    """(C, input_size, input_size) normalised tensors of the readable files, decoded as training decodes
+    them (imagedata.images.decode_rgb: 16-bit images scaled to 8 bits, not clipped to white; for another
+    channel count than 3, imagedata.channels at full precision); each unreadable file is named on stderr."""
+    from imagedata.channels import RGB, ChannelMismatch, load_pixels
     from imagedata.images import decode_rgb
     from util.visualize import figure_transform
-    tf = figure_transform(input_size)
+    pixels = pixels or RGB
+    tf = figure_transform(input_size, pixels)
     imgs = []
     for f in files:
         try:
             with open(f, "rb") as fh:
-                imgs.append(tf(decode_rgb(fh, str(f), None, set())))
+                if pixels.arrays:
+                    imgs.append(tf(load_pixels(fh.read(), str(f), pixels.in_chans)))
+                else:
+                    imgs.append(tf(decode_rgb(fh, str(f), None, set())))
+        except ChannelMismatch as e:
+            raise UsageError(str(e)) from None
         except Exception as e:  # a file that is not an image is named, not fatal
             print(f"skipped {f}: {type(e).__name__}: {e}", file=sys.stderr)
     return imgs
@@ -158,7 +187,12 @@ def main(args) -> int:
     check_output(args.output)
     files = find_images(args.images, args.max_images)
     model, flags = build(args)
-    imgs = load_images(files, flags.input_size)
+    from util.visualize import display_bands
+    try:
+        display_bands(flags.pixels.in_chans, args.vis_bands)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    imgs = load_images(files, flags.input_size, flags.pixels)
     if not imgs:
         raise UsageError(f"none of the {len(files)} --images could be read (each is named above)")
     imgs = torch.stack(imgs)
@@ -170,7 +204,8 @@ def main(args) -> int:
     sm = secondary_mask(mask, flags.vis_mask_ratio, generator=gen) if flags.vis_mask_ratio > 0 else None
     try:
         path = write_reconstruction(model, imgs, mask, sm, args.output,
-                                    f"{flags.model} from {Path(args.checkpoint).name}", args.denorm)
+                                    f"{flags.model} from {Path(args.checkpoint).name}", args.denorm,
+                                    pixels=flags.pixels, bands=args.vis_bands)
     except OSError as e:
         raise UsageError(f"--output {args.output} cannot be written: {e.strerror or e}") from None
     print(f"wrote {path} ({len(imgs)} images, {flags.model}, {flags.input_size} px, denorm {args.denorm})")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import models
+from models.channels import ChannelCountError, adapt_input_channels
 from models.checkpoint_maps import ForeignCheckpointError, describe_formats, identify
 from models.dense import DenseBackbone, has_pyramid
 from models.pos_embed import resize_pos_embed
@@ -41,6 +42,7 @@ class LoadReport:
     resized: list[str] = field(default_factory=list)
     head_reinitialised: bool = False
     layout: str = ""          # the foreign layout the file was read as (models.checkpoint_maps), if any
+    adapted: str = ""         # the patch embedding adapted to the model's channels (models.channels), if it was
 
     def summary(self) -> str:
         def short(keys):
@@ -52,6 +54,8 @@ class LoadReport:
             parts.append(f"dropped {len(self.dropped)} pretraining-only tensors (decoder, mask tokens, final norm)")
         if self.resized:
             parts.append(f"resized {', '.join(self.resized)}")
+        if self.adapted:
+            parts.append(self.adapted)
         if self.head_reinitialised:
             parts.append("head re-initialised")
         return "; ".join(parts)
@@ -101,6 +105,10 @@ def load_state(model: nn.Module, sd: dict, path: str, head_init_std: float = 2e-
     for k in [k for k in sd if k.startswith("head.")]:
         if k not in own or own[k].shape != sd[k].shape:
             del sd[k]
+    try:
+        report.adapted = adapt_input_channels(model, sd, path)  # RGB weights into an --in_chans N model
+    except ChannelCountError as e:
+        raise CheckpointError(str(e)) from None
     if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
         extra = contract.prefix_tokens
         grid = int(round((own["pos_embed"].shape[1] - extra) ** 0.5))

@@ -9,24 +9,62 @@ to show them:
   * ``denorm="true"``: each unit's true mean/std, as the reference notebook does;
     this leaks the hidden statistics and flatters the picture.
 The figure states which one was used.
+
+Images of another channel count than 3 (``--in_chans``) are shown de-normalised with the run's
+statistics: one channel in grey, more as the three bands ``bands`` names (default the first three),
+each stretched linearly between the 1st and 99th percentile of the originals' values (one scale for
+every panel of the figure, so that the reconstruction is shown as the original is).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
 from models.loss import patchify, unit_stats, unpatchify
-from imagedata.images import IMAGENET_MEAN, IMAGENET_STD
+from imagedata.channels import RGB, Pixels
 
 
-def _to_uint8(imgs: Tensor) -> Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
-    return ((imgs * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+def _denormalise(imgs: Tensor, pixels: Pixels) -> Tensor:
+    c = imgs.shape[1]
+    mean = torch.tensor(pixels.mean, dtype=imgs.dtype, device=imgs.device).view(1, c, 1, 1)
+    std = torch.tensor(pixels.std, dtype=imgs.dtype, device=imgs.device).view(1, c, 1, 1)
+    return imgs * std + mean
+
+
+def display_bands(in_chans: int, bands: Optional[Sequence[int]] = None) -> tuple[int, ...]:
+    """The channels a figure shows: one (grey) or three (as R, G, B); checked against ``in_chans``."""
+    if bands is None:
+        return (0,) if in_chans < 3 else (0, 1, 2)
+    bands = tuple(int(b) for b in bands)
+    if len(bands) not in (1, 3) or not all(0 <= b < in_chans for b in bands):
+        raise ValueError(f"--vis_bands {' '.join(map(str, bands))}: give 1 or 3 channel indices in 0..{in_chans - 1}")
+    return bands
+
+
+def display_scale(original: Tensor, pixels: Pixels, bands: Sequence[int]) -> Optional[tuple[Tensor, Tensor]]:
+    """(low, high) per shown band, (1, B, 1, 1): the originals' 1st and 99th percentiles (None: 8-bit RGB,
+    shown as 0..1)."""
+    if pixels.in_chans == 3 and tuple(bands) == (0, 1, 2):  # 8-bit RGB: shown as it is
+        return None
+    x = _denormalise(original.float(), pixels)[:, list(bands)].transpose(0, 1).reshape(len(bands), -1)
+    q = torch.quantile(x, torch.tensor([0.01, 0.99], device=x.device), dim=1)   # (2, B)
+    low, high = q[0], torch.maximum(q[1], q[0] + 1e-6)
+    return low.view(1, -1, 1, 1), high.view(1, -1, 1, 1)
+
+
+def _to_uint8(imgs: Tensor, pixels: Pixels = RGB, bands: Sequence[int] = (0, 1, 2),
+              scale: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """(N, C, H, W) normalised -> (N, 3, H, W) uint8 for display (grey repeated for one band)."""
+    x = _denormalise(imgs, pixels)[:, list(bands)]
+    if scale is not None:
+        low, high = (t.to(x.dtype) for t in scale)
+        x = (x - low) / (high - low)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 def _nearest_seen(seen: Tensor, grid: int) -> Tensor:
@@ -41,7 +79,7 @@ def _nearest_seen(seen: Tensor, grid: int) -> Tensor:
 @torch.no_grad()
 def reconstruct(model, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = None,
                 denorm: str = "neighbour") -> dict[str, Tensor]:
-    """Run a pretraining model and return the four panels as (N, 3, H, W) normalised images."""
+    """Run a pretraining model and return the four panels as (N, C, H, W) normalised images."""
     if denorm not in ("neighbour", "true"):
         raise ValueError(f"denorm must be 'neighbour' or 'true', got {denorm!r}")
     contract = model.contract
@@ -56,7 +94,7 @@ def reconstruct(model, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = N
         # Targets are normalised per ``norm_pix_unit`` patch: the mask unit, or a part of it (Hiera: 16 px of 32).
         part = contract.norm_pix_unit
         f = unit // part
-        fine = patchify(unpatchify(pred, unit), part)
+        fine = patchify(unpatchify(pred, unit, imgs.shape[1]), part)
         mean, std = unit_stats(patchify(imgs.float(), part))
         if denorm == "neighbour":
             n, t = mask.shape[0], contract.token_size
@@ -64,13 +102,14 @@ def reconstruct(model, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor] = N
             src = _nearest_seen(seen, t * f)
             mean = mean.gather(1, src.unsqueeze(-1))
             std = std.gather(1, src.unsqueeze(-1))
-        pred = patchify(unpatchify(fine * std + mean, part), unit)
+        pred = patchify(unpatchify(fine * std + mean, part, imgs.shape[1]), unit)
     grid = contract.token_size
     hidden = (mask | sm).unsqueeze(-1)
     saw = torch.where(hidden, torch.zeros_like(target), target)
     pasted = torch.where(hidden, pred, target)
-    panels = {"original": imgs.float(), "seen": unpatchify(saw, unit), "reconstruction": unpatchify(pred, unit),
-              "reconstruction + visible": unpatchify(pasted, unit)}
+    c = imgs.shape[1]
+    panels = {"original": imgs.float(), "seen": unpatchify(saw, unit, c), "reconstruction": unpatchify(pred, unit, c),
+              "reconstruction + visible": unpatchify(pasted, unit, c)}
     panels["_mask"] = mask.view(-1, grid, grid)
     panels["_sm"] = sm.view(-1, grid, grid)
     return panels
@@ -89,11 +128,15 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
     return lines + ([line] if line else [])
 
 
-def save_figure(panels: dict[str, Tensor], path: str | Path, caption: str, unit: int) -> Path:
+def save_figure(panels: dict[str, Tensor], path: str | Path, caption: str, unit: int, pixels: Pixels = RGB,
+                bands: Optional[Sequence[int]] = None) -> Path:
     """Write the panels as a PNG grid (one row per image); secondary-masked units are outlined.
-    Panel names wrap to their column and the caption to the figure, so the header always fits."""
+    Panel names wrap to their column and the caption to the figure, so the header always fits.
+    ``pixels``: the channels and statistics the panels are normalised with; ``bands``: what is shown."""
     names = [k for k in panels if not k.startswith("_")]
-    rows = [_to_uint8(panels[k]).permute(0, 2, 3, 1).cpu() for k in names]
+    shown = display_bands(panels[names[0]].shape[1], bands)
+    scale = display_scale(panels[names[0]], pixels, shown)
+    rows = [_to_uint8(panels[k], pixels, shown, scale).permute(0, 2, 3, 1).cpu() for k in names]
     n, h, w, _ = rows[0].shape
     pad = 4
     width = len(names) * (w + pad) + pad
@@ -156,30 +199,41 @@ def caption_for(model, denorm: str) -> str:
     return f"{targets}; {mask_legend(model)}"
 
 
-def figure_transform(size: int):
-    """What a figure shows of an image: resized (bicubic) and centre-cropped to ``size``, normalised."""
+def figure_transform(size: int, pixels: Pixels = RGB):
+    """What a figure shows of an image: resized (bicubic) and centre-cropped to ``size``, normalised
+    (an RGB PIL image; for another channel count a (C, H, W) float tensor, imagedata.channels)."""
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
+    if pixels.arrays:
+        return transforms.Compose([transforms.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                                   transforms.CenterCrop(size), transforms.Normalize(pixels.mean, pixels.std)])
     return transforms.Compose([transforms.Resize(size, interpolation=InterpolationMode.BICUBIC),
                                transforms.CenterCrop(size), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                               transforms.Normalize(pixels.mean, pixels.std)])
 
 
 def write_reconstruction(model, imgs: Tensor, mask: Tensor, sm_mask: Optional[Tensor], path: str | Path,
-                         title: str, denorm: str = "neighbour") -> Path:
-    """The reconstruction figure of ``imgs`` (N, 3, H, W) under ``mask`` / ``sm_mask``, captioned
-    ``title`` and what the panels show; the model's training mode is restored afterwards."""
+                         title: str, denorm: str = "neighbour", pixels: Pixels = RGB,
+                         bands: Optional[Sequence[int]] = None) -> Path:
+    """The reconstruction figure of ``imgs`` (N, C, H, W) under ``mask`` / ``sm_mask``, captioned
+    ``title`` and what the panels show; the model's training mode is restored afterwards. ``pixels``:
+    the statistics ``imgs`` are normalised with; ``bands``: the channels shown (display_bands)."""
     was_training = model.training
     model.eval()
     try:
         panels = reconstruct(model, imgs, mask, sm_mask, denorm=denorm)
     finally:
         model.train(was_training)
-    return save_figure(panels, path, f"{title}; {caption_for(model, denorm)}", model.contract.stride)
+    shown = display_bands(imgs.shape[1], bands)
+    view = "" if shown == (0, 1, 2) and imgs.shape[1] == 3 else \
+        f"; {'channel' if len(shown) == 1 else 'channels'} {', '.join(map(str, shown))} of {imgs.shape[1]}" + \
+        ("" if display_scale(imgs, pixels, shown) is None else ", stretched to the originals' 1-99th percentiles")
+    return save_figure(panels, path, f"{title}; {caption_for(model, denorm)}{view}", model.contract.stride, pixels,
+                       shown)
 
 
-def figure_images(images, input_size: int) -> Tensor:
-    """The images every reconstruction figure of a run shows: (k <= 4, 3, S, S), normalised, on the CPU.
+def figure_images(images, input_size: int, pixels: Pixels = RGB) -> Tensor:
+    """The images every reconstruction figure of a run shows: (k <= 4, C, S, S), normalised, on the CPU.
 
     Picked once at start-up from the training set's own list (``images``: the data set's ImageList or
     ShardImages), spread over it, an unreadable pick replaced by the next readable image; decoded in
@@ -191,7 +245,7 @@ def figure_images(images, input_size: int) -> Tensor:
     from imagedata.images import Encoded
     full = copy.copy(images)            # the training list's own settings stay as they are
     full.min_side, full.raw = None, False
-    tf = figure_transform(input_size)
+    tf = figure_transform(input_size, pixels)
     picked = []
     for start in spread_indices(len(full), 4):
         for i in range(start, len(full)):
