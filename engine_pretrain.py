@@ -9,6 +9,7 @@ import torch
 
 from config.pretrain import PretrainConfig
 from engine.distributed import get_rank, get_world_size, is_main_process
+from engine.monitor import FeatureMonitor, MonitorResult, best_of
 from engine.run import Run
 from engine.step import StepOutput
 from engine.trainer import Evaluation, Task
@@ -53,13 +54,17 @@ class MaskSampler:
 
 class PretrainTask(Task):
     """Masked-image modeling: ``model(imgs, mask, sm_mask)`` (models.contract.PretrainOutput) under
-    masks drawn by a ``MaskSampler``; a reconstruction figure every --vis_freq epochs and at the end."""
+    masks drawn by a ``MaskSampler``; a reconstruction figure every --vis_freq epochs and at the end;
+    with a ``FeatureMonitor`` its k-NN and linear probe are the evaluation (every --monitor_freq epochs)."""
+    best_key = "monitor_best"   # the checkpoint field of the best monitor k-NN top-1 (--save_best_monitor)
 
     def __init__(self, config: PretrainConfig, model: torch.nn.Module, train_model: torch.nn.Module,
-                 run: Run, figures: Optional[torch.Tensor] = None) -> None:
+                 run: Run, figures: Optional[torch.Tensor] = None, monitor: Optional[FeatureMonitor] = None) -> None:
         """``figures``: (k, 3, S, S) the images of every reconstruction figure (rank 0's)."""
         self.config, self.model, self.train_model, self.run = config, model, train_model, run
         self.figures = figures
+        self.monitor = monitor
+        self.monitors: list[MonitorResult] = []   # this process's monitor points
         self.what = f"{config.model} pretraining"
         self.masks = MaskSampler(config.token_size, config.mask_ratio, config.mask_regular, config.vis_mask_ratio,
                                  seed=config.seed, device=run.device, rounding=model.contract.mask_rounding)
@@ -76,10 +81,29 @@ class PretrainTask(Task):
         out = self.train_model(imgs, mask, sm)
         return StepOutput(out.loss, imgs.shape[0], {"skipped_images": int((ok == 0).sum())})
 
+    @property
+    def evaluates(self) -> bool:
+        return self.monitor is not None
+
+    def evaluate(self, period: Optional[int]) -> Optional[Evaluation]:
+        """The feature monitor (every rank): k-NN and linear-probe top-1 of the encoder as it stands."""
+        result = self.monitor(period)
+        self.monitors.append(result)
+        score = result.knn_acc1 if self.config.save_best_monitor else None
+        return Evaluation(metrics=result.record(), score=score, record=result.record())
+
     def log(self, period: int, stats: dict, evaluation: Optional[Evaluation]) -> None:
         c = self.config
+        if evaluation is not None and self.monitors:
+            print(self.monitors[-1].line(), flush=True)
+            if self.run.log_writer is not None:
+                for key, value in evaluation.record.items():
+                    self.run.log_writer.add_scalar(f"monitor/{key.removeprefix('monitor_')}", value, period)
         if c.vis_freq > 0 and (period + 1) % c.vis_freq == 0 and period + 1 < c.epochs:
             self.figure(period)
+
+    def best_text(self, best: float) -> str:
+        return f"best monitor k-NN top-1 {best:.2f}%"
 
     def finish(self, stats: dict, evaluation: Optional[Evaluation], best: float,
                best_period: Optional[int]) -> tuple[list[str], dict]:
@@ -87,7 +111,16 @@ class PretrainTask(Task):
                     if stats and self.run.device.type == "cuda" and "peak_reserved_mb" in stats else "")
         parts = [f"final loss {stats['loss']:.4f}, {stats['images_per_sec']:.1f} img/s, "
                  f"peak mem {stats['peak_mem_mb']:.0f} MB{reserved}"] if stats else []
-        return parts, {"final": stats or None}
+        record: dict = {"final": stats or None}
+        if self.monitors:
+            last, top = self.monitors[-1], best_of(self.monitors)
+            parts.append(f"monitor k-NN {last.knn_acc1:.2f}%, probe {last.probe_acc1:.2f}% (best k-NN "
+                         f"{top.knn_acc1:.2f}% at epoch {top.epoch}; {sum(r.seconds for r in self.monitors):.0f} s "
+                         f"of monitors)")
+            record["monitor"] = {"last": {"epoch": last.epoch, **last.record()},
+                                 "best": {"epoch": top.epoch, **top.record()},
+                                 "history": [{"epoch": r.epoch, **r.record()} for r in self.monitors]}
+        return parts, record
 
     def complete(self, last_period: int, trained: bool) -> dict:
         """Rank 0: the final figure (unless a finished run is started again and it exists)."""

@@ -22,6 +22,7 @@ from config.sections import effective_lr, step_settings
 from engine.cpu_perf import setup_cpu_training
 from engine.distributed import is_main_process
 from engine.loaders import train_loader
+from engine.monitor import MONITOR_FREQ, FeatureMonitor, monitor_datasets
 from engine.optim import make_adamw
 from engine.run import start_run, wrap_for_training
 from engine.schedule import CosineSchedule
@@ -72,6 +73,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--decode", default="pil", choices=DECODERS,
                    help="pil: PIL in the workers; fast: simplejpeg + torch's uint8 resize in the workers; gpu: "
                         "workers read bytes, the main process decodes and crops on the GPU (imagedata/decode.py)")
+    # --- monitoring (engine/monitor.py) ---
+    p.add_argument("--monitor_data", default="", type=str,
+                   help="labelled images (train/ and val/ class folders, lists or labelled shards, or one folder "
+                        "of class folders, split once by --seed) on which k-NN and a linear probe of the encoder "
+                        "are measured every --monitor_freq epochs and at the end (default: no monitor)")
+    p.add_argument("--monitor_freq", default=MONITOR_FREQ, type=int,
+                   help="epochs between feature monitors (the last epoch always has one)")
+    p.add_argument("--save_best_monitor", action="store_true",
+                   help="keep checkpoint-best.pth at the best monitor k-NN top-1")
     add_common_args(p)
     return p
 
@@ -101,6 +111,8 @@ def configure(flags: argparse.Namespace) -> PretrainConfig:
     except DataError as e:
         raise UsageError(str(e)) from None
     report_left_out(images)
+    if flags.monitor_data:  # a monitor set that cannot be read fails here, before any compute
+        monitor_datasets(flags.monitor_data, contract.input_size, flags.batch_size, flags.seed)
     return resolve(flags, contract, len(images))
 
 
@@ -125,7 +137,7 @@ def main(config: PretrainConfig) -> int:
     groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=model.contract.no_weight_decay)
     optimizer = make_adamw(groups, config.lr, run.device, betas=(0.9, 0.95))
     state = TrainState(RunFlags.of(config), model, optimizer, make_scaler(config.amp, run.device),
-                       data=data_fingerprint(dataset))
+                       data=data_fingerprint(dataset), best_key=PretrainTask.best_key if config.save_best_monitor else "")
     if state.resume() is None and config.load_from:
         print(f"initialised weights: {load_pretraining_weights(model, config.load_from).summary()}")
     state.train_model = wrap_for_training(model, run, config.compile)
@@ -136,11 +148,15 @@ def main(config: PretrainConfig) -> int:
              cpu=cpu_note or None, start={"epoch": state.epoch, "step": state.step}, lr=config.lr, effective_batch=eff_batch,
              steps_per_epoch=len(loader), num_images=len(dataset))
     write_recipe(config, run.rank)
-    task = PretrainTask(config, model, state.train_model, run, figures)
+    monitor = FeatureMonitor(model, config.model, config.monitor_data, config.input_size, config.batch_size,
+                             config.seed, config.num_workers, run.device, run.world, run.rank, config.amp,
+                             config.pin_mem) if config.monitor_data else None
+    task = PretrainTask(config, model, state.train_model, run, figures, monitor)
     periods = Periods(len(loader), len(loader) * config.epochs)
     schedule = CosineSchedule(config.lr, config.min_lr, config.warmup_epochs, config.epochs)
     return Trainer(run, state, task, loader, schedule, periods, step_settings(config),
-                   save=Cadence(config.save_freq * len(loader)), exit_after=config.exit_after_epoch).fit()
+                   evaluate=Cadence(config.monitor_freq * len(loader)), save=Cadence(config.save_freq * len(loader)),
+                   exit_after=config.exit_after_epoch).fit()
 
 
 if __name__ == "__main__":
