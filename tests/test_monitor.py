@@ -184,3 +184,45 @@ def test_building_and_running_a_monitor_moves_no_global_generator(monitor_set, o
     FeatureMonitor(model, "mae_swin_pico_128", str(monitor_set), 128, 4, 0, 0, torch.device("cpu"), 1, 0)(0)
     assert torch.equal(torch.get_rng_state(), before[0])
     assert random.getstate() == before[1] and (np.random.get_state()[1] == before[2]).all()
+
+
+def test_reconstruction_panels_reach_tensorboard_every_vis_freq_epochs_on_the_same_images(tmp_path, data, one_thread):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "out"
+    run(TINY + ["--data_path", str(data), "--epochs", "3", "--vis_freq", "2", "--output_dir", str(out),
+                "--log_dir", str(out / "tb")])
+    events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0}).Reload().Images("reconstruction")
+    assert [e.step for e in events] == [1, 2]          # epoch 1 (every 2) and the last epoch
+    for e in events:   # the TensorBoard panel is the PNG figure of that epoch
+        panel = np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB"))
+        assert np.array_equal(panel, np.asarray(Image.open(out / f"reconstruction-{e.step}.png").convert("RGB")))
+
+
+def test_cost_report_counts_flops_as_torch_does_and_its_utilisation_adds_up(tmp_path, data, one_thread):
+    out = tmp_path / "out"
+    run(TINY + ["--data_path", str(data), "--epochs", "2", "--vis_mask_ratio", "0.25", "--batch_size", "3",
+                "--output_dir", str(out)])
+    record = json.loads((out / "run-001.json").read_text())
+    per_image = record["cost"]["flops_per_image"]
+    # an independent count: tools/benchmark.py's flop counter over one training step of --batch_size images
+    import models
+    from models.masking import uniform_mask, secondary_mask
+    from tools.benchmark import count_flops
+    model = models.create_model("mae_swin_pico_128", vis_mask_ratio=0.25)
+    gen = torch.Generator().manual_seed(1)
+    mask = uniform_mask(3, model.token_size, generator=gen)
+    flops = count_flops(model, torch.randn(3, 3, 128, 128), mask, secondary_mask(mask, 0.25, generator=gen), "none",
+                        torch.device("cpu"))
+    assert per_image == round(flops / 3)
+    peak = record["cost"]["peak_flops_per_device"]
+    for line in log_lines(out):
+        assert line["train_flops_per_s"] == pytest.approx(line["train_images_per_sec"] * per_image)
+        assert line["train_mfu"] == pytest.approx(line["train_flops_per_s"] / peak)
+        epoch_s = 6 / line["train_images_per_sec"]       # 2 steps of 3 images
+        assert line["train_projected_run_wall_s"] == pytest.approx(2 * epoch_s)
+        assert line["train_device_hours_per_100_epochs"] == pytest.approx(100 * epoch_s / 3600)
+    assert record["finished"]["cost"]["mfu"] == pytest.approx(log_lines(out)[-1]["train_mfu"])
