@@ -9,7 +9,8 @@ import torch
 
 from config.pretrain import PretrainConfig
 from engine.distributed import get_rank, get_world_size, is_main_process
-from engine.monitor import FeatureMonitor, MonitorResult, best_of
+from engine.monitor import FeatureMonitor, MonitorResult, best_of, rngs_untouched
+from engine.record import CostMeter, count_flops, flops_text
 from engine.run import Run
 from engine.step import StepOutput
 from engine.trainer import Evaluation, Task
@@ -59,12 +60,14 @@ class PretrainTask(Task):
     best_key = "monitor_best"   # the checkpoint field of the best monitor k-NN top-1 (--save_best_monitor)
 
     def __init__(self, config: PretrainConfig, model: torch.nn.Module, train_model: torch.nn.Module,
-                 run: Run, figures: Optional[torch.Tensor] = None, monitor: Optional[FeatureMonitor] = None) -> None:
+                 run: Run, figures: Optional[torch.Tensor] = None, monitor: Optional[FeatureMonitor] = None,
+                 cost: Optional[CostMeter] = None) -> None:
         """``figures``: (k, 3, S, S) the images of every reconstruction figure (rank 0's)."""
         self.config, self.model, self.train_model, self.run = config, model, train_model, run
         self.figures = figures
         self.monitor = monitor
         self.monitors: list[MonitorResult] = []   # this process's monitor points
+        self.cost = cost
         self.what = f"{config.model} pretraining"
         self.masks = MaskSampler(config.token_size, config.mask_ratio, config.mask_regular, config.vis_mask_ratio,
                                  seed=config.seed, device=run.device, rounding=model.contract.mask_rounding)
@@ -92,8 +95,19 @@ class PretrainTask(Task):
         score = result.knn_acc1 if self.config.save_best_monitor else None
         return Evaluation(metrics=result.record(), score=score, record=result.record())
 
+    def period_stats(self, period: int, stats: dict) -> dict:
+        if self.cost is None or not stats.get("images_per_sec"):
+            return {}
+        return self.cost.stats(stats["images_per_sec"], self.config.epochs - period - 1)
+
     def log(self, period: int, stats: dict, evaluation: Optional[Evaluation]) -> None:
         c = self.config
+        if self.cost is not None and "flops_per_s" in stats:
+            print(self.cost.line(stats), flush=True)
+            if self.run.log_writer is not None:
+                for key in ("flops_per_s", "mfu"):
+                    if stats.get(key) is not None:
+                        self.run.log_writer.add_scalar(f"epoch/{key}", stats[key], period)
         if evaluation is not None and self.monitors:
             print(self.monitors[-1].line(), flush=True)
             if self.run.log_writer is not None:
@@ -112,6 +126,13 @@ class PretrainTask(Task):
         parts = [f"final loss {stats['loss']:.4f}, {stats['images_per_sec']:.1f} img/s, "
                  f"peak mem {stats['peak_mem_mb']:.0f} MB{reserved}"] if stats else []
         record: dict = {"final": stats or None}
+        if self.cost is not None and stats and "flops_per_s" in stats:
+            mfu = f"MFU {100 * stats['mfu']:.1f}%, " if stats.get("mfu") is not None else ""
+            parts.append(f"{flops_text(stats['flops_per_s'])}, {mfu}"
+                         f"{stats['device_hours_per_100_epochs']:.2f} device-hours per 100 epochs")
+            record["cost"] = {**self.cost.start(), **{k: stats[k] for k in (
+                "flops_per_s", "mfu", "device_hours_per_100_epochs", "projected_run_device_hours",
+                "projected_run_wall_s")}}
         if self.monitors:
             last, top = self.monitors[-1], best_of(self.monitors)
             parts.append(f"monitor k-NN {last.knn_acc1:.2f}%, probe {last.probe_acc1:.2f}% (best k-NN "
@@ -149,3 +170,30 @@ class PretrainTask(Task):
             from PIL import Image
             writer.add_image("reconstruction", np.asarray(Image.open(path).convert("RGB")), period, dataformats="HWC")
         return path
+
+
+def train_flops_per_image(model: torch.nn.Module, config: PretrainConfig) -> int:
+    """Forward + backward FLOPs of one training image at the run's batch (engine.record.count_flops
+    under the run's masks), on a copy of ``model`` on its device: the model, its gradients and every
+    random generator of the run are left as they were.
+
+    A step's FLOPs are affine in the batch (per-image work plus per-step work such as a relative
+    position bias computed once): counted at 2 and 4 images, they give the count at --batch_size."""
+    import copy
+    twin = copy.deepcopy(model).train()
+    device = next(twin.parameters()).device
+    gen = torch.Generator().manual_seed(FIGURE_SEED)
+    size = config.input_size
+
+    def step_flops(batch: int) -> int:
+        imgs = torch.randn(batch, 3, size, size, generator=gen)
+        mask = draw_masks(batch, config.token_size, config.mask_ratio, config.mask_regular, generator=gen,
+                          rounding=twin.contract.mask_rounding)
+        sm = secondary_mask(mask, config.vis_mask_ratio, generator=gen) if config.vis_mask_ratio > 0 else None
+        imgs, mask, sm = (t.to(device) if t is not None else None for t in (imgs, mask, sm))
+        return count_flops(lambda: twin(imgs, mask, sm).loss.backward())
+
+    with rngs_untouched(device):
+        two, four = step_flops(2), step_flops(4)
+    batch = config.batch_size
+    return round((two + (four - two) * (batch - 2) / 2) / batch)

@@ -29,7 +29,8 @@ from engine.schedule import CosineSchedule
 from engine.state import RunFlags, TrainState
 from engine.step import make_scaler
 from engine.trainer import Cadence, Periods, Trainer, require_a_batch
-from engine_pretrain import PretrainTask
+from engine.record import CostMeter, device_peak, flops_text
+from engine_pretrain import PretrainTask, train_flops_per_image
 from errors import DataError, UsageError
 from imagedata.datasets import build_pretrain_dataset, data_fingerprint, image_list, report_left_out
 from imagedata.decode import DECODERS, GpuDecodeLoader, use_decoder
@@ -130,6 +131,7 @@ def main(config: PretrainConfig) -> int:
 
     model = models.create_model(config.model, **config.model_kwargs(models.describe_class(config.model).build_options))
     model = model.to(run.device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
+    flops_per_image = train_flops_per_image(model, config)   # counted once, on a copy (before CPU kernels swap)
     cpu_note = setup_cpu_training(model, run.device, config.cpu_matmul, compiled=config.compile,
                                   malloc=config.cpu_tuning)
     run.log(cpu_note)
@@ -142,6 +144,12 @@ def main(config: PretrainConfig) -> int:
         print(f"initialised weights: {load_pretraining_weights(model, config.load_from).summary()}")
     state.train_model = wrap_for_training(model, run, config.compile)
     eff_batch = config.batch_size * config.accum_iter * run.world
+    peak, peak_source = device_peak(run.device, config.amp)
+    cost = CostMeter(flops_per_image, sum(p.numel() for p in model.parameters()), peak, peak_source, run.world,
+                     len(loader) * config.batch_size * run.world, config.epochs)
+    run.note(f"cost: {flops_per_image / 1e9:.3f} GFLOPs per training image (forward + backward, torch's flop "
+             f"counter); peak {flops_text(peak) if peak else 'unknown'} per device ({peak_source})",
+             cost=cost.start())
     run.note(f"{config.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {config.num_images} "
              f"images, {len(loader)} steps/epoch; effective batch {eff_batch}, lr {config.lr:.3e} (blr "
              f"{config.lr * 256 / eff_batch:.3e}); amp {config.amp}; device {run.device}; world {run.world}",
@@ -151,7 +159,7 @@ def main(config: PretrainConfig) -> int:
     monitor = FeatureMonitor(model, config.model, config.monitor_data, config.input_size, config.batch_size,
                              config.seed, config.num_workers, run.device, run.world, run.rank, config.amp,
                              config.pin_mem) if config.monitor_data else None
-    task = PretrainTask(config, model, state.train_model, run, figures, monitor)
+    task = PretrainTask(config, model, state.train_model, run, figures, monitor, cost)
     periods = Periods(len(loader), len(loader) * config.epochs)
     schedule = CosineSchedule(config.lr, config.min_lr, config.warmup_epochs, config.epochs)
     return Trainer(run, state, task, loader, schedule, periods, step_settings(config),

@@ -83,6 +83,11 @@ class Task:
         """Whether the task has an evaluation (then the trained state is saved before it runs)."""
         return type(self).evaluate is not Task.evaluate
 
+    def period_stats(self, period: int, stats: dict) -> dict:
+        """More fields of a period's training statistics (log.txt's train_*, the summary): pretraining's
+        cost report."""
+        return {}
+
     def log(self, period: int, stats: dict, evaluation: Optional[Evaluation]) -> None:
         """Rank 0, after the period's checkpoint: prints, JSON files, TensorBoard, figures."""
 
@@ -223,6 +228,7 @@ class Trainer:
     def _end_period(self, period: int, clock: RunClock, skip_list: Path, trained_saved: bool = False) -> bool:
         """Evaluate (when due), checkpoint, log: the end of one period. True when the run exits here
         (--exit_after_epoch)."""
+        self.stats = {**self.stats, **self.task.period_stats(period, self.stats)}
         state, stats, end, total = self.state, self.stats, self.periods.end(period), self.periods.total
         last = period + 1 == self.periods.count
         due = self.task.evaluates and self.eval_cadence.due(end, total)
