@@ -28,7 +28,7 @@ from engine.run import start_run, wrap_for_training
 from engine.schedule import CosineSchedule
 from engine.state import RunFlags, TrainState
 from engine.step import make_scaler
-from engine.trainer import Cadence, Periods, Trainer, require_a_batch
+from engine.trainer import Cadence, Periods, Recovery, Trainer, require_a_batch
 from engine.record import CostMeter, device_peak, flops_text
 from engine_pretrain import PretrainTask, train_flops_per_image
 from errors import DataError, UsageError
@@ -83,6 +83,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="epochs between feature monitors (the last epoch always has one)")
     p.add_argument("--save_best_monitor", action="store_true",
                    help="keep checkpoint-best.pth at the best monitor k-NN top-1")
+    p.add_argument("--on_nonfinite", default="stop", choices=["stop", "rollback"],
+                   help="after a non-finite loss: stop (the last good checkpoint stays), or roll the epoch back to "
+                        "its start and train it again without the offending micro-steps")
+    p.add_argument("--max_rollbacks", default=3, type=int,
+                   help="--on_nonfinite rollback: rollbacks a run may take; then it stops as with stop")
     add_common_args(p)
     return p
 
@@ -164,7 +169,8 @@ def main(config: PretrainConfig) -> int:
     schedule = CosineSchedule(config.lr, config.min_lr, config.warmup_epochs, config.epochs)
     return Trainer(run, state, task, loader, schedule, periods, step_settings(config),
                    evaluate=Cadence(config.monitor_freq * len(loader)), save=Cadence(config.save_freq * len(loader)),
-                   exit_after=config.exit_after_epoch).fit()
+                   exit_after=config.exit_after_epoch,
+                   recovery=Recovery(config.max_rollbacks) if config.on_nonfinite == "rollback" else None).fit()
 
 
 if __name__ == "__main__":

@@ -226,3 +226,45 @@ def test_cost_report_counts_flops_as_torch_does_and_its_utilisation_adds_up(tmp_
         assert line["train_projected_run_wall_s"] == pytest.approx(2 * epoch_s)
         assert line["train_device_hours_per_100_epochs"] == pytest.approx(100 * epoch_s / 3600)
     assert record["finished"]["cost"]["mfu"] == pytest.approx(log_lines(out)[-1]["train_mfu"])
+
+
+def poison_forward(monkeypatch, bad_calls):
+    """The pretraining forward returns a NaN loss on the given training calls (counted from 1; the two
+    calls of the start-up FLOP count are not counted)."""
+    import models.mae as mae
+    original, calls = mae._PyramidMAE.forward, {"n": 0}
+
+    def poisoned(self, imgs, mask, sm_mask=None):
+        out = original(self, imgs, mask, sm_mask)
+        calls["n"] += 1
+        return out._replace(loss=out.loss * float("nan")) if bad_calls(calls["n"] - 2) else out
+    monkeypatch.setattr(mae._PyramidMAE, "forward", poisoned)
+
+
+def test_a_nan_rolls_the_epoch_back_skips_its_steps_and_the_run_finishes(tmp_path, data, monkeypatch, capsys,
+                                                                         one_thread):
+    out = tmp_path / "out"
+    poison_forward(monkeypatch, lambda n: n == 4)      # epoch 1, step 1 (2 steps an epoch)
+    run(TINY + ["--data_path", str(data), "--epochs", "3", "--output_dir", str(out), "--on_nonfinite", "rollback"])
+    text = capsys.readouterr().out
+    assert "non-finite loss (nan) at epoch 1, step 1: rolled back to epoch 1, step 0" in text
+    assert "without micro-steps 0-1" in text
+    weights = safe_load(out / "checkpoint-last.pth")
+    assert weights["epoch"] == 2 and all(torch.isfinite(v).all() for v in weights["model"].values())
+    lines = log_lines(out)
+    assert [l["epoch"] for l in lines] == [0, 1, 2] and lines[1]["train_rollbacks"] == 1
+    finished = json.loads((out / "run-001.json").read_text())["finished"]
+    assert finished["status"] == "completed" and finished["rollbacks"][0]["epoch"] == 1
+
+
+def test_rollbacks_are_bounded_then_the_run_stops_as_without_them(tmp_path, data, monkeypatch, capsys, one_thread):
+    out = tmp_path / "out"
+    poison_forward(monkeypatch, lambda n: n >= 5)       # every step from epoch 1 on (4 steps an epoch)
+    args = main_pretrain.parse_args(TINY + ["--data_path", str(data), "--epochs", "3", "--output_dir", str(out),
+                                            "--batch_size", "2",
+                                            "--on_nonfinite", "rollback", "--max_rollbacks", "2"])
+    assert main_pretrain.main(args) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("rolled back to epoch 1") == 2
+    assert "2 rollbacks spent (--max_rollbacks 2); stopping" in captured.err
+    assert safe_load(out / "checkpoint-last.pth")["epoch"] == 0
