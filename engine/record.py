@@ -251,7 +251,7 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def measured_gemm_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
+def measured_gemm_peak(device: torch.device, dtype: torch.dtype, n: int = 512, reps: int = 5) -> float:
     """FLOP/s of a square ``n`` matmul on ``device`` in ``dtype``: the median of ``reps``."""
     a = torch.ones(n, n, device=device, dtype=dtype)
     b = torch.ones(n, n, device=device, dtype=dtype)

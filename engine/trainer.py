@@ -22,9 +22,8 @@ that evaluation first, then goes on.
 
 With a ``Recovery`` (--on_nonfinite rollback) a non-finite loss first rolls the period back to the
 state it began with (kept in memory) and trains it again without the offending micro-steps, a
-bounded number of times (``Recovery``). A stop signal or a non-finite loss ends the loop through
-engine.stop.finish_interrupted (a resumable
-checkpoint and the exit code), a data error or too many skipped samples with one line and status 1,
+bounded number of times. A stop signal or a non-finite loss ends the loop through
+engine.stop.finish_interrupted (a resumable checkpoint and the exit code), a data error or too many skipped samples with one line and status 1,
 any other exception with a ``crashed`` end in the run record (then it propagates), a finished
 schedule through ``task.complete``. The output folder's lock is given back when the loop ends.
 """

@@ -53,8 +53,9 @@ def log_lines(out: Path) -> list[dict]:
 
 def test_monitor_equals_offline_knn_of_the_checkpoint_and_reaches_every_output(tmp_path, data, monitor_set, one_thread):
     out = tmp_path / "out"
+    # DataLoader workers for the training and the monitor's loaders, as users run it
     run(TINY + ["--data_path", str(data), "--epochs", "2", "--output_dir", str(out), "--log_dir", str(out / "tb"),
-                "--monitor_data", str(monitor_set), "--monitor_freq", "5"])
+                "--monitor_data", str(monitor_set), "--monitor_freq", "5", "--num_workers", "1"])
     lines = log_lines(out)
     assert "monitor_knn_acc1" not in lines[0]           # epoch 0 is no monitor point; the last epoch always is
     last = lines[-1]
