@@ -172,28 +172,36 @@ class PretrainTask(Task):
         return path
 
 
-def train_flops_per_image(model: torch.nn.Module, config: PretrainConfig) -> int:
-    """Forward + backward FLOPs of one training image at the run's batch (engine.record.count_flops
-    under the run's masks), on a copy of ``model`` on its device: the model, its gradients and every
-    random generator of the run are left as they were.
+def sample_batch(config: PretrainConfig, model: torch.nn.Module, batch: int, generator: torch.Generator,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Random images (batch, 3, S, S) with masks drawn as the run draws them (mask, secondary mask)."""
+    size = config.input_size
+    imgs = torch.randn(batch, 3, size, size, generator=generator)
+    mask = draw_masks(batch, config.token_size, config.mask_ratio, config.mask_regular, generator=generator,
+                      rounding=model.contract.mask_rounding)
+    sm = secondary_mask(mask, config.vis_mask_ratio, generator=generator) if config.vis_mask_ratio > 0 else None
+    return imgs.to(device), mask.to(device), None if sm is None else sm.to(device)
 
-    A step's FLOPs are affine in the batch (per-image work plus per-step work such as a relative
-    position bias computed once): counted at 2 and 4 images, they give the count at --batch_size."""
+
+def per_image_at(batch: int, at_two: float, at_four: float) -> float:
+    """A quantity of one step that is affine in the batch (per-image work plus per-step work such as a
+    relative position bias computed once), measured at 2 and 4 images: its share per image at ``batch``."""
+    return (at_two + (at_four - at_two) * (batch - 2) / 2) / batch
+
+
+def train_flops_per_image(model: torch.nn.Module, config: PretrainConfig) -> int:
+    """Forward + backward FLOPs of one training image at --batch_size (engine.record.count_flops under
+    the run's masks at 2 and 4 images, ``per_image_at``), on a copy of ``model`` on its device: the
+    model, its gradients and every random generator of the run are left as they were."""
     import copy
     twin = copy.deepcopy(model).train()
     device = next(twin.parameters()).device
     gen = torch.Generator().manual_seed(FIGURE_SEED)
-    size = config.input_size
 
     def step_flops(batch: int) -> int:
-        imgs = torch.randn(batch, 3, size, size, generator=gen)
-        mask = draw_masks(batch, config.token_size, config.mask_ratio, config.mask_regular, generator=gen,
-                          rounding=twin.contract.mask_rounding)
-        sm = secondary_mask(mask, config.vis_mask_ratio, generator=gen) if config.vis_mask_ratio > 0 else None
-        imgs, mask, sm = (t.to(device) if t is not None else None for t in (imgs, mask, sm))
+        imgs, mask, sm = sample_batch(config, twin, batch, gen, device)
         return count_flops(lambda: twin(imgs, mask, sm).loss.backward())
 
     with rngs_untouched(device):
         two, four = step_flops(2), step_flops(4)
-    batch = config.batch_size
-    return round((two + (four - two) * (batch - 2) / 2) / batch)
+    return round(per_image_at(config.batch_size, two, four))

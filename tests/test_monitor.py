@@ -269,3 +269,21 @@ def test_rollbacks_are_bounded_then_the_run_stops_as_without_them(tmp_path, data
     assert captured.out.count("rolled back to epoch 1") == 2
     assert "2 rollbacks spent (--max_rollbacks 2); stopping" in captured.err
     assert safe_load(out / "checkpoint-last.pth")["epoch"] == 0
+
+
+def test_cost_tool_counts_as_the_program_and_fits_the_batch_to_memory(capsys):
+    from tools import cost
+    from tools.benchmark import count_flops
+    import models
+    from models.masking import uniform_mask
+    report = cost.main(["mae_swin_pico_128", "--batch_size", "4", "--amp", "none", "--gpu_memory_gb", "1"])
+    row = report["rows"][0]
+    model = models.create_model("mae_swin_pico_128")
+    mask = uniform_mask(4, model.token_size, generator=torch.Generator().manual_seed(0))
+    assert row["flops_per_image"] == round(count_flops(model, torch.randn(4, 3, 128, 128), mask, None, "none",
+                                                       torch.device("cpu")) / 4)
+    room = 2 ** 30 - 16 * row["params"]
+    assert row["largest_batch"] == int(room // row["saved_bytes_per_image"])
+    assert "| mae_swin_pico_128 | 128 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="valid: .*mae_swin_tiny_256"):
+        cost.main(["mae_swin_nano"])
