@@ -23,13 +23,15 @@ from config.sections import effective_lr, step_settings
 from engine.cpu_perf import setup_cpu_training
 from engine.distributed import is_main_process
 from engine.loaders import train_loader
+from engine.monitor import MONITOR_FREQ, FeatureMonitor, monitor_datasets
 from engine.optim import make_adamw
 from engine.run import start_run, wrap_for_training
 from engine.schedule import CosineSchedule
 from engine.state import RunFlags, TrainState
 from engine.step import make_scaler
-from engine.trainer import Cadence, Periods, Trainer, require_a_batch
-from engine_pretrain import PretrainTask
+from engine.trainer import Cadence, Periods, Recovery, Trainer, require_a_batch
+from engine.record import CostMeter, device_peak, flops_text
+from engine_pretrain import PretrainTask, train_flops_per_image
 from errors import DataError, UsageError
 from imagedata.datasets import build_pretrain_dataset, data_fingerprint, image_list, report_left_out
 from imagedata.channels import check_channels
@@ -77,6 +79,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="pil: PIL in the workers; fast: simplejpeg + torch's uint8 resize in the workers; gpu: "
                         "workers read bytes, the main process decodes and crops on the GPU (imagedata/decode.py)")
     add_pixel_args(p)  # --in_chans, --norm_stats (config/pixel_flags.py)
+    # --- monitoring (engine/monitor.py) ---
+    p.add_argument("--monitor_data", default="", type=str,
+                   help="labelled images (train/ and val/ class folders, lists or labelled shards, or one folder "
+                        "of class folders, split once by --seed) on which k-NN and a linear probe of the encoder "
+                        "are measured every --monitor_freq epochs and at the end (default: no monitor)")
+    p.add_argument("--monitor_freq", default=MONITOR_FREQ, type=int,
+                   help="epochs between feature monitors (the last epoch always has one)")
+    p.add_argument("--save_best_monitor", action="store_true",
+                   help="keep checkpoint-best.pth at the best monitor k-NN top-1")
+    p.add_argument("--on_nonfinite", default="stop", choices=["stop", "rollback"],
+                   help="after a non-finite loss: stop (the last good checkpoint stays), or roll the epoch back to "
+                        "its start and train it again without the offending micro-steps")
+    p.add_argument("--max_rollbacks", default=3, type=int,
+                   help="--on_nonfinite rollback: rollbacks a run may take; then it stops as with stop")
     add_common_args(p)
     return p
 
@@ -107,6 +123,8 @@ def configure(flags: argparse.Namespace) -> PretrainConfig:
     except DataError as e:
         raise UsageError(str(e)) from None
     report_left_out(images)
+    if flags.monitor_data:  # a monitor set that cannot be read fails here, before any compute
+        monitor_datasets(flags.monitor_data, contract.input_size, flags.batch_size, flags.seed)
     return resolve(flags, contract, len(images))
 
 
@@ -130,6 +148,7 @@ def main(config: PretrainConfig) -> int:
 
     model = models.create_model(config.model, **config.model_kwargs(models.describe_class(config.model).build_options))
     model = model.to(run.device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format)
+    flops_per_image = train_flops_per_image(model, config)   # counted once, on a copy (before CPU kernels swap)
     cpu_note = setup_cpu_training(model, run.device, config.cpu_matmul, compiled=config.compile,
                                   malloc=config.cpu_tuning)
     run.log(cpu_note)
@@ -137,11 +156,17 @@ def main(config: PretrainConfig) -> int:
     groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=model.contract.no_weight_decay)
     optimizer = make_adamw(groups, config.lr, run.device, betas=(0.9, 0.95))
     state = TrainState(RunFlags.of(config), model, optimizer, make_scaler(config.amp, run.device),
-                       data=data_fingerprint(dataset))
+                       data=data_fingerprint(dataset), best_key=PretrainTask.best_key if config.save_best_monitor else "")
     if state.resume() is None and config.load_from:
         print(f"initialised weights: {load_pretraining_weights(model, config.load_from).summary()}")
     state.train_model = wrap_for_training(model, run, config.compile)
     eff_batch = config.batch_size * config.accum_iter * run.world
+    peak, peak_source = device_peak(run.device, config.amp)
+    cost = CostMeter(flops_per_image, sum(p.numel() for p in model.parameters()), peak, peak_source, run.world,
+                     len(loader) * config.batch_size * run.world, config.epochs)
+    run.note(f"cost: {flops_per_image / 1e9:.3f} GFLOPs per training image (forward + backward, torch's flop "
+             f"counter); peak {flops_text(peak) if peak else 'unknown'} per device ({peak_source})",
+             cost=cost.start())
     run.note(f"{config.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {config.num_images} "
              f"images, {len(loader)} steps/epoch; effective batch {eff_batch}, lr {config.lr:.3e} (blr "
              f"{config.lr * 256 / eff_batch:.3e}); amp {config.amp}; device {run.device}; world {run.world}",
@@ -149,11 +174,16 @@ def main(config: PretrainConfig) -> int:
              steps_per_epoch=len(loader), num_images=len(dataset), in_chans=pixels.in_chans,
              norm_mean=list(pixels.mean), norm_std=list(pixels.std))
     write_recipe(config, run.rank)
-    task = PretrainTask(config, model, state.train_model, run, figures)
+    monitor = FeatureMonitor(model, config.model, config.monitor_data, config.input_size, config.batch_size,
+                             config.seed, config.num_workers, run.device, run.world, run.rank, config.amp,
+                             config.pin_mem) if config.monitor_data else None
+    task = PretrainTask(config, model, state.train_model, run, figures, monitor, cost)
     periods = Periods(len(loader), len(loader) * config.epochs)
     schedule = CosineSchedule(config.lr, config.min_lr, config.warmup_epochs, config.epochs)
     return Trainer(run, state, task, loader, schedule, periods, step_settings(config),
-                   save=Cadence(config.save_freq * len(loader)), exit_after=config.exit_after_epoch).fit()
+                   evaluate=Cadence(config.monitor_freq * len(loader)), save=Cadence(config.save_freq * len(loader)),
+                   exit_after=config.exit_after_epoch,
+                   recovery=Recovery(config.max_rollbacks) if config.on_nonfinite == "rollback" else None).fit()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,12 @@ class PretrainConfig(RunConfig, DataConfig, OptimConfig, EpochSchedule, MaskConf
     channels_last: bool
     decode: str                             # pil, fast or gpu (imagedata.decode)
     num_images: int = field(default=0, metadata={"flag": False})   # training images found
+    # --- monitoring (engine/monitor.py) ---
+    monitor_data: str                       # the labelled set of the feature monitors ("": none)
+    monitor_freq: int                       # epochs between monitor points (and after the last epoch)
+    save_best_monitor: bool                 # checkpoint-best.pth at the best monitor k-NN top-1
+    on_nonfinite: str                       # stop, or rollback (engine.trainer.Recovery)
+    max_rollbacks: int                      # rollbacks a run may take before it stops
 
     def model_kwargs(self, options: tuple[str, ...]) -> dict:
         """The factory keywords of the model: the ones every pretraining model takes, and the options
@@ -53,8 +59,14 @@ def model_kwargs(flags, options: tuple[str, ...]) -> dict:
 def check_flags(flags: argparse.Namespace) -> None:
     """What the flags alone can tell, before the model is described."""
     check_existing(flags, ["load_from"])
-    check_ranges(flags, TRAINING_RULES + [("vis_freq", at_least(0))])
+    check_ranges(flags, TRAINING_RULES + [("vis_freq", at_least(0)), ("monitor_freq", at_least(1)),
+                                           ("max_rollbacks", at_least(1))])
     check_pixel_flags(flags)
+    if getattr(flags, "save_best_monitor", False) and not getattr(flags, "monitor_data", ""):
+        raise UsageError("--save_best_monitor keeps the checkpoint of the best monitor score: give --monitor_data")
+    if getattr(flags, "monitor_data", "") and flags.in_chans != 3:
+        raise UsageError(f"--monitor_data reads 8-bit RGB images, but this run has --in_chans {flags.in_chans}: "
+                         f"measure k-NN on a checkpoint instead (main_finetune.py --knn --finetune CHECKPOINT)")
     if not 0.0 <= flags.vis_mask_ratio < 1.0:
         raise UsageError(f"--vis_mask_ratio must be in [0, 1), got {flags.vis_mask_ratio}")
 

@@ -225,3 +225,100 @@ class RunClock:
         eta = elapsed / max(done, 1) * left
         return (f"epoch {epoch + 1}/{self.epochs} done; {format_duration(elapsed)} elapsed in this run, "
                 f"run eta {format_duration(eta)} ({left} epochs left)")
+
+
+# ---------------------------------------------------------------- cost report: FLOPs, peaks, utilisation
+
+# Dense peaks (no structured sparsity) in TFLOP/s from the vendors' data sheets: (bf16/fp16, fp32).
+# fp32 is the TF32 tensor-core peak where the GPU has one: the programs train fp32 matmuls in TF32
+# (engine.run.gpu_numerics). Matched in order against torch.cuda.get_device_name: longer names first.
+GPU_PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
+    ("H200", 989.4, 494.7), ("H100 NVL", 835.5, 417.8), ("H100 PCIe", 756.0, 378.0), ("H100", 989.4, 494.7),
+    ("GH200", 989.4, 494.7), ("A100", 312.0, 156.0), ("L40S", 362.1, 183.2), ("L40", 181.0, 90.5),
+    ("L4", 121.0, 60.0), ("A10", 125.0, 62.5), ("RTX 4090", 165.2, 82.6), ("RTX 3090", 71.0, 35.6),
+    ("V100", 125.0, 15.7),
+)
+
+
+def count_flops(fn) -> int:
+    """FLOPs of whatever ``fn()`` runs (matmuls and convolutions, attention included), counted by
+    torch.utils.flop_counter with attention on SDPA's math kernel so that its matmuls are seen."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel([SDPBackend.MATH]):
+        fn()
+    return int(counter.get_total_flops())
+
+
+def measured_gemm_peak(device: torch.device, dtype: torch.dtype, n: int = 512, reps: int = 5) -> float:
+    """FLOP/s of a square ``n`` matmul on ``device`` in ``dtype``: the median of ``reps``."""
+    a = torch.ones(n, n, device=device, dtype=dtype)
+    b = torch.ones(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[1:])
+    return 2 * n ** 3 / max(times[len(times) // 2], 1e-12)
+
+
+def device_peak(device: torch.device, amp: str) -> tuple[Optional[float], str]:
+    """The peak FLOP/s of one device at the run's precision and where it comes from: the table above
+    on a known GPU, a measured GEMM on CPU, None on an unknown GPU."""
+    low = amp in ("bf16", "fp16")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, half, single in GPU_PEAK_TFLOPS:
+            if key in name:
+                return (half if low else single) * 1e12, f"{key} {'bf16' if low else 'tf32'} data-sheet peak"
+        return None, f"no peak known for {name}"
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float32
+    return measured_gemm_peak(device, dtype), f"measured {str(dtype).removeprefix('torch.')} GEMM"
+
+
+def flops_text(flops_per_s: float) -> str:
+    """FLOP/s in G or T, three significant figures or more."""
+    return f"{flops_per_s / 1e12:.3f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:.2f} GFLOP/s"
+
+
+class CostMeter:
+    """Per period: achieved FLOP/s, model FLOP utilisation, device-hours per 100 epochs and the
+    projection of the whole run at the measured rate. ``flops_per_image``: forward + backward of one
+    training image (count_flops); ``peak``: FLOP/s of one device (None: no utilisation)."""
+
+    def __init__(self, flops_per_image: int, params: int, peak: Optional[float], peak_source: str, world: int,
+                 images_per_epoch: int, epochs: int) -> None:
+        self.flops_per_image, self.params, self.peak, self.peak_source = flops_per_image, params, peak, peak_source
+        self.world, self.images_per_epoch, self.epochs = world, images_per_epoch, epochs
+
+    def start(self) -> dict:
+        """What the run record keeps at start-up."""
+        return {"flops_per_image": self.flops_per_image, "params": self.params, "peak_flops_per_device": self.peak,
+                "peak_source": self.peak_source}
+
+    def stats(self, images_per_sec: float, epochs_left: int) -> dict:
+        """The cost of a period that trained ``images_per_sec`` (all ranks), and of ``epochs_left`` more."""
+        flops = images_per_sec * self.flops_per_image
+        epoch_s = self.images_per_epoch / max(images_per_sec, 1e-12)
+        out = {"flops_per_s": flops,
+               "mfu": flops / (self.peak * self.world) if self.peak else None,
+               "device_hours_per_100_epochs": 100 * epoch_s * self.world / 3600,
+               "projected_run_wall_s": epoch_s * self.epochs,
+               "projected_run_device_hours": epoch_s * self.epochs * self.world / 3600,
+               "projected_left_wall_s": epoch_s * epochs_left}
+        return out
+
+    def line(self, stats: dict) -> str:
+        mfu = f"MFU {100 * stats['mfu']:.1f}% of {flops_text(self.peak)} per device ({self.peak_source})" \
+            if stats.get("mfu") is not None else f"MFU unknown ({self.peak_source})"
+        return (f"cost: {flops_text(stats['flops_per_s'])} achieved, {mfu}; "
+                f"{stats['device_hours_per_100_epochs']:.2f} device-hours per 100 epochs x {self.world} device(s); "
+                f"the whole run at this rate: {stats['projected_run_device_hours']:.2f} device-hours, wall "
+                f"{format_duration(stats['projected_run_wall_s'])} ({format_duration(stats['projected_left_wall_s'])} "
+                f"left)")

@@ -20,14 +20,17 @@ the log.txt line) -> ``task.log`` (rank 0) -> the progress line -> the other ran
 evaluation means that a crash or a kill during a long evaluation loses no training: the resume runs
 that evaluation first, then goes on.
 
-A stop signal or a non-finite loss ends the loop through engine.stop.finish_interrupted (a resumable
-checkpoint and the exit code), a data error or too many skipped samples with one line and status 1,
+With a ``Recovery`` (--on_nonfinite rollback) a non-finite loss first rolls the period back to the
+state it began with (kept in memory) and trains it again without the offending micro-steps, a
+bounded number of times. A stop signal or a non-finite loss ends the loop through
+engine.stop.finish_interrupted (a resumable checkpoint and the exit code), a data error or too many skipped samples with one line and status 1,
 any other exception with a ``crashed`` end in the run record (then it propagates), a finished
 schedule through ``task.complete``. The output folder's lock is given back when the loop ends.
 """
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 import os
 import sys
@@ -84,6 +87,11 @@ class Task:
     def evaluates(self) -> bool:
         """Whether the task has an evaluation (then the trained state is saved before it runs)."""
         return type(self).evaluate is not Task.evaluate
+
+    def period_stats(self, period: int, stats: dict) -> dict:
+        """More fields of a period's training statistics (log.txt's train_*, the summary): pretraining's
+        cost report."""
+        return {}
 
     def log(self, period: int, stats: dict, evaluation: Optional[Evaluation]) -> None:
         """Rank 0, after the period's checkpoint: prints, JSON files, TensorBoard, figures."""
@@ -148,6 +156,44 @@ class Cadence:
         return step == total or (self.every > 0 and step % self.every == 0)
 
 
+@dataclass
+class Recovery:
+    """--on_nonfinite rollback: at most ``max_rollbacks`` in a run. A rollback restores the model,
+    optimizer and scaler to the start of the period (a CPU copy taken then), and the period is trained
+    again without the accumulation group of the first non-finite loss and the one before it (whose
+    update may have made it); the masks and the data order of every other micro-step stay the same."""
+    max_rollbacks: int = 3
+    done: list = field(default_factory=list)     # {"epoch", "step", "error", "skipped": [lo, hi]} per rollback
+
+    @staticmethod
+    def snapshot(state: TrainState) -> dict:
+        def cpu(obj):
+            if isinstance(obj, dict):
+                return {k: cpu(v) for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return type(obj)(cpu(v) for v in obj)
+            return obj.detach().to("cpu", copy=True) if hasattr(obj, "detach") else obj
+        return {"model": cpu(state.model.state_dict()), "optimizer": cpu(state.optimizer.state_dict()),
+                "scaler": cpu(state.scaler.state_dict()) if state.scaler is not None else None}
+
+    @staticmethod
+    def restore(state: TrainState, snap: dict) -> None:
+        state.model.load_state_dict(snap["model"])
+        state.optimizer.load_state_dict(snap["optimizer"])
+        if state.scaler is not None:
+            state.scaler.load_state_dict(snap["scaler"])
+
+
+class _Take:
+    """The first ``n`` batches of a loader, iterated lazily (the step loop starts workers itself)."""
+
+    def __init__(self, loader, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.n)
+
+
 def require_a_batch(steps: int, num_images: int, batch_size: int, world: int) -> None:
     """A training set smaller than one global batch gives periods of no step: say so before any work."""
     if steps == 0:
@@ -160,8 +206,9 @@ class Trainer:
 
     def __init__(self, run: Run, state: TrainState, task: Task, loader: TrainLoader, schedule: Schedule,
                  periods: Periods, settings: StepSettings, evaluate: Cadence = Cadence(1),
-                 save: Cadence = Cadence(0), exit_after: int = -1) -> None:
+                 save: Cadence = Cadence(0), exit_after: int = -1, recovery: Optional[Recovery] = None) -> None:
         self.run, self.state, self.task, self.loader, self.schedule = run, state, task, loader, schedule
+        self.recovery = recovery
         self.periods, self.settings = periods, settings
         self.eval_cadence, self.save_cadence, self.exit_after = evaluate, save, exit_after
         self.stats: dict = {}
@@ -189,11 +236,7 @@ class Trainer:
                     return 0
             for period in range(state.epoch, periods.count):
                 first = state.step if period == state.epoch else 0
-                batches = self.loader.start(period, first)
-                self.task.begin(period, first)
-                self.stats = steps.run(batches, period, first, periods.size(period), self.task.compute_loss,
-                                       lambda step: self.schedule(period, step, periods.length),
-                                       periods.header(period), periods.count, periods.name(period))
+                self.stats = self._train(steps, period, first)
                 if self._end_period(period, clock, skip_list):
                     return 0
             self._complete()
@@ -228,9 +271,66 @@ class Trainer:
                 os.environ[SKIP_LOG_ENV] = previous_list
             run.release()
 
+    def _train(self, steps: StepLoop, period: int, first: int) -> dict:
+        """Micro-steps ``first`` .. the end of ``period``; under a ``Recovery``, rolled back and trained
+        again without the offending micro-steps when a loss is not finite."""
+        periods, recovery = self.periods, self.recovery
+        snap = recovery.snapshot(self.state) if recovery is not None else None
+        skips: list[tuple[int, int]] = []
+        while True:
+            try:
+                return self._train_segments(steps, period, first, skips)
+            except NonFiniteLossError as e:
+                if recovery is None or len(recovery.done) >= recovery.max_rollbacks:
+                    if recovery is not None and is_main_process():
+                        print(f"error: {len(recovery.done)} rollbacks spent (--max_rollbacks "
+                              f"{recovery.max_rollbacks}); stopping", file=sys.stderr, flush=True)
+                    raise
+                accum = max(1, self.settings.accum)
+                lo = max(first, e.step - e.step % accum - accum)
+                hi = min(e.step - e.step % accum + accum, periods.size(period))
+                skips = sorted(skips + [(lo, hi)])
+                recovery.restore(self.state, snap)
+                recovery.done.append({"epoch": period, "step": e.step, "error": str(e), "skipped": [lo, hi]})
+                if is_main_process():
+                    print(f"warning: {e}: rolled back to epoch {period}, step {first} (rollback "
+                          f"{len(recovery.done)} of at most {recovery.max_rollbacks}); training it again without "
+                          f"micro-steps {lo}-{hi - 1}", flush=True)
+
+    def _train_segments(self, steps: StepLoop, period: int, first: int, skips: list[tuple[int, int]]) -> dict:
+        """Train the micro-steps of ``period`` from ``first`` outside the ``skips`` windows [lo, hi);
+        the period's statistics (several segments: losses weighted by their steps, times added)."""
+        periods = self.periods
+        size, bounds, start = periods.size(period), [], first
+        for lo, hi in skips:
+            if lo > start:
+                bounds.append((start, lo))
+            start = max(start, hi)
+        if start < size or not bounds:
+            bounds.append((start, size))
+        parts = []
+        for a, b in bounds:
+            batches = self.loader.start(period, a)
+            self.task.begin(period, a)
+            parts.append((b - a, steps.run(batches if b == size else _Take(batches, b - a), period, a, b,
+                                           self.task.compute_loss,
+                                           lambda step: self.schedule(period, step, periods.length),
+                                           periods.header(period), periods.count, periods.name(period))))
+        if len(parts) == 1 and not skips:
+            return parts[0][1]
+        stats = dict(parts[-1][1])
+        n = sum(k for k, _ in parts)
+        elapsed = sum(p.get("epoch_time_s", 0.0) for _, p in parts)
+        images = sum(p.get("images_per_sec", 0.0) * p.get("epoch_time_s", 0.0) for _, p in parts)
+        stats.update(loss=sum(k * p["loss"] for k, p in parts) / max(n, 1), epoch_time_s=elapsed,
+                     images_per_sec=images / max(elapsed, 1e-9), rollbacks=len(self.recovery.done),
+                     skipped_steps=size - first - n)
+        return stats
+
     def _end_period(self, period: int, clock: RunClock, skip_list: Path, trained_saved: bool = False) -> bool:
         """Evaluate (when due), checkpoint, log: the end of one period. True when the run exits here
         (--exit_after_epoch)."""
+        self.stats = {**self.stats, **self.task.period_stats(period, self.stats)}
         state, stats, end, total = self.state, self.stats, self.periods.end(period), self.periods.total
         last = period + 1 == self.periods.count
         due = self.task.evaluates and self.eval_cadence.due(end, total)
@@ -324,6 +424,9 @@ class Trainer:
                       if ran else f"no iteration to run ({p.total} done)" if first >= count else
                       f"no evaluation interval completed in this run (it began at iteration {begun} of {p.total})")
         parts, record = self.task.finish(self.stats, self.evaluation, self.state.best, self.state.best_epoch)
+        if self.recovery is not None and self.recovery.done:
+            parts.append(f"{len(self.recovery.done)} rollback(s) after non-finite losses")
+            record["rollbacks"] = list(self.recovery.done)
         self.run.summary(self.task.what, status, [epochs, *parts])
         self.run.record.finish(status, epochs_run=ran, last_epoch=last_period,
                                **{**record, **{k: v for k, v in fields.items() if v is not None}})

@@ -188,7 +188,8 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp
     def poisoned(self, imgs, mask, sm_mask=None):
         out = original(self, imgs, mask, sm_mask)
         calls["n"] += 1
-        return out._replace(loss=out.loss * float("nan")) if calls["n"] == 2 else out
+        # calls 1-2: the start-up FLOP count (engine_pretrain.train_flops_per_image); 3: epoch 1, step 0
+        return out._replace(loss=out.loss * float("nan")) if calls["n"] == 4 else out
     monkeypatch.setattr(mae._PyramidMAE, "forward", poisoned)
     args = main_pretrain.parse_args(common)
     assert main_pretrain.main(args) == 1
