@@ -689,6 +689,27 @@ def test_without_flock_a_pid_file_locks_and_a_dead_holders_file_is_taken_over(tm
     assert f"holder, other (PID {dead} on host" in notes[0] and "no longer running" in notes[0]
 
 
+def test_a_checkpoint_write_on_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    # as a full disk fails it: the write raises ENOSPC (no file name), and torch's zip writer then masks
+    # it with a RuntimeError ("unexpected pos") when its context manager closes the archive
+    from config.cli import run_main
+    from engine import checkpoint as ckpt_util
+    real_write = ckpt_util._HashingWriter.write
+
+    def write(self, b):
+        if self.size > 1000:
+            raise OSError(28, "No space left on device")
+        return real_write(self, b)
+    monkeypatch.setattr(ckpt_util._HashingWriter, "write", write)
+    path = tmp_path / "checkpoint-last.pth"
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: save_atomic({"model": {"w": torch.zeros(4096)}}, path, meta={"epoch": 0}))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1
+    assert err[0].endswith(f"error: [Errno 28] No space left on device: '{path}'")
+    assert not list(tmp_path.iterdir())  # no temporary file, no sidecar left
+
+
 def test_a_full_tensorboard_folder_does_not_end_the_run(tmp_path, monkeypatch, capsys):
     class FullDisk:
         calls = 0
