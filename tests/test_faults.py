@@ -733,6 +733,24 @@ def test_a_full_tensorboard_folder_does_not_end_the_run(tmp_path, monkeypatch, c
     assert FullDisk.calls == 1 and err.count("TensorBoard cannot write to") == 1 and "training goes on" in err
 
 
+def test_a_tensorboard_folder_full_from_the_start_is_one_warning(tmp_path, monkeypatch, capsys):
+    # the real SummaryWriter on a full disk: its first write (the file-version event, in its writer
+    # thread) fails inside the constructor, and the thread's own exception would print a traceback
+    from tensorboard.summary.writer import record_writer
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    run = Run(torch.device("cpu"), 0, 1, StopFlag(), RunRecord(None, {}), str(tmp_path), str(tmp_path / "tb"))
+    run.open_log_writer()
+    if run.log_writer is not None:
+        run.log_writer.add_scalar("epoch/loss", 1.0, 0)
+    run.close_log_writer()
+    err = capsys.readouterr().err
+    assert err.count("TensorBoard cannot write to") == 1 and "training goes on" in err
+    assert "Traceback" not in err and "Exception in thread" not in err
+
+
 def test_an_epoch_over_the_skip_limit_stops_the_run_with_the_list(tmp_path, capsys):
     from tiny_data import make_images
     data = make_images(tmp_path / "data", n=12, size=32)
