@@ -13,7 +13,7 @@ session still alive after the exit, the largest process's peak RSS and what the 
 then each case checks the behaviour the program promises (named and skipped, refused in one line, no
 hang, resumed to the weights of an uninterrupted run, ...) and says pass or fail with the reason.
 
-The "before" column is the verdict of the earlier pass (at an older commit) for the same case. Prints
+The "before" column is the verdict of the same case on an earlier version of the code. Prints
 a markdown table and writes benchmarks/faults_rerun.json and benchmarks/faults_rerun.md. Output
 folders on small or full disks are tmpfs mounts (root only; without root those cases fail with the
 reason). Not part of the test suite: the cases are the tests' scenarios at the size users meet them.
@@ -28,6 +28,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,12 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from programs import session_members  # noqa: E402  (tests/programs.py: the session's live processes)
-from tiny_data import make_labelled  # noqa: E402  (the earlier pass's 72-px three-class photos)
+from tiny_data import make_labelled  # noqa: E402  (72-px three-class photos)
 
 PY = sys.executable
 GB = 1 << 30
 
-# The command shorthands of the earlier pass, with today's flags (the names did not change).
+# The command shorthands of the table (PRE, FT, DET, SEG; W2 = the same with two DataLoader workers).
 PRE = ["main_pretrain.py", "--model", "mae_swin_pico_128", "--mask_regular", "--vis_mask_ratio", "0.25",
        "--norm_pix_loss", "--device", "cpu", "--log_dir", "", "--batch_size", "2", "--epochs", "1",
        "--num_workers", "0"]
@@ -96,6 +97,7 @@ class Run:
     peak_mb: float                  # largest process of the tree (ru_maxrss of wait4)
     out_dir: Optional[Path] = None
     disk: list[str] = field(default_factory=list)
+    holds: str = "-"                # disk_summary, taken when the run ended (a tmpfs is gone later)
 
     @property
     def traceback(self) -> bool:
@@ -110,12 +112,15 @@ class Run:
         return all(w.lower() in low for w in words)
 
     def message(self) -> str:
-        """The line a user reads first: a traceback's last line, else the first warning / error / note /
-        skip line, else the last line."""
+        """The line a user reads first: a traceback's last line, else (a failed run) its error line, else
+        the first warning / error / note / skip line, else the last line."""
         lines = [ln.strip() for ln in self.output.splitlines() if ln.strip() and "%|" not in ln]
         if self.traceback:
             tail = [ln for ln in lines if re.match(r"^[A-Za-z_.]+(Error|Exception|Interrupt)\b", ln)]
             return "traceback: " + (tail[-1] if tail else lines[-1])
+        errors = [ln for ln in lines if "error:" in ln]
+        if self.rc not in (0, None) and errors:
+            return errors[0]
         key = re.compile(r"(error|warning|skipp|refus|cannot|note:|in use|stop signal|continuing|resumed|"
                          r"trained, its evaluation|took over|removed \d|unreadable|named|left out|limit)", re.I)
         for ln in lines:
@@ -183,6 +188,7 @@ def run(cmd: Sequence[str], out_dir: Optional[Path] = None, timeout: float = 180
         output = log.read()
     r = Run(cmd, rc, round(seconds, 1), output, left, round(peak, 0), out_dir)
     r.disk = listing(out_dir)
+    r.holds = disk_summary(r)
     return r
 
 
@@ -749,7 +755,7 @@ def _decodes(folder: Path) -> tuple[int, int, int]:
 
 
 @case("T17", "two make_shards.py (seeds 0 and 1) into one empty --output_dir, started together; 2,000 images "
-             "(symlinks to 200 PNGs; the pass used 20,000), --shard_size 100", "tools/make_shards.py x2",
+             "(symlinks to 200 PNGs; 20,000 before), --shard_size 100", "tools/make_shards.py x2",
       "fail: silent corruption (30 undecodable images)")
 def t17(c: Ctx) -> Result:
     src = _many_pngs(c, 200)
@@ -778,6 +784,7 @@ def t17(c: Ctx) -> Result:
             p.wait()
         log.seek(0)
         runs.append(Run([*map(str, conv)], rc, round(time.monotonic() - t0, 1), log.read(), [], 0, out, listing(out)))
+        runs[-1].holds = disk_summary(runs[-1])
         log.close()
     n, bad, indexed = _decodes(out)
     winners = [r for r in runs if r.rc == 0]
@@ -790,7 +797,7 @@ def t17(c: Ctx) -> Result:
 
 # --- 2. decoding
 
-@case("D12", "a real 14,000 x 14,000 grey JPEG (196 Mpx, over twice PIL's pixel limit; the pass used 20,000^2) "
+@case("D12", "a real 14,000 x 14,000 grey JPEG (196 Mpx, over twice PIL's pixel limit; 20,000^2 before) "
              "among 8 photos, one shard", "PRE --decode pil / fast", "partial: fast trained on it, PIL skipped it")
 def d12(c: Ctx) -> Result:
     from PIL import Image, ImageDraw
@@ -1186,7 +1193,7 @@ def p2b(c: Ctx) -> Result:
 
 
 @case("P3b", "SIGTERM 0.3 s into the evaluation after chunk 1 (--img_scale 384 256 --test_stride 32), "
-             "SIGKILL 1.5 s later; rerun", "SEG ade 20+20 (the pass: 20+60) --iters 30 --eval_interval 10, rerun",
+             "SIGKILL 1.5 s later; rerun", "SEG ade 20+20 (20+60 before) --iters 30 --eval_interval 10, rerun",
       "partial: chunk 1 lost")
 def p3b(c: Ctx) -> Result:
     cmd = flag(flag(flag(flag(flag(SEG, "--iters", "30"), "--eval_interval", "10"), "--print_freq", "1"),
@@ -1216,6 +1223,7 @@ def _two_runs(c: Ctx, second: list[str]) -> Result:
             p.wait()
         log.seek(0)
         runs.append(Run([*map(str, cmd)], rc, round(time.monotonic() - t0, 1), log.read(), [], 0, out, listing(out)))
+        runs[-1].holds = disk_summary(runs[-1])
         log.close()
     epochs = [json.loads(ln).get("epoch") for ln in (out / "log.txt").read_text().splitlines()] \
         if (out / "log.txt").exists() else []
@@ -1278,6 +1286,7 @@ def p6(c: Ctx) -> Result:
     r = run(cmd, out, actions=[(line(r"^Epoch \[0\]"), 0, start_probe)])
     said = probe[0].communicate(timeout=60)[0].strip().splitlines()[-1] if probe else "probe not started"
     r.disk = listing(out)  # once the probe is gone (its own write check is a temporary file)
+    r.holds = disk_summary(r)
     m = re.search(r"refused (\d+), took the folder (\d+) \((\d+) before the run ended\)", said)
     during = m is None or m.group(3) != "0"
     epochs = [json.loads(ln).get("epoch") for ln in (out / "log.txt").read_text().splitlines()] \
@@ -1307,7 +1316,7 @@ def p7pre(c: Ctx) -> Result:
                                                (r.has("No space left"), "the full disk is not named")]))
 
 
-@case("P8", "--log_dir on a full 64 KB tmpfs (the pass left 8 KB free; this run's events stay under 8 KB)",
+@case("P8", "--log_dir on a full 64 KB tmpfs (8 KB free before: today's events stay under 8 KB)",
       "DET coco40 --epochs 3 --log_dir <tmpfs>",
       "fail: a full TensorBoard folder ends the training")
 def p8(c: Ctx) -> Result:
@@ -1429,13 +1438,32 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
 
 
+def write_markdown(path: Path, meta: dict, results: dict) -> str:
+    counts = meta["counts"]
+    reruns = "".join(f" Re-run on {r['date']}: {' '.join(r['cases'])} ({r['wall_s']} s)." for r in meta.get("reruns", []))
+    md = table(results)
+    path.write_text(
+        f"# Fault re-run\n\nGenerated by `{meta['command']}` on {meta['machine']} (shared with other work), "
+        f"{meta['date']}; wall time {meta['wall_s']} s.{reruns} {counts['pass']} pass, {counts['fail']} fail"
+        f"{', ' + str(counts['error']) + ' driver errors' if counts['error'] else ''} of {len(results)} cases. "
+        f"Shorthands: PRE = `{shlex.join(PRE)} --data_path <fixture>`; FT = `{shlex.join(FT)}`; DET = `{shlex.join(DET)}`; "
+        f"SEG = `{shlex.join(SEG)}`; W2 = the same with `--num_workers 2`; each run gets its own `--output_dir`. "
+        f"rc -9: killed by the case (SIGKILL); s: wall seconds of each run, start-up included.\n\n" + md + "\n")
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", nargs="*", help="case ids (default: all); their rows replace those in the JSON")
     ap.add_argument("--work", default=None, help="scratch folder (default: a new temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "faults_rerun"), help="JSON / markdown path stem")
+    ap.add_argument("--table", action="store_true", help="only rewrite the markdown from the JSON (no run)")
     args = ap.parse_args()
+    if args.table:
+        stored = load_json(Path(args.out + ".json"))
+        write_markdown(Path(args.out + ".md"), stored, stored["cases"])
+        return
     known = {cs.id: cs for cs in CASES}
     chosen = args.cases or list(known)
     unknown = [x for x in chosen if x not in known]
@@ -1465,7 +1493,7 @@ def main() -> None:
                 verdict=res.verdict, note=res.note, seconds=round(time.monotonic() - t0, 1),
                 runs=[dict(command=" ".join(short(a, work, 200) for a in r.cmd), rc=r.rc, seconds=r.seconds,
                            message=short(r.message(), work), left=r.left, peak_mb=r.peak_mb,
-                           disk=disk_summary(r), files=r.disk[:40]) for r in res.runs])
+                           disk=r.holds, files=r.disk[:40]) for r in res.runs])
             print(f"{cid}: {res.verdict}  ({time.monotonic() - t0:.0f} s)", flush=True)
     finally:
         if not args.keep and not args.work:
@@ -1479,15 +1507,10 @@ def main() -> None:
     if args.cases:
         meta["reruns"] = stored.get("reruns", []) + [dict(cases=chosen, wall_s=total, date=meta["date"])]
         meta["command"] = stored.get("command", meta["command"])
+        meta["date"] = stored.get("date", meta["date"])  # the whole run's; each re-run has its own
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(dict(meta, cases=results), indent=1))
-    md = table(results)
-    md_path.write_text(
-        f"# Fault re-run\n\nGenerated by `{meta['command']}` on {meta['machine']} (shared with other work), "
-        f"{meta['date']}; wall time {meta['wall_s']} s. {counts['pass']} pass, {counts['fail']} fail"
-        f"{', ' + str(counts['error']) + ' driver errors' if counts['error'] else ''} of {len(results)} cases.\n\n"
-        + md + "\n")
-    print(md)
+    print(write_markdown(md_path, meta, results))
     print(f"\n{counts}; wrote {json_path} and {md_path}")
 
 
