@@ -155,11 +155,26 @@ def save_atomic(obj: Any, path: str | os.PathLike, meta: Optional[dict] = None) 
         if meta is None and side.exists():
             side.unlink()
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        disk = _file_system_error(e)
+        if disk is not None:  # a full disk, a lost mount: one line naming the checkpoint (config.cli.run_main)
+            raise OSError(disk.errno, disk.strerror, str(path)) from e
         raise
     return path
+
+
+def _file_system_error(e: BaseException) -> Optional[OSError]:
+    """The OSError without a file name behind ``e``, if any: a write to a full disk raises ENOSPC with no
+    name, and torch.save's zip writer then hides it behind a RuntimeError ("unexpected pos") when it
+    closes the archive on the way out."""
+    seen = 0
+    while e is not None and seen < 4:
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def verify(path: str | os.PathLike) -> Optional[dict]:

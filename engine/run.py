@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -83,7 +84,13 @@ class Run:
         """TensorBoard on rank 0 when a log folder is set; a failing disk turns it off, not the run."""
         if is_main_process() and self.log_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self.log_writer = TensorBoard(SummaryWriter(log_dir=self.log_dir), self.log_dir)
+            _quiet_writer_thread()
+            try:  # the writer's first event is written (and fails on a full disk) in its constructor
+                writer = SummaryWriter(log_dir=self.log_dir)
+            except OSError as e:
+                TensorBoard.warn(self.log_dir, e)
+                return
+            self.log_writer = TensorBoard(writer, self.log_dir)
 
     def close_log_writer(self) -> None:
         if self.log_writer is not None:
@@ -176,14 +183,33 @@ class TensorBoard:
                 return attr(*args, **kwargs)
             except OSError as e:
                 self.failed = e
-                print(f"warning: TensorBoard cannot write to {self._log_dir} ({type(e).__name__}: {e}); "
-                      f"training goes on without it", file=sys.stderr, flush=True)
+                self.warn(self._log_dir, e)
                 try:
                     self._writer.close()
                 except OSError:
                     pass
                 return None
         return guarded
+
+    @staticmethod
+    def warn(log_dir: str, e: OSError) -> None:
+        print(f"warning: TensorBoard cannot write to {log_dir} ({type(e).__name__}: {e}); "
+              f"training goes on without it", file=sys.stderr, flush=True)
+
+
+def _quiet_writer_thread() -> None:
+    """TensorBoard's writer thread re-raises its OSError (a full disk) after handing it to the writer,
+    and threading prints it as a traceback; the writer's next call raises it again, where TensorBoard
+    names it in one warning. Other threads' errors keep the previous hook."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_tensorboard", False):
+        return
+
+    def hook(args) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+            previous(args)
+    hook.quiet_tensorboard = True
+    threading.excepthook = hook
 
 
 def lock_output_dir(output_dir: str, program: str) -> Optional[output_lock.FolderLock]:

@@ -689,6 +689,27 @@ def test_without_flock_a_pid_file_locks_and_a_dead_holders_file_is_taken_over(tm
     assert f"holder, other (PID {dead} on host" in notes[0] and "no longer running" in notes[0]
 
 
+def test_a_checkpoint_write_on_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    # as a full disk fails it: the write raises ENOSPC (no file name), and torch's zip writer then masks
+    # it with a RuntimeError ("unexpected pos") when its context manager closes the archive
+    from config.cli import run_main
+    from engine import checkpoint as ckpt_util
+    real_write = ckpt_util._HashingWriter.write
+
+    def write(self, b):
+        if self.size > 1000:
+            raise OSError(28, "No space left on device")
+        return real_write(self, b)
+    monkeypatch.setattr(ckpt_util._HashingWriter, "write", write)
+    path = tmp_path / "checkpoint-last.pth"
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: save_atomic({"model": {"w": torch.zeros(4096)}}, path, meta={"epoch": 0}))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1
+    assert err[0].endswith(f"error: [Errno 28] No space left on device: '{path}'")
+    assert not list(tmp_path.iterdir())  # no temporary file, no sidecar left
+
+
 def test_a_full_tensorboard_folder_does_not_end_the_run(tmp_path, monkeypatch, capsys):
     class FullDisk:
         calls = 0
@@ -710,6 +731,24 @@ def test_a_full_tensorboard_folder_does_not_end_the_run(tmp_path, monkeypatch, c
     run.close_log_writer()
     err = capsys.readouterr().err
     assert FullDisk.calls == 1 and err.count("TensorBoard cannot write to") == 1 and "training goes on" in err
+
+
+def test_a_tensorboard_folder_full_from_the_start_is_one_warning(tmp_path, monkeypatch, capsys):
+    # the real SummaryWriter on a full disk: its first write (the file-version event, in its writer
+    # thread) fails inside the constructor, and the thread's own exception would print a traceback
+    from tensorboard.summary.writer import record_writer
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    run = Run(torch.device("cpu"), 0, 1, StopFlag(), RunRecord(None, {}), str(tmp_path), str(tmp_path / "tb"))
+    run.open_log_writer()
+    if run.log_writer is not None:
+        run.log_writer.add_scalar("epoch/loss", 1.0, 0)
+    run.close_log_writer()
+    err = capsys.readouterr().err
+    assert err.count("TensorBoard cannot write to") == 1 and "training goes on" in err
+    assert "Traceback" not in err and "Exception in thread" not in err
 
 
 def test_an_epoch_over_the_skip_limit_stops_the_run_with_the_list(tmp_path, capsys):
