@@ -37,7 +37,7 @@ from torch import Tensor, nn
 import models
 from engine.distributed import is_dist
 from engine.loaders import eval_loader
-from engine_finetune import knn_accuracy, local_features
+from engine.knn import knn_accuracy, local_features
 from errors import DataError, UsageError
 from imagedata.datasets import (ImageList, SeededImageDataset, build_finetune_dataset, eval_transform, image_list,
                                 is_shard_spec, num_classes_of, report_left_out)

@@ -202,7 +202,7 @@ def test_linear_probe_of_a_normalising_timm_head_trains_only_the_probe(labelled)
 
 
 def test_knn_vote_is_weighted_by_similarity():
-    from engine_finetune import knn_classify
+    from engine.knn import knn_classify
     train = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=1)
     labels = torch.tensor([0, 0, 1])
     q = torch.nn.functional.normalize(torch.tensor([[0.2, 1.0]]), dim=1)

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine_finetune import knn_accuracy, knn_classify, knn_topk
+from engine.knn import knn_accuracy, knn_classify, knn_topk
 from engine.distributed import cleanup
 
 

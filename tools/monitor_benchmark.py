@@ -40,7 +40,7 @@ import models
 from engine.monitor import KNN_K, KNN_T, ridge_probe
 from engine.record import write_report
 from engine.step import autocast
-from engine_finetune import knn_accuracy
+from engine.knn import knn_accuracy
 from tools import benchmark
 
 FREQS = (1, 2, 5, 10, 20)
