@@ -174,9 +174,10 @@ class PretrainTask(Task):
 
 def sample_batch(config: PretrainConfig, model: torch.nn.Module, batch: int, generator: torch.Generator,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Random images (batch, 3, S, S) with masks drawn as the run draws them (mask, secondary mask)."""
+    """Random images (batch, C, S, S), C = --in_chans, with masks drawn as the run draws them (mask,
+    secondary mask)."""
     size = config.input_size
-    imgs = torch.randn(batch, 3, size, size, generator=generator)
+    imgs = torch.randn(batch, config.in_chans, size, size, generator=generator)
     mask = draw_masks(batch, config.token_size, config.mask_ratio, config.mask_regular, generator=generator,
                       rounding=model.contract.mask_rounding)
     sm = secondary_mask(mask, config.vis_mask_ratio, generator=generator) if config.vis_mask_ratio > 0 else None
