@@ -266,7 +266,7 @@ def test_finetune_lists_every_problem_and_refuses_a_warmup_longer_than_the_run(t
     assert "--warmup_epochs 5 is longer than --epochs 2" in problems[1] and "--remode 'bogus'" in problems[0]
 
 
-USER_DOCS = ["README.md", "FINETUNE.md", "DETECTION.md", "SEGMENTATION.md"]
+USER_DOCS = ["README.md", "PRETRAIN.md", "FINETUNE.md", "DETECTION.md", "SEGMENTATION.md"]
 # words about how the project was made, which mean nothing to a user of it
 HISTORY = [r"\bissue #?\d+", r"\bsession \d+", r"\bspec §", r"\bthis change\b", r"\bthe previous code\b",
            r"\bthis machine\b", r"\bthis project's machine\b", r"\bnot run here\b", r"\bwork item"]
