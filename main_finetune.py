@@ -158,7 +158,8 @@ def classifier_of(checkpoint: str) -> str | None:
 def main(config: FinetuneConfig) -> int:
     run, config = start_run(config, f"main_finetune ({config.mode})")
     # --in_chans / --norm_stats: the checkpoint's statistics, or those named (auto: of the training set)
-    pixels = run_pixels(config, image_list(config.data_path, "val" if config.eval else "train", labelled=True),
+    split = "val" if config.eval else "train"
+    pixels = run_pixels(config, lambda: image_list(config.data_path, split, labelled=True),
                         log=print if is_main_process() else lambda *a: None)
     config = replace(config, norm_mean=pixels.mean, norm_std=pixels.std)
     run.log(f"pixels: {describe_pixels(pixels)} (--norm_stats {config.norm_stats})")

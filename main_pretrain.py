@@ -133,7 +133,7 @@ def main(config: PretrainConfig) -> int:
     config = replace(config, lr=effective_lr(config, run.world))
     # --in_chans / --norm_stats: the statistics (auto: computed once, cached in --output_dir) join the config,
     # so checkpoints, config.yaml and the run record keep them (imagedata/normstats.py)
-    pixels = run_pixels(config, image_list(config.data_path, "train", labelled=False),
+    pixels = run_pixels(config, lambda: image_list(config.data_path, "train", labelled=False),
                         log=print if is_main_process() else lambda *a: None)
     config = replace(config, norm_mean=pixels.mean, norm_std=pixels.std)
     run.log(f"pixels: {describe_pixels(pixels)} (--norm_stats {config.norm_stats})")

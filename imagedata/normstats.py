@@ -161,9 +161,11 @@ def describe(pixels: Pixels) -> str:
     return f"{pixels.in_chans} channel{'s' if pixels.in_chans != 1 else ''}, mean {fmt(pixels.mean)}, std {fmt(pixels.std)}"
 
 
-def run_pixels(config, images, log=print) -> Pixels:
+def run_pixels(config, list_images, log=print) -> Pixels:
     """A run's channels and statistics (a config with the section of config.channels): those it already
-    holds (a checkpoint's), else what its ``--norm_stats`` names, on ``images`` (its training set)."""
+    holds (a checkpoint's), else what its ``--norm_stats`` names. ``list_images()`` lists the training
+    set; it is called only for ``auto`` (a large data set is listed once more only when asked)."""
     if config.norm_mean:
         return Pixels(config.in_chans, tuple(config.norm_mean), tuple(config.norm_std))
+    images = list_images() if config.norm_stats == "auto" else None
     return resolve_stats(config.norm_stats, images, config.in_chans, config.seed, config.output_dir, log)
