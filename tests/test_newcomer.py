@@ -210,8 +210,9 @@ def test_parameter_counts_below_a_million_are_shown_exactly():
     assert count_text(1_290) == "1,290" and count_text(28_288_354) == "28.29M"
 
 
-PROGRAMS = ["main_detection.py", "main_segmentation.py", "main_finetune.py", "main_linprobe.py", "tools/reconstruct.py",
-            "submitit_detection.py", "submitit_segmentation.py", "submitit_finetune.py"]
+PROGRAMS = ["main_pretrain.py", "main_detection.py", "main_segmentation.py", "main_finetune.py", "main_linprobe.py",
+            "tools/reconstruct.py", "submitit_pretrain.py", "submitit_detection.py", "submitit_segmentation.py",
+            "submitit_finetune.py"]
 _PROBE = """
 import runpy, sys
 sys.argv = [sys.argv[1], *sys.argv[2:]]
@@ -245,6 +246,39 @@ def test_help_and_a_wrong_flag_answer_before_torch_loads(program):
                 assert "(did you mean --batch_size?)" in lines[0]
         else:
             assert "(default: " in done.stdout
+
+
+def test_pretraining_names_the_pretraining_models_of_a_classifier(tmp_path):
+    """A classifier name given to main_pretrain.py: called a classifier, its pretraining models named
+    (from the registry); a typo gets the close pretraining names."""
+    import main_pretrain
+    import models
+    argv = ["--output_dir", str(tmp_path), "--device", "cpu", "--model"]
+    with pytest.raises(UsageError) as e:
+        main_pretrain.parse_args(argv + ["swin_pico_128"])
+    assert str(e.value) == (f"--model swin_pico_128 is a classifier (main_finetune.py trains it), not a pretraining "
+                            f"model; its pretraining models: --model {' or '.join(models.pretraining_models_for('swin_pico_128'))}")
+    assert {"mae_swin_pico_128", "simmim_swin_pico_128"} <= set(models.pretraining_models_for("swin_pico_128"))
+    with pytest.raises(UsageError, match=r"^unknown --model 'mae_swin_pico_12'; did you mean mae_swin_pico_128"):
+        main_pretrain.parse_args(argv + ["mae_swin_pico_12"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for a machine without CUDA")
+def test_decode_gpu_without_cuda_names_the_fix_not_a_device_never_typed(tmp_path):
+    import main_pretrain
+    argv = ["--output_dir", str(tmp_path), "--model", "mae_swin_pico_128", "--decode", "gpu"]
+    for extra in ([], ["--device", "cuda"]):  # one message, whether or not --device cuda was given
+        with pytest.raises(UsageError) as e:
+            main_pretrain.parse_args(argv + extra)
+        assert str(e.value) == ("--decode gpu decodes on a CUDA device and none is available here: use --decode fast "
+                                "or pil, or run on a CUDA machine")
+    with pytest.raises(UsageError, match=r"^--decode gpu decodes on a CUDA device, but the command line gives "
+                                         r"--device cpu: use --decode fast or pil$"):
+        main_pretrain.parse_args(argv + ["--device", "cpu"])
+    # a SLURM submission from a login node without CUDA: the compute node's device decodes
+    from launch import slurm
+    args = slurm.prepare(main_pretrain, argv + ["--job_dir", str(tmp_path / "jobs"), "--nodes", "1", "--ngpus", "1"])
+    assert args.decode == "gpu" and args.device is None
 
 
 def test_a_local_submission_says_it_runs_in_the_background_and_which_log_to_follow():
