@@ -163,6 +163,16 @@ def test_segmentation_checks_labels_against_nb_classes_and_lists_every_problem(t
     assert "pass --nb_classes 4" in capsys.readouterr().err
 
 
+def test_the_folder_above_the_ade20k_layout_names_every_missing_folder_and_the_subfolder(tmp_path):
+    data = make_toy_ade(tmp_path / "above" / "ADEChallengeData2016", n_train=1, n_val=1)
+    with pytest.raises(UsageError) as e:
+        main_segmentation.parse_args(SEG + SEG_RUN + ["--data_path", str(data.parent), "--output_dir", str(tmp_path / "o")])
+    assert str(e.value) == (f"--data_path {data.parent} is not in ADE20K layout: missing images/training/, "
+                            f"annotations/training/, images/validation/ and annotations/validation/ (expected "
+                            f"images/{{training,validation}}/*.jpg and annotations/{{training,validation}}/*.png); "
+                            f"ADEChallengeData2016/ has it: use --data_path {data}")
+
+
 def test_a_trained_checkpoint_that_does_not_fit_names_the_architecture_flags(toy, tmp_path):
     from engine.evaluate import load_trained_weights
     path = tmp_path / "c.pth"
