@@ -199,6 +199,39 @@ def test_reconstruct_blames_the_checkpoint_not_a_model_flag_never_given(tmp_path
         reconstruct.build(args)
 
 
+@pytest.mark.parametrize("kind", ["gfl", "mask_rcnn", "segmentation"])
+def test_export_backbone_takes_the_classifier_out_of_a_dense_checkpoint(kind, tmp_path):
+    """A detection or segmentation checkpoint exports the classifier it was trained on (its model name
+    read from the file), weight for weight."""
+    import models
+    from models.dense import DenseBackbone
+    from tools.export_backbone import export_backbone, load_backbone
+    backbone = DenseBackbone(models.create_model("swin_pico_128", num_classes=0))
+    if kind == "segmentation":
+        from segmentation.heads import SegmentationModel
+        model = SegmentationModel(backbone, 4, adapter_dim=16, channels=16, aux_channels=8)
+    else:
+        from detection.detector import build_detector
+        model = build_detector(kind, backbone, 3, adapter_dim=16, fpn_dim=16)
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": model.state_dict(), "epoch": 0, "model_name": "swin_pico_128"}, path)
+    out = export_backbone(str(path), None, str(tmp_path / "bb"))
+    exported = load_backbone(out).state_dict()
+    trained = backbone.body.state_dict()
+    assert all(torch.equal(exported[k], trained[k]) for k in exported if not k.startswith("head."))
+    assert json.loads((out / "backbone.json").read_text())["source_model"].startswith(
+        "a segmentation checkpoint" if kind == "segmentation" else f"a {'GFL' if kind == 'gfl' else 'Mask R-CNN'} detection")
+
+
+def test_export_backbone_names_the_classifier_of_a_pretraining_model(tmp_path):
+    from tools.export_backbone import export_backbone
+    with pytest.raises(UsageError, match=r"^--model mae_swin_pico_128 is a pretraining model; its classifier is "
+                                         r"swin_pico_128: use --model swin_pico_128"):
+        export_backbone(str(tmp_path / "c.pth"), "mae_swin_pico_128", str(tmp_path / "bb"))
+    with pytest.raises(UsageError, match=r"^unknown --model 'swin_pico_12'; did you mean swin_pico_128"):
+        export_backbone(str(tmp_path / "c.pth"), "swin_pico_12", str(tmp_path / "bb"))
+
+
 def test_data_wait_warning_needs_real_waiting_and_names_only_the_programs_own_flags():
     from config.sections import data_advice
     from engine.data_wait import warning
@@ -221,7 +254,7 @@ def test_parameter_counts_below_a_million_are_shown_exactly():
 
 
 PROGRAMS = ["main_pretrain.py", "main_detection.py", "main_segmentation.py", "main_finetune.py", "main_linprobe.py",
-            "tools/reconstruct.py", "submitit_pretrain.py", "submitit_detection.py", "submitit_segmentation.py",
+            "tools/reconstruct.py", "tools/export_backbone.py", "submitit_pretrain.py", "submitit_detection.py", "submitit_segmentation.py",
             "submitit_finetune.py"]
 _PROBE = """
 import runpy, sys
@@ -242,7 +275,8 @@ def test_help_and_a_wrong_flag_answer_before_torch_loads(program):
     import subprocess
     import sys
     root = Path(__file__).resolve().parents[1]
-    required = ["--checkpoint", "c.pth", "--images", "x"] if program == "tools/reconstruct.py" else []
+    required = {"tools/reconstruct.py": ["--checkpoint", "c.pth", "--images", "x"],
+                "tools/export_backbone.py": ["--checkpoint", "c.pth", "--output", "x"]}.get(program, [])
     for args, code in ((["--help"], 0), ([*required, "--batch_sise", "3"], 2)):
         done = subprocess.run([sys.executable, "-c", _PROBE, program, *args], cwd=root, capture_output=True, text=True,
                               timeout=120)
@@ -252,7 +286,7 @@ def test_help_and_a_wrong_flag_answer_before_torch_loads(program):
             lines = done.stderr.splitlines()
             assert lines[0].startswith(f"{name}: error: unrecognized arguments: --batch_sise 3"), lines
             assert "usage:" not in done.stderr and lines[0].endswith(f"; python {name} --help lists every flag")
-            if program != "tools/reconstruct.py":
+            if not program.startswith("tools/"):
                 assert "(did you mean --batch_size?)" in lines[0]
         else:
             assert "(default: " in done.stdout
