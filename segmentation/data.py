@@ -152,8 +152,9 @@ def load_pair(img_path: str, ann_path: str, reduce_zero_label: bool, num_classes
 def label_range(pairs: Pairs, reduce_zero_label: bool, limit: int = 16) -> tuple[Optional[int], int]:
     """The largest class index (after ``reduce_zero_label``; 255, ignored, left out) in the first ``limit``
     label maps of ``pairs`` that can be read, and how many were read: a cheap start-up look at whether
-    --nb_classes fits the data (None when no labelled pixel was found)."""
-    top, read = None, 0
+    --nb_classes fits the data (None when no labelled pixel was found). DataError when every map looked
+    at has colour channels."""
+    top, read, colour = None, 0, []
     for _, ann_path in pairs.samples[:limit]:
         try:
             with Image.open(ann_path) as an:
@@ -161,6 +162,7 @@ def label_range(pairs: Pairs, reduce_zero_label: bool, limit: int = 16) -> tuple
         except OSError:
             continue
         if ann.ndim != 2:
+            colour.append(f"{ann_path} has shape {ann.shape}")
             continue
         values = np.unique(ann)
         if reduce_zero_label:
@@ -169,6 +171,10 @@ def label_range(pairs: Pairs, reduce_zero_label: bool, limit: int = 16) -> tuple
         read += 1
         if values.size:
             top = max(top if top is not None else -1, int(values.max()))
+    if colour and not read:  # one odd file is skipped when met; a set of them cannot train at all
+        raise DataError(f"the label maps are not single-channel ({colour[0]}; all {len(colour)} looked at): a label "
+                        f"map holds one class index per pixel (an 8-bit grey or palette PNG); convert colour maps "
+                        f"to class indices")
     return top, read
 
 

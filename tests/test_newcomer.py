@@ -173,6 +173,36 @@ def test_the_folder_above_the_ade20k_layout_names_every_missing_folder_and_the_s
                             f"ADEChallengeData2016/ has it: use --data_path {data}")
 
 
+def test_colour_label_maps_are_refused_at_start_up_in_one_line(tmp_path):
+    """RGB label maps everywhere: one line at start-up naming the cause, not a warning per pair and then
+    a data error after the loaders started."""
+    import numpy as np
+    from PIL import Image
+    data = make_toy_ade(tmp_path / "rgb", n_train=2, n_val=2)
+    for p in sorted(data.glob("annotations/*/*.png")):
+        a = np.array(Image.open(p))
+        Image.fromarray(np.stack([a * 40] * 3, -1).astype(np.uint8)).save(p)
+    with pytest.raises(UsageError) as e:
+        main_segmentation.parse_args(SEG + SEG_RUN + ["--data_path", str(data), "--output_dir", str(tmp_path / "o")])
+    assert str(e.value).startswith("the label maps are not single-channel (") and "shape (64, 96, 3)" in str(e.value)
+    assert "convert colour maps to class indices" in str(e.value)
+
+
+def test_a_coco_file_without_categories_is_named(coco, tmp_path):
+    import shutil
+    from errors import DataError
+    from detection.coco import read_coco
+    data = tmp_path / "coco"
+    shutil.copytree(coco, data)
+    path = data / "annotations" / "instances_train2017.json"
+    content = json.loads(path.read_text())
+    del content["categories"]
+    path.write_text(json.dumps(content))
+    with pytest.raises(DataError, match=r"no 'categories' list, so the category_id of all \d+ annotations names no "
+                                         r"class: add 'categories'"):
+        read_coco(path, data / "train2017", train=True)
+
+
 def test_a_trained_checkpoint_that_does_not_fit_names_the_architecture_flags(toy, tmp_path):
     from engine.evaluate import load_trained_weights
     path = tmp_path / "c.pth"
