@@ -21,10 +21,13 @@ benchmarks/newcomer_rerun.md is rewritten from both sides. Not part of the test 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,13 +38,64 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from tools.fault_rerun import Run, run  # noqa: E402  (group-killing runner, the first message line)
+from programs import session_members  # noqa: E402  (tests/programs.py: the session's live processes)
+from tools.fault_rerun import Run  # noqa: E402  (what a run shows a user: its first message line)
 
 OUT = ROOT / "benchmarks" / "newcomer_rerun"
+IDLE_S = 20.0  # a session that used no CPU for this long while alive is hung (a starved one still gains CPU)
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds used so far by ``pids`` (and their reaped children)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    return total / TICK
+
+
+def run(cmd: list[str], timeout: float) -> tuple[Run, float]:
+    """Run ``cmd`` in a session of its own as a user would; kill the whole session when it has used no CPU
+    for IDLE_S seconds (hung: e.g. joining workers that ignore SIGTERM) or at ``timeout`` s. Returns the run
+    (rc None: killed) and the CPU seconds of its main process."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with tempfile.TemporaryFile("w+") as log:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
+                                start_new_session=True)
+        rc, cpu, used, still = None, 0.0, -1.0, time.monotonic()
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                rc, cpu = os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime
+                break
+            now = time.monotonic()
+            spent = _cpu_seconds(session_members(proc.pid))
+            if spent > used + 0.01:
+                used, still = spent, now
+            if now - t0 > timeout or now - still > IDLE_S:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                _, status, usage = os.wait4(proc.pid, 0)
+                cpu = usage.ru_utime + usage.ru_stime
+                break
+            time.sleep(0.5)
+        seconds = time.monotonic() - t0 if rc is not None else still - t0  # killed: when it last worked
+        left = [p for p in session_members(proc.pid) if p != proc.pid]
+        for p in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        log.seek(0)
+        output = log.read()
+    return Run(cmd, rc, round(seconds, 1), output, left, 0.0), round(cpu, 1)
 
 # the tiny runs of each program (flags every version of the programs has)
-PRE = ["main_pretrain.py", "--model", "mae_swin_pico_128", "--device", "cpu", "--log_dir", "", "--batch_size", "2",
-       "--epochs", "1", "--num_workers", "0", "--warmup_epochs", "0"]
+PRE = ["main_pretrain.py", "--model", "mae_swin_pico_128", "--mask_regular", "--device", "cpu", "--log_dir", "",
+       "--batch_size", "2", "--epochs", "1", "--num_workers", "0", "--warmup_epochs", "0"]
 FT = ["main_finetune.py", "--model", "swin_pico_128", "--batch_size", "2", "--epochs", "1", "--num_workers", "0",
       "--warmup_epochs", "0", "--device", "cpu", "--log_dir", "", "--input_size", "64"]
 DET = ["main_detection.py", "--model", "swin_pico_128", "--input_size", "64", "--test_size", "64", "64",
@@ -93,7 +147,7 @@ class Fixtures:
         return str(self.repo / name)
 
     def tool(self, *cmd, python: Optional[str] = None) -> Run:
-        r = run([python or self.python, *map(str, cmd)], timeout=600, cap=None, python=False)
+        r, _ = run([python or self.python, *map(str, cmd)], timeout=1800)
         if r.rc != 0:
             raise RuntimeError(f"fixture step failed: {' '.join(map(str, cmd))}\n{r.output[-3000:]}")
         return r
@@ -280,8 +334,11 @@ MISTAKES = [
 def verdict(m: Mistake, r: Run, timeout: float) -> tuple[str, str]:
     """(verdict, reason) by the rules of the module docstring."""
     text = r.message()
-    if r.rc is None or r.seconds >= timeout or r.left:
-        return "hang", f"alive after {timeout:.0f} s" if r.rc is None or r.seconds >= timeout else "workers left"
+    if r.rc is None:
+        return "hang", (f"alive after {timeout:.0f} s" if r.seconds >= timeout else
+                        f"alive, no CPU used for {IDLE_S:.0f} s")
+    if r.left:
+        return "hang", "processes left after the exit"
     if r.traceback:
         return "traceback", text[:120]
     if m.works:
@@ -302,7 +359,8 @@ def verdict(m: Mistake, r: Run, timeout: float) -> tuple[str, str]:
 GOOD = ("clear", "works")
 
 
-def run_side(repo: Path, python: str, timeout: float, only: set[int]) -> dict:
+def run_side(repo: Path, python: str, timeout: float, only: set[int], record: Callable[[dict], None]) -> dict:
+    """Every mistake (or those in ``only``) against ``repo``; ``record(rows)`` after each."""
     rows = {}
     with tempfile.TemporaryDirectory(prefix="newcomer_") as tmp:
         t0 = time.monotonic()
@@ -312,14 +370,16 @@ def run_side(repo: Path, python: str, timeout: float, only: set[int]) -> dict:
             if only and m.num not in only:
                 continue
             cmd = [str(c) for c in m.command(fixtures)]
-            r = run([python, *cmd], timeout=timeout, python=False)
+            r, cpu = run([python, *cmd], timeout)
             v, why = verdict(m, r, timeout)
             lines = [ln for ln in r.output.splitlines() if ln.strip()]
             rows[str(m.num)] = {"program": m.program, "mistake": m.what, "rc": r.rc, "seconds": r.seconds,
-                                "message": r.message().replace(tmp, "(tmp)")[:400], "lines": len(lines),
-                                "traceback": r.traceback, "hung": v == "hang", "verdict": v, "reason": why,
-                                "command": " ".join(c.replace(tmp, "(tmp)") for c in cmd)}
-            print(f"{m.num:>2} {v:<14} rc={r.rc} {r.seconds:5.1f}s  {rows[str(m.num)]['message'][:110]}", flush=True)
+                                "cpu_seconds": cpu, "message": r.message().replace(tmp, "(tmp)")[:400],
+                                "lines": len(lines), "traceback": r.traceback, "hung": v == "hang", "verdict": v,
+                                "reason": why, "command": " ".join(c.replace(tmp, "(tmp)") for c in cmd)}
+            print(f"{m.num:>2} {v:<14} rc={r.rc} {r.seconds:5.1f}s cpu {cpu:4.1f}s  "
+                  f"{rows[str(m.num)]['message'][:100]}", flush=True)
+            record(rows)
     return rows
 
 
@@ -329,7 +389,7 @@ def _cell(row: Optional[dict]) -> str:
     msg = row["message"].replace("|", "\\|")
     msg = msg if len(msg) <= 160 else msg[:157] + "..."
     rc = "killed" if row["hung"] else row["rc"]
-    return f"`{msg}` (rc {rc}, {row['seconds']} s, {row['lines']} lines)"
+    return f"`{msg}` (rc {rc}, {row['seconds']} s, {row.get('cpu_seconds', '?')} CPU-s, {row['lines']} lines)"
 
 
 def write_markdown(data: dict) -> str:
@@ -364,24 +424,31 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repo", default=str(ROOT), help="the checkout whose programs run (default: this one)")
     p.add_argument("--side", default="after", choices=["before", "after"], help="the table column it fills")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a run's process group is killed")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds before a run's process group is killed (a run idle for IDLE_S s is killed sooner)")
     p.add_argument("--only", type=int, nargs="*", default=[], help="these mistakes only (their rows replace those "
                                                                    "in the JSON)")
     a = p.parse_args()
     repo = Path(a.repo).resolve()
     venv = repo / ".venv" / "bin" / "python"
     python = str(venv) if venv.exists() else sys.executable
-    rows = run_side(repo, python, a.timeout, set(a.only))
     path = OUT.with_suffix(".json")
-    data = json.loads(path.read_text()) if path.exists() else {}
-    old = data.get(a.side, {}).get("rows", {}) if a.only else {}
-    data[a.side] = {"repo": str(repo), "commit": _commit(repo), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                    "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} at the end",
-                    "timeout_s": a.timeout, "rows": {**old, **rows}}
-    path.write_text(json.dumps(data, indent=1) + "\n")
-    OUT.with_suffix(".md").write_text(write_markdown(data))
-    good = sum(1 for r in data[a.side]["rows"].values() if r["verdict"] in GOOD)
-    print(f"{a.side}: {good} of {len(data[a.side]['rows'])} give one clear message naming the fix (or work); "
+    old = json.loads(path.read_text()).get(a.side, {}).get("rows", {}) if a.only and path.exists() else {}
+
+    def record(rows: dict) -> None:  # after every row: an interrupted re-run keeps what it measured
+        data = json.loads(path.read_text()) if path.exists() else {}  # the other side may run meanwhile
+        data[a.side] = {"repo": str(repo), "commit": _commit(repo),
+                        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load "
+                                   f"{os.getloadavg()[0]:.1f} at the last row",
+                        "timeout_s": a.timeout, "idle_s": IDLE_S, "rows": {**old, **rows}}
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        OUT.with_suffix(".md").write_text(write_markdown(data))
+
+    run_side(repo, python, a.timeout, set(a.only), record)
+    rows = json.loads(path.read_text())[a.side]["rows"]
+    good = sum(1 for r in rows.values() if r["verdict"] in GOOD)
+    print(f"{a.side}: {good} of {len(rows)} give one clear message naming the fix (or work); "
           f"wrote {path} and {OUT.with_suffix('.md')}")
     return 0
 
