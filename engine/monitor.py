@@ -43,7 +43,6 @@ from imagedata.datasets import (ImageList, SeededImageDataset, build_finetune_da
                                 is_shard_spec, num_classes_of, report_left_out)
 from util.pretrained import load_state
 
-MONITOR_FREQ = 10                # the default --monitor_freq (PRETRAIN.md: its cost at the recipes' sizes)
 KNN_K, KNN_T = 20, 0.07          # main_finetune.py's --knn_k / --knn_t defaults: the same k-NN
 VAL_FRACTION = 0.2               # the val share of each class when the folder has no val split
 # ridge strengths, relative to the mean eigenvalue of the centred features' Gram matrix

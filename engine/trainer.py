@@ -47,7 +47,7 @@ from engine.run import Run
 from engine.schedule import Schedule
 from engine.state import TrainState, weights_digest
 from engine.step import NonFiniteLossError, StepLoop, StepOutput, StepSettings
-from engine.stop import StopRequested, finish_interrupted
+from engine.stop import StopRequested, epoch_position, finish_interrupted
 from errors import DataError, UsageError, error_line
 from imagedata.datasets import SKIP_LIST_NAME, SKIP_LOG_ENV, check_skipped
 
@@ -139,6 +139,13 @@ class Periods:
         if self.unit == "epoch":
             return f"epoch {period}"
         return f"iterations {period * self.length}-{self.end(period)}"
+
+    def position(self, period: int, step: int) -> str:
+        """Where the run stands before micro-step ``step`` of ``period``: 'epoch 3, step 10' ('the end of
+        epoch 2' at step 0), or 'iteration 9 of 12'."""
+        if self.unit == "epoch":
+            return epoch_position(period, step)
+        return f"iteration {period * self.length + step} of {self.total}"
 
     def header(self, period: int) -> str:
         if self.unit == "epoch":
@@ -244,7 +251,7 @@ class Trainer:
             return 0
         except (StopRequested, NonFiniteLossError) as e:
             code = finish_interrupted(e, state.flags, state.model, state.optimizer, state.scaler, run.stop,
-                                      extra=state.fields())
+                                      extra=state.fields(), position=periods.position)
             self._finish("stopped" if isinstance(e, StopRequested) else "failed", e.epoch - 1, reason=str(e))
             return code
         except DataError as e:  # bad data (too many skipped samples, a shard unlike its index): one line
