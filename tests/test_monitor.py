@@ -15,6 +15,7 @@ import main_pretrain
 from engine.checkpoint import safe_load
 from engine.monitor import ridge_probe, split_monitor_set
 from errors import UsageError
+from programs import run_to_exit
 from tiny_data import make_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,3 +288,58 @@ def test_cost_tool_counts_as_the_program_and_fits_the_batch_to_memory(capsys):
     assert "| mae_swin_pico_128 | 128 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="valid: .*mae_swin_tiny_256"):
         cost.main(["mae_swin_nano"])
+
+
+POISONED_RANKS = '''
+import os, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {root!r})
+import engine_pretrain, main_pretrain
+from engine.trainer import Trainer
+
+rank, calls = int(os.environ["RANK"]), {{"n": 0}}
+original_loss, original_fit = engine_pretrain.PretrainTask.compute_loss, Trainer.fit
+
+def compute_loss(self, batch):   # a NaN loss on this rank's training calls listed for it
+    out = original_loss(self, batch)
+    calls["n"] += 1
+    return out._replace(loss=out.loss * float("nan")) if calls["n"] in {bad!r}.get(rank, ()) else out
+
+def fit(self):                   # each rank's weights as it ends
+    code = original_fit(self)
+    torch.save(self.state.model.state_dict(), Path({out!r}) / f"weights-rank{{rank}}.pt")
+    return code
+
+engine_pretrain.PretrainTask.compute_loss, Trainer.fit = compute_loss, fit
+sys.exit(main_pretrain.main(main_pretrain.parse_args()))
+'''
+
+
+def test_two_gloo_ranks_roll_back_together_when_one_rank_sees_a_nan(tmp_path, data):
+    """Rank 1 alone meets a NaN on the last step of epoch 1 (rank 0's loss there is finite: the update
+    that would spread it has not happened yet). Both ranks must roll back, retrain the epoch the same
+    way and end with equal, finite weights; a rank deciding alone would leave the other waiting in
+    its next collective."""
+    out = tmp_path / "ddp"
+    out.mkdir()
+    script = tmp_path / "poisoned_ranks.py"
+    script.write_text(POISONED_RANKS.format(root=str(ROOT), bad={1: (4,)}, out=str(out)))  # 2 steps an epoch
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    port = str(__import__("engine.distributed", fromlist=["free_port"]).free_port())
+    argv = [a for a in TINY if a != "4"]
+    argv[argv.index("--batch_size") + 1:argv.index("--batch_size") + 1] = ["2"]
+    code, output, left = run_to_exit(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                                      script, *argv, "--data_path", data, "--epochs", "3", "--output_dir", out,
+                                      "--on_nonfinite", "rollback"], timeout=180, env=env)
+    assert code is not None, "the ranks hung (killed after 180 s):\n" + output[-3000:]
+    assert code == 0 and not left, output[-3000:]
+    assert output.count("rolled back to epoch 1, step 0") == 1, output[-3000:]
+    w0, w1 = (torch.load(out / f"weights-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.isfinite(v).all() for v in w0.values())
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    saved = safe_load(out / "checkpoint-last.pth")
+    assert saved["epoch"] == 2 and all(torch.equal(saved["model"][k], w0[k]) for k in w0)
+    finished = json.loads((out / "run-001.json").read_text())["finished"]
+    assert finished["status"] == "completed" and [r["epoch"] for r in finished["rollbacks"]] == [1]
+
