@@ -343,3 +343,57 @@ def test_two_gloo_ranks_roll_back_together_when_one_rank_sees_a_nan(tmp_path, da
     finished = json.loads((out / "run-001.json").read_text())["finished"]
     assert finished["status"] == "completed" and [r["epoch"] for r in finished["rollbacks"]] == [1]
 
+
+def step_lrs(text: str) -> dict:
+    """{(epoch, step): lr} of the progress lines (the last line of each step: after a rollback, its retraining)."""
+    return {(int(e), int(s) - 1): float(lr) for e, s, lr in
+            re.findall(r"Epoch \[(\d+)\] \[(\d+)/\d+\] .*? lr ([0-9.e+-]+) ", text)}
+
+
+def test_a_rollback_lowers_the_lr_for_its_window_and_a_resume_keeps_it(tmp_path, data, monkeypatch, capsys,
+                                                                       one_thread):
+    """4 steps an epoch; a NaN at epoch 1, step 2 skips steps 1-2 and lowers the lr for 6 optimizer
+    steps from epoch 1, step 0: the rest of epoch 1 and the first 2 steps of epoch 2."""
+    import models.mae as mae
+    original, poison = mae._PyramidMAE.forward, {"at": 7, "n": 0}
+
+    def poisoned(self, imgs, mask, sm_mask=None):   # training calls counted from 1 in each run (after 2 for FLOPs)
+        out = original(self, imgs, mask, sm_mask)
+        poison["n"] += 1
+        return out._replace(loss=out.loss * float("nan")) if poison["n"] - 2 == poison["at"] else out
+    monkeypatch.setattr(mae._PyramidMAE, "forward", poisoned)
+    base = TINY + ["--data_path", str(data), "--epochs", "3", "--batch_size", "2", "--print_freq", "1",
+                   "--on_nonfinite", "rollback"]
+    lowered = ["--rollback_lr_scale", "0.1", "--rollback_lr_window", "6"]
+    run(base + ["--output_dir", str(tmp_path / "plain")])
+    plain = step_lrs(capsys.readouterr().out)
+    poison["n"] = 0
+    run(base + lowered + ["--output_dir", str(tmp_path / "low")])
+    text = capsys.readouterr().out
+    assert "lr x 0.1 for 6 optimizer steps from epoch 1, step 0" in text
+    low = step_lrs(text)
+    window = {(1, 0), (1, 3), (2, 0), (2, 1)}                  # trained steps inside it (1-2 were skipped)
+    assert set(low) == set(plain) and window < set(low)
+    for key, lr in low.items():
+        assert lr == pytest.approx(plain[key] * (0.1 if key in window else 1.0), rel=2e-3), key
+    record = json.loads((tmp_path / "low" / "run-001.json").read_text())["finished"]["rollbacks"][0]
+    assert record["lr_window"] == {"start": 4, "end": 10, "scale": 0.1} and record["skipped"] == [1, 3]
+    # the same run stopped after epoch 1 (inside the window) and resumed: the same weights
+    poison["n"] = 0
+    run(base + lowered + ["--output_dir", str(tmp_path / "cut"), "--exit_after_epoch", "1"])
+    poison["at"] = None
+    run(base + lowered + ["--output_dir", str(tmp_path / "cut")])
+    capsys.readouterr()
+    whole, cut = (safe_load(tmp_path / name / "checkpoint-last.pth") for name in ("low", "cut"))
+    assert whole["rollback_lr_window"] == {"start": 4, "end": 10, "scale": 0.1}
+    assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rollback_lr_scale", "0.5"], "needs both"),
+    (["--rollback_lr_scale", "0.5", "--rollback_lr_window", "10", "--on_nonfinite", "stop"], "--on_nonfinite rollback"),
+    (["--rollback_lr_scale", "2", "--rollback_lr_window", "10", "--on_nonfinite", "rollback"], "rollback_lr_scale"),
+])
+def test_a_lowered_lr_after_rollbacks_needs_its_flags_together(data, tmp_path, flags, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        main_pretrain.parse_args(TINY + ["--data_path", str(data), "--output_dir", str(tmp_path), *flags])
