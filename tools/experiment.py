@@ -17,12 +17,16 @@ ImageNet-layout folders by imagedata/animal_mnist.py), real programs run as subp
         --arms scratch_swin ummae_swin --seeds 0 --tag blr16 --blr 1.6e-2  # a recipe check on dev/
     python tools/experiment.py --out work_dirs/experiment --merge \
         --arms scratch_mixmim3 mixmae_mixmim3                              # add arms to results.json
+    python tools/experiment.py --out work_dirs/experiment --phase monitor # feature monitors during pretraining
     python tools/experiment.py --out /tmp/smoke --smoke                   # pipeline check, ~1 min
 
 Finished runs are reused (their result files are kept), so an interrupted run continues where it
 stopped. ``--phase dev`` finetunes on dev/train and validates on dev/val (both carved out of the
 labelled pretraining images, never the test split) and appends a record to dev_results.jsonl;
-every choice of the recipe below was made that way.
+every choice of the recipe below was made that way. ``--phase monitor`` pretrains UM-MAE Swin as in
+the table with the feature monitors (``--monitor_data`` on l50/train, split by the monitor itself into
+bank and queries; ``--monitor_freq``, default 1 here) beside the same run without them, and checks the
+monitor's last k-NN against ``main_finetune.py --knn`` of the final checkpoint on that same split.
 """
 from __future__ import annotations
 
@@ -397,7 +401,10 @@ def run_monitor(cfg: Config, arms: list[Arm], freq: int) -> dict:
     training images of the main budget (l50/train: the monitor splits them into its own train/val; the
     test split is never read) every ``freq`` epochs. Then the offline k-NN (``main_finetune.py --knn``)
     of the final checkpoint on the same split, the monitor's share of the run's wall and CPU time, and
-    a figure of the monitor's accuracies beside the loss. Writes OUT/monitor.json and monitor_<arm>.png."""
+    a figure of the monitor's accuracies beside the loss. The same pretraining without monitors (the
+    table's run, pretrain/<arm>) runs beside it as the control: the difference in wall and CPU time
+    cross-checks the monitor's own timing, and its final weights must be the monitored run's (the
+    monitor draws no training random number). Writes OUT/monitor.json and monitor_<arm>.png."""
     from engine.monitor import MONITOR_FREQ
     write_split(cfg.out / "data", **cfg.data_kwargs)
     data = cfg.out / "data" / f"l{cfg.main_budget}" / "train"
@@ -405,14 +412,21 @@ def run_monitor(cfg: Config, arms: list[Arm], freq: int) -> dict:
     sizes = write_monitor_split(data, cfg.out / "data" / split_name, seed=0)
     result = {"monitor_data": str(data), "monitor_freq": freq, "split": {"folder": str(cfg.out / "data" / split_name),
                                                                           "seed": 0, **sizes}, "arms": {}}
-    for arm in [a for a in arms if a.pretrain_model]:
+    pretrained = [a for a in arms if a.pretrain_model]
+    jobs = {}
+    for arm in pretrained:
+        jobs[("monitored", arm.name)] = pretrain_job(cfg, arm, f"{arm.name}_monitor{freq}",
+                                                     ("--monitor_data", str(data), "--monitor_freq", str(freq)))
+        jobs[("control", arm.name)] = pretrain_job(cfg, arm)
+    fresh = [key for key in jobs if not (cfg.out / "pretrain" / run_name(key, freq) / "time.json").is_file()]
+    with LoadSampler() as load:
+        done = run_pool(jobs, cfg.jobs)
+    for key in fresh:
+        (cfg.out / "pretrain" / run_name(key, freq) / "load.json").write_text(json.dumps(load.summary()))
+    for arm in pretrained:
         name = f"{arm.name}_monitor{freq}"
         out = cfg.out / "pretrain" / name
-        fresh = not (out / "time.json").is_file()
-        with LoadSampler() as load:
-            times = pretrain_job(cfg, arm, name, ("--monitor_data", str(data), "--monitor_freq", str(freq)))()
-        if fresh:
-            (out / "load.json").write_text(json.dumps(load.summary()))
+        times, control = done[("monitored", arm.name)], done[("control", arm.name)]
         knn_out = cfg.out / "eval" / name / f"knn_{split_name}"
         offline = knn_job(cfg, arm, split_name, name)()["top1"]
         lines = [json.loads(l) for l in (out / "log.txt").read_text().splitlines() if l.strip()]
@@ -431,6 +445,9 @@ def run_monitor(cfg: Config, arms: list[Arm], freq: int) -> dict:
             "knn_command": json.loads((knn_out / "time.json").read_text())["command"] if (knn_out / "time.json").is_file() else None,
             "pretrain_wall_s": times["wall_s"], "pretrain_cpu_s": times["cpu_s"],
             "load_avg": json.loads((out / "load.json").read_text()) if (out / "load.json").is_file() else None,
+            "control": {"run": arm.name, "wall_s": control["wall_s"], "cpu_s": control["cpu_s"],
+                        "command": control["command"],
+                        "same_final_weights": final_digest(out) == final_digest(cfg.out / "pretrain" / arm.name)},
             "epochs": epochs, "monitor_points": len(points),
             "final_monitor_knn": points[-1]["knn_acc1"], "final_monitor_probe": points[-1]["probe_acc1"],
             "offline_knn_same_split": offline, "knn_difference": round(points[-1]["knn_acc1"] - offline, 3),
@@ -447,6 +464,17 @@ def run_monitor(cfg: Config, arms: list[Arm], freq: int) -> dict:
     result["command"] = " ".join([Path(sys.executable).name] + sys.argv)
     (cfg.out / "monitor.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def run_name(key: tuple[str, str], freq: int) -> str:
+    """The pretraining folder of a monitor-phase job: ("monitored" | "control", arm)."""
+    return f"{key[1]}_monitor{freq}" if key[0] == "monitored" else key[1]
+
+
+def final_digest(run_dir: Path) -> str | None:
+    """The final weights digest a pretraining run prints (rank 0), or None."""
+    lines = [l for l in (run_dir / "stdout.txt").read_text().splitlines() if "final weights digest" in l]
+    return lines[-1].split()[-1] if lines else None
 
 
 def plot_monitor(row: dict, title: str, path: Path) -> None:
@@ -578,7 +606,8 @@ def main(argv=None) -> int:
             print(f"{name}: monitor k-NN {row['final_monitor_knn']:.2f} vs offline {row['offline_knn_same_split']:.2f} "
                   f"on the same split; monitors {row['monitor_s']:.1f} s of {row['pretrain_wall_s']:.0f} s wall "
                   f"({100 * row['monitor_wall_share']:.2f}%), {row['monitor_cpu_s']:.1f} of {row['pretrain_cpu_s']:.0f} "
-                  f"CPU-s ({100 * row['monitor_cpu_share']:.2f}%)")
+                  f"CPU-s ({100 * row['monitor_cpu_share']:.2f}%); without monitors {row['control']['wall_s']:.0f} s "
+                  f"wall, {row['control']['cpu_s']:.0f} CPU-s, same final weights: {row['control']['same_final_weights']}")
         print(f"results in {out / 'monitor.json'}")
         return 0
     result = run_experiment(cfg, arms, merge=a.merge)
