@@ -355,10 +355,11 @@ def write_monitor_split(data: Path, dest: Path, seed: int) -> dict:
         for path, label in images.samples:
             target = tmp / split / images.classes[label] / Path(path).name
             target.parent.mkdir(parents=True, exist_ok=True)
+            source = os.path.realpath(path)   # a link to a relative symlink would dangle in another folder
             try:
-                os.link(path, target)
+                os.link(source, target)
             except OSError:
-                shutil.copy2(path, target)
+                shutil.copy2(source, target)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return {"train": len(train), "val": len(val)}
