@@ -69,6 +69,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "its start and train it again without the offending micro-steps")
     p.add_argument("--max_rollbacks", default=3, type=int,
                    help="--on_nonfinite rollback: rollbacks a run may take; then it stops as with stop")
+    p.add_argument("--rollback_lr_scale", default=1.0, type=float,
+                   help="--on_nonfinite rollback: multiply the lr by this (0 < F <= 1) for --rollback_lr_window "
+                        "optimizer steps from the point rolled back to (default 1: unchanged)")
+    p.add_argument("--rollback_lr_window", default=0, type=int,
+                   help="--on_nonfinite rollback: optimizer steps of the lowered lr after a rollback (default 0: none)")
     add_common_args(p)
     return p
 
@@ -190,7 +195,8 @@ def main(config: PretrainConfig) -> int:
     return Trainer(run, state, task, loader, schedule, periods, step_settings(config),
                    evaluate=Cadence(config.monitor_freq * len(loader)), save=Cadence(config.save_freq * len(loader)),
                    exit_after=config.exit_after_epoch,
-                   recovery=Recovery(config.max_rollbacks) if config.on_nonfinite == "rollback" else None).fit()
+                   recovery=Recovery(config.max_rollbacks, config.rollback_lr_scale, config.rollback_lr_window)
+                   if config.on_nonfinite == "rollback" else None).fit()
 
 
 if __name__ == "__main__":

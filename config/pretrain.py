@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from config.channels import PixelConfig, check_pixel_flags, pixel_values
 from config.cli import resolve_run
-from config.rules import TRAINING_RULES, at_least, check_existing, check_ranges, unknown_choice
+from config.rules import DECAY, TRAINING_RULES, at_least, check_existing, check_ranges, unknown_choice
 from config.sections import DataConfig, EpochSchedule, MaskConfig, OptimConfig
 from engine.run import RunConfig
 from engine.state import register_shaping, shaping
@@ -35,6 +35,8 @@ class PretrainConfig(RunConfig, DataConfig, OptimConfig, EpochSchedule, MaskConf
     save_best_monitor: bool                 # checkpoint-best.pth at the best monitor k-NN top-1
     on_nonfinite: str                       # stop, or rollback (engine.trainer.Recovery)
     max_rollbacks: int                      # rollbacks a run may take before it stops
+    rollback_lr_scale: float                # the lr factor after a rollback (1: unchanged)
+    rollback_lr_window: int                 # for this many optimizer steps (0: none)
 
     def model_kwargs(self, options: tuple[str, ...]) -> dict:
         """The factory keywords of the model: the ones every pretraining model takes, and the options
@@ -76,7 +78,14 @@ def check_flags(flags: argparse.Namespace) -> None:
     """What the flags alone can tell, before the model is described."""
     check_existing(flags, ["load_from"])
     check_ranges(flags, TRAINING_RULES + [("vis_freq", at_least(0)), ("monitor_freq", at_least(1)),
-                                           ("max_rollbacks", at_least(1))])
+                                           ("max_rollbacks", at_least(1)), ("rollback_lr_window", at_least(0)),
+                                           ("rollback_lr_scale", DECAY)])
+    lowered = getattr(flags, "rollback_lr_scale", 1.0) != 1.0, getattr(flags, "rollback_lr_window", 0) > 0
+    if any(lowered) and not all(lowered):
+        raise UsageError("a lowered lr after a rollback needs both --rollback_lr_scale F (< 1) and "
+                         "--rollback_lr_window N (> 0)")
+    if any(lowered) and getattr(flags, "on_nonfinite", "stop") != "rollback":
+        raise UsageError("--rollback_lr_scale / --rollback_lr_window act after a rollback: add --on_nonfinite rollback")
     check_pixel_flags(flags)
     if getattr(flags, "save_best_monitor", False) and not getattr(flags, "monitor_data", ""):
         raise UsageError("--save_best_monitor keeps the checkpoint of the best monitor score: give --monitor_data")

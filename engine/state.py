@@ -348,6 +348,9 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+LR_WINDOW_KEY = "rollback_lr_window"   # the checkpoint field of TrainState.lr_window
+
+
 class TrainState:
     """What a checkpoint holds, and where the run stands: the model (``train_model``: the same one
     wrapped for training, DDP / compiled), optimizer, scaler (fp16 only), the position (``epoch``
@@ -365,6 +368,8 @@ class TrainState:
         self.checkpoint: Optional[dict] = None
         # a trained period whose evaluation a crash or kill interrupted: {"epoch", "stats"} (resume sets it)
         self.pending_evaluation: Optional[dict] = None
+        # after a rollback with --rollback_lr_scale: {"start", "end", "scale"}, global micro-steps [start, end)
+        self.lr_window: Optional[dict] = None
         if data is not None:  # the training shards' fingerprint (imagedata.shards.ShardImages.fingerprint)
             flags.data_fingerprint = data
 
@@ -375,6 +380,8 @@ class TrainState:
                                                                        self.scaler, log=log)
         if self.checkpoint is not None and self.best_key:
             self.best = float(self.checkpoint.get(self.best_key, 0.0))
+        window = self.checkpoint.get(LR_WINDOW_KEY) if self.checkpoint is not None else None
+        self.lr_window = dict(window) if isinstance(window, dict) else None
         pending = self.checkpoint.get("evaluation_pending") if self.checkpoint is not None else None
         if isinstance(pending, dict) and not self.checkpoint.get("next_step"):
             self.pending_evaluation = {"epoch": self.epoch - 1, "stats": dict(pending.get("stats") or {})}
@@ -382,7 +389,15 @@ class TrainState:
 
     def fields(self) -> dict:
         """What every checkpoint of the run carries beyond the training state, a stopped run's too."""
-        return {self.best_key: self.best} if self.best_key else {}
+        fields = {self.best_key: self.best} if self.best_key else {}
+        if self.lr_window is not None:
+            fields[LR_WINDOW_KEY] = dict(self.lr_window)
+        return fields
+
+    def lr_factor(self, step: int) -> float:
+        """The factor on the schedule's lr at global micro-step ``step`` (a rollback's window, else 1)."""
+        w = self.lr_window
+        return float(w["scale"]) if w is not None and w["start"] <= step < w["end"] else 1.0
 
     def save(self, epoch: int, next_step: int = 0, numbered: bool = False, log_record: Optional[dict] = None,
              extra: Optional[dict] = None, extra_names: tuple[str, ...] = (), append_log: bool = True,
