@@ -71,13 +71,45 @@ def test_submitit_preemption_requeues_and_ends_with_the_same_weights(tmp_path, m
 
 # what users run: DataLoader workers, which a signal sent to the process group reaches too
 GROUP = TINY + ["--num_workers", "2", "--epochs", "3", "--log_dir", ""]
+# CPU results depend on the intra-op thread count (how sums and GEMMs are split; 1 vs 2 threads: ~1e-4
+# after three epochs), so the reference, the stopped run and the resumed one all run at this count,
+# whatever OMP_NUM_THREADS the suite inherited (the subprocess and the module fixture, which is built
+# before conftest's per-test setting, would take it) and whatever count an earlier test left here
+THREADS = min(2, os.cpu_count() or 1)
+THREADS_ENV = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def recorded_threads(out: Path) -> list:
+    """The intra-op thread count of each run in ``out``, from its run records (run-NNN.json)."""
+    return [json.loads(p.read_text())["devices"][0].get("threads") for p in sorted(out.glob("run-*.json"))]
+
+
+def weight_difference(a: dict, b: dict) -> str:
+    """'' when equal; else how many tensors differ, the first few, and the largest difference."""
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    if not diff:
+        return ""
+    worst = max((a[k] - b[k]).abs().max().item() for k in diff)
+    return f"{len(diff)} of {len(a)} tensors differ ({', '.join(diff[:3])}, ...), max |difference| {worst:.3g}"
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     """Final weights of an uninterrupted run of GROUP (workers do not change the data: crops are seeded per sample)."""
     out = tmp_path_factory.mktemp("ref")
-    main_pretrain.main(main_pretrain.parse_args(GROUP + ["--num_workers", "0", "--output_dir", str(out)]))
+    with intra_op_threads(THREADS):
+        main_pretrain.main(main_pretrain.parse_args(GROUP + ["--num_workers", "0", "--output_dir", str(out)]))
+    assert recorded_threads(out) == [THREADS]
     return weights(out)
 
 
@@ -85,7 +117,7 @@ def reference(tmp_path_factory) -> dict:
 def test_signal_to_the_process_group_checkpoints_and_resume_is_exact(sig, code, reference, tmp_path):
     out = tmp_path / "run"
     proc = launch([ROOT / "main_pretrain.py", *GROUP, "--output_dir", out], until="Epoch [1]",
-                  start_new_session=True)
+                  start_new_session=True, env={**os.environ, **THREADS_ENV})
     sent = time.time()
     os.killpg(proc.pid, sig)        # kill -SIG -- -PGID: the main process and both DataLoader workers
     rest = proc.stdout.read()
@@ -94,9 +126,13 @@ def test_signal_to_the_process_group_checkpoints_and_resume_is_exact(sig, code, 
     assert "stop signal: checkpoint written at epoch 1" in rest and "Traceback" not in rest, rest
     ck = safe_load(out / "checkpoint-last.pth")
     assert ck["epoch"] == 1 and ck["next_step"] > 0
-    main_pretrain.main(main_pretrain.parse_args(GROUP + ["--num_workers", "0", "--output_dir", str(out)]))
-    b = weights(out)
-    assert all(torch.equal(reference[k], b[k]) for k in reference)
+    stop = next(line for line in rest.splitlines() if line.startswith("stop signal"))
+    with intra_op_threads(THREADS):
+        main_pretrain.main(main_pretrain.parse_args(GROUP + ["--num_workers", "0", "--output_dir", str(out)]))
+    # the promise holds at one thread count: the stopped run and the resumed one must have used the reference's
+    assert recorded_threads(out) == [THREADS, THREADS]
+    difference = weight_difference(reference, weights(out))
+    assert not difference, f"{stop}: {difference}"
 
 
 def test_second_signal_exits_at_once(tmp_path):
