@@ -98,6 +98,7 @@ def save_training_state(flags, epoch: int, model, optimizer, scaler, next_step: 
     progress = {"epoch": epoch, "next_step": next_step, "samples": next_step * flags.batch_size * world,
                 "batch_size": flags.batch_size, "world_size": world, "accum_iter": max(1, flags.accum_iter),
                 "timeline": int(getattr(flags, "timeline", 0)), "model_name": flags.model,
+                "threads": torch.get_num_threads(),
                 "finished": not next_step and evaluation_pending is None and epoch + 1 >= flags.epochs}
     plain = {k: v for k, v in vars(flags).items() if _plain(v)}
     data = getattr(flags, "data_fingerprint", None)
@@ -256,6 +257,19 @@ def _check_data(ckpt: dict, flags, path: Path, explicit: bool, log) -> None:
         + ("; continuing mid-epoch at the same sample count" if ckpt.get("next_step") else ""), flush=True)
 
 
+def _note_thread_count(progress: dict, flags, path: Path, log) -> None:
+    """On a CPU, the intra-op thread count decides how sums and matrix products are split: a run
+    resumed under another count continues correctly, but not bit for bit like the uninterrupted run."""
+    saved = progress.get("threads")
+    if saved is None or not str(getattr(flags, "device", "cpu")).startswith("cpu"):
+        return
+    now = torch.get_num_threads()
+    if int(saved) != now:
+        log(f"note: {path.name} was written with {saved} intra-op threads and this run uses {now}: training "
+            f"continues correctly, but the weights will differ in the last bits from a run that never "
+            f"stopped (set OMP_NUM_THREADS={saved} for a bit-identical continuation)", flush=True)
+
+
 def resume_training_state(flags, model, optimizer, scaler, log=print) -> tuple[int, int, Optional[dict]]:
     """Restore from --resume, or the checkpoint in --output_dir with the most progress that fits (--auto_resume).
 
@@ -315,6 +329,7 @@ def resume_training_state(flags, model, optimizer, scaler, log=print) -> tuple[i
     saved_timeline = int(prog.get("timeline") or 0)
     # an explicit --resume starts a branch that outranks every file already in --output_dir
     flags.timeline = max(timelines + [saved_timeline]) + 1 if explicit else saved_timeline
+    _note_thread_count(prog, flags, path, log)
     if ckpt.get("next_step"):
         epoch, step = int(ckpt["epoch"]), _start_step(ckpt, flags, path)
     else:

@@ -837,3 +837,29 @@ def test_a_run_that_fails_outside_the_loop_still_closes_its_record(tmp_path):
     assert r.returncode == 1 and "is a checkpoint of lin, not --model mae_swin_pico_128" in r.stderr, r.stderr
     finished = json.loads((out / "run-001.json").read_text())["finished"]
     assert finished["status"] == "failed" and "ended before the run finished" in finished["error"]
+
+
+def test_a_resume_under_another_thread_count_says_the_weights_will_differ_in_the_last_bits(tmp_path):
+    """The stop-and-resume test above is bit-exact at one thread count; a user resuming on a node with
+    another count is told why the continuation cannot be bit-identical (and how to make it so)."""
+    import argparse
+    from engine.state import resume_training_state, save_training_state
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    flags = argparse.Namespace(output_dir=str(tmp_path), batch_size=2, accum_iter=1, model="m", epochs=3,
+                               keep_last=0, device="cpu", resume="", auto_resume=True, start_epoch=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        save_training_state(flags, 0, model, opt, None, next_step=3)
+        for count, expect_note in ((2, False), (1, True)):
+            torch.set_num_threads(count)
+            lines = []
+            epoch, step, _ = resume_training_state(flags, model, opt, None, log=lambda m, **k: lines.append(m))
+            assert (epoch, step) == (0, 3)
+            notes = [m for m in lines if "intra-op threads" in m]
+            assert bool(notes) == expect_note, lines
+        assert "written with 2 intra-op threads and this run uses 1" in notes[0]
+        assert "OMP_NUM_THREADS=2" in notes[0]
+    finally:
+        torch.set_num_threads(threads)
