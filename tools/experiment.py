@@ -406,7 +406,7 @@ def run_monitor(cfg: Config, arms: list[Arm], freq: int) -> dict:
     table's run, pretrain/<arm>) runs beside it as the control: the difference in wall and CPU time
     cross-checks the monitor's own timing, and its final weights must be the monitored run's (the
     monitor draws no training random number). Writes OUT/monitor.json and monitor_<arm>.png."""
-    from engine.monitor import MONITOR_FREQ
+    from main_pretrain import MONITOR_FREQ
     write_split(cfg.out / "data", **cfg.data_kwargs)
     data = cfg.out / "data" / f"l{cfg.main_budget}" / "train"
     split_name = f"monitor_l{cfg.main_budget}"
