@@ -9,43 +9,19 @@ PRETRAIN.md; every flag of theirs can also be given on the command line.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
-import torch
-from timm.optim import param_groups_weight_decay
-
-import models
+from config.cli import ArgumentParser, HelpFormatter, add_common_args, answer_usage_first
 from config.pixel_flags import add_pixel_args
-from config.cli import HelpFormatter, add_common_args, parse, run_main, write_recipe
-from config.pretrain import PretrainConfig, check_flags, model_kwargs, resolve
-from config.sections import effective_lr, step_settings
-from engine.cpu_perf import setup_cpu_training
-from engine.distributed import is_main_process
-from engine.loaders import train_loader
-from engine.monitor import MONITOR_FREQ, FeatureMonitor, monitor_datasets
-from engine.optim import make_adamw
-from engine.run import start_run, wrap_for_training
-from engine.schedule import CosineSchedule
-from engine.state import RunFlags, TrainState
-from engine.step import make_scaler
-from engine.trainer import Cadence, Periods, Recovery, Trainer, require_a_batch
-from engine.record import CostMeter, device_peak, flops_text
-from engine_pretrain import PretrainTask, train_flops_per_image
-from errors import DataError, UsageError
-from imagedata.datasets import build_pretrain_dataset, data_fingerprint, image_list, report_left_out
-from imagedata.channels import check_channels
-from imagedata.decode import DECODERS, GpuDecodeLoader, use_decoder
-from imagedata.normstats import describe as describe_pixels
-from imagedata.normstats import run_pixels
-from util.pretrained import load_pretraining_weights
-from util.visualize import figure_images
+from imagedata import DECODERS
 
 __all__ = ["effective_lr", "get_args_parser", "main", "parse_args"]
 
+MONITOR_FREQ = 10  # the default --monitor_freq (PRETRAIN.md: its cost at the recipes' sizes)
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("UM-MAE pre-training", add_help=add_help, formatter_class=HelpFormatter)
+    p = ArgumentParser("UM-MAE pre-training", add_help=add_help, formatter_class=HelpFormatter)
     p.add_argument("--batch_size", default=64, type=int, help="images per GPU (effective = batch * accum * GPUs)")
     p.add_argument("--epochs", default=400, type=int, help="length of the schedule")
     p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
@@ -93,8 +69,45 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "its start and train it again without the offending micro-steps")
     p.add_argument("--max_rollbacks", default=3, type=int,
                    help="--on_nonfinite rollback: rollbacks a run may take; then it stops as with stop")
+    p.add_argument("--rollback_lr_scale", default=1.0, type=float,
+                   help="--on_nonfinite rollback: multiply the lr by this (0 < F <= 1) for --rollback_lr_window "
+                        "optimizer steps from the point rolled back to (default 1: unchanged)")
+    p.add_argument("--rollback_lr_window", default=0, type=int,
+                   help="--on_nonfinite rollback: optimizer steps of the lowered lr after a rollback (default 0: none)")
     add_common_args(p)
     return p
+
+
+# --help and flag errors answer before torch, torchvision and timm load (also for submitit_pretrain.py)
+answer_usage_first(get_args_parser, __name__ == "__main__")
+
+from dataclasses import replace  # noqa: E402
+import torch  # noqa: E402
+from timm.optim import param_groups_weight_decay  # noqa: E402
+import models  # noqa: E402
+from config.cli import parse, run_main, write_recipe  # noqa: E402
+from config.pretrain import PretrainConfig, check_flags, model_kwargs, resolve, unknown_model  # noqa: E402
+from config.sections import effective_lr, step_settings  # noqa: E402
+from engine.cpu_perf import setup_cpu_training  # noqa: E402
+from engine.distributed import is_main_process  # noqa: E402
+from engine.loaders import train_loader  # noqa: E402
+from engine.monitor import FeatureMonitor, monitor_datasets  # noqa: E402
+from engine.optim import make_adamw  # noqa: E402
+from engine.run import start_run, wrap_for_training  # noqa: E402
+from engine.schedule import CosineSchedule  # noqa: E402
+from engine.state import RunFlags, TrainState  # noqa: E402
+from engine.step import make_scaler  # noqa: E402
+from engine.trainer import Cadence, Periods, Recovery, Trainer, require_a_batch  # noqa: E402
+from engine.record import CostMeter, device_peak, flops_text  # noqa: E402
+from engine_pretrain import PretrainTask, train_flops_per_image  # noqa: E402
+from errors import DataError, UsageError  # noqa: E402
+from imagedata.datasets import build_pretrain_dataset, data_fingerprint, image_list, report_left_out  # noqa: E402
+from imagedata.channels import check_channels  # noqa: E402
+from imagedata.decode import GpuDecodeLoader, use_decoder  # noqa: E402
+from imagedata.normstats import describe as describe_pixels  # noqa: E402
+from imagedata.normstats import run_pixels  # noqa: E402
+from util.pretrained import load_pretraining_weights  # noqa: E402
+from util.visualize import figure_images  # noqa: E402
 
 
 def parse_args(argv=None) -> PretrainConfig:
@@ -106,9 +119,8 @@ def parse_args(argv=None) -> PretrainConfig:
 def configure(flags: argparse.Namespace) -> PretrainConfig:
     """The config of parsed flags (the model described once, on the meta device; the data listed)."""
     check_flags(flags)
-    pretrain_models = models.list_models(task="pretrain")
-    if flags.model not in pretrain_models:
-        raise UsageError(f"unknown --model {flags.model!r}; valid pretraining models: {', '.join(pretrain_models)}")
+    if flags.model not in models.list_models(task="pretrain"):
+        raise UsageError(unknown_model(flags.model))
     options = models.describe_class(flags.model).build_options
     note = models.describe_class(flags.model).compile_note
     if flags.compile and note:
@@ -183,7 +195,8 @@ def main(config: PretrainConfig) -> int:
     return Trainer(run, state, task, loader, schedule, periods, step_settings(config),
                    evaluate=Cadence(config.monitor_freq * len(loader)), save=Cadence(config.save_freq * len(loader)),
                    exit_after=config.exit_after_epoch,
-                   recovery=Recovery(config.max_rollbacks) if config.on_nonfinite == "rollback" else None).fit()
+                   recovery=Recovery(config.max_rollbacks, config.rollback_lr_scale, config.rollback_lr_window)
+                   if config.on_nonfinite == "rollback" else None).fit()
 
 
 if __name__ == "__main__":

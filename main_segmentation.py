@@ -119,7 +119,8 @@ def configure(flags: argparse.Namespace) -> SegmentConfig:
         problems.add("--data_path is required: a folder in ADE20K layout (images/, annotations/)")
     else:
         try:  # the layout and the pairing by name; main reads the sizes once
-            val = find_pairs(flags.data_path, "val", check_sizes=False)
+            needs = ("val",) if flags.eval else ("train", "val")
+            val = find_pairs(flags.data_path, "val", check_sizes=False, needs=needs)
             if not flags.eval:
                 find_pairs(flags.data_path, "train", check_sizes=False)
             problems.add(check_labels(val, flags))

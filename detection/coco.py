@@ -263,7 +263,8 @@ def read_coco(ann_file: Path, img_dir: Path, train: bool, with_masks: bool = Fal
               max_annotations: int = MAX_ANNOTATIONS_PER_IMAGE) -> tuple[CocoAnnotations, dict]:
     """Validate ``ann_file`` and keep what the data set needs.
 
-    Refused with one line naming the file (DataError): a file that is not a COCO object; an
+    Refused with one line naming the file (DataError): a file that is not a COCO object; annotations
+    without a 'categories' list to name their classes (``categories`` None); an
     image entry without an integer id, a file name inside ``img_dir`` or positive integer
     width / height; duplicate image, annotation or category ids; annotations whose image is not
     listed; in the scored split (``train`` False), annotations without ``area`` and ``iscrowd``
@@ -280,6 +281,9 @@ def read_coco(ann_file: Path, img_dir: Path, train: bool, with_masks: bool = Fal
     r = _Reader(ann_file)
     data = r.load()
     cat_names = r.categories(data.get("categories") or [])
+    if categories is None and not cat_names and data.get("annotations"):  # every box would be skipped as unknown
+        r.fail(f"no 'categories' list, so the category_id of all {len(data['annotations'])} annotations names no "
+               f"class: add 'categories' (e.g. [{{\"id\": 1, \"name\": \"cat\"}}]), one entry per category_id used")
     cat_ids = sorted(cat_names) if categories is None else list(categories)
     label_of = {c: i for i, c in enumerate(cat_ids)}
     row_of, names, sizes = r.images(data["images"], img_dir)

@@ -43,7 +43,6 @@ from imagedata.datasets import (ImageList, SeededImageDataset, build_finetune_da
                                 is_shard_spec, num_classes_of, report_left_out)
 from util.pretrained import load_state
 
-MONITOR_FREQ = 10                # the default --monitor_freq (PRETRAIN.md: its cost at the recipes' sizes)
 KNN_K, KNN_T = 20, 0.07          # main_finetune.py's --knn_k / --knn_t defaults: the same k-NN
 VAL_FRACTION = 0.2               # the val share of each class when the folder has no val split
 # ridge strengths, relative to the mean eigenvalue of the centred features' Gram matrix
@@ -61,11 +60,13 @@ class MonitorResult:
     num_train: int
     num_val: int
     seconds: float
+    cpu_seconds: float = 0.0    # CPU time of this process (its threads, not DataLoader workers)
 
     def record(self) -> dict:
         """The log.txt / run-record fields."""
         return {"monitor_knn_acc1": self.knn_acc1, "monitor_knn_acc5": self.knn_acc5,
-                "monitor_probe_acc1": self.probe_acc1, "monitor_seconds": round(self.seconds, 3)}
+                "monitor_probe_acc1": self.probe_acc1, "monitor_seconds": round(self.seconds, 3),
+                "monitor_cpu_seconds": round(self.cpu_seconds, 3)}
 
     def line(self) -> str:
         return (f"monitor (epoch {self.epoch}): k-NN top-1 {self.knn_acc1:.2f}%, linear probe top-1 "
@@ -218,7 +219,7 @@ class FeatureMonitor:
 
     @torch.no_grad()
     def __call__(self, epoch: int) -> MonitorResult:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with rngs_untouched(self.device):
             self._copy_weights()
             bank, bank_labels = local_features(self.encoder, self.bank, self.device, self.amp)
@@ -229,7 +230,7 @@ class FeatureMonitor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return MonitorResult(epoch, knn["acc1"], knn["acc5"], probe, ridge, self.num_train, self.num_val,
-                             time.perf_counter() - t0)
+                             time.perf_counter() - t0, time.process_time() - c0)
 
 
 def best_of(history: list[MonitorResult]) -> Optional[MonitorResult]:

@@ -98,6 +98,7 @@ def save_training_state(flags, epoch: int, model, optimizer, scaler, next_step: 
     progress = {"epoch": epoch, "next_step": next_step, "samples": next_step * flags.batch_size * world,
                 "batch_size": flags.batch_size, "world_size": world, "accum_iter": max(1, flags.accum_iter),
                 "timeline": int(getattr(flags, "timeline", 0)), "model_name": flags.model,
+                "threads": torch.get_num_threads(),
                 "finished": not next_step and evaluation_pending is None and epoch + 1 >= flags.epochs}
     plain = {k: v for k, v in vars(flags).items() if _plain(v)}
     data = getattr(flags, "data_fingerprint", None)
@@ -256,6 +257,19 @@ def _check_data(ckpt: dict, flags, path: Path, explicit: bool, log) -> None:
         + ("; continuing mid-epoch at the same sample count" if ckpt.get("next_step") else ""), flush=True)
 
 
+def _note_thread_count(progress: dict, flags, path: Path, log) -> None:
+    """On a CPU, the intra-op thread count decides how sums and matrix products are split: a run
+    resumed under another count continues correctly, but not bit for bit like the uninterrupted run."""
+    saved = progress.get("threads")
+    if saved is None or not str(getattr(flags, "device", "cpu")).startswith("cpu"):
+        return
+    now = torch.get_num_threads()
+    if int(saved) != now:
+        log(f"note: {path.name} was written with {saved} intra-op threads and this run uses {now}: training "
+            f"continues correctly, but the weights will differ in the last bits from a run that never "
+            f"stopped (set OMP_NUM_THREADS={saved} for a bit-identical continuation)", flush=True)
+
+
 def resume_training_state(flags, model, optimizer, scaler, log=print) -> tuple[int, int, Optional[dict]]:
     """Restore from --resume, or the checkpoint in --output_dir with the most progress that fits (--auto_resume).
 
@@ -315,6 +329,7 @@ def resume_training_state(flags, model, optimizer, scaler, log=print) -> tuple[i
     saved_timeline = int(prog.get("timeline") or 0)
     # an explicit --resume starts a branch that outranks every file already in --output_dir
     flags.timeline = max(timelines + [saved_timeline]) + 1 if explicit else saved_timeline
+    _note_thread_count(prog, flags, path, log)
     if ckpt.get("next_step"):
         epoch, step = int(ckpt["epoch"]), _start_step(ckpt, flags, path)
     else:
@@ -348,6 +363,9 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+LR_WINDOW_KEY = "rollback_lr_window"   # the checkpoint field of TrainState.lr_window
+
+
 class TrainState:
     """What a checkpoint holds, and where the run stands: the model (``train_model``: the same one
     wrapped for training, DDP / compiled), optimizer, scaler (fp16 only), the position (``epoch``
@@ -365,6 +383,8 @@ class TrainState:
         self.checkpoint: Optional[dict] = None
         # a trained period whose evaluation a crash or kill interrupted: {"epoch", "stats"} (resume sets it)
         self.pending_evaluation: Optional[dict] = None
+        # after a rollback with --rollback_lr_scale: {"start", "end", "scale"}, global micro-steps [start, end)
+        self.lr_window: Optional[dict] = None
         if data is not None:  # the training shards' fingerprint (imagedata.shards.ShardImages.fingerprint)
             flags.data_fingerprint = data
 
@@ -375,6 +395,8 @@ class TrainState:
                                                                        self.scaler, log=log)
         if self.checkpoint is not None and self.best_key:
             self.best = float(self.checkpoint.get(self.best_key, 0.0))
+        window = self.checkpoint.get(LR_WINDOW_KEY) if self.checkpoint is not None else None
+        self.lr_window = dict(window) if isinstance(window, dict) else None
         pending = self.checkpoint.get("evaluation_pending") if self.checkpoint is not None else None
         if isinstance(pending, dict) and not self.checkpoint.get("next_step"):
             self.pending_evaluation = {"epoch": self.epoch - 1, "stats": dict(pending.get("stats") or {})}
@@ -382,7 +404,15 @@ class TrainState:
 
     def fields(self) -> dict:
         """What every checkpoint of the run carries beyond the training state, a stopped run's too."""
-        return {self.best_key: self.best} if self.best_key else {}
+        fields = {self.best_key: self.best} if self.best_key else {}
+        if self.lr_window is not None:
+            fields[LR_WINDOW_KEY] = dict(self.lr_window)
+        return fields
+
+    def lr_factor(self, step: int) -> float:
+        """The factor on the schedule's lr at global micro-step ``step`` (a rollback's window, else 1)."""
+        w = self.lr_window
+        return float(w["scale"]) if w is not None and w["start"] <= step < w["end"] else 1.0
 
     def save(self, epoch: int, next_step: int = 0, numbered: bool = False, log_record: Optional[dict] = None,
              extra: Optional[dict] = None, extra_names: tuple[str, ...] = (), append_log: bool = True,

@@ -252,23 +252,31 @@ def agreed_stop_now(stop_flag: Callable[[], bool], device: torch.device) -> bool
     return _all_reduce_flag(stop_flag(), device)
 
 
-def finish_interrupted(exc: Exception, flags, model, optimizer, scaler, stop, extra: Optional[dict] = None) -> int:
+def epoch_position(period: int, step: int) -> str:
+    """Where a run stands, in epochs: 'epoch 3, step 10' (``step``: the next step of ``period``), or
+    'the end of epoch 2' before period 3's first step."""
+    return f"the end of epoch {period - 1}" if step == 0 else f"epoch {period}, step {step}"
+
+
+def finish_interrupted(exc: Exception, flags, model, optimizer, scaler, stop, extra: Optional[dict] = None,
+                       position: Callable[[int, int], str] = epoch_position) -> int:
     """End a run cut short by the training loop; returns the exit status.
 
     StopRequested (a stop signal, honoured at a step boundary): write a mid-epoch checkpoint
     and exit 0 (130 after SIGINT, ``stop_exit_code``). NonFiniteLossError: nothing is
-    saved, the message names the last good checkpoint, exit 1. ``flags``: the run's RunFlags (engine.state).
+    saved, the message names the last good checkpoint, exit 1. ``flags``: the run's RunFlags (engine.state);
+    ``position(period, step)`` names the stop in the program's unit (engine.trainer.Periods.position).
     """
     if isinstance(exc, StopRequested):
         stop.honoured = True
         code = stop_exit_code(stop.signum)
         if exc.step == 0:
-            # before the first step of an epoch: the end-of-epoch checkpoint of epoch - 1 is already on
+            # before the first step of a period: the checkpoint of the period before is already on
             # disk (written by the normal path, or the one this run resumed from)
-            where = f"the end of epoch {exc.epoch - 1} (already on disk)" if exc.epoch > 0 else "none needed"
+            where = f"{position(exc.epoch, 0)} (already on disk)" if exc.epoch > 0 else "none needed"
         else:
             save_training_state(flags, exc.epoch, model, optimizer, scaler, next_step=exc.step, extra=extra)
-            where = f"epoch {exc.epoch}, step {exc.step}"
+            where = position(exc.epoch, exc.step)
         if is_main_process():
             print(f"stop signal: checkpoint written at {where}; exiting with status {code}", flush=True)
         cleanup()

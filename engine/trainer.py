@@ -21,8 +21,8 @@ evaluation means that a crash or a kill during a long evaluation loses no traini
 that evaluation first, then goes on.
 
 With a ``Recovery`` (--on_nonfinite rollback) a non-finite loss first rolls the period back to the
-state it began with (kept in memory) and trains it again without the offending micro-steps, a
-bounded number of times. A stop signal or a non-finite loss ends the loop through
+state it began with (kept in memory) and trains it again without the offending micro-steps (with
+--rollback_lr_scale, at a lowered lr for a window of steps), a bounded number of times. A stop signal or a non-finite loss ends the loop through
 engine.stop.finish_interrupted (a resumable checkpoint and the exit code), a data error or too many skipped samples with one line and status 1,
 any other exception with a ``crashed`` end in the run record (then it propagates), a finished
 schedule through ``task.complete``. The output folder's lock is given back when the loop ends.
@@ -47,7 +47,7 @@ from engine.run import Run
 from engine.schedule import Schedule
 from engine.state import TrainState, weights_digest
 from engine.step import NonFiniteLossError, StepLoop, StepOutput, StepSettings
-from engine.stop import StopRequested, finish_interrupted
+from engine.stop import StopRequested, epoch_position, finish_interrupted
 from errors import DataError, UsageError, error_line
 from imagedata.datasets import SKIP_LIST_NAME, SKIP_LOG_ENV, check_skipped
 
@@ -140,6 +140,13 @@ class Periods:
             return f"epoch {period}"
         return f"iterations {period * self.length}-{self.end(period)}"
 
+    def position(self, period: int, step: int) -> str:
+        """Where the run stands before micro-step ``step`` of ``period``: 'epoch 3, step 10' ('the end of
+        epoch 2' at step 0), or 'iteration 9 of 12'."""
+        if self.unit == "epoch":
+            return epoch_position(period, step)
+        return f"iteration {period * self.length + step} of {self.total}"
+
     def header(self, period: int) -> str:
         if self.unit == "epoch":
             return f"Epoch [{period}]"
@@ -163,7 +170,19 @@ class Recovery:
     again without the accumulation group of the first non-finite loss and the one before it (whose
     update may have made it); the masks and the data order of every other micro-step stay the same."""
     max_rollbacks: int = 3
-    done: list = field(default_factory=list)     # {"epoch", "step", "error", "skipped": [lo, hi]} per rollback
+    lr_scale: float = 1.0        # --rollback_lr_scale: the lr factor in the window after a rollback
+    lr_window: int = 0           # --rollback_lr_window: its length in optimizer steps (0: no window)
+    # per rollback: {"epoch", "step", "error", "skipped": [lo, hi]} (+ "lr_window": TrainState.lr_window)
+    done: list = field(default_factory=list)
+
+    def open_window(self, state: TrainState, start: int, accum: int) -> Optional[dict]:
+        """Lower the lr for ``lr_window`` optimizer steps from global micro-step ``start`` (the point
+        rolled back to; skipped micro-steps count); the window is kept in ``state``, so checkpoints
+        carry it and a resumed run trains with the same lr. None when no window is asked for."""
+        if self.lr_window <= 0 or self.lr_scale == 1.0:
+            return None
+        state.lr_window = {"start": start, "end": start + self.lr_window * accum, "scale": self.lr_scale}
+        return state.lr_window
 
     @staticmethod
     def snapshot(state: TrainState) -> dict:
@@ -244,7 +263,7 @@ class Trainer:
             return 0
         except (StopRequested, NonFiniteLossError) as e:
             code = finish_interrupted(e, state.flags, state.model, state.optimizer, state.scaler, run.stop,
-                                      extra=state.fields())
+                                      extra=state.fields(), position=periods.position)
             self._finish("stopped" if isinstance(e, StopRequested) else "failed", e.epoch - 1, reason=str(e))
             return code
         except DataError as e:  # bad data (too many skipped samples, a shard unlike its index): one line
@@ -291,11 +310,19 @@ class Trainer:
                 hi = min(e.step - e.step % accum + accum, periods.size(period))
                 skips = sorted(skips + [(lo, hi)])
                 recovery.restore(self.state, snap)
-                recovery.done.append({"epoch": period, "step": e.step, "error": str(e), "skipped": [lo, hi]})
+                base = period * periods.length
+                window = recovery.open_window(self.state, base + first, accum)
+                entry = {"epoch": period, "step": e.step, "error": str(e), "skipped": [lo, hi]}
+                lowered = ""
+                if window is not None:
+                    entry["lr_window"] = dict(window)
+                    lowered = (f"; lr x {window['scale']:g} for {recovery.lr_window} optimizer steps from epoch "
+                               f"{period}, step {first}")
+                recovery.done.append(entry)
                 if is_main_process():
                     print(f"warning: {e}: rolled back to epoch {period}, step {first} (rollback "
                           f"{len(recovery.done)} of at most {recovery.max_rollbacks}); training it again without "
-                          f"micro-steps {lo}-{hi - 1}", flush=True)
+                          f"micro-steps {lo}-{hi - 1}{lowered}", flush=True)
 
     def _train_segments(self, steps: StepLoop, period: int, first: int, skips: list[tuple[int, int]]) -> dict:
         """Train the micro-steps of ``period`` from ``first`` outside the ``skips`` windows [lo, hi);
@@ -314,7 +341,8 @@ class Trainer:
             self.task.begin(period, a)
             parts.append((b - a, steps.run(batches if b == size else _Take(batches, b - a), period, a, b,
                                            self.task.compute_loss,
-                                           lambda step: self.schedule(period, step, periods.length),
+                                           lambda step: self.schedule(period, step, periods.length)
+                                           * self.state.lr_factor(period * periods.length + step),
                                            periods.header(period), periods.count, periods.name(period))))
         if len(parts) == 1 and not skips:
             return parts[0][1]

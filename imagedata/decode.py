@@ -42,9 +42,9 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 
+from imagedata import DECODERS  # noqa: F401  (re-exported: the names use_decoder accepts)
 from imagedata.images import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_SCALE, Encoded, to_rgb8
 
-DECODERS = ("pil", "fast", "gpu")
 # A JPEG is decoded at a reduced DCT scale only while the crop keeps >= REDUCING_GAP x the output size, so
 # that the antialiased bicubic still does part of the reduction (Pillow's advice for draft + resize).
 REDUCING_GAP = 2

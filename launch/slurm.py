@@ -187,6 +187,7 @@ def prepare(program: ModuleType, argv=None) -> argparse.Namespace:
     check = copy.copy(args)
     if check.device is None or str(check.device).startswith("cuda"):
         check.device = None  # the compute node's device: what is checked here is the rest
+        check.device_on_node = True
     program.configure(check)
     return args
 

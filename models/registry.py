@@ -66,6 +66,12 @@ def classifier_for(name: str) -> str:
     return _MODELS[name].variant.classifier
 
 
+def pretraining_models_for(classifier: str) -> list[str]:
+    """The registered pretraining models whose checkpoints finetune into ``classifier`` (the inverse of
+    ``classifier_for``)."""
+    return sorted(n for n, e in _MODELS.items() if e.task == "pretrain" and e.variant.classifier == classifier)
+
+
 def is_model(name: str) -> bool:
     return name in _MODELS
 

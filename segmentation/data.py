@@ -61,20 +61,41 @@ def _files(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in exts}
 
 
-def find_pairs(data_path: str, split: str, check_sizes: bool = True) -> Pairs:
+def _missing_folders(root: Path, splits: Sequence[str]) -> list[str]:
+    return [f"{kind}/{SPLITS[split]}/" for split in splits for kind in ("images", "annotations")
+            if not (root / kind / SPLITS[split]).is_dir()]
+
+
+def layout_problem(root: Path, splits: Sequence[str]) -> str:
+    """The line for a --data_path without the ADE20K folders of ``splits`` (train, val): every missing
+    one, and the subfolder that has the layout when there is exactly one (the folder above
+    ADEChallengeData2016/); '' when none is missing."""
+    missing = _missing_folders(root, splits)
+    if not missing:
+        return ""
+    line = (f"--data_path {root} is not in ADE20K layout: missing {', '.join(missing[:-1])}"
+            f"{' and ' if len(missing) > 1 else ''}{missing[-1]} (expected images/{{training,validation}}/*.jpg "
+            f"and annotations/{{training,validation}}/*.png)")
+    inside = [d for d in sorted(root.iterdir()) if not d.name.startswith(".")
+              and (d / "images").is_dir() and (d / "annotations").is_dir()]
+    if len(inside) == 1:
+        line += f"; {inside[0].name}/ has it: use --data_path {inside[0]}"
+    return line
+
+
+def find_pairs(data_path: str, split: str, check_sizes: bool = True, needs: Sequence[str] = tuple(SPLITS)) -> Pairs:
     """Pair ``images/<split>`` with ``annotations/<split>`` by file stem.
 
-    A missing folder raises DataError naming it (one line). An image without annotation, an
+    A missing folder raises DataError naming it with every missing folder of the splits the run
+    ``needs`` (one line). An image without annotation, an
     annotation without image, or a pair whose sizes differ is named in ``skipped`` and left out.
     """
     root = Path(data_path)
     sub = SPLITS[split]
     if not root.is_dir():
         raise DataError(f"--data_path {root} does not exist or is not a folder")
-    missing = [f"{kind}/{sub}/" for kind in ("images", "annotations") if not (root / kind / sub).is_dir()]
-    if missing:
-        raise DataError(f"--data_path {root} is not in ADE20K layout: missing {' and '.join(missing)} "
-                        f"(expected images/{{training,validation}}/*.jpg and annotations/{{training,validation}}/*.png)")
+    if _missing_folders(root, [split]):
+        raise DataError(layout_problem(root, sorted({split, *needs})))
     images = _files(root / "images" / sub, IMG_EXTENSIONS)
     labels = _files(root / "annotations" / sub, (".png",))
     skipped = [f"{images[s]}: no annotation {s}.png" for s in sorted(images.keys() - labels.keys())]
@@ -131,8 +152,9 @@ def load_pair(img_path: str, ann_path: str, reduce_zero_label: bool, num_classes
 def label_range(pairs: Pairs, reduce_zero_label: bool, limit: int = 16) -> tuple[Optional[int], int]:
     """The largest class index (after ``reduce_zero_label``; 255, ignored, left out) in the first ``limit``
     label maps of ``pairs`` that can be read, and how many were read: a cheap start-up look at whether
-    --nb_classes fits the data (None when no labelled pixel was found)."""
-    top, read = None, 0
+    --nb_classes fits the data (None when no labelled pixel was found). DataError when every map looked
+    at has colour channels."""
+    top, read, colour = None, 0, []
     for _, ann_path in pairs.samples[:limit]:
         try:
             with Image.open(ann_path) as an:
@@ -140,6 +162,7 @@ def label_range(pairs: Pairs, reduce_zero_label: bool, limit: int = 16) -> tuple
         except OSError:
             continue
         if ann.ndim != 2:
+            colour.append(f"{ann_path} has shape {ann.shape}")
             continue
         values = np.unique(ann)
         if reduce_zero_label:
@@ -148,6 +171,10 @@ def label_range(pairs: Pairs, reduce_zero_label: bool, limit: int = 16) -> tuple
         read += 1
         if values.size:
             top = max(top if top is not None else -1, int(values.max()))
+    if colour and not read:  # one odd file is skipped when met; a set of them cannot train at all
+        raise DataError(f"the label maps are not single-channel ({colour[0]}; all {len(colour)} looked at): a label "
+                        f"map holds one class index per pixel (an 8-bit grey or palette PNG); convert colour maps "
+                        f"to class indices")
     return top, read
 
 

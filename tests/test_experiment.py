@@ -109,6 +109,24 @@ def test_experiment_smoke_end_to_end(tmp_path):
     cmd = json.loads((out / "eval" / "ummae_swin" / "finetune_dev_t1_seed0" / "time.json").read_text())["command"]
     assert f"--data_path {out / 'data' / 'dev'} " in cmd and "--blr 0.001" in cmd
 
+    # the monitor phase: the monitored pretraining beside the table's (reused) as its control; the
+    # monitor's last k-NN against the offline k-NN of the final checkpoint on the monitor's own split
+    proc = subprocess.run([sys.executable, "tools/experiment.py", "--smoke", "--out", str(out), "--phase", "monitor"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (out / "pretrain" / "ummae_swin" / "time.json").read_text() == pre_time
+    row = json.loads((out / "monitor.json").read_text())["arms"]["ummae_swin"]
+    assert "--monitor_data " + str(out / "data" / "l4" / "train") in row["pretrain_command"]
+    assert row["control"]["same_final_weights"] and row["monitor_points"] == 1
+    assert abs(row["final_monitor_knn"] - row["offline_knn_same_split"]) < 100 / 10 + 1e-9   # one of 10 queries
+    assert 0 < row["monitor_s"] < row["pretrain_wall_s"] and (out / "monitor_ummae_swin.png").stat().st_size > 1000
+    from engine.monitor import split_monitor_set
+    train, val = split_monitor_set(str(out / "data" / "l4" / "train"), 0)
+    written = out / "data" / "monitor_l4"
+    for split, images in (("train", train), ("val", val)):
+        assert sorted((Path(p).name, images.classes[c]) for p, c in images.samples) == sorted(
+            (f.name, f.parent.name) for f in (written / split).rglob("*.png"))
+
 
 def test_merge_adds_arms_and_refuses_another_recipe():
     from tools.experiment import merge_results

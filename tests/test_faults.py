@@ -71,13 +71,45 @@ def test_submitit_preemption_requeues_and_ends_with_the_same_weights(tmp_path, m
 
 # what users run: DataLoader workers, which a signal sent to the process group reaches too
 GROUP = TINY + ["--num_workers", "2", "--epochs", "3", "--log_dir", ""]
+# CPU results depend on the intra-op thread count (how sums and GEMMs are split; 1 vs 2 threads: ~1e-4
+# after three epochs), so the reference, the stopped run and the resumed one all run at this count,
+# whatever OMP_NUM_THREADS the suite inherited (the subprocess and the module fixture, which is built
+# before conftest's per-test setting, would take it) and whatever count an earlier test left here
+THREADS = min(2, os.cpu_count() or 1)
+THREADS_ENV = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def recorded_threads(out: Path) -> list:
+    """The intra-op thread count of each run in ``out``, from its run records (run-NNN.json)."""
+    return [json.loads(p.read_text())["devices"][0].get("threads") for p in sorted(out.glob("run-*.json"))]
+
+
+def weight_difference(a: dict, b: dict) -> str:
+    """'' when equal; else how many tensors differ, the first few, and the largest difference."""
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    if not diff:
+        return ""
+    worst = max((a[k] - b[k]).abs().max().item() for k in diff)
+    return f"{len(diff)} of {len(a)} tensors differ ({', '.join(diff[:3])}, ...), max |difference| {worst:.3g}"
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     """Final weights of an uninterrupted run of GROUP (workers do not change the data: crops are seeded per sample)."""
     out = tmp_path_factory.mktemp("ref")
-    main_pretrain.main(main_pretrain.parse_args(GROUP + ["--num_workers", "0", "--output_dir", str(out)]))
+    with intra_op_threads(THREADS):
+        main_pretrain.main(main_pretrain.parse_args(GROUP + ["--num_workers", "0", "--output_dir", str(out)]))
+    assert recorded_threads(out) == [THREADS]
     return weights(out)
 
 
@@ -85,7 +117,7 @@ def reference(tmp_path_factory) -> dict:
 def test_signal_to_the_process_group_checkpoints_and_resume_is_exact(sig, code, reference, tmp_path):
     out = tmp_path / "run"
     proc = launch([ROOT / "main_pretrain.py", *GROUP, "--output_dir", out], until="Epoch [1]",
-                  start_new_session=True)
+                  start_new_session=True, env={**os.environ, **THREADS_ENV})
     sent = time.time()
     os.killpg(proc.pid, sig)        # kill -SIG -- -PGID: the main process and both DataLoader workers
     rest = proc.stdout.read()
@@ -94,9 +126,13 @@ def test_signal_to_the_process_group_checkpoints_and_resume_is_exact(sig, code, 
     assert "stop signal: checkpoint written at epoch 1" in rest and "Traceback" not in rest, rest
     ck = safe_load(out / "checkpoint-last.pth")
     assert ck["epoch"] == 1 and ck["next_step"] > 0
-    main_pretrain.main(main_pretrain.parse_args(GROUP + ["--num_workers", "0", "--output_dir", str(out)]))
-    b = weights(out)
-    assert all(torch.equal(reference[k], b[k]) for k in reference)
+    stop = next(line for line in rest.splitlines() if line.startswith("stop signal"))
+    with intra_op_threads(THREADS):
+        main_pretrain.main(main_pretrain.parse_args(GROUP + ["--num_workers", "0", "--output_dir", str(out)]))
+    # the promise holds at one thread count: the stopped run and the resumed one must have used the reference's
+    assert recorded_threads(out) == [THREADS, THREADS]
+    difference = weight_difference(reference, weights(out))
+    assert not difference, f"{stop}: {difference}"
 
 
 def test_second_signal_exits_at_once(tmp_path):
@@ -801,3 +837,29 @@ def test_a_run_that_fails_outside_the_loop_still_closes_its_record(tmp_path):
     assert r.returncode == 1 and "is a checkpoint of lin, not --model mae_swin_pico_128" in r.stderr, r.stderr
     finished = json.loads((out / "run-001.json").read_text())["finished"]
     assert finished["status"] == "failed" and "ended before the run finished" in finished["error"]
+
+
+def test_a_resume_under_another_thread_count_says_the_weights_will_differ_in_the_last_bits(tmp_path):
+    """The stop-and-resume test above is bit-exact at one thread count; a user resuming on a node with
+    another count is told why the continuation cannot be bit-identical (and how to make it so)."""
+    import argparse
+    from engine.state import resume_training_state, save_training_state
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    flags = argparse.Namespace(output_dir=str(tmp_path), batch_size=2, accum_iter=1, model="m", epochs=3,
+                               keep_last=0, device="cpu", resume="", auto_resume=True, start_epoch=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        save_training_state(flags, 0, model, opt, None, next_step=3)
+        for count, expect_note in ((2, False), (1, True)):
+            torch.set_num_threads(count)
+            lines = []
+            epoch, step, _ = resume_training_state(flags, model, opt, None, log=lambda m, **k: lines.append(m))
+            assert (epoch, step) == (0, 3)
+            notes = [m for m in lines if "intra-op threads" in m]
+            assert bool(notes) == expect_note, lines
+        assert "written with 2 intra-op threads and this run uses 1" in notes[0]
+        assert "OMP_NUM_THREADS=2" in notes[0]
+    finally:
+        torch.set_num_threads(threads)

@@ -15,6 +15,7 @@ import main_pretrain
 from engine.checkpoint import safe_load
 from engine.monitor import ridge_probe, split_monitor_set
 from errors import UsageError
+from programs import run_to_exit
 from tiny_data import make_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,3 +288,112 @@ def test_cost_tool_counts_as_the_program_and_fits_the_batch_to_memory(capsys):
     assert "| mae_swin_pico_128 | 128 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="valid: .*mae_swin_tiny_256"):
         cost.main(["mae_swin_nano"])
+
+
+POISONED_RANKS = '''
+import os, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {root!r})
+import engine_pretrain, main_pretrain
+from engine.trainer import Trainer
+
+rank, calls = int(os.environ["RANK"]), {{"n": 0}}
+original_loss, original_fit = engine_pretrain.PretrainTask.compute_loss, Trainer.fit
+
+def compute_loss(self, batch):   # a NaN loss on this rank's training calls listed for it
+    out = original_loss(self, batch)
+    calls["n"] += 1
+    return out._replace(loss=out.loss * float("nan")) if calls["n"] in {bad!r}.get(rank, ()) else out
+
+def fit(self):                   # each rank's weights as it ends
+    code = original_fit(self)
+    torch.save(self.state.model.state_dict(), Path({out!r}) / f"weights-rank{{rank}}.pt")
+    return code
+
+engine_pretrain.PretrainTask.compute_loss, Trainer.fit = compute_loss, fit
+sys.exit(main_pretrain.main(main_pretrain.parse_args()))
+'''
+
+
+def test_two_gloo_ranks_roll_back_together_when_one_rank_sees_a_nan(tmp_path, data):
+    """Rank 1 alone meets a NaN on the last step of epoch 1 (rank 0's loss there is finite: the update
+    that would spread it has not happened yet). Both ranks must roll back, retrain the epoch the same
+    way and end with equal, finite weights; a rank deciding alone would leave the other waiting in
+    its next collective."""
+    out = tmp_path / "ddp"
+    out.mkdir()
+    script = tmp_path / "poisoned_ranks.py"
+    script.write_text(POISONED_RANKS.format(root=str(ROOT), bad={1: (4,)}, out=str(out)))  # 2 steps an epoch
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    port = str(__import__("engine.distributed", fromlist=["free_port"]).free_port())
+    argv = [a for a in TINY if a != "4"]
+    argv[argv.index("--batch_size") + 1:argv.index("--batch_size") + 1] = ["2"]
+    code, output, left = run_to_exit(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                                      script, *argv, "--data_path", data, "--epochs", "3", "--output_dir", out,
+                                      "--on_nonfinite", "rollback"], timeout=180, env=env)
+    assert code is not None, "the ranks hung (killed after 180 s):\n" + output[-3000:]
+    assert code == 0 and not left, output[-3000:]
+    assert output.count("rolled back to epoch 1, step 0") == 1, output[-3000:]
+    w0, w1 = (torch.load(out / f"weights-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.isfinite(v).all() for v in w0.values())
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    saved = safe_load(out / "checkpoint-last.pth")
+    assert saved["epoch"] == 2 and all(torch.equal(saved["model"][k], w0[k]) for k in w0)
+    finished = json.loads((out / "run-001.json").read_text())["finished"]
+    assert finished["status"] == "completed" and [r["epoch"] for r in finished["rollbacks"]] == [1]
+
+
+def step_lrs(text: str) -> dict:
+    """{(epoch, step): lr} of the progress lines (the last line of each step: after a rollback, its retraining)."""
+    return {(int(e), int(s) - 1): float(lr) for e, s, lr in
+            re.findall(r"Epoch \[(\d+)\] \[(\d+)/\d+\] .*? lr ([0-9.e+-]+) ", text)}
+
+
+def test_a_rollback_lowers_the_lr_for_its_window_and_a_resume_keeps_it(tmp_path, data, monkeypatch, capsys,
+                                                                       one_thread):
+    """4 steps an epoch; a NaN at epoch 1, step 2 skips steps 1-2 and lowers the lr for 6 optimizer
+    steps from epoch 1, step 0: the rest of epoch 1 and the first 2 steps of epoch 2."""
+    import models.mae as mae
+    original, poison = mae._PyramidMAE.forward, {"at": 7, "n": 0}
+
+    def poisoned(self, imgs, mask, sm_mask=None):   # training calls counted from 1 in each run (after 2 for FLOPs)
+        out = original(self, imgs, mask, sm_mask)
+        poison["n"] += 1
+        return out._replace(loss=out.loss * float("nan")) if poison["n"] - 2 == poison["at"] else out
+    monkeypatch.setattr(mae._PyramidMAE, "forward", poisoned)
+    base = TINY + ["--data_path", str(data), "--epochs", "3", "--batch_size", "2", "--print_freq", "1",
+                   "--on_nonfinite", "rollback"]
+    lowered = ["--rollback_lr_scale", "0.1", "--rollback_lr_window", "6"]
+    run(base + ["--output_dir", str(tmp_path / "plain")])
+    plain = step_lrs(capsys.readouterr().out)
+    poison["n"] = 0
+    run(base + lowered + ["--output_dir", str(tmp_path / "low")])
+    text = capsys.readouterr().out
+    assert "lr x 0.1 for 6 optimizer steps from epoch 1, step 0" in text
+    low = step_lrs(text)
+    window = {(1, 0), (1, 3), (2, 0), (2, 1)}                  # trained steps inside it (1-2 were skipped)
+    assert set(low) == set(plain) and window < set(low)
+    for key, lr in low.items():
+        assert lr == pytest.approx(plain[key] * (0.1 if key in window else 1.0), rel=2e-3), key
+    record = json.loads((tmp_path / "low" / "run-001.json").read_text())["finished"]["rollbacks"][0]
+    assert record["lr_window"] == {"start": 4, "end": 10, "scale": 0.1} and record["skipped"] == [1, 3]
+    # the same run stopped after epoch 1 (inside the window) and resumed: the same weights
+    poison["n"] = 0
+    run(base + lowered + ["--output_dir", str(tmp_path / "cut"), "--exit_after_epoch", "1"])
+    poison["at"] = None
+    run(base + lowered + ["--output_dir", str(tmp_path / "cut")])
+    capsys.readouterr()
+    whole, cut = (safe_load(tmp_path / name / "checkpoint-last.pth") for name in ("low", "cut"))
+    assert whole["rollback_lr_window"] == {"start": 4, "end": 10, "scale": 0.1}
+    assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rollback_lr_scale", "0.5"], "needs both"),
+    (["--rollback_lr_scale", "0.5", "--rollback_lr_window", "10", "--on_nonfinite", "stop"], "--on_nonfinite rollback"),
+    (["--rollback_lr_scale", "2", "--rollback_lr_window", "10", "--on_nonfinite", "rollback"], "rollback_lr_scale"),
+])
+def test_a_lowered_lr_after_rollbacks_needs_its_flags_together(data, tmp_path, flags, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        main_pretrain.parse_args(TINY + ["--data_path", str(data), "--output_dir", str(tmp_path), *flags])

@@ -163,6 +163,46 @@ def test_segmentation_checks_labels_against_nb_classes_and_lists_every_problem(t
     assert "pass --nb_classes 4" in capsys.readouterr().err
 
 
+def test_the_folder_above_the_ade20k_layout_names_every_missing_folder_and_the_subfolder(tmp_path):
+    data = make_toy_ade(tmp_path / "above" / "ADEChallengeData2016", n_train=1, n_val=1)
+    with pytest.raises(UsageError) as e:
+        main_segmentation.parse_args(SEG + SEG_RUN + ["--data_path", str(data.parent), "--output_dir", str(tmp_path / "o")])
+    assert str(e.value) == (f"--data_path {data.parent} is not in ADE20K layout: missing images/training/, "
+                            f"annotations/training/, images/validation/ and annotations/validation/ (expected "
+                            f"images/{{training,validation}}/*.jpg and annotations/{{training,validation}}/*.png); "
+                            f"ADEChallengeData2016/ has it: use --data_path {data}")
+
+
+def test_colour_label_maps_are_refused_at_start_up_in_one_line(tmp_path):
+    """RGB label maps everywhere: one line at start-up naming the cause, not a warning per pair and then
+    a data error after the loaders started."""
+    import numpy as np
+    from PIL import Image
+    data = make_toy_ade(tmp_path / "rgb", n_train=2, n_val=2)
+    for p in sorted(data.glob("annotations/*/*.png")):
+        a = np.array(Image.open(p))
+        Image.fromarray(np.stack([a * 40] * 3, -1).astype(np.uint8)).save(p)
+    with pytest.raises(UsageError) as e:
+        main_segmentation.parse_args(SEG + SEG_RUN + ["--data_path", str(data), "--output_dir", str(tmp_path / "o")])
+    assert str(e.value).startswith("the label maps are not single-channel (") and "shape (64, 96, 3)" in str(e.value)
+    assert "convert colour maps to class indices" in str(e.value)
+
+
+def test_a_coco_file_without_categories_is_named(coco, tmp_path):
+    import shutil
+    from errors import DataError
+    from detection.coco import read_coco
+    data = tmp_path / "coco"
+    shutil.copytree(coco, data)
+    path = data / "annotations" / "instances_train2017.json"
+    content = json.loads(path.read_text())
+    del content["categories"]
+    path.write_text(json.dumps(content))
+    with pytest.raises(DataError, match=r"no 'categories' list, so the category_id of all \d+ annotations names no "
+                                         r"class: add 'categories'"):
+        read_coco(path, data / "train2017", train=True)
+
+
 def test_a_trained_checkpoint_that_does_not_fit_names_the_architecture_flags(toy, tmp_path):
     from engine.evaluate import load_trained_weights
     path = tmp_path / "c.pth"
@@ -189,6 +229,39 @@ def test_reconstruct_blames_the_checkpoint_not_a_model_flag_never_given(tmp_path
         reconstruct.build(args)
 
 
+@pytest.mark.parametrize("kind", ["gfl", "mask_rcnn", "segmentation"])
+def test_export_backbone_takes_the_classifier_out_of_a_dense_checkpoint(kind, tmp_path):
+    """A detection or segmentation checkpoint exports the classifier it was trained on (its model name
+    read from the file), weight for weight."""
+    import models
+    from models.dense import DenseBackbone
+    from tools.export_backbone import export_backbone, load_backbone
+    backbone = DenseBackbone(models.create_model("swin_pico_128", num_classes=0))
+    if kind == "segmentation":
+        from segmentation.heads import SegmentationModel
+        model = SegmentationModel(backbone, 4, adapter_dim=16, channels=16, aux_channels=8)
+    else:
+        from detection.detector import build_detector
+        model = build_detector(kind, backbone, 3, adapter_dim=16, fpn_dim=16)
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": model.state_dict(), "epoch": 0, "model_name": "swin_pico_128"}, path)
+    out = export_backbone(str(path), None, str(tmp_path / "bb"))
+    exported = load_backbone(out).state_dict()
+    trained = backbone.body.state_dict()
+    assert all(torch.equal(exported[k], trained[k]) for k in exported if not k.startswith("head."))
+    assert json.loads((out / "backbone.json").read_text())["source_model"].startswith(
+        "a segmentation checkpoint" if kind == "segmentation" else f"a {'GFL' if kind == 'gfl' else 'Mask R-CNN'} detection")
+
+
+def test_export_backbone_names_the_classifier_of_a_pretraining_model(tmp_path):
+    from tools.export_backbone import export_backbone
+    with pytest.raises(UsageError, match=r"^--model mae_swin_pico_128 is a pretraining model; its classifier is "
+                                         r"swin_pico_128: use --model swin_pico_128"):
+        export_backbone(str(tmp_path / "c.pth"), "mae_swin_pico_128", str(tmp_path / "bb"))
+    with pytest.raises(UsageError, match=r"^unknown --model 'swin_pico_12'; did you mean swin_pico_128"):
+        export_backbone(str(tmp_path / "c.pth"), "swin_pico_12", str(tmp_path / "bb"))
+
+
 def test_data_wait_warning_needs_real_waiting_and_names_only_the_programs_own_flags():
     from config.sections import data_advice
     from engine.data_wait import warning
@@ -210,8 +283,9 @@ def test_parameter_counts_below_a_million_are_shown_exactly():
     assert count_text(1_290) == "1,290" and count_text(28_288_354) == "28.29M"
 
 
-PROGRAMS = ["main_detection.py", "main_segmentation.py", "main_finetune.py", "main_linprobe.py", "tools/reconstruct.py",
-            "submitit_detection.py", "submitit_segmentation.py", "submitit_finetune.py"]
+PROGRAMS = ["main_pretrain.py", "main_detection.py", "main_segmentation.py", "main_finetune.py", "main_linprobe.py",
+            "tools/reconstruct.py", "tools/export_backbone.py", "submitit_pretrain.py", "submitit_detection.py", "submitit_segmentation.py",
+            "submitit_finetune.py"]
 _PROBE = """
 import runpy, sys
 sys.argv = [sys.argv[1], *sys.argv[2:]]
@@ -231,7 +305,8 @@ def test_help_and_a_wrong_flag_answer_before_torch_loads(program):
     import subprocess
     import sys
     root = Path(__file__).resolve().parents[1]
-    required = ["--checkpoint", "c.pth", "--images", "x"] if program == "tools/reconstruct.py" else []
+    required = {"tools/reconstruct.py": ["--checkpoint", "c.pth", "--images", "x"],
+                "tools/export_backbone.py": ["--checkpoint", "c.pth", "--output", "x"]}.get(program, [])
     for args, code in ((["--help"], 0), ([*required, "--batch_sise", "3"], 2)):
         done = subprocess.run([sys.executable, "-c", _PROBE, program, *args], cwd=root, capture_output=True, text=True,
                               timeout=120)
@@ -241,10 +316,43 @@ def test_help_and_a_wrong_flag_answer_before_torch_loads(program):
             lines = done.stderr.splitlines()
             assert lines[0].startswith(f"{name}: error: unrecognized arguments: --batch_sise 3"), lines
             assert "usage:" not in done.stderr and lines[0].endswith(f"; python {name} --help lists every flag")
-            if program != "tools/reconstruct.py":
+            if not program.startswith("tools/"):
                 assert "(did you mean --batch_size?)" in lines[0]
         else:
             assert "(default: " in done.stdout
+
+
+def test_pretraining_names_the_pretraining_models_of_a_classifier(tmp_path):
+    """A classifier name given to main_pretrain.py: called a classifier, its pretraining models named
+    (from the registry); a typo gets the close pretraining names."""
+    import main_pretrain
+    import models
+    argv = ["--output_dir", str(tmp_path), "--device", "cpu", "--model"]
+    with pytest.raises(UsageError) as e:
+        main_pretrain.parse_args(argv + ["swin_pico_128"])
+    assert str(e.value) == (f"--model swin_pico_128 is a classifier (main_finetune.py trains it), not a pretraining "
+                            f"model; its pretraining models: --model {' or '.join(models.pretraining_models_for('swin_pico_128'))}")
+    assert {"mae_swin_pico_128", "simmim_swin_pico_128"} <= set(models.pretraining_models_for("swin_pico_128"))
+    with pytest.raises(UsageError, match=r"^unknown --model 'mae_swin_pico_12'; did you mean mae_swin_pico_128"):
+        main_pretrain.parse_args(argv + ["mae_swin_pico_12"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for a machine without CUDA")
+def test_decode_gpu_without_cuda_names_the_fix_not_a_device_never_typed(tmp_path):
+    import main_pretrain
+    argv = ["--output_dir", str(tmp_path), "--model", "mae_swin_pico_128", "--decode", "gpu"]
+    for extra in ([], ["--device", "cuda"]):  # one message, whether or not --device cuda was given
+        with pytest.raises(UsageError) as e:
+            main_pretrain.parse_args(argv + extra)
+        assert str(e.value) == ("--decode gpu decodes on a CUDA device and none is available here: use --decode fast "
+                                "or pil, or run on a CUDA machine")
+    with pytest.raises(UsageError, match=r"^--decode gpu decodes on a CUDA device, but the command line gives "
+                                         r"--device cpu: use --decode fast or pil$"):
+        main_pretrain.parse_args(argv + ["--device", "cpu"])
+    # a SLURM submission from a login node without CUDA: the compute node's device decodes
+    from launch import slurm
+    args = slurm.prepare(main_pretrain, argv + ["--job_dir", str(tmp_path / "jobs"), "--nodes", "1", "--ngpus", "1"])
+    assert args.decode == "gpu" and args.device is None
 
 
 def test_a_local_submission_says_it_runs_in_the_background_and_which_log_to_follow():

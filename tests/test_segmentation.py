@@ -267,6 +267,8 @@ def test_train_loss_falls_metrics_json_and_exact_resume(toy, tmp_path, monkeypat
     assert run_seg(common + ["--output_dir", str(part)]) == 0
     ckpt = safe_load(part / "checkpoint-last.pth")
     assert (ckpt["epoch"], ckpt["next_step"]) == (1, 2)
+    out = capsys.readouterr().out  # the stop line speaks the program's unit: chunk 1 (iterations 3-6), step 2
+    assert "stop signal: checkpoint written at iteration 5 of 9;" in out and "epoch" not in out.split("stop signal")[1]
     assert ckpt["best_miou"] == safe_load(part / "checkpoint-0.pth")["best_miou"]  # a stop keeps the best score
     assert json.loads((part / "run-001.json").read_text())["finished"]["status"] == "stopped"
     monkeypatch.setattr(SegmentationDataset, "__getitem__", original)

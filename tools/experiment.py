@@ -17,12 +17,16 @@ ImageNet-layout folders by imagedata/animal_mnist.py), real programs run as subp
         --arms scratch_swin ummae_swin --seeds 0 --tag blr16 --blr 1.6e-2  # a recipe check on dev/
     python tools/experiment.py --out work_dirs/experiment --merge \
         --arms scratch_mixmim3 mixmae_mixmim3                              # add arms to results.json
+    python tools/experiment.py --out work_dirs/experiment --phase monitor # feature monitors during pretraining
     python tools/experiment.py --out /tmp/smoke --smoke                   # pipeline check, ~1 min
 
 Finished runs are reused (their result files are kept), so an interrupted run continues where it
 stopped. ``--phase dev`` finetunes on dev/train and validates on dev/val (both carved out of the
 labelled pretraining images, never the test split) and appends a record to dev_results.jsonl;
-every choice of the recipe below was made that way.
+every choice of the recipe below was made that way. ``--phase monitor`` pretrains UM-MAE Swin as in
+the table with the feature monitors (``--monitor_data`` on l50/train, split by the monitor itself into
+bank and queries; ``--monitor_freq``, default 1 here) beside the same run without them, and checks the
+monitor's last k-NN against ``main_finetune.py --knn`` of the final checkpoint on that same split.
 """
 from __future__ import annotations
 
@@ -31,9 +35,11 @@ import concurrent.futures as cf
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,8 +139,10 @@ def common(cfg: Config, out_dir: Path) -> list[str]:
     return ["--device", "cpu", "--num_workers", "0", "--log_dir=", "--print_freq", "50", "--output_dir", str(out_dir)]
 
 
-def pretrain_job(cfg: Config, arm: Arm):
-    out = cfg.out / "pretrain" / arm.name
+def pretrain_job(cfg: Config, arm: Arm, run_name: str = "", extra: tuple[str, ...] = ()):
+    """``run_name``: the run folder under pretrain/ (default: the arm's); ``extra``: flags added to the
+    arm's pretraining command (the monitor phase's run is the table's run plus its monitor flags)."""
+    out = cfg.out / "pretrain" / (run_name or arm.name)
     ckpt = out / "checkpoint-last.pth"
 
     def run():
@@ -143,13 +151,16 @@ def pretrain_job(cfg: Config, arm: Arm):
         cmd = [sys.executable, "main_pretrain.py", "--model", arm.pretrain_model, *arm.pretrain_flags,
                "--data_path", str(cfg.out / "data" / "pretrain"), "--batch_size", str(cfg.pretrain_batch),
                "--epochs", str(cfg.pretrain_epochs), "--warmup_epochs", "1", "--blr", str(cfg.pretrain_blr),
-               "--weight_decay", "0.05", "--vis_freq", "0", "--save_freq", "0", "--seed", "0", *common(cfg, out)]
+               "--weight_decay", "0.05", "--vis_freq", "0", "--save_freq", "0", "--seed", "0", *extra,
+               *common(cfg, out)]
         return run_timed(cmd, out, cfg.threads)
     return run
 
 
-def weights(cfg: Config, arm: Arm) -> list[str]:
-    return [] if arm.pretrain_model is None else ["--finetune", str(cfg.out / "pretrain" / arm.name / "checkpoint-last.pth")]
+def weights(cfg: Config, arm: Arm, run_name: str = "") -> list[str]:
+    if arm.pretrain_model is None:
+        return []
+    return ["--finetune", str(cfg.out / "pretrain" / (run_name or arm.name) / "checkpoint-last.pth")]
 
 
 def last_top1(out: Path) -> float:
@@ -181,13 +192,14 @@ def finetune_job(cfg: Config, arm: Arm, budget: int, seed: int, data: str = ""):
     return run
 
 
-def knn_job(cfg: Config, arm: Arm, data: str):
-    out = cfg.out / "eval" / arm.name / f"knn_{data}"
+def knn_job(cfg: Config, arm: Arm, data: str, run_name: str = ""):
+    """``run_name``: the pretraining run whose final checkpoint is evaluated (default: the arm's)."""
+    out = cfg.out / "eval" / (run_name or arm.name) / f"knn_{data}"
 
     def run():
         if not (out / "knn.json").is_file():
             cmd = [sys.executable, "main_finetune.py", "--knn", "--model", arm.classifier, "--nb_classes", "10",
-                   "--data_path", str(cfg.out / "data" / data), *weights(cfg, arm), "--batch_size", "250",
+                   "--data_path", str(cfg.out / "data" / data), *weights(cfg, arm, run_name), "--batch_size", "250",
                    "--knn_k", "20", "--seed", "0", *common(cfg, out)]
             run_timed(cmd, out, cfg.threads)
         return {"top1": json.loads((out / "knn.json").read_text())["acc1"]}
@@ -330,6 +342,168 @@ def run_dev(cfg: Config, arms: list[Arm]) -> dict:
     return record
 
 
+def write_monitor_split(data: Path, dest: Path, seed: int) -> dict:
+    """The fixed train/val split the pretraining monitor makes of the class folders ``data``
+    (engine/monitor.split_monitor_set, same seed), written as ImageNet-layout ``dest/{train,val}`` of
+    hard links (copies where the file system refuses links), so that ``main_finetune.py --knn`` reads
+    exactly the monitor's images. Returns the sizes."""
+    from engine.monitor import split_monitor_set
+    train, val = split_monitor_set(str(data), seed)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, images in (("train", train), ("val", val)):
+        for path, label in images.samples:
+            target = tmp / split / images.classes[label] / Path(path).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = os.path.realpath(path)   # a link to a relative symlink would dangle in another folder
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return {"train": len(train), "val": len(val)}
+
+
+class LoadSampler:
+    """The 1-minute load average every ``every`` seconds while a block runs (the machine may be shared)."""
+
+    def __init__(self, every: float = 15.0) -> None:
+        self.every, self.samples = every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while True:
+            self.samples.append(round(os.getloadavg()[0], 2))
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> "LoadSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        return {"every_s": self.every, "mean": round(statistics.mean(self.samples), 2),
+                "max": max(self.samples), "samples": self.samples}
+
+
+def monitor_points(epochs: int, freq: int) -> int:
+    """How many monitor points a run of ``epochs`` has at ``--monitor_freq freq`` (the last epoch always has one)."""
+    return len({e for e in range(epochs) if (e + 1) % freq == 0} | {epochs - 1})
+
+
+def run_monitor(cfg: Config, arms: list[Arm], freq: int) -> dict:
+    """Each pretrained arm's pretraining as in the table, plus the feature monitor on the labelled
+    training images of the main budget (l50/train: the monitor splits them into its own train/val; the
+    test split is never read) every ``freq`` epochs. Then the offline k-NN (``main_finetune.py --knn``)
+    of the final checkpoint on the same split, the monitor's share of the run's wall and CPU time, and
+    a figure of the monitor's accuracies beside the loss. The same pretraining without monitors (the
+    table's run, pretrain/<arm>) runs beside it as the control: the difference in wall and CPU time
+    cross-checks the monitor's own timing, and its final weights must be the monitored run's (the
+    monitor draws no training random number). Writes OUT/monitor.json and monitor_<arm>.png."""
+    from main_pretrain import MONITOR_FREQ
+    write_split(cfg.out / "data", **cfg.data_kwargs)
+    data = cfg.out / "data" / f"l{cfg.main_budget}" / "train"
+    split_name = f"monitor_l{cfg.main_budget}"
+    sizes = write_monitor_split(data, cfg.out / "data" / split_name, seed=0)
+    result = {"monitor_data": str(data), "monitor_freq": freq, "split": {"folder": str(cfg.out / "data" / split_name),
+                                                                          "seed": 0, **sizes}, "arms": {}}
+    pretrained = [a for a in arms if a.pretrain_model]
+    jobs = {}
+    for arm in pretrained:
+        jobs[("monitored", arm.name)] = pretrain_job(cfg, arm, f"{arm.name}_monitor{freq}",
+                                                     ("--monitor_data", str(data), "--monitor_freq", str(freq)))
+        jobs[("control", arm.name)] = pretrain_job(cfg, arm)
+    fresh = [key for key in jobs if not (cfg.out / "pretrain" / run_name(key, freq) / "time.json").is_file()]
+    with LoadSampler() as load:
+        done = run_pool(jobs, cfg.jobs)
+    for key in fresh:
+        (cfg.out / "pretrain" / run_name(key, freq) / "load.json").write_text(json.dumps(load.summary()))
+    for arm in pretrained:
+        name = f"{arm.name}_monitor{freq}"
+        out = cfg.out / "pretrain" / name
+        times, control = done[("monitored", arm.name)], done[("control", arm.name)]
+        knn_out = cfg.out / "eval" / name / f"knn_{split_name}"
+        offline = knn_job(cfg, arm, split_name, name)()["top1"]
+        lines = [json.loads(l) for l in (out / "log.txt").read_text().splitlines() if l.strip()]
+        epochs = [{"epoch": r["epoch"], "train_loss": round(r["train_loss"], 4),
+                   **{k.removeprefix("monitor_"): r[k] for k in ("monitor_knn_acc1", "monitor_probe_acc1",
+                                                                   "monitor_seconds", "monitor_cpu_seconds") if k in r}}
+                  for r in lines]
+        points = [e for e in epochs if "knn_acc1" in e]
+        mon_s = sum(e["seconds"] for e in points)
+        mon_cpu = sum(e.get("cpu_seconds", 0.0) for e in points)
+        per_point = mon_s / len(points)
+        n_default = monitor_points(cfg.pretrain_epochs, MONITOR_FREQ)
+        train_s = times["wall_s"] - mon_s
+        result["arms"][arm.name] = {
+            "run": name, "pretrain_command": times["command"],
+            "knn_command": json.loads((knn_out / "time.json").read_text())["command"] if (knn_out / "time.json").is_file() else None,
+            "pretrain_wall_s": times["wall_s"], "pretrain_cpu_s": times["cpu_s"],
+            "load_avg": json.loads((out / "load.json").read_text()) if (out / "load.json").is_file() else None,
+            "control": {"run": arm.name, "wall_s": control["wall_s"], "cpu_s": control["cpu_s"],
+                        "command": control["command"],
+                        "same_final_weights": final_digest(out) == final_digest(cfg.out / "pretrain" / arm.name)},
+            "epochs": epochs, "monitor_points": len(points),
+            "final_monitor_knn": points[-1]["knn_acc1"], "final_monitor_probe": points[-1]["probe_acc1"],
+            "offline_knn_same_split": offline, "knn_difference": round(points[-1]["knn_acc1"] - offline, 3),
+            "monitor_s": round(mon_s, 2), "monitor_cpu_s": round(mon_cpu, 2),
+            "monitor_wall_share": round(mon_s / times["wall_s"], 4),
+            "monitor_cpu_share": round(mon_cpu / times["cpu_s"], 4),
+            f"projected_wall_share_at_default_freq_{MONITOR_FREQ}": round(
+                n_default * per_point / (train_s + n_default * per_point), 4),
+        }
+        plot_monitor(result["arms"][arm.name], f"{arm.name}: monitor every {freq} epoch(s) on a fixed split of "
+                     f"l{cfg.main_budget}/train ({sizes['train']} bank / {sizes['val']} query images)",
+                     cfg.out / f"monitor_{arm.name}.png")
+    result["hardware"] = hardware()
+    result["command"] = " ".join([Path(sys.executable).name] + sys.argv)
+    (cfg.out / "monitor.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_name(key: tuple[str, str], freq: int) -> str:
+    """The pretraining folder of a monitor-phase job: ("monitored" | "control", arm)."""
+    return f"{key[1]}_monitor{freq}" if key[0] == "monitored" else key[1]
+
+
+def final_digest(run_dir: Path) -> str | None:
+    """The final weights digest a pretraining run prints (rank 0), or None."""
+    lines = [l for l in (run_dir / "stdout.txt").read_text().splitlines() if "final weights digest" in l]
+    return lines[-1].split()[-1] if lines else None
+
+
+def plot_monitor(row: dict, title: str, path: Path) -> None:
+    """Pretraining loss per epoch (left) beside the monitor's k-NN and linear-probe top-1 (right)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = row["epochs"]
+    points = [e for e in epochs if "knn_acc1" in e]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    left.plot([e["epoch"] + 1 for e in epochs], [e["train_loss"] for e in epochs], "k-o", ms=3)
+    left.set_xlabel("epoch")
+    left.set_ylabel("pretraining loss")
+    left.grid(alpha=0.3)
+    x = [e["epoch"] + 1 for e in points]
+    right.plot(x, [e["knn_acc1"] for e in points], "C0-o", ms=3, label="k-NN (k=20)")
+    right.plot(x, [e["probe_acc1"] for e in points], "C1-s", ms=3, label="ridge probe")
+    right.plot([x[-1]], [row["offline_knn_same_split"]], "C3x", ms=9, label="offline k-NN, final checkpoint")
+    right.set_xlabel("epoch")
+    right.set_ylabel("monitor top-1 (%)")
+    right.legend(fontsize=7)
+    right.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def hardware() -> dict:
     import platform
     import torch
@@ -401,8 +575,11 @@ def main(argv=None) -> int:
     p.add_argument("--merge", action="store_true",
                    help="add the arms run now to OUT/results.json (same recipe), keeping its other rows")
     p.add_argument("--jobs", type=int, default=None, help="programs run side by side (default 2)")
-    p.add_argument("--phase", choices=["main", "dev"], default="main",
-                   help="main: the table on the test split; dev: a recipe check on dev/ (never the test split)")
+    p.add_argument("--phase", choices=["main", "dev", "monitor"], default="main",
+                   help="main: the table on the test split; dev: a recipe check on dev/ (never the test split); "
+                        "monitor: the pretraining with feature monitors on l50/train, checked against the offline "
+                        "k-NN of its final checkpoint (never the test split)")
+    p.add_argument("--monitor_freq", type=int, default=1, help="monitor phase: epochs between monitor points")
     p.add_argument("--tag", default=None, help="dev phase: name of the recipe variant (its run folders)")
     for k in ("blr", "scratch_blr", "layer_decay", "drop_path", "min_crop_scale", "pretrain_blr"):
         p.add_argument(f"--{k}", type=float, default=None, help=f"finetuning {k} (default: Config)")
@@ -423,6 +600,16 @@ def main(argv=None) -> int:
         return 0
     if a.phase == "dev":
         run_dev(cfg, arms)
+        return 0
+    if a.phase == "monitor":
+        result = run_monitor(cfg, [x for x in arms if a.arms is not None or x.name == "ummae_swin"], a.monitor_freq)
+        for name, row in result["arms"].items():
+            print(f"{name}: monitor k-NN {row['final_monitor_knn']:.2f} vs offline {row['offline_knn_same_split']:.2f} "
+                  f"on the same split; monitors {row['monitor_s']:.1f} s of {row['pretrain_wall_s']:.0f} s wall "
+                  f"({100 * row['monitor_wall_share']:.2f}%), {row['monitor_cpu_s']:.1f} of {row['pretrain_cpu_s']:.0f} "
+                  f"CPU-s ({100 * row['monitor_cpu_share']:.2f}%); without monitors {row['control']['wall_s']:.0f} s "
+                  f"wall, {row['control']['cpu_s']:.0f} CPU-s, same final weights: {row['control']['same_final_weights']}")
+        print(f"results in {out / 'monitor.json'}")
         return 0
     result = run_experiment(cfg, arms, merge=a.merge)
     plot(result, out)

@@ -85,7 +85,7 @@ def not_pretraining(name: str, checkpoint: str, given: bool) -> str:
     else:
         subject = f"{checkpoint} holds {name}, not a pretraining model (it has no decoder to reconstruct with)"
     if models.is_model(name):
-        own = [p for p in pretraining if models.classifier_for(p) == name]
+        own = models.pretraining_models_for(name)
         hint = (f"; a checkpoint of {', '.join(own)} (main_pretrain.py's output) draws reconstructions" if own else
                 "; reconstructions need a checkpoint written by main_pretrain.py")
         return subject + hint

@@ -86,7 +86,7 @@ def load_pretrained(model: nn.Module, path: str | Path, head_init_std: float = 2
     """Load ``path`` into ``model`` (a classifier) and return what happened; raise CheckpointError on mismatch."""
     from engine.safe_archive import expect_model
     expect_model(model)  # the file may hold a decoder and optimizer moments too: its limit scales with the model
-    return load_state(model, unwrap_state_dict(_read_weights(path)), str(path), head_init_std)
+    return load_state(model, unwrap_state_dict(read_weights(path)), str(path), head_init_std)
 
 
 def load_state(model: nn.Module, sd: dict, path: str, head_init_std: float = 2e-5) -> LoadReport:
@@ -153,7 +153,7 @@ def load_pretraining_weights(model: nn.Module, path: str | Path) -> LoadReport:
     code base's pretraining checkpoint, models.checkpoint_maps), strictly; CheckpointError otherwise."""
     from engine.safe_archive import expect_model
     expect_model(model)
-    sd = unwrap_state_dict(_read_weights(path))
+    sd = unwrap_state_dict(read_weights(path))
     report = LoadReport(str(path), layout=_layout(sd))
     sd = _mapped(model, sd, str(path))
     own = model.state_dict()
@@ -187,7 +187,7 @@ def _foreign_note(layout: str) -> str:
     return "" if layout else f". Foreign layouts read: {describe_formats()}"
 
 
-def _read_weights(path: str | Path):
+def read_weights(path: str | Path):
     """A checkpoint (engine.checkpoint.safe_load), or a ``.safetensors`` file as timm / the HF hub ship
     them (no pickle at all); the original Hiera repository's ``{'model_state': ...}`` is unwrapped."""
     if str(path).endswith(".safetensors"):
