@@ -129,7 +129,7 @@ def test_reference_command_lines_parse_to_the_intended_settings(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--model", "mae_swin_huge_256"], "unknown --model 'mae_swin_huge_256'; valid pretraining models: "),
+    (["--model", "mae_swin_huge_256"], "unknown --model 'mae_swin_huge_256'; did you mean mae_swin_large_256"),
     (["--input_size", "224"], "nearest valid sizes: 128, 256"),
     (["--input_size", "256", "--token_size", "14"], "use --token_size 16"),
     (["--mask_ratio", "0.6"], "--mask_ratio must be 0.75"),
