@@ -295,6 +295,16 @@ def _peek_pickle(path: str | os.PathLike) -> dict:
     return meta
 
 
+def _load_leniently(path: str | os.PathLike):
+    """The checkpoint at ``path`` (weights-only, memory-mapped, flags as a Namespace), or None when it
+    cannot be read: for the questions below, whose answer is "unknown" for such a file."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return None
+
+
 def stored_model_name(path: str | os.PathLike) -> Optional[str]:
     """The registered name of the model a checkpoint holds, when it says (ours do; the reference's
     keep it in their ``args``); read without loading the weights."""
@@ -304,11 +314,7 @@ def stored_model_name(path: str | os.PathLike) -> Optional[str]:
         return None
     if isinstance(meta.get("model_name"), str):
         return meta["model_name"]
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            return None
+    ckpt = _load_leniently(path)
     args = ckpt.get("args") if isinstance(ckpt, dict) else None
     return getattr(args, "model", None) if isinstance(getattr(args, "model", None), str) else None
 
@@ -318,11 +324,7 @@ def stored_pixels(path: str | os.PathLike):
     ``norm_mean``, ``norm_std``: imagedata.normstats) as ``imagedata.channels.Pixels``, or None when it
     kept none (the reference's, a bare state dict: RGB with ImageNet's); read as stored_model_name reads."""
     from imagedata.channels import Pixels
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            return None
+    ckpt = _load_leniently(path)
     flags = ckpt.get("config") if isinstance(ckpt, dict) else None
     if not isinstance(flags, dict) or not flags.get("norm_mean") or not flags.get("norm_std"):
         return None

@@ -42,6 +42,17 @@ def session_members(sid: int) -> list[int]:
     return pids
 
 
+def kill_leftovers(leader: int, also_leader: bool = False) -> list[int]:
+    """SIGKILL what is still alive in the session of ``leader`` (a program started with
+    ``start_new_session``) besides the leader itself; returns those processes (before the kill).
+    ``also_leader``: kill the leader too (a run past its time limit)."""
+    left = [pid for pid in session_members(leader) if pid != leader]
+    for pid in left + ([leader] if also_leader else []):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left
+
+
 def run_to_exit(args: list, timeout: float, **kwargs) -> tuple[int | None, str, list[int]]:
     """``python *args`` in a session of its own, stderr merged into stdout. Returns (exit status, output,
     processes of the session still alive once it exited); the status is None when it was still running
@@ -54,10 +65,7 @@ def run_to_exit(args: list, timeout: float, **kwargs) -> tuple[int | None, str, 
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             code = None
-        left = [pid for pid in session_members(proc.pid) if pid != proc.pid]
-        for pid in left + ([proc.pid] if code is None else []):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        left = kill_leftovers(proc.pid, also_leader=code is None)
         proc.wait()
         log.seek(0)
         return code, log.read(), left

@@ -43,7 +43,7 @@ from typing import Callable, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from programs import session_members  # noqa: E402  (tests/programs.py: the session's live processes)
+from programs import kill_leftovers  # noqa: E402  (tests/programs.py: ends what a run left in its session)
 from tiny_data import make_labelled  # noqa: E402  (72-px three-class photos)
 
 PY = sys.executable
@@ -180,10 +180,7 @@ def run(cmd: Sequence[str], out_dir: Optional[Path] = None, timeout: float = 180
                     due = None
             time.sleep(0.02)
         seconds = time.monotonic() - t0
-        left = [p for p in session_members(proc.pid) if p != proc.pid]
-        for p in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
+        left = kill_leftovers(proc.pid)
         log.seek(0)
         output = log.read()
     r = Run(cmd, rc, round(seconds, 1), output, left, round(peak, 0), out_dir)

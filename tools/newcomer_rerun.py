@@ -38,7 +38,7 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from programs import session_members  # noqa: E402  (tests/programs.py: the session's live processes)
+from programs import kill_leftovers, session_members  # noqa: E402  (tests/programs.py: the session's live processes)
 from tools.fault_rerun import Run  # noqa: E402  (what a run shows a user: its first message line)
 
 OUT = ROOT / "benchmarks" / "newcomer_rerun"
@@ -85,10 +85,7 @@ def run(cmd: list[str], timeout: float) -> tuple[Run, float]:
                 break
             time.sleep(0.5)
         seconds = time.monotonic() - t0 if rc is not None else still - t0  # killed: when it last worked
-        left = [p for p in session_members(proc.pid) if p != proc.pid]
-        for p in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
+        left = kill_leftovers(proc.pid)
         log.seek(0)
         output = log.read()
     return Run(cmd, rc, round(seconds, 1), output, left, 0.0), round(cpu, 1)
