@@ -734,10 +734,11 @@ def to_coco_results(det: dict, meta: dict, cat_ids: Sequence[int], with_masks: b
     return out
 
 
-def coco_evaluate(coco_gt, results: list[dict], iou_types: Sequence[str], img_ids: Optional[Sequence[int]] = None
-                  ) -> dict[str, dict[str, float]]:
+def coco_evaluate(coco_gt, results: list[dict], iou_types: Sequence[str], img_ids: Optional[Sequence[int]] = None,
+                  use_cats: bool = True) -> dict[str, dict[str, float]]:
     """pycocotools COCOeval: {iou_type: {AP, AP50, ..., ARl}} (the 12 standard numbers, 0..1;
-    -1 where a category of area has no ground truth). No detections: every number 0."""
+    -1 where a category of area has no ground truth). No detections: every number 0.
+    ``use_cats=False``: class-agnostic scoring (COCOeval's useCats=0; a box matches any object)."""
     from pycocotools.cocoeval import COCOeval
     out = {}
     for iou_type in iou_types:
@@ -752,6 +753,7 @@ def coco_evaluate(coco_gt, results: list[dict], iou_types: Sequence[str], img_id
             ev = COCOeval(coco_gt, dt, iou_type)
             if img_ids is not None:
                 ev.params.imgIds = list(img_ids)
+            ev.params.useCats = int(use_cats)
             ev.evaluate()
             ev.accumulate()
             ev.summarize()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tools.dense_experiment import smoke_config
 from tools.make_dense_scenes import SceneSpec, silhouette_pools, write_scenes
 from imagedata.animal_mnist import load_animal_mnist, split_indices
 
@@ -109,7 +110,7 @@ def test_a_run_that_stopped_early_is_an_error_not_a_result(scenes, tmp_path):
     same) exits 0 with a checkpoint and a log.txt line holding a mid-training mIoU: the driver must
     read the run record's status and refuse it, then rerun the run from a clean folder and reuse it
     once completed."""
-    from tools.dense_experiment import _reuse_or_run, seg_job, smoke_config
+    from tools.dense_experiment import _reuse_or_run, seg_job
     cfg = smoke_config(tmp_path)
     cfg.scenes = TINY
     (tmp_path / "data").symlink_to(scenes)
@@ -202,3 +203,30 @@ def test_dense_smoke_end_to_end(tmp_path):
     assert rec["phase"] == "dev" and rec["setup"]["tag"] == "t1" and rec["setup"]["det"]["lr"] == 5e-4
     cmd = json.loads((out / "dev" / "det" / "ummae_pvt_t1_seed0" / "time.json").read_text())["command"]
     assert f"--data_path {out / 'data' / 'coco_dev'} " in cmd and "--lr 0.0005" in cmd
+
+    # the dev-split diagnosis reads the finished test-phase runs: every run, its numbers in range
+    proc = subprocess.run([sys.executable, "tools/dense_diagnosis.py", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    diag = json.loads((out / "diagnosis.json").read_text())
+    assert diag["split"] == "dev"
+    assert sorted((r["task"], r["init"]) for r in diag["runs"]) == [("det", "scratch"), ("det", "ummae"),
+                                                                    ("seg", "scratch"), ("seg", "ummae")]
+    for r in diag["runs"]:
+        keys = ("AP", "agnostic_AP", "agnostic_AP50") if r["task"] == "det" else ("mIoU", "fg_IoU", "animal_acc_on_fg")
+        assert all(0 <= r[k] <= 100 for k in keys) and r["images"] == smoke_config(out).scenes.n_dev, r
+
+
+def test_foreground_found_while_the_argmax_says_background():
+    """The segmentation diagnosis separates finding an animal from naming it: a pixel whose animal
+    probability (0.6) is split over two classes is found, though its argmax is the background (0.4)."""
+    import torch
+    from tools.dense_diagnosis import foreground_counts
+    label = torch.tensor([[0, 1, 2, 255]])
+    probs = torch.tensor([[0.9, 0.4, 0.4, 0.1],      # background
+                          [0.05, 0.35, 0.1, 0.8],    # animal 1
+                          [0.05, 0.25, 0.5, 0.1]])   # animal 2
+    logits = probs.log()[:, None, :]
+    assert logits.argmax(0).tolist() == [[0, 0, 2, 1]]
+    # found and named: pixels 1 and 2 (the ignored pixel 3 is left out), though pixel 1's argmax is background
+    assert foreground_counts(logits, label) == (2, 2, 2, 2)

@@ -135,6 +135,15 @@ def finished_record(out: Path) -> dict:
     return fin
 
 
+def _completed_run(out: Path) -> bool:
+    """Whether ``out`` holds a run that finished (its newest run record says completed)."""
+    try:
+        finished_record(out)
+    except (OSError, ValueError, RuntimeError):
+        return False
+    return True
+
+
 def _completed(out: Path, cmd: list[str]) -> dict | None:
     """The time.json of a finished run of exactly ``cmd`` in ``out``, else None."""
     try:
