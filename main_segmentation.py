@@ -185,7 +185,7 @@ def main(config: SegmentConfig) -> int:
     periods = Periods(config.eval_interval, config.iters, unit="iteration")
     state = TrainState(RunFlags.of(config, epochs=periods.count), model, optimizer, make_scaler(config.amp, run.device),
                        best_key=SegmentTask.best_key)
-    state.resume(log=lambda *a, **k: print(*a, **k) if is_main_process() else None)
+    state.resume(log=lambda *a, **k: print(*a, **k) if is_main_process() else None, position=periods.position)
     per_norm = config.batch_size * (run.world if run.distributed and run.device.type == "cuda" else 1)
     if per_norm < 2:
         raise UsageError(f"--batch_size {config.batch_size}: the BatchNorm after UperNet's 1x1 pooling needs at least "

@@ -270,8 +270,11 @@ def _note_thread_count(progress: dict, flags, path: Path, log) -> None:
             f"stopped (set OMP_NUM_THREADS={saved} for a bit-identical continuation)", flush=True)
 
 
-def resume_training_state(flags, model, optimizer, scaler, log=print) -> tuple[int, int, Optional[dict]]:
+def resume_training_state(flags, model, optimizer, scaler, log=print,
+                          position: Optional[Callable[[int, int], str]] = None) -> tuple[int, int, Optional[dict]]:
     """Restore from --resume, or the checkpoint in --output_dir with the most progress that fits (--auto_resume).
+    ``position(period, step)`` names where the run continues in the program's unit
+    (engine.trainer.Periods.position; default: epochs and steps).
 
     Returns (start_epoch, start_step, checkpoint or None). No RNG state is needed: the
     training loop reseeds the global RNGs at every optimizer step (engine.step.seed_rngs).
@@ -343,7 +346,15 @@ def resume_training_state(flags, model, optimizer, scaler, log=print) -> tuple[i
     pending = ckpt.get("evaluation_pending") if not ckpt.get("next_step") else None
     if is_main_process() and not isinstance(pending, dict):  # (a pending evaluation writes the line itself)
         _repair_log(ckpt, out, log)
-    if isinstance(pending, dict):
+    if position is not None:  # another unit than epochs (segmentation: iterations)
+        if isinstance(pending, dict):
+            log(f"resumed from {path} (trained to {position(epoch, 0)}, its evaluation interrupted: it runs "
+                f"first)", flush=True)
+        elif epoch >= flags.epochs:
+            log(f"run already finished: {path} holds {position(epoch, 0)}; nothing to train", flush=True)
+        else:
+            log(f"resumed from {path} (continuing at {position(epoch, step)})", flush=True)
+    elif isinstance(pending, dict):
         log(f"resumed from {path} (epoch {epoch - 1} trained, its evaluation interrupted: it runs first; then "
             f"continuing at epoch {epoch}, step 0)", flush=True)
     elif epoch >= flags.epochs:
@@ -388,11 +399,11 @@ class TrainState:
         if data is not None:  # the training shards' fingerprint (imagedata.shards.ShardImages.fingerprint)
             flags.data_fingerprint = data
 
-    def resume(self, log: Callable = print) -> Optional[dict]:
+    def resume(self, log: Callable = print, position: Optional[Callable[[int, int], str]] = None) -> Optional[dict]:
         """Continue from --resume or the newest good checkpoint (see resume_training_state); the best
         score comes back with it. Returns the checkpoint (None: a fresh start)."""
         self.epoch, self.step, self.checkpoint = resume_training_state(self.flags, self.model, self.optimizer,
-                                                                       self.scaler, log=log)
+                                                                       self.scaler, log=log, position=position)
         if self.checkpoint is not None and self.best_key:
             self.best = float(self.checkpoint.get(self.best_key, 0.0))
         window = self.checkpoint.get(LR_WINDOW_KEY) if self.checkpoint is not None else None

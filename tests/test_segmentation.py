@@ -273,9 +273,12 @@ def test_train_loss_falls_metrics_json_and_exact_resume(toy, tmp_path, monkeypat
     assert json.loads((part / "run-001.json").read_text())["finished"]["status"] == "stopped"
     monkeypatch.setattr(SegmentationDataset, "__getitem__", original)
     assert run_seg(common + ["--output_dir", str(part)]) == 0
-    assert "continuing at epoch 1, step 2" in capsys.readouterr().out
+    resumed = capsys.readouterr().out  # the resume line speaks iterations too
+    assert "continuing at iteration 5 of 9)" in resumed and "epoch" not in resumed.split("resumed from")[1].split("\n")[0]
     a, b = _model_state(full / "checkpoint-last.pth"), _model_state(part / "checkpoint-last.pth")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert run_seg(common + ["--output_dir", str(part)]) == 0  # a finished run, started again
+    assert "holds iteration 9 of 9; nothing to train" in capsys.readouterr().out
 
     # --eval of the final weights reproduces the training run's last evaluation exactly
     ev = tmp_path / "ev"
