@@ -209,6 +209,7 @@ def test_dense_smoke_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     diag = json.loads((out / "diagnosis.json").read_text())
+    assert (out / "diagnosis.png").stat().st_size > 1000
     assert diag["split"] == "dev"
     assert sorted((r["task"], r["init"]) for r in diag["runs"]) == [("det", "scratch"), ("det", "ummae"),
                                                                     ("seg", "scratch"), ("seg", "ummae")]

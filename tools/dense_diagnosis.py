@@ -12,7 +12,8 @@ the DEV scenes (never the test scenes), with two views that split localisation f
     python tools/dense_diagnosis.py --out work_dirs/dense            # every finished run, all seeds
     python tools/dense_diagnosis.py --out work_dirs/dense --seeds 0
 
-Writes <out>/diagnosis.json (one row per run, and the mean per arm) and prints the table.
+Writes <out>/diagnosis.json (one row per run, and the mean per arm) and <out>/diagnosis.png, and
+prints the table.
 """
 from __future__ import annotations
 
@@ -183,6 +184,38 @@ def print_table(result: dict) -> None:
             print(f"{name:16s} {len(arm['seeds']):6d} " + " ".join(f"{arm[c]:17.2f}" for c in columns[task]))
 
 
+def plot(result: dict, path: Path) -> Path:
+    """Bars per arm (mean over seeds, a dot per seed): what the table measures beside the finding-only
+    view of each task, and the animal accuracy against its 10 % chance level."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = (("det", ("AP", "agnostic_AP"), ("box AP", "class-agnostic box AP")),
+              ("seg", ("mIoU", "fg_IoU"), ("mIoU", "foreground IoU")),
+              ("seg", ("animal_acc_on_fg",), ("animal accuracy on foreground pixels",)))
+    arms = [f"{i}_{b}" for b in BACKBONES for i in INITS]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (task, keys, labels) in zip(axes, panels):
+        width = 0.8 / len(keys)
+        for k, (key, label) in enumerate(zip(keys, labels)):
+            xs = [a + (k - (len(keys) - 1) / 2) * width for a in range(len(arms))]
+            means = [result["mean"].get(task, {}).get(arm, {}).get(key, float("nan")) for arm in arms]
+            ax.bar(xs, means, width, label=label, color=f"C{k}")
+            for x, arm in zip(xs, arms):
+                seeds = [r[key] for r in result["runs"] if r["task"] == task and f"{r['init']}_{r['backbone']}" == arm]
+                ax.plot([x] * len(seeds), seeds, "k.", ms=3)
+        if keys == ("animal_acc_on_fg",):
+            ax.axhline(100 / (SEG_CLASSES - 1), color="C3", ls="--", lw=1, label="chance (10 %)")
+        ax.set_xticks(range(len(arms)), [a.replace("_", "\n") for a in arms], fontsize=7)
+        ax.set_title(f"{'GFL' if task == 'det' else 'UperNet'}, dev scenes", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="the dense experiment's folder (its --out)")
@@ -197,7 +230,7 @@ def main(argv=None) -> int:
         print(f"no finished test-phase run under {a.out}", file=sys.stderr)
         return 1
     print_table(result)
-    print(f"\nwritten: {a.out / 'diagnosis.json'}")
+    print(f"\nwritten: {a.out / 'diagnosis.json'}, {plot(result, a.out / 'diagnosis.png')}")
     return 0
 
 
