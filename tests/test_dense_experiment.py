@@ -158,7 +158,7 @@ def test_two_invocations_share_a_run_instead_of_wiping_it(tmp_path):
     assert len(results) == 2 and results[0] == results[1] and results[0]["returncode"] == 0
 
 
-def test_dense_smoke_end_to_end(tmp_path):
+def test_dense_smoke_end_to_end(tmp_path, monkeypatch):
     """tools/dense_experiment.py --smoke on PVT: scenes, UM-MAE pretraining on the unlabelled train
     scenes, GFL and UperNet from scratch and from the pretrained encoder, as the real programs;
     results.json, the figure and every metric finite; then a dev check that reuses the pretraining
@@ -216,6 +216,14 @@ def test_dense_smoke_end_to_end(tmp_path):
     for r in diag["runs"]:
         keys = ("AP", "agnostic_AP", "agnostic_AP50") if r["task"] == "det" else ("mIoU", "fg_IoU", "animal_acc_on_fg")
         assert all(0 <= r[k] <= 100 for k in keys) and r["images"] == smoke_config(out).scenes.n_dev, r
+    # a second invocation reuses each run's row, kept beside its weights
+    assert all((out / "test" / r["task"] / f"{r['init']}_pvt_seed0" / "diagnosis_dev.json").is_file() for r in diag["runs"])
+    import tools.dense_diagnosis as dd
+
+    def recompute(*_):
+        raise AssertionError("a finished run's diagnosis was computed again")
+    monkeypatch.setattr(dd, "DIAGNOSE", {t: (recompute, data) for t, (_, data) in dd.DIAGNOSE.items()})
+    assert dd.diagnose(out, log=lambda *_: None)["runs"] == diag["runs"]
 
 
 def test_foreground_found_while_the_argmax_says_background():

@@ -152,11 +152,27 @@ def finished_runs(out: Path, seeds: list[int] | None) -> list[tuple[str, str, st
     return found
 
 
+def _weights_stamp(run: Path) -> list:
+    st = (run / "checkpoint-last.pth").stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def diagnose(out: Path, seeds: list[int] | None = None, log=print) -> dict:
+    """Every finished run's row (kept beside its weights in diagnosis_dev.json, and reused while the
+    weights are the same file), the mean per arm; written to <out>/diagnosis.json."""
     rows, means = [], {}
     for task, backbone, init, seed, run in finished_runs(out, seeds):
         fn, data = DIAGNOSE[task]
-        row = {"task": task, "backbone": backbone, "init": init, "seed": seed, **fn(run, out / "data" / data)}
+        cache = run / "diagnosis_dev.json"
+        try:
+            kept = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            kept = {}
+        if kept.get("weights") == _weights_stamp(run):
+            row = kept["row"]
+        else:
+            row = {"task": task, "backbone": backbone, "init": init, "seed": seed, **fn(run, out / "data" / data)}
+            cache.write_text(json.dumps({"weights": _weights_stamp(run), "row": row}, indent=1))
         log(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))
         rows.append(row)
     for row in rows:
