@@ -27,15 +27,10 @@ def gather_to_main(obj) -> list:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, dataset: CocoDetection, amp: str = "none", with_masks: bool = False
-             ) -> tuple[dict, int]:
-    """COCO box (and mask) AP of ``loader``'s images (one image per batch: an image's detections never
-    depend on a batch partner's padding, so neither do the numbers on --batch_size or the world size).
-
-    Each rank predicts its shard and turns the detections into COCO results (masks pasted at the
-    original size and thresholded on the device, then RLE-encoded); rank 0 gathers them, loads the
-    ground truth and runs pycocotools. Unreadable images (named by the loader) are left out of the
-    scoring. Returns ({"bbox": {AP, ...}, ["segm": ...]}, unreadable images) on rank 0, ({}, 0) elsewhere."""
+def predict_coco(model, loader, device, dataset: CocoDetection, amp: str = "none", with_masks: bool = False
+                 ) -> tuple[list[dict], list[int]]:
+    """``model``'s detections on ``loader``'s images as COCO results, and the ids of the unreadable
+    images (left out); this process's share only (evaluate gathers and scores them)."""
     model.eval()
     results, unreadable = [], []
     for imgs, _, metas in loader:
@@ -47,6 +42,20 @@ def evaluate(model, loader, device, dataset: CocoDetection, amp: str = "none", w
             dets = model(imgs[readable].to(device, non_blocking=True), [metas[k]["size"] for k in readable])
         for det, k in zip(dets, readable):
             results += to_coco_results(det, metas[k], dataset.cat_ids, with_masks)
+    return results, unreadable
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, dataset: CocoDetection, amp: str = "none", with_masks: bool = False
+             ) -> tuple[dict, int]:
+    """COCO box (and mask) AP of ``loader``'s images (one image per batch: an image's detections never
+    depend on a batch partner's padding, so neither do the numbers on --batch_size or the world size).
+
+    Each rank predicts its shard and turns the detections into COCO results (masks pasted at the
+    original size and thresholded on the device, then RLE-encoded); rank 0 gathers them, loads the
+    ground truth and runs pycocotools. Unreadable images (named by the loader) are left out of the
+    scoring. Returns ({"bbox": {AP, ...}, ["segm": ...]}, unreadable images) on rank 0, ({}, 0) elsewhere."""
+    results, unreadable = predict_coco(model, loader, device, dataset, amp, with_masks)
     parts = gather_to_main((results, unreadable))
     if not is_main_process():
         return {}, 0

@@ -92,11 +92,13 @@ def det_diagnosis(run: Path, data: Path) -> dict:
     import functools
     import main_detection as prog
     from config.detection import ARCHITECTURE
-    from detection.coco import CocoDetection, coco_evaluate, collate, load_coco, to_coco_results
+    import torch
+    from detection.coco import CocoDetection, coco_evaluate, collate, load_coco
     from detection.detector import build_detector
     from engine.evaluate import load_trained_weights
+    from engine.loaders import eval_loader
+    from engine_detection import predict_coco
     from util.pretrained import build_backbone
-    import torch
 
     cfg = _config(prog, run, data)
     val = CocoDetection(cfg.data_path, "val", train=False, input_size=cfg.input_size, ratio_range=cfg.ratio_range,
@@ -106,16 +108,9 @@ def det_diagnosis(run: Path, data: Path) -> dict:
                            fpn_dim=cfg.fpn_dim, neck_norm=cfg.neck_norm, score_thr=cfg.score_thr,
                            max_per_img=cfg.max_dets)
     load_trained_weights(model, str(run / "checkpoint-last.pth"), ARCHITECTURE)
-    model.eval()
-    pad = functools.partial(collate, size_divisor=backbone.size_divisor)
-    results = []
-    with torch.no_grad():
-        for i in range(len(val)):
-            imgs, _, metas = pad([val[i]])
-            if "error" in metas[0]:
-                continue
-            det = model(imgs, [metas[0]["size"]])[0]
-            results += to_coco_results(det, metas[0], val.cat_ids, False)
+    cpu = torch.device("cpu")
+    loader = eval_loader(val, 1, 1, 0, 0, cpu, False, collate=functools.partial(collate, size_divisor=backbone.size_divisor))
+    results, _ = predict_coco(model, loader, cpu, val)  # as main_detection.py evaluates: one image per forward
     gt = load_coco(val.ann_file)
     named = coco_evaluate(gt, results, ["bbox"])["bbox"]
     agnostic = coco_evaluate(gt, results, ["bbox"], use_cats=False)["bbox"]

@@ -148,10 +148,9 @@ def _completed(out: Path, cmd: list[str]) -> dict | None:
     """The time.json of a finished run of exactly ``cmd`` in ``out``, else None."""
     try:
         t = json.loads((out / "time.json").read_text())
-        finished_record(out)
-    except (OSError, ValueError, RuntimeError):
+    except (OSError, ValueError):
         return None
-    return t if t.get("command") == " ".join(cmd) else None
+    return t if _completed_run(out) and t.get("command") == " ".join(cmd) else None
 
 
 def _reuse_or_run(out: Path, cmd: list[str], threads: int) -> dict:
